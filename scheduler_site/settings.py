@@ -1,0 +1,145 @@
+"""Settings for the scheduler master, driven by environment variables.
+
+With nothing set it runs the embedded default: SQLite (WAL) in the data dir
+and the in-memory channel layer, one server process. Every variable is
+listed in the README.
+"""
+
+import secrets
+from pathlib import Path
+
+from scheduler_site.envconfig import env_bool, env_list, env_number, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DATA_DIR = Path(env_str("SCHEDULER_DATA_DIR", str(BASE_DIR / ".scheduler"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment, else one generated once and kept in the data dir."""
+    configured = env_str("SECRET_KEY")
+    if configured:
+        return configured
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_urlsafe(50))
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("SCHEDULER_DEBUG", False)
+ALLOWED_HOSTS = env_list("SCHEDULER_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("SCHEDULER_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_htmx",
+    "template_partials",
+    "tasks_app",
+    "workers_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "scheduler_site.urls"
+ASGI_APPLICATION = "scheduler_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": DATA_DIR / "db.sqlite3",
+        "OPTIONS": {
+            # IMMEDIATE: a transaction takes the write lock when it begins, so two
+            # writers queue on busy_timeout instead of failing with "database is
+            # locked" when a read lock cannot be upgraded.
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+        "TEST": {"NAME": None},
+    }
+}
+
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("SCHEDULER_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "static"
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "tasks:list"
+LOGOUT_REDIRECT_URL = "login"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "tasks_app": {"level": env_str("SCHEDULER_LOG_LEVEL", "INFO")},
+        "workers_app": {"level": env_str("SCHEDULER_LOG_LEVEL", "INFO")},
+    },
+}
+
+# --- Scheduler ---------------------------------------------------------------
+# How often agents heartbeat, and how long a silent worker stays online.
+SCHEDULER_HEARTBEAT_S = env_number("SCHEDULER_HEARTBEAT_S", 5.0, minimum=0.1)
+SCHEDULER_LOST_AFTER_S = env_number("SCHEDULER_LOST_AFTER_S", 15.0, minimum=0.3)
+# How often the in-process service looks for work (dispatch backstop, lost workers).
+SCHEDULER_TICK_S = env_number("SCHEDULER_TICK_S", 1.0, minimum=0.05)
+# Output kept per attempt; the rest is counted and dropped, with a marker.
+SCHEDULER_LOG_LIMIT_BYTES = int(
+    env_number("SCHEDULER_LOG_LIMIT_BYTES", 4 * 1024 * 1024, minimum=1024, integer=True)
+)
+# Largest websocket frame the master accepts from an agent.
+SCHEDULER_MAX_FRAME_BYTES = int(
+    env_number("SCHEDULER_MAX_FRAME_BYTES", 1024 * 1024, minimum=64 * 1024, integer=True)
+)
+# How long an enrollment token minted from the dashboard stays valid.
+SCHEDULER_ENROLLMENT_TTL_HOURS = env_number("SCHEDULER_ENROLLMENT_TTL_HOURS", 24.0, minimum=0.01)
+SCHEDULER_PAGE_SIZE = int(env_number("SCHEDULER_PAGE_SIZE", 50, minimum=1, integer=True))
+# The address agents are told to use in the "add a worker" command.
+SCHEDULER_PUBLIC_URL = env_str("SCHEDULER_PUBLIC_URL", "")

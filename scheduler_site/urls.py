@@ -1,0 +1,17 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from workers_app.views import agent_download
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="tasks:list"), name="home"),
+    path("", include("tasks_app.urls")),
+    path("workers/", include("workers_app.urls")),
+    path("api/", include("scheduler_site.api_urls")),
+    path("agent.py", agent_download, name="agent-download"),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+]

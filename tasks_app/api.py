@@ -1,0 +1,126 @@
+"""JSON API for tasks and runs. Translation only: rules live in lifecycle/forms."""
+
+from django.http import HttpResponse, JsonResponse
+from django.urls import reverse
+from django.utils.http import urlencode
+
+from tasks_app import history, lifecycle, serializers
+from tasks_app.apiauth import BadRequest, api_view, error, json_body
+from tasks_app.exceptions import TaskDisabled
+from tasks_app.forms import TaskForm
+from tasks_app.models import Run, Task
+
+TASK_FIELD_TYPES = {
+    "name": (str,),
+    "command": (str,),
+    "shell": (bool,),
+    "env": (dict,),
+    "working_dir": (str,),
+    "timeout": (int, type(None)),
+    "labels": (list,),
+}
+
+
+def _task_form(payload: dict, instance: Task | None = None) -> TaskForm:
+    unknown = sorted(set(payload) - set(TASK_FIELD_TYPES) - {"id"})
+    if unknown:
+        raise BadRequest("unknown fields", {name: ["Unknown field."] for name in unknown})
+    wrong = {
+        name: [f"Expected {' or '.join(t.__name__ for t in types if t is not type(None))}."]
+        for name, types in TASK_FIELD_TYPES.items()
+        if name in payload
+        and (
+            not isinstance(payload[name], types)
+            or (isinstance(payload[name], bool) and bool not in types)
+        )
+    }
+    if wrong:
+        raise BadRequest("invalid fields", wrong)
+    if instance is not None:
+        payload = {**serializers.task_json(instance), **payload}
+    return TaskForm(data=payload, instance=instance)
+
+
+def _form_errors(form: TaskForm) -> dict:
+    return {
+        field: [str(message) for message in messages] for field, messages in form.errors.items()
+    }
+
+
+@api_view(["GET", "POST"])
+def tasks(request):
+    if request.method == "POST":
+        form = _task_form(json_body(request))
+        if not form.is_valid():
+            raise BadRequest("invalid task", _form_errors(form))
+        return JsonResponse(serializers.task_json(form.save()), status=201)
+    return JsonResponse(
+        {"results": [serializers.task_json(t) for t in Task.objects.order_by("id")]}
+    )
+
+
+@api_view(["GET", "PUT", "PATCH", "DELETE"])
+def task_detail(request, pk: int):
+    task = Task.objects.filter(pk=pk).first()
+    if task is None:
+        return error(404, f"no task with id {pk}")
+    if request.method == "DELETE":
+        # Runs keep their snapshot and task name; their task link becomes null.
+        task.delete()
+        return HttpResponse(status=204)
+    if request.method in ("PUT", "PATCH"):
+        form = _task_form(json_body(request), instance=task)
+        if not form.is_valid():
+            raise BadRequest("invalid task", _form_errors(form))
+        task = form.save()
+    return JsonResponse(serializers.task_json(task))
+
+
+@api_view(["POST"])
+def task_run(request, pk: int):
+    task = Task.objects.filter(pk=pk).first()
+    if task is None:
+        return error(404, f"no task with id {pk}")
+    try:
+        run = lifecycle.trigger_run(task, Run.Trigger.API, user=request.user)
+    except TaskDisabled as exc:
+        return error(409, str(exc))
+    run = Run.objects.prefetch_related("attempts").get(pk=run.pk)
+    return JsonResponse(serializers.run_json(run, with_output=False), status=201)
+
+
+@api_view(["GET"])
+def runs(request):
+    try:
+        filters = history.parse_filters(request.GET)
+        limit = int(request.GET.get("limit") or 50)
+    except (history.InvalidFilter, ValueError) as exc:
+        return error(
+            400,
+            str(exc) if isinstance(exc, history.InvalidFilter) else "limit must be a whole number",
+        )
+    if not 1 <= limit <= 200:
+        return error(400, "limit must be between 1 and 200")
+    page = history.runs_page(limit=limit, **filters)
+    next_url = None
+    if page.next_before:
+        query = {
+            **{k: v for k, v in filters.items() if k != "before"},
+            "before": page.next_before,
+            "limit": limit,
+        }
+        next_url = f"{reverse('api:runs')}?{urlencode(query)}"
+    return JsonResponse(
+        {
+            "results": [serializers.run_json(r, with_output=False) for r in page.runs],
+            "next": next_url,
+        }
+    )
+
+
+@api_view(["GET"])
+def run_detail(request, pk: int):
+    run = Run.objects.prefetch_related("attempts").filter(pk=pk).first()
+    if run is None:
+        return error(404, f"no run with id {pk}")
+    return JsonResponse(serializers.run_json(run, with_output=True))

@@ -1,0 +1,84 @@
+"""The task form, shared by the dashboard and the JSON API."""
+
+from django import forms
+
+from tasks_app import validators
+from tasks_app.models import Task
+
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
+class EnvField(forms.Field):
+    """KEY=VALUE lines in the browser, an object in the API."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "placeholder": "GREETING=hello\nLOG_LEVEL=debug"})
+
+    def to_python(self, value):
+        return validators.clean_env(value)
+
+    def prepare_value(self, value):
+        if isinstance(value, dict):
+            return "\n".join(f"{key}={val}" for key, val in value.items())
+        return value
+
+
+class LabelsField(forms.Field):
+    """Comma-separated in the browser, a list in the API."""
+
+    widget = forms.TextInput(attrs={"placeholder": "linux, gpu"})
+
+    def to_python(self, value):
+        return validators.clean_labels(value)
+
+    def prepare_value(self, value):
+        if isinstance(value, list):
+            return ", ".join(value)
+        return value
+
+
+class TaskForm(forms.ModelForm):
+    env = EnvField(required=False, label="Environment", help_text="One KEY=VALUE per line.")
+    labels = LabelsField(
+        required=False, label="Required labels", help_text="Only workers with all of these run it."
+    )
+    timeout = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_TIMEOUT_S,
+        help_text="Seconds; empty for no timeout.",
+    )
+
+    class Meta:
+        model = Task
+        fields = ["name", "command", "shell", "env", "working_dir", "timeout", "labels"]
+        widgets = {
+            "command": forms.TextInput(attrs={"placeholder": 'python -c "print(6*7)"'}),
+            "name": forms.TextInput(attrs={"placeholder": "nightly-report"}),
+            "working_dir": forms.TextInput(
+                attrs={"placeholder": "/srv/app (empty: the agent's own)"}
+            ),
+        }
+
+    def clean_name(self):
+        name = self.cleaned_data["name"].strip()
+        if not name:
+            raise forms.ValidationError("The name cannot be blank.")
+        return name
+
+    def clean_working_dir(self):
+        working_dir = self.cleaned_data["working_dir"].strip()
+        if working_dir and not working_dir.startswith("/"):
+            raise forms.ValidationError(
+                "Use an absolute path (starting with /), or leave it empty."
+            )
+        return working_dir
+
+    def clean(self):
+        cleaned = super().clean()
+        command = cleaned.get("command")
+        if command is not None:
+            try:
+                validators.check_command(command, cleaned.get("shell", False))
+            except forms.ValidationError as exc:
+                self.add_error("command", exc)
+        return cleaned

@@ -1,0 +1,203 @@
+import shlex
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Task(models.Model):
+    """What to run: a command and how to run it."""
+
+    name = models.CharField(max_length=200, unique=True)
+    command = models.TextField(
+        help_text="Split into argv like a shell would (shlex), unless shell is set."
+    )
+    shell = models.BooleanField(default=False, help_text="Run the command through /bin/sh -c.")
+    env = models.JSONField(default=dict, blank=True)
+    working_dir = models.CharField(max_length=1024, blank=True)
+    timeout = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Seconds; empty for none."
+    )
+    labels = models.JSONField(
+        default=list, blank=True, help_text="A worker must have all of these."
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def argv(self) -> list[str]:
+        return shlex.split(self.command)
+
+    def definition(self) -> dict:
+        """The snapshot a run keeps, so that editing the task never rewrites history."""
+        return {
+            "command": self.command,
+            "shell": self.shell,
+            "argv": None if self.shell else self.argv(),
+            "env": dict(self.env),
+            "working_dir": self.working_dir,
+            "timeout": self.timeout,
+            "labels": list(self.labels),
+        }
+
+
+class Run(models.Model):
+    """One triggering of a task, with a snapshot of the task as it was."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Trigger(models.TextChoices):
+        MANUAL = "manual"
+        API = "api"
+        SCHEDULE = "schedule"
+        RETRY = "retry"
+
+    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    task = models.ForeignKey(
+        Task, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
+    task_name = models.CharField(max_length=200)
+    definition = models.JSONField()
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.MANUAL)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        # The runs pages and API page by id, newest first, optionally filtered.
+        indexes = [
+            models.Index(fields=["status", "-id"], name="run_status_id"),
+            models.Index(fields=["task", "-id"], name="run_task_id"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.task_name}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class Attempt(models.Model):
+    """One try of one shard of a run on one worker."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        ASSIGNED = "assigned"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        TIMED_OUT = "timed_out"
+        CANCELLED = "cancelled"
+        LOST = "lost"
+
+    ACTIVE = (Status.ASSIGNED, Status.RUNNING)
+    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED, Status.LOST)
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempts")
+    shard_index = models.PositiveIntegerField(default=0)
+    try_number = models.PositiveIntegerField(default=1)
+    worker = models.ForeignKey(
+        "workers_app.Worker",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="attempts",
+    )
+    # Kept as text too, so history names the worker after it is deleted.
+    worker_name = models.CharField(max_length=200, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    exit_code = models.IntegerField(null=True, blank=True)
+    reason = models.CharField(max_length=500, blank=True)
+    pid = models.IntegerField(null=True, blank=True)
+    queued_at = models.DateTimeField(default=timezone.now)
+    assigned_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    output_bytes = models.BigIntegerField(default=0, help_text="Bytes the command printed.")
+    stored_bytes = models.BigIntegerField(default=0, help_text="Bytes of output kept.")
+    truncated = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["run_id", "shard_index", "try_number"]
+        indexes = [
+            # Dispatch scans queued attempts oldest first; slot counts and
+            # liveness scan a worker's active attempts.
+            models.Index(fields=["status", "id"], name="attempt_status_id"),
+            models.Index(fields=["worker", "status"], name="attempt_worker_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"attempt {self.pk} (run {self.run_id}, try {self.try_number})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class LogChunk(models.Model):
+    """A batch of output of one attempt; appended, never rewritten."""
+
+    class Stream(models.TextChoices):
+        STDOUT = "stdout"
+        STDERR = "stderr"
+
+    attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="log_chunks")
+    seq = models.PositiveIntegerField()
+    stream = models.CharField(max_length=6, choices=Stream.choices)
+    data = models.TextField()
+
+    class Meta:
+        ordering = ["attempt_id", "seq"]
+        # A replayed chunk (same attempt, same seq) is a duplicate, never a second copy.
+        constraints = [
+            models.UniqueConstraint(fields=["attempt", "seq"], name="logchunk_attempt_seq")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stream} #{self.seq} of attempt {self.attempt_id}"
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API, stored as a hash."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100, blank=True)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"API token {self.name or self.pk} of {self.user}"

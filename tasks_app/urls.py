@@ -1,0 +1,15 @@
+from django.urls import path
+
+from tasks_app import views
+
+app_name = "tasks"
+
+urlpatterns = [
+    path("tasks/", views.task_list, name="list"),
+    path("tasks/new/", views.task_create, name="create"),
+    path("tasks/<int:pk>/edit/", views.task_edit, name="edit"),
+    path("tasks/<int:pk>/delete/", views.task_delete, name="delete"),
+    path("tasks/<int:pk>/run/", views.task_run, name="run"),
+    path("runs/", views.run_list, name="runs"),
+    path("runs/<int:pk>/", views.run_detail, name="run-detail"),
+]

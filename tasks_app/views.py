@@ -1,0 +1,145 @@
+"""Dashboard pages for tasks and runs. They translate; lifecycle decides."""
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Max, Prefetch
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.http import urlencode
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect
+
+from tasks_app import history, lifecycle
+from tasks_app.exceptions import TaskDisabled
+from tasks_app.forms import TaskForm
+from tasks_app.models import Attempt, Run, Task
+
+
+def _get_task(pk: int) -> Task:
+    task = Task.objects.filter(pk=pk).first()
+    if task is None:
+        raise Http404("No such task.")
+    return task
+
+
+def _redirect(request: HttpRequest, url: str) -> HttpResponse:
+    """A full-page navigation, whether the request came from htmx or a plain form."""
+    if request.htmx:
+        return HttpResponseClientRedirect(url)
+    return redirect(url)
+
+
+@require_GET
+@login_required
+def task_list(request):
+    tasks = Task.objects.order_by("name")
+    latest = {}
+    for run in Run.objects.filter(pk__in=_latest_run_ids(tasks)).only(
+        "id", "task_id", "status", "created_at"
+    ):
+        latest[run.task_id] = run
+    rows = [(task, latest.get(task.pk)) for task in tasks]
+    return render(request, "tasks/list.html", {"rows": rows})
+
+
+def _latest_run_ids(tasks):
+    return [
+        row["last"]
+        for row in Run.objects.filter(task__in=tasks).values("task_id").annotate(last=Max("id"))
+    ]
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def task_create(request):
+    return _task_form(request, None)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def task_edit(request, pk: int):
+    return _task_form(request, _get_task(pk))
+
+
+def _task_form(request, task: Task | None):
+    form = TaskForm(request.POST or None, instance=task)
+    if request.method == "POST" and form.is_valid():
+        saved = form.save()
+        messages.success(request, f"Task {saved.name!r} {'saved' if task else 'created'}.")
+        return _redirect(request, reverse("tasks:list"))
+    template = "tasks/form.html#task-form" if request.htmx else "tasks/form.html"
+    status = 400 if request.method == "POST" else 200
+    # htmx does not swap 4xx responses by default; the form is meant to be swapped in.
+    if request.htmx:
+        status = 200
+    return render(request, template, {"form": form, "task": task}, status=status)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def task_delete(request, pk: int):
+    task = _get_task(pk)
+    if request.method == "POST":
+        name = task.name
+        task.delete()
+        messages.success(request, f"Task {name!r} deleted; its runs stay in the history.")
+        return _redirect(request, reverse("tasks:list"))
+    return render(
+        request, "tasks/confirm_delete.html", {"task": task, "run_count": task.runs.count()}
+    )
+
+
+@require_POST
+@login_required
+def task_run(request, pk: int):
+    task = _get_task(pk)
+    try:
+        run = lifecycle.trigger_run(task, Run.Trigger.MANUAL, user=request.user)
+    except TaskDisabled as exc:
+        messages.error(request, str(exc))
+        return _redirect(request, reverse("tasks:list"))
+    return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))
+
+
+@require_GET
+@login_required
+def run_list(request):
+    try:
+        filters = history.parse_filters(request.GET)
+    except history.InvalidFilter as exc:
+        messages.error(request, f"Filter ignored: {exc}.")
+        filters = {}
+    page = history.runs_page(limit=settings.SCHEDULER_PAGE_SIZE, **filters)
+    older_url = None
+    if page.next_before:
+        query = {k: v for k, v in filters.items() if k != "before"}
+        older_url = f"{reverse('tasks:runs')}?{urlencode({**query, 'before': page.next_before})}"
+    newest_query = urlencode({k: v for k, v in filters.items() if k != "before"})
+    context = {
+        "page": page,
+        "filters": filters,
+        "older_url": older_url,
+        "newest_url": f"{reverse('tasks:runs')}?{newest_query}" if "before" in filters else None,
+        "statuses": Run.Status.values,
+        "tasks": Task.objects.order_by("name").only("id", "name"),
+        # Only the first page follows new runs live; an older page stays put.
+        "live": "before" not in filters,
+    }
+    template = "tasks/runs.html#run-table" if request.htmx else "tasks/runs.html"
+    return render(request, template, context)
+
+
+@require_GET
+@login_required
+def run_detail(request, pk: int):
+    attempts = Attempt.objects.order_by("shard_index", "try_number")
+    run = (
+        Run.objects.prefetch_related(Prefetch("attempts", queryset=attempts)).filter(pk=pk).first()
+    )
+    if run is None:
+        raise Http404("No such run.")
+    rows = [(attempt, lifecycle.output_of(attempt)) for attempt in run.attempts.all()]
+    template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
+    return render(request, template, {"run": run, "rows": rows})

@@ -1,0 +1,55 @@
+"""JSON API for workers: enrollment (public, token-gated) and listing."""
+
+from django import forms
+from django.http import JsonResponse
+
+from tasks_app.apiauth import BadRequest, api_view, error, json_body
+from tasks_app.validators import clean_labels
+from workers_app import registration, serializers
+from workers_app.exceptions import EnrollmentRefused
+from workers_app.models import Worker
+
+
+class RegistrationForm(forms.Form):
+    token = forms.CharField(max_length=200)
+    name = forms.RegexField(
+        regex=r"^[A-Za-z0-9_.@-]{1,200}$",
+        error_messages={"invalid": "Use 1-200 letters, digits, '.', '_', '@' or '-'."},
+    )
+    hostname = forms.CharField(max_length=255, required=False)
+    capacity = forms.IntegerField(min_value=1, max_value=1024)
+    labels = forms.Field(required=False)
+
+    def clean_labels(self):
+        return clean_labels(self.cleaned_data.get("labels"))
+
+
+@api_view(["POST"], public=True)
+def register(request):
+    payload = json_body(request)
+    if not isinstance(payload.get("labels", []), list):
+        raise BadRequest("invalid registration", {"labels": ["Expected a list of strings."]})
+    form = RegistrationForm(data=payload)
+    if not form.is_valid():
+        errors = {field: [str(m) for m in messages] for field, messages in form.errors.items()}
+        raise BadRequest("invalid registration", errors)
+    data = form.cleaned_data
+    try:
+        worker, credential = registration.register(
+            data["token"],
+            name=data["name"],
+            hostname=data["hostname"],
+            capacity=data["capacity"],
+            labels=data["labels"],
+        )
+    except EnrollmentRefused as exc:
+        return error(403, str(exc))
+    return JsonResponse(
+        {"worker": serializers.worker_json(worker, busy=0), "credential": credential}, status=201
+    )
+
+
+@api_view(["GET"])
+def workers(request):
+    rows = serializers.with_busy_slots(Worker.objects.all())
+    return JsonResponse({"results": [serializers.worker_json(w, busy=w.busy) for w in rows]})

@@ -1,0 +1,79 @@
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from tasks_app import tokens
+
+
+class Worker(models.Model):
+    """A node running the agent, known by its hashed credential."""
+
+    class State(models.TextChoices):
+        ONLINE = "online"
+        OFFLINE = "offline"
+        DRAINING = "draining"
+        DISABLED = "disabled"
+
+    name = models.CharField(max_length=200, unique=True)
+    hostname = models.CharField(max_length=255, blank=True)
+    labels = models.JSONField(default=list, blank=True)
+    capacity = models.PositiveIntegerField(default=1)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    connected_at = models.DateTimeField(null=True, blank=True)
+    agent_version = models.CharField(max_length=50, blank=True)
+    credential_hash = models.CharField(max_length=64, unique=True)
+    # The websocket consumer currently serving this worker; a stale one must not
+    # mark the worker offline when a newer connection has taken over.
+    channel_name = models.CharField(max_length=200, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        indexes = [models.Index(fields=["state"], name="worker_state")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def group_name(self) -> str:
+        return f"worker.{self.pk}"
+
+
+class EnrollmentToken(models.Model):
+    """Lets agents register; reusable until it expires or is revoked."""
+
+    token_hash = models.CharField(max_length=64, unique=True)
+    note = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    uses = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"enrollment token {self.pk} ({self.note or 'no note'})"
+
+    @classmethod
+    def mint(
+        cls, *, note: str = "", user=None, ttl_hours: float | None = None
+    ) -> tuple[str, "EnrollmentToken"]:
+        """A new token; the raw value is returned once and never stored."""
+        raw, digest = tokens.mint("enr")
+        hours = settings.SCHEDULER_ENROLLMENT_TTL_HOURS if ttl_hours is None else ttl_hours
+        token = cls.objects.create(
+            token_hash=digest,
+            note=note,
+            created_by=user if user is not None and user.is_authenticated else None,
+            expires_at=timezone.now() + timedelta(hours=hours),
+        )
+        return raw, token
+
+    @property
+    def is_usable(self) -> bool:
+        return self.revoked_at is None and self.expires_at > timezone.now()

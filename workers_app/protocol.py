@@ -1,0 +1,148 @@
+"""The agent protocol, version 1: JSON text frames, validated on the way in.
+
+parse() turns raw text into a checked dict or raises ProtocolError; the
+builders make the master's frames. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from workers_app.exceptions import ProtocolError
+
+PROTOCOL_VERSION = 1
+STREAMS = {"stdout", "stderr"}
+RESULT_STATUSES = {"succeeded", "failed", "timed_out", "cancelled"}
+MAX_LOG_DATA = 512 * 1024
+
+# type -> {field: (python types, required)}
+_INT = (int,)
+_NUM = (int, float)
+SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "hello": {
+        "protocol": (_INT, True),
+        "agent_version": ((str,), False),
+        "hostname": ((str,), False),
+        "name": ((str,), False),
+        "capacity": (_INT, True),
+        "labels": ((list,), False),
+        "running": ((list,), True),
+    },
+    "accepted": {"attempt": (_INT, True)},
+    "rejected": {"attempt": (_INT, True), "reason": ((str,), False)},
+    "started": {
+        "attempt": (_INT, True),
+        "pid": (_INT + (type(None),), False),
+        "started_at": (_NUM, False),
+    },
+    "log": {
+        "attempt": (_INT, True),
+        "seq": (_INT, True),
+        "stream": ((str,), True),
+        "data": ((str,), True),
+    },
+    "finished": {
+        "attempt": (_INT, True),
+        "status": ((str,), True),
+        "exit_code": (_INT + (type(None),), True),
+        "reason": ((str,), False),
+        "started_at": (_NUM + (type(None),), False),
+        "finished_at": (_NUM + (type(None),), False),
+        "output_bytes": (_INT, False),
+        "truncated": ((bool,), False),
+        "last_seq": (_INT, False),
+    },
+    "heartbeat": {"running": ((list,), False)},
+}
+
+
+def parse(text: str | None, max_bytes: int) -> dict[str, Any]:
+    """A validated frame, or ProtocolError with a code and a message for the agent."""
+    if text is None:
+        raise ProtocolError(
+            "binary_frame", "binary frames are not part of the protocol; send JSON text"
+        )
+    if len(text) > max_bytes:
+        raise ProtocolError(
+            "too_large", f"frame of {len(text)} bytes exceeds the limit of {max_bytes}"
+        )
+    try:
+        frame = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError("malformed", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("malformed", "frame must be a JSON object")
+    kind = frame.get("type")
+    if kind not in SCHEMAS:
+        raise ProtocolError("unknown_type", f"unknown frame type {kind!r}")
+    for field, (types, required) in SCHEMAS[kind].items():
+        if field not in frame:
+            if required:
+                raise ProtocolError("malformed", f"{kind}: missing field {field!r}")
+            continue
+        value = frame[field]
+        # bool is an int in Python; a boolean where a number is expected is a bug in the agent.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError("malformed", f"{kind}: field {field!r} has the wrong type")
+    _check_values(kind, frame)
+    return frame
+
+
+def _check_values(kind: str, frame: dict[str, Any]) -> None:
+    if kind == "hello":
+        if frame["protocol"] != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "unsupported_protocol",
+                f"protocol {frame['protocol']} is not supported; this master speaks 1",
+            )
+        if not 1 <= frame["capacity"] <= 1024:
+            raise ProtocolError("malformed", "hello: capacity must be between 1 and 1024")
+    if kind in ("hello", "heartbeat") and not all(
+        isinstance(a, int) and not isinstance(a, bool) for a in frame.get("running", [])
+    ):
+        raise ProtocolError("malformed", f"{kind}: running must be a list of attempt ids")
+    if kind == "log":
+        if frame["stream"] not in STREAMS:
+            raise ProtocolError("malformed", "log: stream must be stdout or stderr")
+        if frame["seq"] < 0:
+            raise ProtocolError("malformed", "log: seq must not be negative")
+        if len(frame["data"]) > MAX_LOG_DATA:
+            raise ProtocolError("too_large", f"log: data over {MAX_LOG_DATA} characters")
+    if kind == "finished" and frame["status"] not in RESULT_STATUSES:
+        raise ProtocolError("malformed", f"finished: unknown status {frame['status']!r}")
+
+
+def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
+def welcome(
+    worker, *, heartbeat_s: float, log_limit_bytes: int, max_frame_bytes: int
+) -> dict[str, Any]:
+    return {
+        "type": "welcome",
+        "protocol": PROTOCOL_VERSION,
+        "worker_id": worker.pk,
+        "name": worker.name,
+        "heartbeat_s": heartbeat_s,
+        "log_limit_bytes": log_limit_bytes,
+        "max_frame_bytes": max_frame_bytes,
+    }
+
+
+def assign(attempt) -> dict[str, Any]:
+    definition = attempt.run.definition
+    return {
+        "type": "assign",
+        "attempt": attempt.pk,
+        "run": attempt.run_id,
+        "task_name": attempt.run.task_name,
+        "argv": None if definition["shell"] else definition["argv"],
+        "shell": definition["command"] if definition["shell"] else None,
+        "env": definition["env"],
+        "cwd": definition["working_dir"] or None,
+        "timeout": definition["timeout"],
+        "shard_index": attempt.shard_index,
+        "shard_count": 1,
+    }

@@ -1,0 +1,69 @@
+"""Dashboard pages for workers, and the agent download."""
+
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from workers_app import dispatch, registration
+from workers_app.models import EnrollmentToken, Worker
+from workers_app.serializers import with_busy_slots
+
+AGENT_SOURCE = Path(__file__).with_name("agent.py")
+
+
+def _server_url(request) -> str:
+    return settings.SCHEDULER_PUBLIC_URL.rstrip("/") or request.build_absolute_uri("/").rstrip("/")
+
+
+@require_GET
+@login_required
+def worker_list(request):
+    return _render_list(request)
+
+
+def _render_list(request):
+    workers = with_busy_slots(Worker.objects.all()).order_by("name")
+    template = "workers/list.html#worker-table" if request.htmx else "workers/list.html"
+    return render(request, template, {"workers": workers})
+
+
+@require_POST
+@login_required
+def worker_add(request):
+    raw, token = EnrollmentToken.mint(note=f"dashboard, by {request.user}", user=request.user)
+    server = _server_url(request)
+    context = {
+        "token": raw,
+        "expires_at": token.expires_at,
+        "server": server,
+        "command": (
+            f"curl -fsSO {server}/agent.py && pip install 'websockets>=13' 'requests>=2.31' && "
+            f"python3 agent.py --server {server} --token {raw} --capacity 4"
+        ),
+    }
+    if request.htmx:
+        return render(request, "workers/list.html#enrollment", context)
+    workers = with_busy_slots(Worker.objects.all()).order_by("name")
+    return render(request, "workers/list.html", {**context, "workers": workers})
+
+
+@require_POST
+@login_required
+def worker_revoke(request, pk: int):
+    worker = Worker.objects.filter(pk=pk).first()
+    if worker is None:
+        raise Http404("No such worker.")
+    registration.revoke(worker)
+    # Close its live socket too; its running attempts are reaped as lost.
+    dispatch.send_close(worker.group_name)
+    return _render_list(request) if request.htmx else redirect("workers:list")
+
+
+@require_GET
+def agent_download(request):
+    """The standalone agent, so a node needs only Python, websockets and requests."""
+    return HttpResponse(AGENT_SOURCE.read_bytes(), content_type="text/x-python; charset=utf-8")
