@@ -1,0 +1,264 @@
+"""Shared personas and the real-process harness.
+
+Personas: alice is an admin, bob an operator (a plain logged-in user),
+"anonymous" is the outsider; `worker` is a registered agent with a known
+credential. End-to-end tests use `master` (a real `manage.py serve` on a
+free port with its own data dir) and `start_agent` (real agent processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = ROOT / "workers_app" / "agent.py"
+
+
+# --- personas ------------------------------------------------------------------
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_superuser(
+        "alice", "alice@example.com", "alice-pass-123"
+    )
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", "bob@example.com", "bob-pass-123")
+
+
+@pytest.fixture
+def bob_client(client, bob):
+    client.force_login(bob)
+    return client
+
+
+@pytest.fixture
+def bob_token(bob) -> str:
+    from tasks_app import tokens
+    from tasks_app.models import ApiToken
+
+    raw, digest = tokens.mint("api")
+    ApiToken.objects.create(user=bob, name="tests", token_hash=digest)
+    return raw
+
+
+@pytest.fixture
+def worker_credential() -> str:
+    return "wkr_test-credential-of-the-registered-worker"
+
+
+@pytest.fixture
+def worker(worker_credential):
+    from tasks_app import tokens
+    from workers_app.models import Worker
+
+    return Worker.objects.create(
+        name="node-1",
+        hostname="node-1.example",
+        capacity=2,
+        labels=["linux"],
+        credential_hash=tokens.digest(worker_credential),
+    )
+
+
+@pytest.fixture
+def task():
+    from tasks_app.models import Task
+
+    return Task.objects.create(name="answer", command='python3 -c "print(6*7)"')
+
+
+# --- real processes --------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 20, interval: float = 0.05, what: str = ""
+):
+    """Poll until condition() is truthy; return its value or fail with what we waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+# Short intervals so that liveness tests finish quickly.
+FAST_SETTINGS = {
+    "SCHEDULER_HEARTBEAT_S": "0.5",
+    "SCHEDULER_LOST_AFTER_S": "3",
+    "SCHEDULER_TICK_S": "0.2",
+}
+
+
+@dataclass
+class Master:
+    url: str
+    port: int
+    data_dir: Path
+    env: dict
+    token: str = ""
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def manage(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def start(self) -> None:
+        self.log_path = self.data_dir / f"serve-{int(time.time() * 1000)}.log"
+        log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._up, timeout=30, what=f"the server on {self.url}")
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, f"server exited: {self.log_path.read_text()}"
+        try:
+            requests.get(f"{self.url}/login/", timeout=1)
+            return True
+        except requests.ConnectionError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return self.session.request(
+            method, f"{self.url}/api/{path}", headers=headers, timeout=10, **kwargs
+        )
+
+    def run_of(self, run_id: int) -> dict:
+        response = self.api("GET", f"runs/{run_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_final(self, run_id: int, timeout: float = 30) -> dict:
+        final = {"succeeded", "failed", "cancelled"}
+
+        def done():
+            run = self.run_of(run_id)
+            return run if run["status"] in final else None
+
+        return wait_for(done, timeout=timeout, what=f"run {run_id} to finish")
+
+
+@pytest.fixture
+def master(tmp_path) -> Iterator[Master]:
+    port = free_port()
+    data_dir = tmp_path / "master"
+    env = {**os.environ, "SCHEDULER_DATA_DIR": str(data_dir), **FAST_SETTINGS}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    server = Master(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, env=env)
+    server.manage("migrate", "-v0")
+    server.manage("ensureadmin")
+    server.token = server.manage("apitoken", "admin")
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Agent:
+    name: str
+    proc: subprocess.Popen
+    state_dir: Path
+    log_path: Path
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def start_agent(master, tmp_path) -> Iterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+    enrollment = master.manage("enrollment-token")
+
+    def start(
+        name: str = "agent-1", capacity: int = 2, labels: str = "", wait_online: bool = True
+    ) -> Agent:
+        state_dir = tmp_path / "agents" / name
+        log_path = tmp_path / f"agent-{name}-{len(agents)}.log"
+        args = [
+            sys.executable,
+            str(AGENT),
+            "--server",
+            master.url,
+            "--token",
+            enrollment,
+            "--name",
+            name,
+        ]
+        args += ["--capacity", str(capacity), "--state-dir", str(state_dir)]
+        if labels:
+            args += ["--labels", labels]
+        proc = subprocess.Popen(
+            args, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path
+        )
+        agent = Agent(name=name, proc=proc, state_dir=state_dir, log_path=log_path)
+        agents.append(agent)
+        if wait_online:
+
+            def online():
+                assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
+                workers = master.api("GET", "workers").json()["results"]
+                return any(w["name"] == name and w["state"] == "online" for w in workers)
+
+            wait_for(online, what=f"agent {name} online")
+        return agent
+
+    yield start
+    for agent in agents:
+        if agent.proc.poll() is None:
+            agent.proc.terminate()
+            try:
+                agent.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                agent.proc.kill()

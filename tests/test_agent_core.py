@@ -1,0 +1,918 @@
+"""The agent: its protocol core with exact frames, and its shell with real processes.
+
+No master and no Django: the shell tests hand Agent.serve() a fake socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers_app import agent
+from workers_app.agent import (
+    Agent,
+    AgentConfig,
+    AgentCore,
+    Backoff,
+    KillProcess,
+    RemoveSpool,
+    Send,
+    StartProcess,
+    Welcomed,
+    WriteSpool,
+)
+
+WELCOME = {
+    "type": "welcome",
+    "worker_id": 7,
+    "name": "node-1",
+    "heartbeat_s": 5,
+    "log_limit_bytes": 4194304,
+    "max_frame_bytes": 1048576,
+}
+
+
+def make_core(capacity: int = 2, **kwargs: Any) -> AgentCore:
+    return AgentCore(
+        name="node-1", hostname="host-1", capacity=capacity, labels=["gpu", "linux"], **kwargs
+    )
+
+
+def online(core: AgentCore, **welcome: Any) -> AgentCore:
+    core.connection_opened()
+    core.receive(json.dumps({**WELCOME, **welcome}))
+    return core
+
+
+def assign(attempt: int, **overrides: Any) -> str:
+    frame = {
+        "type": "assign",
+        "attempt": attempt,
+        "run": 100 + attempt,
+        "task_name": "answer",
+        "argv": ["python", "-c", "print(1)"],
+        "shell": None,
+        "env": {"K": "V"},
+        "cwd": None,
+        "timeout": None,
+        "shard_index": 0,
+        "shard_count": 1,
+    }
+    frame.update(overrides)
+    return json.dumps(frame)
+
+
+def env_for(attempt: int, **extra: str) -> dict[str, str]:
+    return {
+        **extra,
+        "SCHEDULER_RUN_ID": str(100 + attempt),
+        "SCHEDULER_ATTEMPT_ID": str(attempt),
+        "SCHEDULER_TASK_NAME": "answer",
+        "SCHEDULER_SHARD_INDEX": "0",
+        "SCHEDULER_SHARD_COUNT": "1",
+    }
+
+
+def finished(attempt: int, **fields: Any) -> dict[str, Any]:
+    frame = {
+        "type": "finished",
+        "attempt": attempt,
+        "status": "succeeded",
+        "exit_code": 0,
+        "reason": "",
+        "started_at": 1000.0,
+        "finished_at": 1002.5,
+        "output_bytes": 0,
+        "truncated": False,
+        "last_seq": -1,
+    }
+    frame.update(fields)
+    return frame
+
+
+def running(core: AgentCore, attempt: int, **overrides: Any) -> AgentCore:
+    core.receive(assign(attempt, **overrides))
+    core.process_started(attempt, 4242, 1000.0)
+    return core
+
+
+# --------------------------------------------------------------------------
+# Core: connection and assignment
+
+
+def test_it_says_hello_with_its_identity_and_no_running_attempts() -> None:
+    core = make_core()
+
+    assert core.connection_opened() == [
+        Send(
+            {
+                "type": "hello",
+                "protocol": 1,
+                "agent_version": "0.1.0",
+                "hostname": "host-1",
+                "name": "node-1",
+                "capacity": 2,
+                "labels": ["gpu", "linux"],
+                "running": [],
+            }
+        )
+    ]
+
+
+def test_it_lists_its_running_attempts_in_hello_after_a_reconnect() -> None:
+    core = running(online(make_core()), 9)
+    running(core, 3)
+    core.connection_lost()
+
+    [hello] = core.connection_opened()
+
+    assert hello.frame["running"] == [3, 9]
+
+
+def test_welcome_sets_the_intervals_and_is_announced_to_the_shell() -> None:
+    core = make_core()
+    core.connection_opened()
+
+    out = core.receive(json.dumps({**WELCOME, "heartbeat_s": 2, "log_limit_bytes": 1000}))
+
+    assert out == [Welcomed(7, 2.0)]
+    assert (core.online, core.heartbeat_s, core.log_limit_bytes) == (True, 2.0, 1000)
+
+
+def test_it_accepts_an_assign_and_starts_the_process() -> None:
+    core = online(make_core())
+
+    out = core.receive(assign(5, timeout=30))
+
+    assert out == [
+        Send({"type": "accepted", "attempt": 5}),
+        StartProcess(5, ["python", "-c", "print(1)"], env_for(5, K="V"), None, 30),
+    ]
+
+
+def test_it_runs_a_shell_line_through_bin_sh() -> None:
+    core = online(make_core())
+
+    out = core.receive(assign(5, argv=None, shell="echo hi | wc -c", env={}, cwd="/tmp"))
+
+    assert out[1] == StartProcess(5, ["/bin/sh", "-c", "echo hi | wc -c"], env_for(5), "/tmp", None)
+
+
+def test_it_rejects_an_assign_beyond_capacity() -> None:
+    core = online(make_core(capacity=1))
+    core.receive(assign(1))
+
+    out = core.receive(assign(2))
+
+    assert out == [
+        Send({"type": "rejected", "attempt": 2, "reason": "agent at capacity (1 running)"})
+    ]
+    assert core.running_ids == [1]
+
+
+def test_it_ignores_a_duplicate_assign_of_a_running_attempt() -> None:
+    core = online(make_core())
+    core.receive(assign(1))
+
+    assert core.receive(assign(1)) == []
+    assert core.running_ids == [1]
+
+
+def test_it_resends_the_result_when_a_finished_attempt_is_assigned_again() -> None:
+    core = running(online(make_core()), 1)
+    core.process_exited(1, 0, 1002.5)
+
+    assert core.receive(assign(1)) == [Send(finished(1))]
+    assert core.running_ids == []
+
+
+def test_it_rejects_assigns_while_draining_and_accepts_after_resume() -> None:
+    core = online(make_core())
+    core.receive('{"type": "drain"}')
+
+    assert core.receive(assign(1)) == [
+        Send({"type": "rejected", "attempt": 1, "reason": "agent is draining"})
+    ]
+    core.receive('{"type": "resume"}')
+    assert core.receive(assign(1))[0] == Send({"type": "accepted", "attempt": 1})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"shell": "true"}, "exactly one of argv and shell must be set"),
+        ({"argv": None}, "exactly one of argv and shell must be set"),
+        ({"argv": []}, "argv must be a non-empty list of strings"),
+        ({"argv": ["ls", 3]}, "argv must be a non-empty list of strings"),
+        ({"env": {"K": 1}}, "env must map names to strings"),
+        ({"timeout": 0}, "timeout must be a positive number or null"),
+        ({"cwd": 5}, "cwd must be a string or null"),
+    ],
+)
+def test_it_rejects_an_invalid_assign_with_the_reason(overrides: dict, reason: str) -> None:
+    core = online(make_core())
+
+    out = core.receive(assign(4, **overrides))
+
+    assert out == [Send({"type": "rejected", "attempt": 4, "reason": f"invalid assign: {reason}"})]
+    assert core.running_ids == []
+
+
+def test_heartbeat_lists_running_attempts_only_while_online() -> None:
+    core = running(online(make_core()), 2)
+
+    assert core.heartbeat() == [Send({"type": "heartbeat", "running": [2]})]
+    core.connection_lost()
+    assert core.heartbeat() == []
+
+
+# --------------------------------------------------------------------------
+# Core: results
+
+
+@pytest.mark.parametrize(
+    ("returncode", "status", "reason"),
+    [
+        (0, "succeeded", ""),
+        (3, "failed", "exit code 3"),
+        (-9, "failed", "killed by signal 9"),
+    ],
+)
+def test_it_maps_the_exit_status_to_a_result(returncode: int, status: str, reason: str) -> None:
+    core = running(online(make_core()), 1)
+
+    out = core.process_exited(1, returncode, 1002.5)
+
+    frame = finished(1, status=status, exit_code=returncode, reason=reason)
+    # The spool write comes first so the result survives a crash before the send.
+    assert out == [WriteSpool(1, frame), Send(frame)]
+    assert core.running_ids == []
+    assert core.unacked_ids == [1]
+
+
+def test_cancel_kills_the_process_and_reports_cancelled() -> None:
+    core = running(online(make_core()), 1)
+
+    assert core.receive('{"type": "cancel", "attempt": 1}') == [KillProcess(1)]
+    out = core.process_exited(1, -15, 1002.5)
+
+    assert out[-1] == Send(finished(1, status="cancelled", exit_code=-15, reason="cancelled"))
+
+
+def test_cancel_of_an_unknown_attempt_is_ignored() -> None:
+    core = online(make_core())
+
+    assert core.receive('{"type": "cancel", "attempt": 99}') == []
+
+
+def test_a_passed_deadline_kills_the_process_and_reports_timed_out() -> None:
+    core = running(online(make_core()), 1, timeout=2)
+
+    assert core.deadline_passed(1) == [KillProcess(1)]
+    # A cancel arriving during the grace does not rewrite why it was killed.
+    core.receive('{"type": "cancel", "attempt": 1}')
+    out = core.process_exited(1, -15, 1002.5)
+
+    assert out[-1] == Send(
+        finished(1, status="timed_out", exit_code=-15, reason="timed out after 2s")
+    )
+
+
+def test_it_reports_a_command_that_cannot_start_as_failed() -> None:
+    core = online(make_core())
+    core.receive(assign(1))
+
+    out = core.process_failed_to_start(
+        1, "cannot start: No such file or directory (nosuchcmd)", 1002.5
+    )
+
+    frame = finished(
+        1,
+        status="failed",
+        exit_code=None,
+        reason="cannot start: No such file or directory (nosuchcmd)",
+        started_at=None,
+    )
+    assert out == [WriteSpool(1, frame), Send(frame)]
+
+
+def test_ack_removes_the_spooled_result_once() -> None:
+    core = running(online(make_core()), 1)
+    core.process_exited(1, 0, 1002.5)
+
+    assert core.receive('{"type": "ack", "attempt": 1}') == [RemoveSpool(1)]
+    assert core.receive('{"type": "ack", "attempt": 1}') == []
+    assert core.unacked_ids == []
+
+
+def test_shutdown_kills_everything_and_reports_agent_shutting_down() -> None:
+    core = running(online(make_core()), 1)
+    running(core, 2)
+
+    assert core.shutdown() == [KillProcess(1), KillProcess(2)]
+    out = core.process_exited(1, -15, 1002.5)
+
+    assert out[-1] == Send(
+        finished(1, status="cancelled", exit_code=-15, reason="agent shutting down")
+    )
+    assert core.receive(assign(3)) == [
+        Send({"type": "rejected", "attempt": 3, "reason": "agent is draining"})
+    ]
+
+
+# --------------------------------------------------------------------------
+# Core: output
+
+
+def test_it_batches_output_until_a_flush() -> None:
+    core = running(online(make_core()), 1)
+
+    assert core.output(1, "stdout", b"line 1\n") == []
+    assert core.output(1, "stdout", b"line 2\n") == []
+    assert core.has_pending_logs
+
+    assert core.flush_logs() == [
+        Send(
+            {"type": "log", "attempt": 1, "seq": 0, "stream": "stdout", "data": "line 1\nline 2\n"}
+        )
+    ]
+    assert not core.has_pending_logs
+
+
+def test_it_sends_a_full_batch_without_waiting_for_the_flush() -> None:
+    core = running(online(make_core()), 1)
+
+    out = core.output(1, "stdout", b"x" * (64 * 1024 + 10))
+
+    assert [(o.frame["seq"], len(o.frame["data"])) for o in out] == [(0, 64 * 1024)]
+    assert core.flush_logs()[0].frame["data"] == "x" * 10
+
+
+def test_seq_is_contiguous_across_both_streams() -> None:
+    core = running(online(make_core()), 1)
+    core.output(1, "stdout", b"a")
+    core.output(1, "stderr", b"b")
+    first = core.flush_logs()
+    core.output(1, "stdout", b"c")
+
+    out = first + core.process_exited(1, 0, 1002.5)
+
+    assert [(o.frame["type"], o.frame.get("seq"), o.frame.get("stream")) for o in out] == [
+        ("log", 0, "stdout"),
+        ("log", 1, "stderr"),
+        ("log", 2, "stdout"),
+        ("finished", None, None),
+        ("finished", None, None),
+    ]
+    assert out[-1].frame["last_seq"] == 2
+    assert out[-1].frame["output_bytes"] == 3
+
+
+def test_it_keeps_a_multibyte_character_split_across_reads() -> None:
+    core = running(online(make_core()), 1)
+    core.output(1, "stdout", "aé".encode()[:2])  # b"a\xc3"
+    first = core.flush_logs()
+    core.output(1, "stdout", "aéb".encode()[2:])  # b"\xa9b"
+
+    assert [o.frame["data"] for o in first + core.flush_logs()] == ["a", "éb"]
+
+
+def test_it_replaces_invalid_utf8_instead_of_failing() -> None:
+    core = running(online(make_core()), 1)
+    core.output(1, "stderr", b"bad \xff\xfe end")
+
+    assert core.flush_logs()[0].frame["data"] == "bad \ufffd\ufffd end"
+
+
+def test_it_stops_sending_output_past_the_log_limit_and_counts_the_rest() -> None:
+    core = running(online(make_core(), log_limit_bytes=10), 1)
+
+    core.output(1, "stdout", b"aaaaaa")
+    core.output(1, "stderr", b"bbbbbb")
+    core.output(1, "stdout", b"cccccc")
+    out = core.process_exited(1, 0, 1002.5)
+
+    logs = [o.frame for o in out if o.frame["type"] == "log"]
+    assert [(f["stream"], f["data"]) for f in logs] == [("stdout", "aaaaaa"), ("stderr", "bbbb")]
+    assert out[-1] == Send(finished(1, output_bytes=18, truncated=True, last_seq=1))
+
+
+def test_output_exactly_at_the_limit_is_not_truncated() -> None:
+    core = running(online(make_core(), log_limit_bytes=4), 1)
+    core.output(1, "stdout", b"abcd")
+
+    assert core.process_exited(1, 0, 1002.5)[-1].frame["truncated"] is False
+
+
+# --------------------------------------------------------------------------
+# Core: disconnects and the spool
+
+
+def test_logs_produced_offline_are_sent_after_welcome_and_before_the_result() -> None:
+    core = running(online(make_core()), 1)
+    core.connection_lost()
+    core.output(1, "stdout", b"while away\n")
+
+    out = core.process_exited(1, 0, 1002.5)
+    assert out == [WriteSpool(1, finished(1, output_bytes=11, last_seq=0))]
+
+    assert core.connection_opened()[0].frame["running"] == []
+    assert core.receive(json.dumps(WELCOME)) == [
+        Welcomed(7, 5.0),
+        Send({"type": "log", "attempt": 1, "seq": 0, "stream": "stdout", "data": "while away\n"}),
+        Send(finished(1, output_bytes=11, last_seq=0)),
+    ]
+
+
+def test_frames_that_did_not_leave_before_a_disconnect_are_sent_again() -> None:
+    core = online(make_core())
+    started = {"type": "started", "attempt": 1, "pid": 4242, "started_at": 1000.0}
+    log = {"type": "log", "attempt": 1, "seq": 0, "stream": "stdout", "data": "x"}
+    core.connection_lost(unsent=[started, log, {"type": "heartbeat", "running": [1]}])
+
+    core.connection_opened()
+    out = core.receive(json.dumps(WELCOME))
+
+    assert out == [Welcomed(7, 5.0), Send(started), Send(log)]
+
+
+def test_spooled_results_are_replayed_after_every_welcome_in_attempt_order() -> None:
+    core = make_core(spooled=[finished(12), finished(3)])
+
+    first = online(core)
+    assert core.unacked_ids == [3, 12]
+    core.connection_lost()
+    core.connection_opened()
+
+    out = first.receive(json.dumps(WELCOME))
+    assert out == [Welcomed(7, 5.0), Send(finished(3)), Send(finished(12))]
+
+
+# --------------------------------------------------------------------------
+# Core: bad input
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        b"\xff\xfe",
+        "[]",
+        "null",
+        '{"no": "type"}',
+        '{"type": 5}',
+        '{"type": "bogus"}',
+        '{"type": "assign"}',
+        '{"type": "assign", "attempt": "7"}',
+        '{"type": "assign", "attempt": true}',
+        '{"type": "cancel", "attempt": [1]}',
+        '{"type": "ack", "attempt": {}}',
+        '{"type": "error"}',
+        '{"type": "error", "code": "too_large", "message": "frame too big"}',
+        '{"type": "__init__"}',
+    ],
+)
+def test_malformed_frames_are_ignored_without_raising(text: str | bytes) -> None:
+    core = online(make_core())
+
+    assert core.receive(text) == []
+    assert core.running_ids == []
+
+
+def test_a_welcome_with_bad_values_keeps_the_defaults() -> None:
+    core = make_core()
+    core.connection_opened()
+
+    core.receive('{"type": "welcome", "heartbeat_s": "soon", "log_limit_bytes": -1}')
+
+    assert (core.heartbeat_s, core.log_limit_bytes) == (5.0, 4 * 1024 * 1024)
+
+
+# --------------------------------------------------------------------------
+# Backoff, URLs, CLI, registration
+
+
+def test_backoff_doubles_from_half_a_second_to_a_cap_and_resets() -> None:
+    backoff = Backoff(rng=lambda: 0.5)  # no jitter
+
+    delays = [backoff.next_delay() for _ in range(8)]
+    backoff.reset()
+
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+    assert backoff.next_delay() == 0.5
+    assert (
+        0.4 <= Backoff(rng=lambda: 0.0).next_delay() < Backoff(rng=lambda: 0.99).next_delay() <= 0.6
+    )
+
+
+def test_the_websocket_url_follows_the_server_scheme() -> None:
+    assert agent.websocket_url("http://m:8000") == "ws://m:8000/ws/agent/"
+    assert agent.websocket_url("https://m.example/sched") == "wss://m.example/sched/ws/agent/"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--server", "ftp://m"], "is not an http:// or https:// URL"),
+        (["--server", "m:8000"], "is not an http:// or https:// URL"),
+        (["--server", "http://m", "--capacity", "0"], "0 is not between 1 and 1024"),
+        (["--server", "http://m", "--capacity", "many"], "'many' is not a whole number"),
+        (["--server", "http://m", "--labels", "gpu,bad label"], "invalid label 'bad label'"),
+        (["--server", "http://m", "--drain-timeout", "-1"], "must be 0 or more seconds"),
+        (["--capacity", "2"], "the following arguments are required: --server"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        agent.main(argv)
+
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_labels_drop_empty_items() -> None:
+    args = agent.build_parser().parse_args(["--server", "http://m/", "--labels", "gpu,,linux,"])
+
+    assert (args.server, args.labels) == ("http://m", ("gpu", "linux"))
+
+
+def test_a_token_is_required_without_a_stored_credential(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        agent.main(["--server", "http://m", "--state-dir", str(tmp_path / "state")])
+
+    assert exc.value.code == 2
+    assert "--token is required to enroll" in capsys.readouterr().err
+
+
+class _Master:
+    """A one-route HTTP master answering registration with a canned response."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.requests: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                length = int(self.headers["Content-Length"])
+                outer.requests.append(
+                    {"path": self.path, "json": json.loads(self.rfile.read(length))}
+                )
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Master:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_it_registers_and_stores_the_credential_privately(tmp_path: Path) -> None:
+    body = {"worker": {"id": 3, "name": "node-1"}, "credential": "s3cret"}
+    state = tmp_path / "state"
+    with _Master(201, body) as master:
+        data = agent.register(
+            master.url, "enroll-me", name="node-1", capacity=2, labels=("gpu",), state_dir=state
+        )
+
+    assert master.requests[0]["path"] == "/api/workers/register"
+    sent = master.requests[0]["json"]
+    assert (sent["token"], sent["name"], sent["capacity"], sent["labels"]) == (
+        "enroll-me",
+        "node-1",
+        2,
+        ["gpu"],
+    )
+    stored = json.loads((state / "credential.json").read_text())
+    assert (
+        stored
+        == data
+        == {
+            "server": master.url,
+            "worker_id": 3,
+            "name": "node-1",
+            "credential": "s3cret",
+        }
+    )
+    assert stat.S_IMODE((state / "credential.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_a_refused_registration_exits_2_with_the_masters_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = {"error": "invalid enrollment token", "errors": {"token": ["invalid"]}}
+    with _Master(403, body) as master:
+        code = agent.main(
+            ["--server", master.url, "--token", "nope", "--state-dir", str(tmp_path / "s")]
+        )
+
+    assert code == 2
+    assert "registration refused: invalid enrollment token" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "credential.json").exists()
+
+
+# --------------------------------------------------------------------------
+# Shell: real processes behind a fake socket
+
+
+class FakeSocket:
+    """Stands in for a websocket connection: frames pushed in, frames recorded out."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[str | None] = asyncio.Queue()
+        self.sent: list[dict[str, Any]] = []
+
+    def push(self, frame: dict[str, Any]) -> None:
+        self.incoming.put_nowait(json.dumps(frame))
+
+    async def send(self, message: str) -> None:
+        self.sent.append(json.loads(message))
+
+    async def close(self) -> None:
+        self.incoming.put_nowait(None)
+
+    def __aiter__(self) -> FakeSocket:
+        return self
+
+    async def __anext__(self) -> str:
+        message = await self.incoming.get()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    def of(self, kind: str, attempt: int | None = None) -> list[dict[str, Any]]:
+        return [
+            f
+            for f in self.sent
+            if f["type"] == kind and (attempt is None or f["attempt"] == attempt)
+        ]
+
+    def output(self, attempt: int, stream: str = "stdout") -> str:
+        return "".join(f["data"] for f in self.of("log", attempt) if f["stream"] == stream)
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def group_is_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+class Session:
+    """An Agent serving a FakeSocket, welcomed by the 'master'."""
+
+    def __init__(self, state_dir: Path, **welcome: Any) -> None:
+        config = AgentConfig(server="http://master.invalid", name="node-1", state_dir=state_dir)
+        self.agent = Agent(config, "credential", hostname="host-1")
+        self.ws = FakeSocket()
+        self.welcome = {**WELCOME, **welcome}
+
+    async def __aenter__(self) -> Session:
+        self.task = asyncio.create_task(self.agent.serve(self.ws))
+        self.ws.push(self.welcome)
+        await wait_until(lambda: self.agent.core.online)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.ws.close()
+        await asyncio.wait_for(self.task, 5)
+        for pgid in [run.pgid for run in self.agent._runs.values() if run.pgid]:
+            agent._killpg(pgid, 9)
+
+    async def run(self, attempt: int, **fields: Any) -> dict[str, Any]:
+        self.ws.push(json.loads(assign(attempt, **fields)))
+        [result] = await wait_until(lambda: self.ws.of("finished", attempt))
+        return result
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.asyncio
+async def test_it_runs_a_real_process_and_reports_its_output_and_exit(tmp_path: Path) -> None:
+    async with Session(tmp_path) as s:
+        result = await s.run(1, argv=py("print(6*7)"))
+
+        assert [f["type"] for f in s.ws.sent if f.get("attempt") == 1] == [
+            "accepted",
+            "started",
+            "log",
+            "finished",
+        ]
+        assert s.ws.of("log", 1) == [
+            {"type": "log", "attempt": 1, "seq": 0, "stream": "stdout", "data": "42\n"}
+        ]
+        assert result["status"] == "succeeded"
+        assert (result["exit_code"], result["reason"], result["output_bytes"]) == (0, "", 3)
+        assert result["started_at"] <= result["finished_at"]
+        assert s.ws.of("started", 1)[0]["pid"] > 0
+
+        spooled = tmp_path / "spool" / "1.json"
+        assert json.loads(spooled.read_text()) == result
+        s.ws.push({"type": "ack", "attempt": 1})
+        await wait_until(lambda: not spooled.exists())
+
+
+@pytest.mark.asyncio
+async def test_it_reports_a_missing_executable_as_failed_with_cannot_start(tmp_path: Path) -> None:
+    async with Session(tmp_path) as s:
+        result = await s.run(1, argv=["nosuchcmd-for-agent-tests", "x"])
+
+    assert result["status"] == "failed"
+    assert result["exit_code"] is None
+    assert result["reason"] == "cannot start: No such file or directory (nosuchcmd-for-agent-tests)"
+    assert result["started_at"] is None
+    assert s.ws.of("started", 1) == []
+
+
+@pytest.mark.asyncio
+async def test_it_reports_a_missing_working_directory_as_cannot_start(tmp_path: Path) -> None:
+    async with Session(tmp_path) as s:
+        result = await s.run(1, argv=["true"], cwd=str(tmp_path / "nowhere"))
+
+    assert result["reason"] == f"cannot start: No such file or directory ({tmp_path / 'nowhere'})"
+
+
+@pytest.mark.asyncio
+async def test_a_timeout_kills_the_whole_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
+    async with Session(tmp_path) as s:
+        result = await s.run(1, argv=None, shell="sleep 1000 & sleep 1000", timeout=1)
+        pgid = s.ws.of("started", 1)[0]["pid"]
+
+        assert result["status"] == "timed_out"
+        assert result["reason"] == "timed out after 1s"
+        assert result["exit_code"] == -15
+        assert result["finished_at"] - result["started_at"] < 5
+        await wait_until(lambda: group_is_gone(pgid), timeout=5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_process_ignoring_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.3)
+    async with Session(tmp_path) as s:
+        result = await s.run(
+            1, argv=None, shell="trap '' TERM; sleep 1000 & sleep 1000", timeout=0.5
+        )
+        pgid = s.ws.of("started", 1)[0]["pid"]
+
+    assert (result["status"], result["exit_code"]) == ("timed_out", -9)
+    await wait_until(lambda: group_is_gone(pgid), timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_leftover_background_children_do_not_keep_an_attempt_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
+    async with Session(tmp_path) as s:
+        # The background sleep holds stdout open; the attempt still ends with its leader.
+        result = await s.run(1, argv=None, shell="sleep 1000 & echo done", timeout=None)
+        pgid = s.ws.of("started", 1)[0]["pid"]
+
+    assert (result["status"], s.ws.output(1)) == ("succeeded", "done\n")
+    await wait_until(lambda: group_is_gone(pgid), timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_cancel_stops_a_running_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
+    async with Session(tmp_path) as s:
+        s.ws.push(json.loads(assign(1, argv=["sleep", "1000"])))
+        await wait_until(lambda: s.ws.of("started", 1))
+        s.ws.push({"type": "cancel", "attempt": 1})
+        [result] = await wait_until(lambda: s.ws.of("finished", 1))
+
+    assert (result["status"], result["reason"], result["exit_code"]) == (
+        "cancelled",
+        "cancelled",
+        -15,
+    )
+
+
+@pytest.mark.asyncio
+async def test_output_past_the_cap_is_drained_and_counted_but_not_sent(tmp_path: Path) -> None:
+    async with Session(tmp_path, log_limit_bytes=100_000) as s:
+        result = await s.run(1, argv=py("import sys; sys.stdout.write('x' * 5_000_000)"))
+
+    sent = sum(len(f["data"]) for f in s.ws.of("log", 1))
+    assert sent == 100_000
+    assert result["truncated"] is True
+    assert result["output_bytes"] == 5_000_000
+    assert (result["status"], result["exit_code"]) == ("succeeded", 0)
+    assert result["last_seq"] == len(s.ws.of("log", 1)) - 1
+    # Batched: a handful of frames, not one per read or per line.
+    assert len(s.ws.of("log", 1)) <= 4
+
+
+@pytest.mark.asyncio
+async def test_stdout_and_stderr_are_reported_separately(tmp_path: Path) -> None:
+    code = "import sys; print('to out'); sys.stdout.flush(); print('to err', file=sys.stderr)"
+    async with Session(tmp_path) as s:
+        result = await s.run(1, argv=py(code))
+
+    assert s.ws.output(1, "stdout") == "to out\n"
+    assert s.ws.output(1, "stderr") == "to err\n"
+    assert [f["seq"] for f in s.ws.of("log", 1)] == list(range(len(s.ws.of("log", 1))))
+    assert result["output_bytes"] == 14
+
+
+@pytest.mark.asyncio
+async def test_the_process_sees_task_env_and_scheduler_variables(tmp_path: Path) -> None:
+    code = (
+        "import os; print(' '.join(os.environ[k] for k in ('GREETING', 'SCHEDULER_RUN_ID',"
+        " 'SCHEDULER_ATTEMPT_ID', 'SCHEDULER_TASK_NAME', 'PATH') if k in os.environ))"
+    )
+    async with Session(tmp_path) as s:
+        await s.run(4, argv=py(code), env={"GREETING": "hello"})
+
+    words = s.ws.output(4).split()
+    assert words[:4] == ["hello", "104", "4", "answer"]
+    assert len(words) == 5  # PATH from the agent's own environment is kept
+
+
+@pytest.mark.asyncio
+async def test_a_shell_line_runs_through_bin_sh_with_stdin_closed(tmp_path: Path) -> None:
+    async with Session(tmp_path) as s:
+        result = await s.run(1, argv=None, shell="cat; echo hi | tr a-z A-Z; exit 3")
+
+    assert s.ws.output(1) == "HI\n"
+    assert (result["status"], result["reason"]) == ("failed", "exit code 3")
+
+
+@pytest.mark.asyncio
+async def test_shutdown_cancels_running_attempts_and_spools_their_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
+    async with Session(tmp_path) as s:
+        s.ws.push(json.loads(assign(1, argv=["sleep", "1000"])))
+        await wait_until(lambda: s.ws.of("started", 1))
+
+        await asyncio.wait_for(s.agent.shutdown(), 5)
+
+    [result] = s.ws.of("finished", 1)
+    assert (result["status"], result["reason"]) == ("cancelled", "agent shutting down")
+    assert json.loads((tmp_path / "spool" / "1.json").read_text()) == result
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_agent_replays_unacknowledged_results(tmp_path: Path) -> None:
+    async with Session(tmp_path) as s:
+        first = await s.run(1, argv=["true"])
+
+    async with Session(tmp_path) as again:
+        await wait_until(lambda: again.ws.of("finished", 1))
+
+    assert again.ws.of("finished", 1) == [first]
