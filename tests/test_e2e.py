@@ -97,7 +97,8 @@ def test_it_gives_the_process_its_run_ids_env_and_working_dir(master, start_agen
     run = _create_and_run(
         master,
         name="env-check",
-        command='echo "$SCHEDULER_RUN_ID $SCHEDULER_ATTEMPT_ID $SCHEDULER_TASK_NAME $GREETING $(pwd)"',
+        command='echo "$SCHEDULER_RUN_ID $SCHEDULER_ATTEMPT_ID $SCHEDULER_TASK_NAME '
+        '$GREETING $(pwd)"',
         shell=True,
         env={"GREETING": "hello world"},
         working_dir=str(workdir),
