@@ -6,8 +6,10 @@ No master and no Django: the shell tests hand Agent.serve() a fake socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import stat
 import sys
 import threading
@@ -125,6 +127,8 @@ def test_it_says_hello_with_its_identity_and_no_running_attempts() -> None:
                 "capacity": 2,
                 "labels": ["gpu", "linux"],
                 "running": [],
+                "spooled": [],
+                "draining": False,
             }
         )
     ]
@@ -232,7 +236,7 @@ def test_it_rejects_an_invalid_assign_with_the_reason(overrides: dict, reason: s
 def test_heartbeat_lists_running_attempts_only_while_online() -> None:
     core = running(online(make_core()), 2)
 
-    assert core.heartbeat() == [Send({"type": "heartbeat", "running": [2]})]
+    assert core.heartbeat() == [Send({"type": "heartbeat", "running": [2], "draining": False})]
     core.connection_lost()
     assert core.heartbeat() == []
 
@@ -314,21 +318,6 @@ def test_ack_removes_the_spooled_result_once() -> None:
     assert core.receive('{"type": "ack", "attempt": 1}') == [RemoveSpool(1)]
     assert core.receive('{"type": "ack", "attempt": 1}') == []
     assert core.unacked_ids == []
-
-
-def test_shutdown_kills_everything_and_reports_agent_shutting_down() -> None:
-    core = running(online(make_core()), 1)
-    running(core, 2)
-
-    assert core.shutdown() == [KillProcess(1), KillProcess(2)]
-    out = core.process_exited(1, -15, 1002.5)
-
-    assert out[-1] == Send(
-        finished(1, status="cancelled", exit_code=-15, reason="agent shutting down")
-    )
-    assert core.receive(assign(3)) == [
-        Send({"type": "rejected", "attempt": 3, "reason": "agent is draining"})
-    ]
 
 
 # --------------------------------------------------------------------------
@@ -436,15 +425,18 @@ def test_logs_produced_offline_are_sent_after_welcome_and_before_the_result() ->
 
 
 def test_frames_that_did_not_leave_before_a_disconnect_are_sent_again() -> None:
-    core = online(make_core())
+    core = running(online(make_core()), 1)
+    core.output(1, "stdout", b"x")
+    [log] = core.flush_logs()
     started = {"type": "started", "attempt": 1, "pid": 4242, "started_at": 1000.0}
-    log = {"type": "log", "attempt": 1, "seq": 0, "stream": "stdout", "data": "x"}
-    core.connection_lost(unsent=[started, log, {"type": "heartbeat", "running": [1]}])
+    # The log frame was written to the socket (not in unsent) and still comes again:
+    # the master may never have read it.
+    core.connection_lost(unsent=[started, {"type": "heartbeat", "running": [1]}])
 
     core.connection_opened()
     out = core.receive(json.dumps(WELCOME))
 
-    assert out == [Welcomed(7, 5.0), Send(started), Send(log)]
+    assert out == [Welcomed(7, 5.0), Send(started), log]
 
 
 def test_spooled_results_are_replayed_after_every_welcome_in_attempt_order() -> None:
@@ -457,6 +449,311 @@ def test_spooled_results_are_replayed_after_every_welcome_in_attempt_order() -> 
 
     out = first.receive(json.dumps(WELCOME))
     assert out == [Welcomed(7, 5.0), Send(finished(3)), Send(finished(12))]
+
+
+def test_hello_lists_finished_unacked_attempts_as_spooled_not_running() -> None:
+    core = running(online(make_core()), 1)
+    running(core, 2)
+    core.process_exited(2, 0, 1002.5)
+    core.connection_lost()
+
+    [hello] = core.connection_opened()
+
+    # Attempt 2 is in the spool and comes back as a finished frame after the
+    # welcome; the master must not declare it lost meanwhile.
+    assert (hello.frame["running"], hello.frame["spooled"]) == ([1], [2])
+
+
+def test_a_cancel_after_a_reconnect_kills_an_attempt_that_is_still_running() -> None:
+    core = running(online(make_core()), 1)
+    core.connection_lost()
+    online(core)  # the master may have re-queued attempt 1 meanwhile
+
+    assert core.receive('{"type": "cancel", "attempt": 1}') == [KillProcess(1)]
+    out = core.process_exited(1, -15, 1002.5)
+
+    assert out[-1] == Send(finished(1, status="cancelled", exit_code=-15, reason="cancelled"))
+
+
+def test_a_cancel_of_a_finished_but_unacked_attempt_is_ignored() -> None:
+    core = running(online(make_core()), 1)
+    core.process_exited(1, 0, 1002.5)
+
+    assert core.receive('{"type": "cancel", "attempt": 1}') == []
+    assert core.unacked_ids == [1]
+
+
+# --------------------------------------------------------------------------
+# Core: draining and shutdown
+
+
+def test_a_stop_request_drains_and_says_so_in_a_heartbeat_at_once() -> None:
+    core = running(online(make_core()), 1)
+
+    assert core.begin_shutdown(30) == [
+        Send({"type": "heartbeat", "running": [1], "draining": True})
+    ]
+    # Nothing is killed: the running command may finish within the drain timeout.
+    assert core.heartbeat() == [Send({"type": "heartbeat", "running": [1], "draining": True})]
+    assert core.begin_shutdown(30) == []
+
+
+def test_hello_says_draining_after_a_reconnect_during_a_shutdown() -> None:
+    core = running(online(make_core()), 1)
+    core.connection_lost()
+
+    assert core.begin_shutdown(30) == []  # offline: the next hello carries it
+
+    [hello] = core.connection_opened()
+    assert (hello.frame["draining"], hello.frame["running"]) == (True, [1])
+
+
+def test_it_rejects_assigns_during_a_shutdown_and_a_resume_does_not_undo_it() -> None:
+    core = online(make_core())
+    core.begin_shutdown(30)
+
+    core.receive('{"type": "resume"}')
+
+    assert core.receive(assign(1)) == [
+        Send({"type": "rejected", "attempt": 1, "reason": "agent is draining"})
+    ]
+    assert core.heartbeat() == [Send({"type": "heartbeat", "running": [], "draining": True})]
+
+
+def test_the_masters_drain_and_resume_show_in_heartbeat_and_hello() -> None:
+    core = running(online(make_core()), 1)
+
+    assert core.receive('{"type": "drain"}') == []
+    assert core.heartbeat() == [Send({"type": "heartbeat", "running": [1], "draining": True})]
+    assert core.connection_opened()[0].frame["draining"] is True
+    online(core)
+
+    assert core.receive('{"type": "resume"}') == []
+    assert core.heartbeat() == [Send({"type": "heartbeat", "running": [1], "draining": False})]
+    # A master drain is not a shutdown: the command keeps running.
+    assert (core.shutting_down, core.running_ids) == (False, [1])
+
+
+def test_a_drain_timeout_kills_what_still_runs_and_reports_it_lost() -> None:
+    core = running(online(make_core()), 1)
+    running(core, 2)
+    core.begin_shutdown(30)
+
+    assert core.drain_expired() == [KillProcess(1), KillProcess(2)]
+    out = core.process_exited(1, -15, 1002.5)
+
+    frame = finished(
+        1, status="lost", exit_code=-15, reason="agent shut down: drain timeout of 30s passed"
+    )
+    assert out == [WriteSpool(1, frame), Send(frame)]
+
+
+def test_a_drain_timeout_keeps_the_reason_of_an_attempt_already_being_cancelled() -> None:
+    core = running(online(make_core()), 1)
+    core.receive('{"type": "cancel", "attempt": 1}')
+    core.begin_shutdown(1.5)
+
+    assert core.drain_expired() == []
+    assert core.process_exited(1, -15, 1002.5)[-1].frame["status"] == "cancelled"
+
+
+def test_a_second_stop_request_kills_at_once_and_reports_lost() -> None:
+    core = running(online(make_core()), 1)
+    core.begin_shutdown(30)
+
+    assert core.shutdown_now() == [KillProcess(1)]
+    out = core.process_exited(1, -9, 1002.5)
+
+    assert out[-1] == Send(
+        finished(
+            1,
+            status="lost",
+            exit_code=-9,
+            reason="agent shut down: killed by a second signal during the drain",
+        )
+    )
+
+
+def test_it_is_drained_once_nothing_runs_and_every_result_is_acked() -> None:
+    core = running(online(make_core(spooled=[finished(3)])), 1)
+    core.begin_shutdown(30)
+
+    assert not core.drained
+    core.process_exited(1, 0, 1002.5)
+    core.receive('{"type": "ack", "attempt": 1}')
+    assert not core.drained  # the spooled result of a previous run is not acked yet
+    core.receive('{"type": "ack", "attempt": 3}')
+    assert core.drained
+
+
+# --------------------------------------------------------------------------
+# Core: self-fencing
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_it_self_fences_when_the_master_is_away_for_fence_after_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    core = running(online(make_core(clock=clock), fence_after_s=10), 1)
+    core.connection_lost()
+
+    clock.now = 109.9
+    assert core.fence_due == 110.0
+    assert core.check_fence() == []
+    clock.now = 110.0
+    with caplog.at_level("WARNING", logger="scheduler_agent"):
+        assert core.check_fence() == [KillProcess(1)]
+    assert core.check_fence() == []  # once
+    assert core.fence_due is None
+
+    # Offline, the result only goes to the spool; the next welcome replays it.
+    frame = finished(
+        1,
+        status="lost",
+        exit_code=-15,
+        reason="self-fenced: no contact with the master for 10s",
+        finished_at=110.5,
+    )
+    assert core.process_exited(1, -15, 110.5) == [WriteSpool(1, frame)]
+    assert "self-fenced: no contact with the master for 10s; killing attempts [1]" in [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+    ]
+
+
+def test_the_fence_clock_runs_across_reconnect_attempts_until_a_welcome() -> None:
+    clock = Clock()
+    core = running(online(make_core(clock=clock), fence_after_s=10), 1)
+    core.connection_lost()  # t=100
+
+    clock.now = 105.0
+    core.connection_opened()  # a socket, but no welcome
+    core.connection_lost()
+    assert core.fence_due == 110.0
+
+    clock.now = 107.0
+    online(core, fence_after_s=10)
+    assert core.fence_due is None
+    clock.now = 108.0
+    core.connection_lost()
+    assert core.fence_due == 118.0
+    clock.now = 117.0
+    assert core.check_fence() == []
+
+
+@pytest.mark.parametrize("fence", [None, "soon", 0, -1, True])
+def test_it_never_self_fences_without_a_positive_fence_after_s(fence: Any) -> None:
+    clock = Clock()
+    core = running(online(make_core(clock=clock), fence_after_s=fence), 1)
+    core.connection_lost()
+
+    clock.now = 1e9
+    assert (core.fence_after_s, core.fence_due, core.check_fence()) == (None, None, [])
+
+
+def test_it_does_not_self_fence_with_nothing_running() -> None:
+    clock = Clock()
+    core = online(make_core(clock=clock), fence_after_s=1)
+    core.connection_lost()
+
+    clock.now = 1e9
+    assert (core.fence_due, core.check_fence()) == (None, [])
+
+
+# --------------------------------------------------------------------------
+# Core: log acknowledgements
+
+
+def log_frame(attempt: int, seq: int, data: str, stream: str = "stdout") -> dict[str, Any]:
+    return {"type": "log", "attempt": attempt, "seq": seq, "stream": stream, "data": data}
+
+
+def test_a_log_ack_drops_the_log_frames_it_covers() -> None:
+    core = running(online(make_core()), 1)
+    for data in (b"a", b"b", b"c"):
+        core.output(1, "stdout", data)
+        core.flush_logs()
+    assert core.unacked_logs == {1: [0, 1, 2]}
+
+    assert core.receive('{"type": "log_ack", "attempt": 1, "seq": 1}') == []
+    assert core.unacked_logs == {1: [2]}
+    assert core.receive('{"type": "log_ack", "attempt": 1, "seq": 0}') == []  # stale
+    assert core.unacked_logs == {1: [2]}
+    core.receive('{"type": "log_ack", "attempt": 1, "seq": 2}')
+    assert core.unacked_logs == {}
+    assert core.receive('{"type": "log_ack", "attempt": 9, "seq": 2}') == []
+
+
+def test_unacked_logs_are_resent_in_order_after_a_reconnect_before_any_result() -> None:
+    core = make_core(spooled=[finished(0)])
+    running(online(core), 1)
+    core.receive('{"type": "ack", "attempt": 0}')
+    running(core, 2)
+    core.output(1, "stdout", b"one")
+    core.output(1, "stderr", b"two")
+    core.flush_logs()  # sent: seq 0 and 1 of attempt 1
+    core.receive('{"type": "log_ack", "attempt": 1, "seq": 0}')
+    core.connection_lost()
+    core.output(2, "stdout", b"away")
+    core.output(1, "stdout", b"three")
+    core.process_exited(1, 0, 1002.5)  # seq 2 of attempt 1, then its result, offline
+
+    core.connection_opened()
+    out = core.receive(json.dumps(WELCOME))
+
+    assert out == [
+        Welcomed(7, 5.0),
+        Send(log_frame(1, 1, "two", "stderr")),
+        Send(log_frame(1, 2, "three")),
+        Send(finished(1, output_bytes=11, last_seq=2)),
+    ]
+    # Attempt 2's output is still only a partial batch; its flush sends it now.
+    assert core.flush_logs() == [Send(log_frame(2, 0, "away"))]
+
+
+def test_logs_of_every_attempt_precede_the_spooled_results() -> None:
+    core = make_core(spooled=[finished(1)])
+    running(online(core), 5)
+    core.output(5, "stdout", b"x")
+    core.flush_logs()
+    core.connection_lost()
+
+    core.connection_opened()
+    out = core.receive(json.dumps(WELCOME))
+
+    assert out == [Welcomed(7, 5.0), Send(log_frame(5, 0, "x")), Send(finished(1))]
+
+
+def test_the_ack_of_a_result_drops_its_remaining_log_frames() -> None:
+    core = running(online(make_core()), 1)
+    core.output(1, "stdout", b"last words")
+    core.process_exited(1, 0, 1002.5)
+    assert core.unacked_logs == {1: [0]}
+
+    core.receive('{"type": "ack", "attempt": 1}')
+
+    assert core.unacked_logs == {}
+    core.connection_lost()
+    core.connection_opened()
+    assert core.receive(json.dumps(WELCOME)) == [Welcomed(7, 5.0)]
+
+
+def test_kept_log_data_is_bounded_by_the_log_limit() -> None:
+    core = running(online(make_core(), log_limit_bytes=10), 1)
+    for _ in range(5):
+        core.output(1, "stdout", b"0123456789")
+        core.flush_logs()
+
+    assert core.unacked_logs == {1: [0]}
 
 
 # --------------------------------------------------------------------------
@@ -478,6 +775,9 @@ def test_spooled_results_are_replayed_after_every_welcome_in_attempt_order() -> 
         '{"type": "assign", "attempt": true}',
         '{"type": "cancel", "attempt": [1]}',
         '{"type": "ack", "attempt": {}}',
+        '{"type": "log_ack", "attempt": 1}',
+        '{"type": "log_ack", "attempt": 1, "seq": "3"}',
+        '{"type": "log_ack", "attempt": null, "seq": 3}',
         '{"type": "error"}',
         '{"type": "error", "code": "too_large", "message": "frame too big"}',
         '{"type": "__init__"}',
@@ -892,22 +1192,6 @@ async def test_a_shell_line_runs_through_bin_sh_with_stdin_closed(tmp_path: Path
 
 
 @pytest.mark.asyncio
-async def test_shutdown_cancels_running_attempts_and_spools_their_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
-    async with Session(tmp_path) as s:
-        s.ws.push(json.loads(assign(1, argv=["sleep", "1000"])))
-        await wait_until(lambda: s.ws.of("started", 1))
-
-        await asyncio.wait_for(s.agent.shutdown(), 5)
-
-    [result] = s.ws.of("finished", 1)
-    assert (result["status"], result["reason"]) == ("cancelled", "agent shutting down")
-    assert json.loads((tmp_path / "spool" / "1.json").read_text()) == result
-
-
-@pytest.mark.asyncio
 async def test_a_restarted_agent_replays_unacknowledged_results(tmp_path: Path) -> None:
     async with Session(tmp_path) as s:
         first = await s.run(1, argv=["true"])
@@ -916,3 +1200,194 @@ async def test_a_restarted_agent_replays_unacknowledged_results(tmp_path: Path) 
         await wait_until(lambda: again.ws.of("finished", 1))
 
     assert again.ws.of("finished", 1) == [first]
+
+
+# --------------------------------------------------------------------------
+# Shell: Agent.run() against a real websocket server
+
+
+class WsMaster:
+    """A tiny master on a free port: answers each frame through `respond`, records all."""
+
+    def __init__(self, respond: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> None:
+        self.respond = respond
+        self.received: list[dict[str, Any]] = []
+        self.close_codes: list[int | None] = []
+
+    async def __aenter__(self) -> WsMaster:
+        from websockets.asyncio.server import serve
+
+        self.server = await serve(self._handler, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handler(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                frame = json.loads(message)
+                self.received.append(frame)
+                for reply in self.respond(frame):
+                    await ws.send(json.dumps(reply))
+        self.close_codes.append(ws.close_code)
+
+    def of(self, kind: str, attempt: int | None = None) -> list[dict[str, Any]]:
+        return [
+            f
+            for f in self.received
+            if f["type"] == kind and (attempt is None or f.get("attempt") == attempt)
+        ]
+
+
+def start_agent(url: str, state_dir: Path, drain_timeout: float) -> tuple[Agent, asyncio.Task]:
+    config = AgentConfig(
+        server=url, name="node-1", capacity=2, state_dir=state_dir, drain_timeout=drain_timeout
+    )
+    worker = Agent(config, "credential", hostname="host-1")
+    return worker, asyncio.create_task(worker.run())
+
+
+def acking(first_assign: dict[str, Any], **welcome: Any) -> Callable:
+    """A master that welcomes, assigns `first_assign` once, and acks every result."""
+
+    def respond(frame: dict[str, Any]) -> list[dict[str, Any]]:
+        if frame["type"] == "hello":
+            return [{**WELCOME, **welcome}, first_assign]
+        if frame["type"] == "finished":
+            return [{"type": "ack", "attempt": frame["attempt"]}]
+        return []
+
+    return respond
+
+
+@pytest.mark.asyncio
+async def test_sigterm_drains_rejects_new_work_lets_the_command_finish_and_exits_0(
+    tmp_path: Path,
+) -> None:
+    respond = acking(json.loads(assign(1, argv=["sleep", "0.5"], env={})))
+
+    def master(frame: dict[str, Any]) -> list[dict[str, Any]]:
+        # The master only learns of the drain from the agent's immediate heartbeat.
+        if frame["type"] == "heartbeat" and frame["draining"]:
+            return [json.loads(assign(2, argv=["true"]))]
+        return respond(frame)
+
+    async with WsMaster(master) as m:
+        worker, task = start_agent(m.url, tmp_path, drain_timeout=10)
+        await wait_until(lambda: m.of("started", 1))
+        # A real SIGTERM to this process, handled by the handler run() installed; the
+        # guard keeps a missing handler from killing the test run.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+        code = await asyncio.wait_for(task, 10)
+        elapsed = time.monotonic() - started
+        await wait_until(lambda: m.close_codes)
+
+    assert code == 0
+    assert elapsed < 5  # it left when the result was acked, not at the drain timeout
+    assert [f["type"] for f in m.received] == [
+        "hello",
+        "accepted",
+        "started",
+        "heartbeat",
+        "rejected",
+        "finished",
+    ]
+    assert m.of("hello")[0]["draining"] is False
+    assert m.of("heartbeat") == [{"type": "heartbeat", "running": [1], "draining": True}]
+    assert m.of("rejected") == [{"type": "rejected", "attempt": 2, "reason": "agent is draining"}]
+    [result] = m.of("finished", 1)
+    assert (result["status"], result["exit_code"], result["reason"]) == ("succeeded", 0, "")
+    assert m.close_codes == [1000]  # the agent closed the socket itself
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_drain_timeout_kills_the_command_and_reports_it_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
+    respond = acking(json.loads(assign(1, argv=["sleep", "30"])))
+
+    async with WsMaster(respond) as m:
+        worker, task = start_agent(m.url, tmp_path, drain_timeout=1)
+        [started_frame] = await wait_until(lambda: m.of("started", 1))
+        started = time.monotonic()
+        worker.request_stop()
+
+        code = await asyncio.wait_for(task, 10)
+        elapsed = time.monotonic() - started
+
+    assert code == 0
+    assert 1 <= elapsed < 5
+    [result] = m.of("finished", 1)
+    assert (result["status"], result["exit_code"], result["reason"]) == (
+        "lost",
+        -15,
+        "agent shut down: drain timeout of 1s passed",
+    )
+    await wait_until(lambda: group_is_gone(started_frame["pid"]), timeout=5)
+    assert list((tmp_path / "spool").iterdir()) == []  # acked before the exit
+
+
+@pytest.mark.asyncio
+async def test_a_second_stop_request_kills_without_waiting_for_the_drain_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
+    respond = acking(json.loads(assign(1, argv=None, shell="trap '' TERM; sleep 30")))
+
+    async with WsMaster(respond) as m:
+        worker, task = start_agent(m.url, tmp_path, drain_timeout=30)
+        [started_frame] = await wait_until(lambda: m.of("started", 1))
+        worker.request_stop()
+        await wait_until(lambda: m.of("heartbeat"))
+        worker.request_stop()
+
+        code = await asyncio.wait_for(task, 10)
+
+    assert code == 0
+    [result] = m.of("finished", 1)
+    # The shell ignores SIGTERM, so the kill escalated to SIGKILL after the grace.
+    assert (result["status"], result["exit_code"], result["reason"]) == (
+        "lost",
+        -9,
+        "agent shut down: killed by a second signal during the drain",
+    )
+    await wait_until(lambda: group_is_gone(started_frame["pid"]), timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_it_self_fences_when_the_master_stays_away_and_spools_the_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
+    respond = acking(json.loads(assign(1, argv=["sleep", "30"])), fence_after_s=0.5)
+    spooled = tmp_path / "spool" / "1.json"
+
+    async with WsMaster(respond) as m:
+        worker, task = start_agent(m.url, tmp_path, drain_timeout=0.5)
+        [started_frame] = await wait_until(lambda: m.of("started", 1))
+        m.server.close()  # drops the socket and refuses every reconnect
+        await m.server.wait_closed()
+
+        await wait_until(lambda: spooled.exists(), timeout=10)
+        await wait_until(lambda: group_is_gone(started_frame["pid"]), timeout=5)
+        result = json.loads(spooled.read_text())
+        assert (result["status"], result["exit_code"], result["reason"]) == (
+            "lost",
+            -15,
+            "self-fenced: no contact with the master for 0.5s",
+        )
+        assert m.of("finished") == []
+
+        worker.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    assert spooled.exists()  # replayed by the next start

@@ -13,6 +13,12 @@ Two layers, as in python-websockets:
 - Agent is the asyncio shell: the websocket, process groups, pipes, timers
   and the spool directory. It decides nothing the core can decide.
 
+SIGTERM/SIGINT drains: new assigns are rejected and running commands get
+--drain-timeout seconds to finish before they are killed and reported lost; a
+second signal kills at once. With no master for the welcome's fence_after_s,
+running commands are killed (self-fencing) so a retry elsewhere never overlaps
+them.
+
 Usage: scheduler-agent --server http://HOST:PORT --token TOKEN [--capacity 4]
 """
 
@@ -51,8 +57,18 @@ LOG_FLUSH_S = 0.1
 # SIGTERM -> SIGKILL grace for cancel, timeout and shutdown. Read at call time so
 # tests can lower it.
 KILL_GRACE_S = 5.0
+# The websocket's own keepalive: a half-open connection (a partition without a
+# FIN) is noticed within PING_INTERVAL_S + PING_TIMEOUT_S, so that self-fencing
+# starts counting soon after the master stops hearing us.
+PING_INTERVAL_S = 5.0
+PING_TIMEOUT_S = 5.0
 # How long a shutdown waits for queued frames to leave before closing the socket.
 SEND_FLUSH_S = 3.0
+# After a drain timeout killed what was still running: how long to wait for the
+# master to acknowledge those results (the spool replays them on the next start).
+DRAIN_ACK_WAIT_S = 5.0
+# Upper bound between two self-fence checks while no deadline is known.
+FENCE_POLL_S = 1.0
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_CAP_S = 15.0
@@ -123,7 +139,8 @@ class _Attempt:
     id: int
     timeout: float | None
     started_at: float | None = None
-    kill_reason: str | None = None  # "cancelled" | "timed_out" | "shutdown"
+    kill_reason: str | None = None  # "cancelled" | "timed_out" | "lost"
+    lost_reason: str = ""  # why a "lost" kill happened (drain timeout, self-fence)
     next_seq: int = 0
     output_bytes: int = 0  # produced by the process
     kept_bytes: int = 0  # counted against the log limit (sent or queued)
@@ -155,6 +172,7 @@ class AgentCore:
         capacity: int,
         labels: Sequence[str] = (),
         spooled: Iterable[dict[str, Any]] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.hostname = hostname
@@ -166,14 +184,24 @@ class AgentCore:
         self.max_frame_bytes = MAX_FRAME_BYTES
         self.connected = False  # a socket is open
         self.online = False  # ... and the master welcomed us
-        self.draining = False
-        self.shutting_down = False
+        self.draining = False  # reject assigns (master's drain, or shutting down)
+        self.shutting_down = False  # SIGTERM/SIGINT: a resume must not undo the drain
+        self.drain_timeout: float | None = None
+        # Only the injected clock measures the time without the master, so tests can
+        # move it instead of sleeping.
+        self.clock = clock
+        self.fence_after_s: float | None = None  # None: never self-fence
+        self._offline_since: float | None = None
         self._running: dict[int, _Attempt] = {}
         # Finished frames the master has not acknowledged, replayed on every welcome.
         self._unacked: dict[int, dict[str, Any]] = {}
-        # started/log frames produced while offline; bounded because log data counts
-        # against the per-attempt log limit whether it is sent or kept here.
+        # accepted/started frames produced offline or that did not leave before a drop.
         self._outbox: list[dict[str, Any]] = []
+        # Every log frame sent or queued, per attempt in seq order, until a log_ack
+        # covers it: a frame written just before the socket broke may never have
+        # reached the master. Bounded by log_limit_bytes per attempt, and dropped
+        # with the ack of the attempt's finished frame.
+        self._logs: dict[int, list[dict[str, Any]]] = {}
         for frame in spooled:
             if _is_int(frame.get("attempt")) and frame.get("type") == "finished":
                 self._unacked[frame["attempt"]] = frame
@@ -187,6 +215,25 @@ class AgentCore:
     @property
     def unacked_ids(self) -> list[int]:
         return sorted(self._unacked)
+
+    @property
+    def unacked_logs(self) -> dict[int, list[int]]:
+        """Seqs of the log frames kept for a resend, per attempt."""
+        return {a: [f["seq"] for f in frames] for a, frames in sorted(self._logs.items())}
+
+    @property
+    def drained(self) -> bool:
+        """Nothing running and every result acknowledged: a shutdown may close now."""
+        return not self._running and not self._unacked
+
+    @property
+    def fence_due(self) -> float | None:
+        """Clock time at which check_fence() kills, or None if nothing is at stake."""
+        if self.fence_after_s is None or self.online or self._offline_since is None:
+            return None
+        if not any(a.kill_reason is None for a in self._running.values()):
+            return None
+        return self._offline_since + self.fence_after_s
 
     @property
     def has_pending_logs(self) -> bool:
@@ -205,11 +252,16 @@ class AgentCore:
         return [Send(self.hello())]
 
     def connection_lost(self, unsent: Sequence[dict[str, Any]] = ()) -> None:
-        """Forget the socket; keep frames that did not leave so seq stays contiguous."""
+        """Forget the socket; keep accepted/started frames that did not leave."""
         self.connected = False
         self.online = False
-        # finished frames are in the spool already; hello/heartbeat/rejected are stale.
-        keep = [f for f in unsent if f.get("type") in ("accepted", "started", "log")]
+        # The fence clock runs from the drop across every reconnect attempt; a socket
+        # that opens but is never welcomed does not restart it.
+        if self._offline_since is None:
+            self._offline_since = self.clock()
+        # log frames are all kept until log_ack and finished frames are in the spool;
+        # hello/heartbeat/rejected are stale.
+        keep = [f for f in unsent if f.get("type") in ("accepted", "started")]
         self._outbox[:0] = keep
 
     def hello(self) -> dict[str, Any]:
@@ -221,13 +273,18 @@ class AgentCore:
             "name": self.name,
             "capacity": self.capacity,
             "labels": list(self.labels),
+            # Finished-but-unacked attempts are not running: their results are
+            # replayed right after the welcome. Listing them lets the master
+            # wait for those results instead of declaring the attempts lost.
             "running": self.running_ids,
+            "spooled": self.unacked_ids,
+            "draining": self.draining,
         }
 
     def heartbeat(self) -> list[Output]:
         if not self.online:
             return []
-        return [Send({"type": "heartbeat", "running": self.running_ids})]
+        return [Send({"type": "heartbeat", "running": self.running_ids, "draining": self.draining})]
 
     # -- frames from the master ---------------------------------------------
 
@@ -263,11 +320,21 @@ class AgentCore:
         max_frame = frame.get("max_frame_bytes", MAX_FRAME_BYTES)
         if _is_int(max_frame) and max_frame > 0:
             self.max_frame_bytes = max_frame
+        fence = frame.get("fence_after_s")
+        if fence is not None and not (_is_number(fence) and fence > 0):
+            logger.warning("ignoring fence_after_s %.50r: not a positive number", fence)
+            fence = None
+        self.fence_after_s = float(fence) if fence is not None else None
         self.online = self.connected
+        if self.online:
+            self._offline_since = None
         out: list[Output] = [Welcomed(self.worker_id, self.heartbeat_s)]
-        # Logs kept while offline go first so each attempt's logs precede its finished.
+        # started before logs before finished, per attempt: the master de-duplicates
+        # logs by (attempt, seq) but stores a finished result only once.
         out += [Send(f) for f in self._outbox]
         self._outbox.clear()
+        for attempt in sorted(self._logs):
+            out += [Send(f) for f in self._logs[attempt]]
         out += [Send(self._unacked[a]) for a in sorted(self._unacked)]
         return out
 
@@ -310,6 +377,9 @@ class AgentCore:
         ]
 
     def _on_cancel(self, frame: dict[str, Any]) -> list[Output]:
+        # Keyed by what runs here, not by what the master last assigned: after a
+        # reconnect the master may have re-queued the attempt, and the process still
+        # has to stop. An attempt that already finished (or never ran) has nothing to kill.
         a = self._running.get(frame.get("attempt"))  # type: ignore[arg-type]
         if a is None:
             return []
@@ -322,9 +392,29 @@ class AgentCore:
         if attempt not in self._unacked:
             return []
         del self._unacked[attempt]
+        # The master stored the result, so it has every log frame up to last_seq.
+        self._logs.pop(attempt, None)
         return [RemoveSpool(attempt)]
 
+    def _on_log_ack(self, frame: dict[str, Any]) -> list[Output]:
+        attempt, seq = frame.get("attempt"), frame.get("seq")
+        if not _is_int(attempt) or not _is_int(seq):
+            logger.warning("ignoring log_ack without an attempt and seq: %.200r", frame)
+            return []
+        kept = self._logs.get(attempt)
+        if kept is None:
+            return []
+        covered = 0
+        while covered < len(kept) and kept[covered]["seq"] <= seq:
+            covered += 1
+        del kept[:covered]
+        if not kept:
+            del self._logs[attempt]
+        return []
+
     def _on_drain(self, frame: dict[str, Any]) -> list[Output]:
+        # The master's drain only stops new work; the agent keeps running (an
+        # operator's "drain" button), unlike a SIGTERM.
         self.draining = True
         logger.info("draining: new assignments will be rejected")
         return []
@@ -414,8 +504,8 @@ class AgentCore:
             status, reason = "timed_out", f"timed out after {_seconds(a.timeout)}s"
         elif a.kill_reason == "cancelled":
             status, reason = "cancelled", "cancelled"
-        elif a.kill_reason == "shutdown":
-            status, reason = "cancelled", "agent shutting down"
+        elif a.kill_reason == "lost":
+            status, reason = "lost", a.lost_reason
         elif returncode == 0:
             status, reason = "succeeded", ""
         elif returncode > 0:
@@ -424,14 +514,52 @@ class AgentCore:
             status, reason = "failed", f"killed by signal {-returncode}"
         return out + self._finish(a, status, returncode, reason, finished_at)
 
-    def shutdown(self) -> list[Output]:
-        """Stop taking work and kill everything running; results say so."""
+    # -- shutdown and self-fencing -----------------------------------------------
+
+    def begin_shutdown(self, drain_timeout: float) -> list[Output]:
+        """First SIGTERM/SIGINT: reject new work, tell the master at once, let runs end."""
+        if self.shutting_down:
+            return []
         self.shutting_down = True
         self.draining = True
+        self.drain_timeout = drain_timeout
+        logger.info(
+            "draining: waiting up to %ss for %d running attempt(s)",
+            _seconds(drain_timeout),
+            len(self._running),
+        )
+        return self.heartbeat()
+
+    def drain_expired(self) -> list[Output]:
+        """The drain timeout passed: kill what still runs and report it lost."""
+        return self._kill_all(
+            f"agent shut down: drain timeout of {_seconds(self.drain_timeout)}s passed"
+        )
+
+    def shutdown_now(self) -> list[Output]:
+        """A second SIGTERM/SIGINT while draining: kill now, do not wait for the timeout."""
+        return self._kill_all("agent shut down: killed by a second signal during the drain")
+
+    def check_fence(self) -> list[Output]:
+        """Kill everything once the master has been out of reach for fence_after_s.
+
+        The master declares a silent worker lost and retries its attempts elsewhere;
+        killing them here means a retry never overlaps a process nobody watches.
+        """
+        due = self.fence_due
+        if due is None or self.clock() < due:
+            return []
+        reason = f"self-fenced: no contact with the master for {_seconds(self.fence_after_s)}s"
+        logger.warning("%s; killing attempts %s", reason, self.running_ids)
+        return self._kill_all(reason)
+
+    def _kill_all(self, reason: str) -> list[Output]:
         out: list[Output] = []
         for a in self._running.values():
-            a.kill_reason = a.kill_reason or "shutdown"
-            out.append(KillProcess(a.id))
+            # One already being killed for a cancel or a timeout keeps that reason.
+            if a.kill_reason is None:
+                a.kill_reason, a.lost_reason = "lost", reason
+                out.append(KillProcess(a.id))
         return out
 
     # -- helpers -------------------------------------------------------------
@@ -455,7 +583,8 @@ class AgentCore:
             return []  # only the first bytes of a multibyte character so far
         frame = {"type": "log", "attempt": a.id, "seq": a.next_seq, "stream": stream, "data": text}
         a.next_seq += 1
-        return self._emit(frame)
+        self._logs.setdefault(a.id, []).append(frame)
+        return [Send(frame)] if self.online else []
 
     def _finish(
         self, a: _Attempt, status: str, exit_code: int | None, reason: str, finished_at: float
@@ -657,6 +786,30 @@ def register(
         return data
 
 
+def _load_prctl() -> Callable[[int, int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent() -> None:
+    """Runs in the child before exec: SIGKILL it if the agent dies (Linux).
+
+    A command whose agent was killed -9 would otherwise run on as an orphan
+    while the master retries it elsewhere. Its own children are not covered;
+    self-fencing and timeouts are the backstop for those.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def websocket_url(server: str) -> str:
     parts = urlsplit(server)
     scheme = {"http": "ws", "https": "wss"}[parts.scheme]
@@ -723,7 +876,13 @@ class Agent:
         self._ws: Socket | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._stop = asyncio.Event()
+        self._stop = asyncio.Event()  # first SIGTERM/SIGINT: drain
+        self._hurry = asyncio.Event()  # second one: kill now
+        self._signals = 0
+        self._closing = False  # the drain is over: no more reconnects
+        # Set whenever core or process state may have changed, so the drain waits on
+        # conditions instead of polling them.
+        self._changed = asyncio.Event()
 
     # -- outputs ----------------------------------------------------------
 
@@ -739,7 +898,7 @@ class Agent:
                 self._runs[out.attempt] = _Run(out.attempt)
                 task = asyncio.create_task(self._run_process(out))
                 self._runners.add(task)
-                task.add_done_callback(self._runners.discard)
+                task.add_done_callback(self._runner_done)
             elif isinstance(out, KillProcess):
                 run = self._runs.get(out.attempt)
                 if run is not None:
@@ -756,6 +915,7 @@ class Agent:
                 if self._heartbeat is not None:
                     self._heartbeat.cancel()
                 self._heartbeat = asyncio.create_task(self._beat(out.heartbeat_s))
+        self._changed.set()
 
     # -- processes ----------------------------------------------------------
 
@@ -775,6 +935,7 @@ class Agent:
                 env={**os.environ, **start.env},
                 cwd=start.cwd,
                 start_new_session=True,  # its own process group, killed as one
+                preexec_fn=_die_with_agent,
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in argv or env
             for fd in (out_r, out_w, err_r, err_w):
@@ -810,6 +971,10 @@ class Agent:
         finally:
             self._runs.pop(start.attempt, None)
         self.dispatch(self.core.process_exited(start.attempt, returncode, time.time()))
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        self._runners.discard(task)
+        self._changed.set()
 
     def _read_pipe(self, fd: int, attempt: int, stream: str) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -874,8 +1039,9 @@ class Agent:
             self._queue = None
             self._ws = None
             self.core.connection_lost(unsent)
+            self._changed.set()
             code = getattr(ws, "close_code", None)
-            level = logging.INFO if self._stop.is_set() else logging.WARNING
+            level = logging.INFO if self._closing else logging.WARNING
             logger.log(level, "disconnected from master (close code %s)", code)
 
     async def _send_loop(self, ws: Socket, queue: asyncio.Queue[dict[str, Any]]) -> None:
@@ -918,6 +1084,8 @@ class Agent:
                     url,
                     additional_headers={"Authorization": f"Bearer {self.credential}"},
                     max_size=MAX_FRAME_BYTES,
+                    ping_interval=PING_INTERVAL_S,
+                    ping_timeout=PING_TIMEOUT_S,
                     user_agent_header=f"scheduler-agent/{AGENT_VERSION}",
                 ) as ws:
                     logger.info("connected to %s", url)
@@ -935,49 +1103,91 @@ class Agent:
                 raise
             except Exception as exc:  # any network failure means: try again later
                 logger.warning("cannot connect to %s: %s", url, exc or type(exc).__name__)
-            if self._stop.is_set():
-                return 0  # shutting down: the results wait in the spool for the next start
+            # While draining it keeps reconnecting so results can still be delivered;
+            # only the end of the drain stops it.
+            if self._closing:
+                return 0
             delay = self.backoff.next_delay()
             logger.info("reconnecting in %.1fs", delay)
             await asyncio.sleep(delay)
 
+    async def _fence_watch(self) -> None:
+        """Run the core's self-fence check when it is due, across reconnect attempts."""
+        while True:
+            due = self.core.fence_due
+            delay = FENCE_POLL_S
+            if due is not None:
+                delay = min(delay, max(0.0, due - self.core.clock()))
+            await asyncio.sleep(delay)
+            self.dispatch(self.core.check_fence())
+
     # -- lifecycle --------------------------------------------------------------
 
     def request_stop(self) -> None:
-        self._stop.set()
+        """SIGTERM/SIGINT: the first drains, the second kills now, a third SIGKILLs."""
+        self._signals += 1
+        if self._signals == 1:
+            self.dispatch(self.core.begin_shutdown(self.config.drain_timeout))
+            self._stop.set()
+        elif self._signals == 2:
+            logger.warning("stopped again: killing running attempts now")
+            self.dispatch(self.core.shutdown_now())
+            self._hurry.set()
+        else:
+            # The operator insists: no grace for processes that ignore SIGTERM.
+            for run in self._runs.values():
+                if run.pgid is not None:
+                    _killpg(run.pgid, signal.SIGKILL)
+        self._changed.set()
 
     async def run(self) -> int:
-        """Run until SIGINT/SIGTERM (exit 0) or until the master refuses us (exit 3)."""
+        """Run until SIGINT/SIGTERM and the drain (exit 0) or the master refuses us (exit 3)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        conn = asyncio.create_task(self.connection_loop())
+        fence = asyncio.create_task(self._fence_watch())
+        stop = asyncio.create_task(self._stop.wait())
         try:
-            conn = asyncio.create_task(self.connection_loop())
-            stop = asyncio.create_task(self._stop.wait())
             await asyncio.wait({conn, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if conn.done():
-                stop.cancel()
+            if not self._stop.is_set():
                 return conn.result()
-            logger.info("shutting down")
-            try:
-                await asyncio.wait_for(self.shutdown(), self.config.drain_timeout)
-            except TimeoutError:
-                logger.warning("shutdown took longer than %ss; exiting", self.config.drain_timeout)
-            conn.cancel()
-            await asyncio.gather(conn, return_exceptions=True)
+            await self.drain()
             return 0
         finally:
+            for task in (conn, fence, stop):
+                task.cancel()
+            await asyncio.gather(conn, fence, stop, return_exceptions=True)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             for run in list(self._runs.values()):
                 if run.pgid is not None:
                     _killpg(run.pgid, signal.SIGKILL)
 
-    async def shutdown(self) -> None:
-        """Kill running attempts, spool their results, try to send them, close."""
-        self.dispatch(self.core.shutdown())
-        if self._runners:
-            await asyncio.wait(set(self._runners))
+    async def drain(self) -> None:
+        """After request_stop(): let runs end, have results acked, then close the socket."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        if not await self._wait_for(lambda: self.core.drained, deadline):
+            killed: list[Output] = []
+            if not self._hurry.is_set():
+                logger.warning(
+                    "drain timeout of %ss passed; still running: %s",
+                    _seconds(self.config.drain_timeout),
+                    self.core.running_ids,
+                )
+                killed = self.core.drain_expired()
+                self.dispatch(killed)
+            # SIGKILL follows SIGTERM after KILL_GRACE_S, so the exits are bounded; even
+            # after a second signal, their results are worth reporting.
+            await self._wait_for(
+                lambda: not self._runners, loop.time() + KILL_GRACE_S + 1.0, hurry_stops=False
+            )
+            # Only results produced by the kill are worth the extra wait; older ones
+            # already had the whole drain to be acknowledged.
+            if killed and not self._hurry.is_set():
+                await self._wait_for(lambda: self.core.drained, loop.time() + DRAIN_ACK_WAIT_S)
+        self._closing = True
         queue, ws = self._queue, self._ws
         if queue is not None:
             with contextlib.suppress(TimeoutError):
@@ -985,6 +1195,25 @@ class Agent:
         if ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), SEND_FLUSH_S)
+        if not self.core.drained:
+            logger.info(
+                "exiting with unacknowledged results %s; they are replayed on the next start",
+                self.core.unacked_ids,
+            )
+
+    async def _wait_for(
+        self, condition: Callable[[], bool], deadline: float, *, hurry_stops: bool = True
+    ) -> bool:
+        """Wait until condition() holds (True), the deadline passes or a second signal."""
+        loop = asyncio.get_running_loop()
+        while not condition():
+            remaining = deadline - loop.time()
+            if remaining <= 0 or (hurry_stops and self._hurry.is_set()):
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
 
 
 def _killpg(pgid: int, sig: int) -> bool:
@@ -1071,7 +1300,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout",
         type=_seconds_arg,
         default=30.0,
-        help="upper bound in seconds on the shutdown sequence (default 30)",
+        help="seconds to let running attempts finish after SIGTERM/SIGINT before killing"
+        " them (default 30)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {AGENT_VERSION}")
     return parser
