@@ -72,6 +72,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "tasks_app.context_processors.scheduler_state",
             ],
         },
     },
@@ -128,6 +129,13 @@ LOGGING = {
 # How often agents heartbeat, and how long a silent worker stays online.
 SCHEDULER_HEARTBEAT_S = env_number("SCHEDULER_HEARTBEAT_S", 5.0, minimum=0.1)
 SCHEDULER_LOST_AFTER_S = env_number("SCHEDULER_LOST_AFTER_S", 15.0, minimum=0.3)
+# An assignment the agent has not accepted by then goes back to the queue.
+SCHEDULER_ACCEPT_TIMEOUT_S = env_number("SCHEDULER_ACCEPT_TIMEOUT_S", 10.0, minimum=0.1)
+# The master's own timeout backstop fires this long after a task's timeout.
+SCHEDULER_TIMEOUT_GRACE_S = env_number("SCHEDULER_TIMEOUT_GRACE_S", 30.0, minimum=0.0)
+# Agents that lose the master for longer than SCHEDULER_LOST_AFTER_S kill
+# their commands, so a retry elsewhere never overlaps a zombie.
+SCHEDULER_SELF_FENCE = env_bool("SCHEDULER_SELF_FENCE", True)
 # How often the in-process service looks for work (dispatch backstop, lost workers).
 SCHEDULER_TICK_S = env_number("SCHEDULER_TICK_S", 1.0, minimum=0.05)
 # Output kept per attempt; the rest is counted and dropped, with a marker.

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from tasks_app.models import ApiToken, Attempt, LogChunk, Run, Task
+from tasks_app.models import ApiToken, Attempt, LogChunk, Run, SchedulerState, Task
 
 
 @admin.register(Task)
@@ -66,3 +66,15 @@ class LogChunkAdmin(admin.ModelAdmin):
 class ApiTokenAdmin(admin.ModelAdmin):
     list_display = ["id", "user", "name", "created_at", "last_used_at", "revoked_at"]
     readonly_fields = ["token_hash", "last_used_at"]
+
+
+@admin.register(SchedulerState)
+class SchedulerStateAdmin(admin.ModelAdmin):
+    list_display = ["id", "paused", "paused_at", "paused_by"]
+
+    # A singleton (SchedulerState.current() is row 1): a second row or none would be ignored.
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -6,7 +6,7 @@ from django.utils.http import urlencode
 
 from tasks_app import history, lifecycle, serializers
 from tasks_app.apiauth import BadRequest, api_view, error, json_body
-from tasks_app.exceptions import TaskDisabled
+from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, TaskDisabled
 from tasks_app.forms import TaskForm
 from tasks_app.models import Run, Task
 
@@ -18,6 +18,10 @@ TASK_FIELD_TYPES = {
     "working_dir": (str,),
     "timeout": (int, type(None)),
     "labels": (list,),
+    "max_retries": (int,),
+    "retry_backoff_s": (int, float),
+    "retry_backoff_max_s": (int, float),
+    "enabled": (bool,),
 }
 
 
@@ -36,8 +40,9 @@ def _task_form(payload: dict, instance: Task | None = None) -> TaskForm:
     }
     if wrong:
         raise BadRequest("invalid fields", wrong)
-    if instance is not None:
-        payload = {**serializers.task_json(instance), **payload}
+    # Fields left out keep their current value (update) or the default (create),
+    # so a script that does not know about a field never resets it.
+    payload = {**serializers.task_json(instance or Task()), **payload}
     return TaskForm(data=payload, instance=instance)
 
 
@@ -124,3 +129,50 @@ def run_detail(request, pk: int):
     if run is None:
         return error(404, f"no run with id {pk}")
     return JsonResponse(serializers.run_json(run, with_output=True))
+
+
+def _run_or_404(pk: int):
+    return Run.objects.filter(pk=pk).first()
+
+
+@api_view(["POST"])
+def run_cancel(request, pk: int):
+    run = _run_or_404(pk)
+    if run is None:
+        return error(404, f"no run with id {pk}")
+    try:
+        run = lifecycle.cancel_run(run)
+    except RunNotCancellable as exc:
+        return error(409, str(exc))
+    run = Run.objects.prefetch_related("attempts").get(pk=run.pk)
+    return JsonResponse(serializers.run_json(run, with_output=False))
+
+
+@api_view(["POST"])
+def run_retry(request, pk: int):
+    run = _run_or_404(pk)
+    if run is None:
+        return error(404, f"no run with id {pk}")
+    try:
+        retry = lifecycle.retry_run(run, user=request.user)
+    except RunNotRetryable as exc:
+        return error(409, str(exc))
+    retry = Run.objects.prefetch_related("attempts").get(pk=retry.pk)
+    return JsonResponse(serializers.run_json(retry, with_output=False), status=201)
+
+
+@api_view(["GET"])
+def scheduler(request):
+    return JsonResponse(serializers.scheduler_json())
+
+
+@api_view(["POST"])
+def scheduler_pause(request):
+    lifecycle.set_paused(True, by=request.user.get_username())
+    return JsonResponse(serializers.scheduler_json())
+
+
+@api_view(["POST"])
+def scheduler_resume(request):
+    lifecycle.set_paused(False)
+    return JsonResponse(serializers.scheduler_json())

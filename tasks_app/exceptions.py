@@ -6,5 +6,9 @@ class TaskDisabled(TaskError):
     """The task is disabled and cannot be triggered."""
 
 
-class InvalidApiToken(TaskError):
-    """The bearer token is unknown or revoked."""
+class RunNotCancellable(TaskError):
+    """The run has already finished."""
+
+
+class RunNotRetryable(TaskError):
+    """Only a finished run can be retried."""

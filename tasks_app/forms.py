@@ -6,6 +6,8 @@ from tasks_app import validators
 from tasks_app.models import Task
 
 MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_RETRIES = 100
+MAX_BACKOFF_S = 24 * 3600
 
 
 class EnvField(forms.Field):
@@ -48,9 +50,45 @@ class TaskForm(forms.ModelForm):
         help_text="Seconds; empty for no timeout.",
     )
 
+    max_retries = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=MAX_RETRIES,
+        initial=0,
+        label="Retries",
+        help_text="How many times a failed, timed-out or lost attempt is tried again.",
+    )
+    retry_backoff_s = forms.FloatField(
+        required=False,
+        min_value=0,
+        max_value=MAX_BACKOFF_S,
+        initial=10.0,
+        label="Retry backoff (s)",
+        help_text="Delay before the first retry; it doubles for each further one, with jitter.",
+    )
+    retry_backoff_max_s = forms.FloatField(
+        required=False,
+        min_value=0,
+        max_value=MAX_BACKOFF_S,
+        initial=600.0,
+        label="Longest backoff (s)",
+    )
+
     class Meta:
         model = Task
-        fields = ["name", "command", "shell", "env", "working_dir", "timeout", "labels"]
+        fields = [
+            "name",
+            "command",
+            "shell",
+            "env",
+            "working_dir",
+            "timeout",
+            "labels",
+            "max_retries",
+            "retry_backoff_s",
+            "retry_backoff_max_s",
+            "enabled",
+        ]
         widgets = {
             "command": forms.TextInput(attrs={"placeholder": 'python -c "print(6*7)"'}),
             "name": forms.TextInput(attrs={"placeholder": "nightly-report"}),
@@ -64,6 +102,19 @@ class TaskForm(forms.ModelForm):
         if not name:
             raise forms.ValidationError("The name cannot be blank.")
         return name
+
+    def _default_if_empty(self, name: str):
+        value = self.cleaned_data.get(name)
+        return Task._meta.get_field(name).default if value is None else value
+
+    def clean_max_retries(self):
+        return self._default_if_empty("max_retries")
+
+    def clean_retry_backoff_s(self):
+        return self._default_if_empty("retry_backoff_s")
+
+    def clean_retry_backoff_max_s(self):
+        return self._default_if_empty("retry_backoff_max_s")
 
     def clean_working_dir(self):
         working_dir = self.cleaned_data["working_dir"].strip()

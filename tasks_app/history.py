@@ -12,6 +12,8 @@ from django.db.models import Prefetch
 
 from tasks_app.models import Attempt, Run
 
+MAX_ID = 2**63 - 1
+
 
 class InvalidFilter(ValueError):
     """A filter value in the query string is not usable."""
@@ -36,7 +38,11 @@ def parse_filters(params) -> dict:
     for name in ("task", "before"):
         raw = params.get(name) or ""
         if raw:
-            if not raw.isdigit():
+            # isascii(): str.isdigit() accepts "²", which int() rejects (a 500, not a
+            # 400); the length and upper bound keep it inside a 64-bit database integer
+            # (and under int()'s 4,300-digit limit).
+            digits = raw.isascii() and raw.isdigit() and len(raw) <= 19
+            if not digits or not 1 <= int(raw) <= MAX_ID:
                 raise InvalidFilter(f"{name} must be a positive whole number, not {raw!r}")
             filters[name] = int(raw)
     return filters
@@ -52,23 +58,7 @@ def runs_page(
         runs = runs.filter(task_id=task)
     if before:
         runs = runs.filter(pk__lt=before)
-    attempts = Attempt.objects.only(
-        "id",
-        "run_id",
-        "shard_index",
-        "try_number",
-        "worker_name",
-        "status",
-        "exit_code",
-        "reason",
-        "queued_at",
-        "assigned_at",
-        "started_at",
-        "finished_at",
-        "output_bytes",
-        "stored_bytes",
-        "truncated",
-    )
+    attempts = Attempt.objects.order_by("shard_index", "try_number")
     rows = list(
         runs.order_by("-id").prefetch_related(Prefetch("attempts", queryset=attempts))[: limit + 1]
     )

@@ -21,6 +21,13 @@ class Task(models.Model):
     labels = models.JSONField(
         default=list, blank=True, help_text="A worker must have all of these."
     )
+    max_retries = models.PositiveSmallIntegerField(
+        default=0, help_text="Retries after a failed, timed-out or lost attempt."
+    )
+    retry_backoff_s = models.FloatField(
+        default=10.0, help_text="Delay before the first retry; doubles each time, with jitter."
+    )
+    retry_backoff_max_s = models.FloatField(default=600.0, help_text="Cap on the retry delay.")
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
@@ -44,6 +51,9 @@ class Task(models.Model):
             "working_dir": self.working_dir,
             "timeout": self.timeout,
             "labels": list(self.labels),
+            "max_retries": self.max_retries,
+            "retry_backoff_s": self.retry_backoff_s,
+            "retry_backoff_max_s": self.retry_backoff_max_s,
         }
 
 
@@ -70,6 +80,9 @@ class Run(models.Model):
     )
     task_name = models.CharField(max_length=200)
     definition = models.JSONField()
+    retry_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries"
+    )
     trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.MANUAL)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     created_by = models.ForeignKey(
@@ -78,6 +91,8 @@ class Run(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=500, blank=True, help_text="Why the run failed.")
 
     class Meta:
         ordering = ["-id"]
@@ -134,9 +149,19 @@ class Attempt(models.Model):
     reason = models.CharField(max_length=500, blank=True)
     pid = models.IntegerField(null=True, blank=True)
     queued_at = models.DateTimeField(default=timezone.now)
+    # A retry waits for its backoff: dispatch skips it until then.
+    not_before = models.DateTimeField(null=True, blank=True)
     assigned_at = models.DateTimeField(null=True, blank=True)
+    accepted_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Set when the master, not the agent, ended the attempt (lost, timeout
+    # backstop): the agent's own report may still arrive, late.
+    closed_by_master = models.BooleanField(default=False)
+    late_status = models.CharField(max_length=16, blank=True)
+    late_exit_code = models.IntegerField(null=True, blank=True)
+    late_reason = models.CharField(max_length=500, blank=True)
+    late_reported_at = models.DateTimeField(null=True, blank=True)
     output_bytes = models.BigIntegerField(default=0, help_text="Bytes the command printed.")
     stored_bytes = models.BigIntegerField(default=0, help_text="Bytes of output kept.")
     truncated = models.BooleanField(default=False)
@@ -149,6 +174,12 @@ class Attempt(models.Model):
             models.Index(fields=["status", "id"], name="attempt_status_id"),
             models.Index(fields=["worker", "status"], name="attempt_worker_status"),
         ]
+        # Two processes retrying the same failure create the same try once.
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "shard_index", "try_number"], name="attempt_run_shard_try"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"attempt {self.pk} (run {self.run_id}, try {self.try_number})"
@@ -156,6 +187,11 @@ class Attempt(models.Model):
     @property
     def is_final(self) -> bool:
         return self.status in self.FINAL
+
+    @property
+    def is_superseded(self) -> bool:
+        """The master gave up on it, then the agent's own result arrived anyway."""
+        return bool(self.late_reported_at)
 
     @property
     def duration(self):
@@ -201,3 +237,23 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"API token {self.name or self.pk} of {self.user}"
+
+
+class SchedulerState(models.Model):
+    """The master-wide switch: while paused, nothing new is dispatched."""
+
+    paused = models.BooleanField(default=False)
+    paused_at = models.DateTimeField(null=True, blank=True)
+    paused_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        verbose_name = "scheduler state"
+        verbose_name_plural = "scheduler state"
+
+    def __str__(self) -> str:
+        return "paused" if self.paused else "running"
+
+    @classmethod
+    def current(cls) -> "SchedulerState":
+        state, _ = cls.objects.get_or_create(pk=1)
+        return state

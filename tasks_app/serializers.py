@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tasks_app.lifecycle import output_of
-from tasks_app.models import Attempt, Run, Task
+from tasks_app.models import Attempt, Run, SchedulerState, Task
 
 
 def _time(value):
@@ -20,6 +20,9 @@ def task_json(task: Task) -> dict:
         "working_dir": task.working_dir,
         "timeout": task.timeout,
         "labels": task.labels,
+        "max_retries": task.max_retries,
+        "retry_backoff_s": task.retry_backoff_s,
+        "retry_backoff_max_s": task.retry_backoff_max_s,
         "enabled": task.enabled,
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
@@ -36,11 +39,24 @@ def attempt_json(attempt: Attempt, *, with_output: bool) -> dict:
         "exit_code": attempt.exit_code,
         "reason": attempt.reason,
         "queued_at": _time(attempt.queued_at),
+        "not_before": _time(attempt.not_before),
         "assigned_at": _time(attempt.assigned_at),
+        "accepted_at": _time(attempt.accepted_at),
         "started_at": _time(attempt.started_at),
         "finished_at": _time(attempt.finished_at),
         "output_bytes": max(attempt.output_bytes, attempt.stored_bytes),
         "truncated": attempt.truncated,
+        # The master gave up on it (lost, timeout backstop) and the agent's own
+        # result arrived later: kept here, never applied.
+        "superseded": attempt.is_superseded,
+        "late_result": {
+            "status": attempt.late_status,
+            "exit_code": attempt.late_exit_code,
+            "reason": attempt.late_reason,
+            "reported_at": _time(attempt.late_reported_at),
+        }
+        if attempt.is_superseded
+        else None,
     }
     if with_output:
         text = output_of(attempt)
@@ -54,10 +70,24 @@ def run_json(run: Run, *, with_output: bool) -> dict:
         "task": run.task_id,
         "task_name": run.task_name,
         "status": run.status,
+        "reason": run.reason,
         "trigger": run.trigger,
+        "retry_of": run.retry_of_id,
+        "cancel_requested_at": _time(run.cancel_requested_at),
         "command": run.definition.get("command"),
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
         "attempts": [attempt_json(a, with_output=with_output) for a in run.attempts.all()],
+    }
+
+
+def scheduler_json() -> dict:
+    state = SchedulerState.current()
+    return {
+        "paused": state.paused,
+        "paused_at": _time(state.paused_at),
+        "paused_by": state.paused_by,
+        "runs_running": Run.objects.filter(status=Run.Status.RUNNING).count(),
+        "runs_queued": Run.objects.filter(status=Run.Status.QUEUED).count(),
     }

@@ -8,3 +8,7 @@ from django.dispatch import Signal
 
 # Sent after commit whenever attempts were queued; receivers try to dispatch them.
 work_queued = Signal()
+
+# Sent after commit with attempts=[(worker_id, attempt_id), ...] whose agents
+# must kill the process (cancel, timeout backstop, re-queued assignment).
+stop_requested = Signal()

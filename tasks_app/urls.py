@@ -12,4 +12,8 @@ urlpatterns = [
     path("tasks/<int:pk>/run/", views.task_run, name="run"),
     path("runs/", views.run_list, name="runs"),
     path("runs/<int:pk>/", views.run_detail, name="run-detail"),
+    path("runs/<int:pk>/cancel/", views.run_cancel, name="run-cancel"),
+    path("runs/<int:pk>/retry/", views.run_retry, name="run-retry"),
+    path("scheduler/pause/", views.scheduler_pause, name="pause"),
+    path("scheduler/resume/", views.scheduler_resume, name="resume"),
 ]

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect
 
 from tasks_app import history, lifecycle
-from tasks_app.exceptions import TaskDisabled
+from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, TaskDisabled
 from tasks_app.forms import TaskForm
 from tasks_app.models import Attempt, Run, Task
 
@@ -143,3 +143,55 @@ def run_detail(request, pk: int):
     rows = [(attempt, lifecycle.output_of(attempt)) for attempt in run.attempts.all()]
     template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
     return render(request, template, {"run": run, "rows": rows})
+
+
+@require_POST
+@login_required
+def run_cancel(request, pk: int):
+    run = Run.objects.filter(pk=pk).first()
+    if run is None:
+        raise Http404("No such run.")
+    try:
+        lifecycle.cancel_run(run)
+        messages.success(request, f"Run #{run.pk} cancelled.")
+    except RunNotCancellable as exc:
+        messages.error(request, f"Not cancelled: {exc}.")
+    return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))
+
+
+@require_POST
+@login_required
+def run_retry(request, pk: int):
+    run = Run.objects.filter(pk=pk).first()
+    if run is None:
+        raise Http404("No such run.")
+    try:
+        retry = lifecycle.retry_run(run, user=request.user)
+    except RunNotRetryable as exc:
+        messages.error(request, f"Not retried: {exc}.")
+        return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))
+    return _redirect(request, reverse("tasks:run-detail", args=[retry.pk]))
+
+
+@require_POST
+@login_required
+def scheduler_pause(request):
+    lifecycle.set_paused(True, by=request.user.get_username())
+    messages.success(request, "Scheduler paused: nothing new is dispatched; running work finishes.")
+    return _redirect(request, _back(request))
+
+
+@require_POST
+@login_required
+def scheduler_resume(request):
+    lifecycle.set_paused(False)
+    messages.success(request, "Scheduler resumed.")
+    return _redirect(request, _back(request))
+
+
+def _back(request) -> str:
+    """Where the form came from, if it is one of ours; else the task list."""
+    target = request.POST.get("next", "")
+    if target.startswith("/") and not target.startswith("//"):
+        return target
+    return reverse("tasks:list")

@@ -8,11 +8,13 @@ free port with its own data dir) and `start_agent` (real agent processes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -175,6 +177,20 @@ class Master:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def worker_state(self, name: str) -> str | None:
+        workers = self.api("GET", "workers").json()["results"]
+        return next((w["state"] for w in workers if w["name"] == name), None)
+
+    def create_task(self, **task) -> dict:
+        response = self.api("POST", "tasks", json=task)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def trigger(self, task_id: int) -> dict:
+        response = self.api("POST", f"tasks/{task_id}/run")
+        assert response.status_code == 201, response.text
+        return response.json()
+
     def wait_final(self, run_id: int, timeout: float = 30) -> dict:
         final = {"succeeded", "failed", "cancelled"}
 
@@ -186,10 +202,13 @@ class Master:
 
 
 @pytest.fixture
-def master(tmp_path) -> Iterator[Master]:
+def master(request, tmp_path) -> Iterator[Master]:
+    """A real server; `@pytest.mark.master_env(NAME="value")` overrides settings."""
     port = free_port()
     data_dir = tmp_path / "master"
-    env = {**os.environ, "SCHEDULER_DATA_DIR": str(data_dir), **FAST_SETTINGS}
+    marker = request.node.get_closest_marker("master_env")
+    overrides = marker.kwargs if marker else {}
+    env = {**os.environ, "SCHEDULER_DATA_DIR": str(data_dir), **FAST_SETTINGS, **overrides}
     env.pop("DJANGO_SETTINGS_MODULE", None)
     server = Master(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, env=env)
     server.manage("migrate", "-v0")
@@ -198,6 +217,81 @@ def master(tmp_path) -> Iterator[Master]:
     server.start()
     yield server
     server.stop()
+
+
+class CuttableProxy:
+    """A TCP relay between agents and the master whose links the test can cut.
+
+    It stands in for the network, which is outside the system under test:
+    cut() drops every open connection and refuses new ones until heal().
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.open = threading.Event()
+        self.open.set()
+        self.links: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.links += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def cut(self) -> None:
+        self.open.clear()
+        with self.lock:
+            links, self.links = self.links, []
+        for sock in links:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def heal(self) -> None:
+        self.open.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy(master) -> Iterator[CuttableProxy]:
+    relay = CuttableProxy(master.port)
+    yield relay
+    relay.close()
 
 
 @dataclass
@@ -218,25 +312,23 @@ class Agent:
 
 @pytest.fixture
 def start_agent(master, tmp_path) -> Iterator[Callable[..., Agent]]:
+    """Start a real agent process; the same name reuses its state dir (a restart)."""
     agents: list[Agent] = []
     enrollment = master.manage("enrollment-token")
 
     def start(
-        name: str = "agent-1", capacity: int = 2, labels: str = "", wait_online: bool = True
+        name: str = "agent-1",
+        capacity: int = 2,
+        labels: str = "",
+        wait_online: bool = True,
+        server: str | None = None,
+        extra: tuple[str, ...] = (),
     ) -> Agent:
         state_dir = tmp_path / "agents" / name
         log_path = tmp_path / f"agent-{name}-{len(agents)}.log"
-        args = [
-            sys.executable,
-            str(AGENT),
-            "--server",
-            master.url,
-            "--token",
-            enrollment,
-            "--name",
-            name,
-        ]
-        args += ["--capacity", str(capacity), "--state-dir", str(state_dir)]
+        args = [sys.executable, str(AGENT), "--server", server or master.url]
+        args += ["--token", enrollment, "--name", name]
+        args += ["--capacity", str(capacity), "--state-dir", str(state_dir), *extra]
         if labels:
             args += ["--labels", labels]
         proc = subprocess.Popen(
@@ -245,13 +337,8 @@ def start_agent(master, tmp_path) -> Iterator[Callable[..., Agent]]:
         agent = Agent(name=name, proc=proc, state_dir=state_dir, log_path=log_path)
         agents.append(agent)
         if wait_online:
-
-            def online():
-                assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
-                workers = master.api("GET", "workers").json()["results"]
-                return any(w["name"] == name and w["state"] == "online" for w in workers)
-
-            wait_for(online, what=f"agent {name} online")
+            wait_for(lambda: master.worker_state(name) == "online", what=f"agent {name} online")
+            assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
         return agent
 
     yield start

@@ -5,9 +5,17 @@ from django.http import JsonResponse
 
 from tasks_app.apiauth import BadRequest, api_view, error, json_body
 from tasks_app.validators import clean_labels
-from workers_app import registration, serializers
+from workers_app import liveness, registration, serializers
 from workers_app.exceptions import EnrollmentRefused
 from workers_app.models import Worker
+
+FIELD_TYPES = {
+    "token": (str, "Expected str."),
+    "name": (str, "Expected str."),
+    "hostname": (str, "Expected str."),
+    "capacity": (int, "Expected int."),
+    "labels": (list, "Expected a list of strings."),
+}
 
 
 class RegistrationForm(forms.Form):
@@ -27,8 +35,15 @@ class RegistrationForm(forms.Form):
 @api_view(["POST"], public=True)
 def register(request):
     payload = json_body(request)
-    if not isinstance(payload.get("labels", []), list):
-        raise BadRequest("invalid registration", {"labels": ["Expected a list of strings."]})
+    # A form would coerce "4" to 4 and "a,b" to a list; JSON callers must send real types.
+    wrong = {
+        name: [message]
+        for name, (types, message) in FIELD_TYPES.items()
+        if name in payload
+        and (not isinstance(payload[name], types) or isinstance(payload[name], bool))
+    }
+    if wrong:
+        raise BadRequest("invalid registration", wrong)
     form = RegistrationForm(data=payload)
     if not form.is_valid():
         errors = {field: [str(m) for m in messages] for field, messages in form.errors.items()}
@@ -53,3 +68,23 @@ def register(request):
 def workers(request):
     rows = serializers.with_busy_slots(Worker.objects.all())
     return JsonResponse({"results": [serializers.worker_json(w, busy=w.busy) for w in rows]})
+
+
+ACTIONS = {
+    "drain": Worker.State.DRAINING,
+    "resume": Worker.State.ONLINE,
+    "disable": Worker.State.DISABLED,
+    "enable": Worker.State.ONLINE,
+}
+
+
+@api_view(["POST"])
+def worker_action(request, pk: int, action: str):
+    if action not in ACTIONS:
+        return error(404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
+    worker = Worker.objects.filter(pk=pk).first()
+    if worker is None:
+        return error(404, f"no worker with id {pk}")
+    liveness.apply_state(worker, ACTIONS[action])
+    worker = serializers.with_busy_slots(Worker.objects.filter(pk=pk)).get()
+    return JsonResponse(serializers.worker_json(worker, busy=worker.busy))

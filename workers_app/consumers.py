@@ -12,12 +12,17 @@ from django.conf import settings
 from tasks_app import lifecycle
 from workers_app import dispatch, liveness, protocol
 from workers_app.exceptions import ProtocolError
+from workers_app.models import Worker
 
 log = logging.getLogger(__name__)
 
 # Close codes in the private range (RFC 6455 section 7.4.2: 4000-4999).
 CLOSE_BAD_CREDENTIAL = 4401
 CLOSE_REVOKED = 4403
+# RFC 6455 7.4.1: 1013 "try again later" — a transient failure on our side.
+CLOSE_TRY_AGAIN = 1013
+# A rejected assignment is offered again after this long at the earliest.
+REJECT_BACKOFF_S = 1.0
 
 # Output is written in batches: at most this often, or sooner when this much waits.
 LOG_FLUSH_S = 0.05
@@ -83,10 +88,16 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 heartbeat_s=settings.SCHEDULER_HEARTBEAT_S,
                 log_limit_bytes=settings.SCHEDULER_LOG_LIMIT_BYTES,
                 max_frame_bytes=settings.SCHEDULER_MAX_FRAME_BYTES,
+                lost_after_s=settings.SCHEDULER_LOST_AFTER_S,
+                self_fence=settings.SCHEDULER_SELF_FENCE,
             )
         )
+        for attempt_id in reconciled.cancel:
+            await self.send_json(protocol.cancel(attempt_id))
         for assign in reconciled.resend:
             await self.send_json(assign)
+        if reconciled.worker.state in (Worker.State.DRAINING, Worker.State.DISABLED):
+            await self.send_json({"type": "drain"})
         if reconciled.lost:
             log.warning(
                 "worker %s reconnected without attempts %s: marked lost",
@@ -96,15 +107,23 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         await self._dispatch()
 
     async def on_heartbeat(self, frame: dict) -> None:
-        await database_sync_to_async(liveness.heartbeat)(self.worker_id)
+        await database_sync_to_async(liveness.heartbeat)(
+            self.worker_id, frame.get("draining", False)
+        )
 
     async def on_accepted(self, frame: dict) -> None:
-        # Assigned stays assigned until the process starts; nothing to store yet.
-        return
+        ok = await database_sync_to_async(lifecycle.mark_accepted)(self.worker_id, frame["attempt"])
+        if not ok:
+            # Re-queued meanwhile (accept timeout) or cancelled: it must not run here.
+            await self.send_json(protocol.cancel(frame["attempt"]))
 
     async def on_rejected(self, frame: dict) -> None:
-        await database_sync_to_async(lifecycle.requeue)(self.worker_id, [frame["attempt"]])
-        await self._dispatch()
+        # The agent knows better than our slot count (it is draining, or still
+        # runs something we gave up on): back off before it is offered again,
+        # or the same assign/reject pair would bounce as fast as the socket allows.
+        await database_sync_to_async(lifecycle.requeue)(
+            self.worker_id, [frame["attempt"]], delay_s=REJECT_BACKOFF_S
+        )
 
     async def on_started(self, frame: dict) -> None:
         ok = await database_sync_to_async(lifecycle.mark_started)(
@@ -147,8 +166,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                     attempt=frame["attempt"],
                 )
             )
-        # Acknowledge duplicates and unknown ones too, so the agent's spool drains.
-        await self.send_json({"type": "ack", "attempt": frame["attempt"]})
+        # Acknowledge duplicates, late and unknown ones too, so the agent's spool drains.
+        await self.send_json(protocol.ack(frame["attempt"]))
         if outcome is lifecycle.Outcome.STORED:
             await self._dispatch()
 
@@ -162,7 +181,19 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             chunks, self.pending_logs, self.pending_bytes = self.pending_logs, [], 0
             if not chunks:
                 return
-            refused = await database_sync_to_async(lifecycle.append_logs)(self.worker_id, chunks)
+            try:
+                acked, refused = await database_sync_to_async(lifecycle.append_logs)(
+                    self.worker_id, chunks
+                )
+            except Exception:
+                # Not acknowledged, so the agent still holds these frames: make it
+                # reconnect and resend them rather than keep them here unbounded.
+                log.exception("storing output of worker %s failed; reconnecting it", self.worker_id)
+                await self.close(code=CLOSE_TRY_AGAIN)
+                return
+        # One acknowledgement per attempt per batch: the agent may forget those frames.
+        for attempt_id, seq in sorted(acked.items()):
+            await self.send_json(protocol.log_ack(attempt_id, seq))
         for attempt_id in sorted(refused):
             await self.send_json(
                 protocol.error(

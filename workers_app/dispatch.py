@@ -15,6 +15,8 @@ import threading
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
 
 from tasks_app import lifecycle
 from tasks_app.models import Attempt
@@ -36,7 +38,14 @@ def dispatch(limit: int = BATCH) -> list[tuple[int, int]]:
     Returns (worker id, attempt id) pairs; the assign frames are sent after commit.
     """
     with _lock, transaction.atomic():
-        queued = Attempt.objects.filter(status=Attempt.Status.QUEUED).select_related("run")
+        if lifecycle.is_paused():
+            return []
+        now = timezone.now()
+        queued = (
+            Attempt.objects.filter(status=Attempt.Status.QUEUED)
+            .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+            .select_related("run")
+        )
         if connection.features.has_select_for_update_skip_locked:
             queued = queued.select_for_update(skip_locked=True, of=("self",))
         queued = list(queued.order_by("id")[:limit])
@@ -84,6 +93,19 @@ def frames_for_worker(worker_id: int) -> list[dict]:
         worker_id=worker_id, status=Attempt.Status.ASSIGNED
     ).select_related("run")
     return [protocol.assign(a) for a in attempts.order_by("id")]
+
+
+def on_stop_requested(sender, attempts: list[tuple[int, int]], **kwargs) -> None:
+    """Send cancel frames to the agents running these attempts."""
+    frames = [
+        (f"worker.{worker_id}", protocol.cancel(pk)) for worker_id, pk in attempts if worker_id
+    ]
+    try:
+        send_frames(frames)
+    except Exception:
+        # The agent's next hello (or the timeout backstop) catches up; the
+        # cancel itself is recorded in the database already.
+        log.exception("sending cancel frames failed")
 
 
 def on_work_queued(sender, **kwargs) -> None:

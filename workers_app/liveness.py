@@ -23,6 +23,7 @@ class Reconciled:
     worker: Worker
     lost: list[int] = field(default_factory=list)
     resend: list[dict] = field(default_factory=list)
+    cancel: list[int] = field(default_factory=list)
 
 
 def hello(worker_id: int, channel_name: str, frame: dict) -> Reconciled:
@@ -36,45 +37,92 @@ def hello(worker_id: int, channel_name: str, frame: dict) -> Reconciled:
         labels = frame.get("labels")
         if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
             worker.labels = labels[:32]
-        if worker.state in (Worker.State.OFFLINE, Worker.State.ONLINE):
-            worker.state = Worker.State.ONLINE
+        if worker.state != Worker.State.DISABLED:
+            draining = frame.get("draining") or worker.drain_requested
+            worker.state = Worker.State.DRAINING if draining else Worker.State.ONLINE
         worker.channel_name = channel_name
         worker.last_heartbeat = now
         worker.connected_at = now
         worker.save()
         running = set(frame["running"])
-        # An attempt we think is running there but the agent does not list has
-        # died with a previous agent process: say so now, not after a timeout.
+        spooled = set(frame.get("spooled", []))
+        assigned = set(
+            Attempt.objects.filter(worker_id=worker_id, status=Attempt.Status.ASSIGNED).values_list(
+                "pk", flat=True
+            )
+        )
+        # An attempt we think is running there but the agent neither runs nor
+        # holds a result for has died with a previous agent process: say so
+        # now, not after a timeout.
         lost = lifecycle.mark_lost(
             worker_id,
             "worker lost: the agent reconnected without it",
-            keep=list(running)
-            + list(
-                Attempt.objects.filter(
-                    worker_id=worker_id, status=Attempt.Status.ASSIGNED
-                ).values_list("pk", flat=True)
-            ),
+            keep=list(running | spooled | assigned),
         )
+        active = set(
+            Attempt.objects.filter(worker_id=worker_id, status__in=Attempt.ACTIVE).values_list(
+                "pk", flat=True
+            )
+        )
+        # Runs there that are over for us (declared lost and retried, cancelled,
+        # never its own): a zombie must not overlap the retry, so stop it.
+        cancel = sorted((running - active) | set(lifecycle.pending_stops(worker_id)))
         # Assigned but never started: the assign frame may have been lost with
         # the previous socket, so send it again (the agent ignores duplicates).
-        resend = [f for f in dispatch.frames_for_worker(worker_id) if f["attempt"] not in running]
-    return Reconciled(worker=worker, lost=lost, resend=resend)
+        resend = [
+            f
+            for f in dispatch.frames_for_worker(worker_id)
+            if f["attempt"] not in running and f["attempt"] not in cancel
+        ]
+    return Reconciled(worker=worker, lost=lost, resend=resend, cancel=cancel)
 
 
-def heartbeat(worker_id: int) -> None:
+def heartbeat(worker_id: int, draining: bool = False) -> None:
     Worker.objects.filter(pk=worker_id).update(last_heartbeat=timezone.now())
+    if draining:
+        Worker.objects.filter(pk=worker_id, state=Worker.State.ONLINE).update(
+            state=Worker.State.DRAINING
+        )
+
+
+def apply_state(worker: Worker, state: str) -> None:
+    """Drain, resume, disable or enable a worker (dashboard or API), and tell its agent.
+
+    Draining and disabled workers get no new work; what they run finishes.
+    """
+    with transaction.atomic():
+        workers = Worker.objects.filter(pk=worker.pk)
+        if state == Worker.State.DRAINING:
+            workers.update(drain_requested=True)
+            workers.filter(state=Worker.State.ONLINE).update(state=state)
+            frame = "drain"
+        elif state == Worker.State.DISABLED:
+            workers.update(state=state)
+            frame = "drain"
+        elif state == Worker.State.ONLINE:
+            # Online if its socket is up, else offline until it says hello.
+            workers.update(drain_requested=False)
+            live = workers.filter(revoked_at__isnull=True)
+            live.exclude(channel_name="").update(state=Worker.State.ONLINE)
+            live.filter(channel_name="").update(state=Worker.State.OFFLINE)
+            frame = "resume"
+            transaction.on_commit(dispatch.dispatch)
+        else:
+            raise ValueError(f"cannot set a worker to {state!r}")
+        group = worker.group_name
+        transaction.on_commit(lambda: dispatch.send_frames([(group, {"type": frame})]))
 
 
 def disconnected(worker_id: int, channel_name: str) -> None:
     """The socket closed. Its attempts stay running: the agent may come back in time."""
     # Race: a newer connection of the same agent may already have said hello;
-    # only the consumer that still owns the worker may take it offline.
-    Worker.objects.filter(pk=worker_id, channel_name=channel_name).update(
-        state=Worker.State.OFFLINE, channel_name=""
-    )
-    Worker.objects.filter(
-        pk=worker_id, channel_name=channel_name, state=Worker.State.DRAINING
-    ).update(channel_name="")
+    # only the consumer that still owns the worker may take it offline. A
+    # disabled worker stays disabled; an operator's drain is kept in
+    # drain_requested and restored by the next hello.
+    Worker.objects.filter(pk=worker_id, channel_name=channel_name).exclude(
+        state=Worker.State.DISABLED
+    ).update(state=Worker.State.OFFLINE)
+    Worker.objects.filter(pk=worker_id, channel_name=channel_name).update(channel_name="")
 
 
 def reap_lost(now: dt.datetime | None = None) -> list[int]:
@@ -87,12 +135,21 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
         attempts__status__in=Attempt.ACTIVE
     )
     reaped = []
+    seconds = int(settings.SCHEDULER_LOST_AFTER_S)
     for worker in Worker.objects.filter(silent).filter(has_work).distinct():
         # Race: a heartbeat landing now; the UPDATE only matches if it did not.
-        Worker.objects.filter(pk=worker.pk, last_heartbeat=worker.last_heartbeat).exclude(
-            state=Worker.State.DISABLED
-        ).update(state=Worker.State.OFFLINE)
-        seconds = int(settings.SCHEDULER_LOST_AFTER_S)
-        if lifecycle.mark_lost(worker.pk, f"worker lost: no heartbeat for {seconds}s"):
-            reaped.append(worker.pk)
+        unchanged = Worker.objects.filter(pk=worker.pk, last_heartbeat=worker.last_heartbeat)
+        if worker.state == Worker.State.DISABLED:
+            still_silent = unchanged.exists()
+        else:
+            still_silent = unchanged.update(state=Worker.State.OFFLINE)
+        if not still_silent:
+            continue
+        lifecycle.mark_lost(worker.pk, f"worker lost: no heartbeat for {seconds}s")
+        reaped.append(worker.pk)
+        if worker.channel_name:
+            # A socket that is open but silent (a hung agent): close it, so the
+            # agent must say hello again and be reconciled.
+            group = worker.group_name
+            transaction.on_commit(lambda group=group: dispatch.send_close(group))
     return reaped

@@ -21,6 +21,9 @@ class Worker(models.Model):
     labels = models.JSONField(default=list, blank=True)
     capacity = models.PositiveIntegerField(default=1)
     state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
+    # An operator's drain outlives reconnects; an agent's own drain (it is
+    # shutting down) is reported in its hello and heartbeats instead.
+    drain_requested = models.BooleanField(default=False)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     connected_at = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)

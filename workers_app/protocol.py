@@ -13,7 +13,8 @@ from workers_app.exceptions import ProtocolError
 
 PROTOCOL_VERSION = 1
 STREAMS = {"stdout", "stderr"}
-RESULT_STATUSES = {"succeeded", "failed", "timed_out", "cancelled"}
+# "lost": the agent gave the attempt up (drain timeout, self-fencing); it is retried.
+RESULT_STATUSES = {"succeeded", "failed", "timed_out", "cancelled", "lost"}
 MAX_LOG_DATA = 512 * 1024
 
 # type -> {field: (python types, required)}
@@ -28,6 +29,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "capacity": (_INT, True),
         "labels": ((list,), False),
         "running": ((list,), True),
+        # Finished while disconnected, result spooled and about to be replayed.
+        "spooled": ((list,), False),
+        "draining": ((bool,), False),
     },
     "accepted": {"attempt": (_INT, True)},
     "rejected": {"attempt": (_INT, True), "reason": ((str,), False)},
@@ -53,7 +57,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "truncated": ((bool,), False),
         "last_seq": (_INT, False),
     },
-    "heartbeat": {"running": ((list,), False)},
+    "heartbeat": {"running": ((list,), False), "draining": ((bool,), False)},
 }
 
 
@@ -63,10 +67,10 @@ def parse(text: str | None, max_bytes: int) -> dict[str, Any]:
         raise ProtocolError(
             "binary_frame", "binary frames are not part of the protocol; send JSON text"
         )
-    if len(text) > max_bytes:
-        raise ProtocolError(
-            "too_large", f"frame of {len(text)} bytes exceeds the limit of {max_bytes}"
-        )
+    # Cheap check first; encode only when multibyte text could be over the limit.
+    size = len(text) if len(text) * 4 <= max_bytes else len(text.encode())
+    if size > max_bytes:
+        raise ProtocolError("too_large", f"frame of {size} bytes exceeds the limit of {max_bytes}")
     try:
         frame = json.loads(text)
     except ValueError as exc:
@@ -98,10 +102,11 @@ def _check_values(kind: str, frame: dict[str, Any]) -> None:
             )
         if not 1 <= frame["capacity"] <= 1024:
             raise ProtocolError("malformed", "hello: capacity must be between 1 and 1024")
-    if kind in ("hello", "heartbeat") and not all(
-        isinstance(a, int) and not isinstance(a, bool) for a in frame.get("running", [])
-    ):
-        raise ProtocolError("malformed", f"{kind}: running must be a list of attempt ids")
+    for field in ("running", "spooled"):
+        if kind in ("hello", "heartbeat") and not all(
+            isinstance(a, int) and not isinstance(a, bool) for a in frame.get(field, [])
+        ):
+            raise ProtocolError("malformed", f"{kind}: {field} must be a list of attempt ids")
     if kind == "log":
         if frame["stream"] not in STREAMS:
             raise ProtocolError("malformed", "log: stream must be stdout or stderr")
@@ -118,7 +123,13 @@ def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def welcome(
-    worker, *, heartbeat_s: float, log_limit_bytes: int, max_frame_bytes: int
+    worker,
+    *,
+    heartbeat_s: float,
+    log_limit_bytes: int,
+    max_frame_bytes: int,
+    lost_after_s: float,
+    self_fence: bool,
 ) -> dict[str, Any]:
     return {
         "type": "welcome",
@@ -128,7 +139,27 @@ def welcome(
         "heartbeat_s": heartbeat_s,
         "log_limit_bytes": log_limit_bytes,
         "max_frame_bytes": max_frame_bytes,
+        "lost_after_s": lost_after_s,
+        # The agent kills its commands after losing us this long, before we
+        # declare them lost and may run a retry elsewhere.
+        # It counts from when its socket dropped, which is up to a heartbeat
+        # after our last sign of it, hence the margin.
+        "fence_after_s": max(lost_after_s - 2 * heartbeat_s, lost_after_s / 2)
+        if self_fence
+        else None,
     }
+
+
+def cancel(attempt_id: int) -> dict[str, Any]:
+    return {"type": "cancel", "attempt": attempt_id}
+
+
+def ack(attempt_id: int) -> dict[str, Any]:
+    return {"type": "ack", "attempt": attempt_id}
+
+
+def log_ack(attempt_id: int, seq: int) -> dict[str, Any]:
+    return {"type": "log_ack", "attempt": attempt_id, "seq": seq}
 
 
 def assign(attempt) -> dict[str, Any]:

@@ -15,7 +15,9 @@ import time
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
 
+from tasks_app import lifecycle
 from workers_app import dispatch, liveness
 
 log = logging.getLogger(__name__)
@@ -23,28 +25,51 @@ log = logging.getLogger(__name__)
 
 class SchedulerService:
     def __init__(self) -> None:
-        self.started = time.monotonic()
+        # Liveness is judged only from this moment on: see reap_lost_workers.
+        self.alive_since = time.monotonic()
+        self.database_down = False
         self.stopping = asyncio.Event()
 
     def dispatch_queued(self) -> bool:
         return bool(dispatch.dispatch())
 
     def reap_lost_workers(self) -> bool:
-        # After our own outage every worker looks silent: give them a full
-        # grace period from our start before declaring any of them lost.
-        if time.monotonic() - self.started < settings.SCHEDULER_LOST_AFTER_S:
+        # After our own outage (a restart, or the database out of reach) every
+        # worker looks silent: give them a full grace period from our recovery
+        # before declaring any of them lost.
+        if time.monotonic() - self.alive_since < settings.SCHEDULER_LOST_AFTER_S:
             return False
         return bool(liveness.reap_lost())
 
+    def requeue_unaccepted(self) -> bool:
+        return bool(lifecycle.requeue_unaccepted())
+
+    def time_out_overdue(self) -> bool:
+        return bool(lifecycle.time_out_overdue())
+
     def tick(self) -> bool:
         found = False
-        for duty in (self.reap_lost_workers, self.dispatch_queued):
+        failed = False
+        for duty in (
+            self.reap_lost_workers,
+            self.requeue_unaccepted,
+            self.time_out_overdue,
+            self.dispatch_queued,
+        ):
             try:
                 found = duty() or found
+            except DatabaseError:
+                failed = True
+                log.exception("scheduler duty %s: database error", duty.__name__)
             except Exception:
-                # One failing duty (a locked database, say) must not stop the others
-                # or the loop; the next tick tries again.
+                # One failing duty must not stop the others or the loop.
                 log.exception("scheduler duty %s failed", duty.__name__)
+        if failed:
+            self.database_down = True
+        elif self.database_down:
+            self.database_down = False
+            self.alive_since = time.monotonic()
+            log.warning("database reachable again: worker liveness clock restarted")
         return found
 
     async def run(self) -> None:

@@ -8,7 +8,8 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from workers_app import dispatch, registration
+from workers_app import dispatch, liveness, registration
+from workers_app.api import ACTIONS
 from workers_app.models import EnrollmentToken, Worker
 from workers_app.serializers import with_busy_slots
 
@@ -60,6 +61,18 @@ def worker_revoke(request, pk: int):
     registration.revoke(worker)
     # Close its live socket too; its running attempts are reaped as lost.
     dispatch.send_close(worker.group_name)
+    return _render_list(request) if request.htmx else redirect("workers:list")
+
+
+@require_POST
+@login_required
+def worker_state(request, pk: int, action: str):
+    if action not in ACTIONS:
+        raise Http404("No such action.")
+    worker = Worker.objects.filter(pk=pk).first()
+    if worker is None:
+        raise Http404("No such worker.")
+    liveness.apply_state(worker, ACTIONS[action])
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 

@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from workers_app.models import EnrollmentToken
 
 AGENT = Path(__file__).resolve().parents[2] / "agent.py"
+DRAIN_TIMEOUT_S = 5
 
 
 class Command(BaseCommand):
@@ -52,6 +53,9 @@ class Command(BaseCommand):
             server = subprocess.Popen(
                 [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port)],
                 cwd=settings.BASE_DIR,
+                # Own process groups: Ctrl-C reaches only us, and we stop the
+                # children in order (agents drain into a live server first).
+                process_group=0,
             )
             children.append(server)
             if not self._wait_until_up(url, server):
@@ -75,7 +79,11 @@ class Command(BaseCommand):
                             str(capacity),
                             "--state-dir",
                             str(state_dir),
-                        ]
+                            # Ctrl-C should not wait long for running commands.
+                            "--drain-timeout",
+                            str(DRAIN_TIMEOUT_S),
+                        ],
+                        process_group=0,
                     )
                 )
             self.stdout.write(
@@ -100,14 +108,18 @@ class Command(BaseCommand):
         return False
 
     def _stop(self, children: list[subprocess.Popen]) -> None:
-        # Agents first, so they do not spend the shutdown reconnecting.
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for child in reversed(children):
-            try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.kill()
+        # Agents first, while the server is still up to take their last results
+        # (they drain: running commands get DRAIN_TIMEOUT_S to finish); then the server.
+        server, agents = children[:1], children[1:]
+        for group in (agents, server):
+            for child in group:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S + 10
+            for child in group:
+                try:
+                    child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
         self.stdout.write("stopped.")
