@@ -324,3 +324,48 @@ def test_a_command_dies_with_its_killed_agent_instead_of_running_on_as_an_orphan
 
     # The retry elsewhere must not overlap it: it goes with its agent.
     wait_for(lambda: not alive(pid), timeout=5, what="the command to die with its agent")
+
+
+def test_sigterm_drains_an_agent_its_command_finishes_and_new_work_goes_elsewhere(
+    master, start_agent
+):
+    leaving = start_agent("leaving")
+    task = master.create_task(name="finish-me", command=f'{PY} -c "import time; time.sleep(2)"')
+    first = master.trigger(task["id"])["id"]
+    wait_for(lambda: attempts_in(master, first, "running"), what="running")
+
+    leaving.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: master.worker_state("leaving") == "draining", what="draining")
+    second = master.trigger(task["id"])["id"]
+    done = master.wait_final(first)
+
+    assert done["status"] == "succeeded"
+    assert leaving.proc.wait(timeout=20) == 0
+    assert master.run_of(second)["status"] == "queued"
+    start_agent("staying")
+    assert master.wait_final(second)["attempts"][0]["worker"] == "staying"
+
+
+def test_an_agent_cut_off_from_the_master_fences_itself(master, start_agent, proxy, tmp_path):
+    agent = start_agent("cut-off", server=proxy.url)
+    pid_file = tmp_path / "fenced.pid"
+    task = master.create_task(
+        name="fence-me", command=f"echo $$ > {pid_file}; exec sleep 60", shell=True
+    )
+    run_id = master.trigger(task["id"])["id"]
+    wait_for(lambda: attempts_in(master, run_id, "running") and pid_file.exists(), what="running")
+    pid = int(pid_file.read_text())
+
+    proxy.cut()
+    cut_at = time.monotonic()
+    # fence_after_s = max(3 - 2 * 0.5, 3 / 2) = 2 s with the test settings.
+    wait_for(lambda: not alive(pid), timeout=10, what="the agent to kill its command")
+    fenced_after = time.monotonic() - cut_at
+    proxy.heal()
+    run = master.wait_final(run_id, timeout=40)
+
+    print(f"\ncommand killed {fenced_after:.2f}s after the cut (fence after 2s, lost after 3s)")
+    assert "self-fenced: no contact with the master for 2s" in agent.log()
+    (attempt,) = run["attempts"]
+    assert attempt["status"] == "lost"
+    assert run["status"] == "failed"
