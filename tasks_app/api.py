@@ -90,8 +90,7 @@ def task_run(request, pk: int):
         run = lifecycle.trigger_run(task, Run.Trigger.API, user=request.user)
     except TaskDisabled as exc:
         return error(409, str(exc))
-    run = Run.objects.prefetch_related("attempts").get(pk=run.pk)
-    return JsonResponse(serializers.run_json(run, with_output=False), status=201)
+    return _run_response(run, status=201)
 
 
 @api_view(["GET"])
@@ -131,6 +130,12 @@ def run_detail(request, pk: int):
     return JsonResponse(serializers.run_json(run, with_output=True))
 
 
+def _run_response(run: Run, status: int = 200) -> JsonResponse:
+    """A run as it is now in the database, with its attempts, without output."""
+    run = Run.objects.prefetch_related("attempts").get(pk=run.pk)
+    return JsonResponse(serializers.run_json(run, with_output=False), status=status)
+
+
 def _run_or_404(pk: int):
     return Run.objects.filter(pk=pk).first()
 
@@ -144,8 +149,7 @@ def run_cancel(request, pk: int):
         run = lifecycle.cancel_run(run)
     except RunNotCancellable as exc:
         return error(409, str(exc))
-    run = Run.objects.prefetch_related("attempts").get(pk=run.pk)
-    return JsonResponse(serializers.run_json(run, with_output=False))
+    return _run_response(run)
 
 
 @api_view(["POST"])
@@ -157,8 +161,7 @@ def run_retry(request, pk: int):
         retry = lifecycle.retry_run(run, user=request.user)
     except RunNotRetryable as exc:
         return error(409, str(exc))
-    retry = Run.objects.prefetch_related("attempts").get(pk=retry.pk)
-    return JsonResponse(serializers.run_json(retry, with_output=False), status=201)
+    return _run_response(retry, status=201)
 
 
 @api_view(["GET"])

@@ -56,6 +56,11 @@ def json_body(request: HttpRequest) -> dict:
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
+    try:
+        # "\ud800" escapes decode to lone surrogates, which no database stores.
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest("request body contains text that is not valid Unicode") from None
     return payload
 
 

@@ -105,37 +105,67 @@ def mark_accepted(worker_id: int, attempt_id: int) -> bool:
     )
 
 
-def requeue(worker_id: int, attempt_ids: Iterable[int], delay_s: float = 0.0) -> int:
-    """assigned -> queued, for assignments an agent refused or never received."""
-    not_before = timezone.now() + dt.timedelta(seconds=delay_s) if delay_s else None
-    # Race: the agent may report "started" concurrently; only still-assigned rows move.
-    count = Attempt.objects.filter(
+def requeue(
+    worker_id: int, attempt_ids: Iterable[int], delay_s: float = 0.0, *, unaccepted: bool = False
+) -> list[int]:
+    """assigned -> queued, for assignments an agent refused or never received.
+
+    An attempt whose run is being cancelled is cancelled instead: it must not
+    be offered to anyone again. With unaccepted=True only attempts the agent
+    never accepted move (the accept-timeout path). Returns the ids moved.
+    """
+    candidates = Attempt.objects.filter(
         pk__in=list(attempt_ids), worker_id=worker_id, status=Attempt.Status.ASSIGNED
-    ).update(
-        status=Attempt.Status.QUEUED,
-        worker=None,
-        assigned_at=None,
-        accepted_at=None,
-        not_before=not_before,
     )
-    if count:
-        _wake_dispatch()
-    return count
+    if unaccepted:
+        candidates = candidates.filter(accepted_at__isnull=True)
+    now = timezone.now()
+    with transaction.atomic():
+        ids = list(candidates.values_list("pk", flat=True))
+        cancelling = list(
+            candidates.filter(run__cancel_requested_at__isnull=False).values_list("pk", flat=True)
+        )
+        # Race: the agent may report "accepted"/"started" concurrently; only rows
+        # still assigned (and unaccepted, when asked) move.
+        still = Attempt.objects.filter(pk__in=ids, status=Attempt.Status.ASSIGNED)
+        if unaccepted:
+            still = still.filter(accepted_at__isnull=True)
+        moved = list(still.values_list("pk", flat=True))
+        still.filter(pk__in=cancelling).update(
+            status=Attempt.Status.CANCELLED, reason="cancelled", finished_at=now
+        )
+        still.exclude(pk__in=cancelling).update(
+            status=Attempt.Status.QUEUED,
+            worker=None,
+            assigned_at=None,
+            accepted_at=None,
+            not_before=now + dt.timedelta(seconds=delay_s) if delay_s else None,
+        )
+        if set(moved) & set(cancelling):
+            refresh_runs(
+                set(Attempt.objects.filter(pk__in=cancelling).values_list("run_id", flat=True))
+            )
+        if set(moved) - set(cancelling):
+            _wake_dispatch()
+    return moved
 
 
 def requeue_unaccepted(now: dt.datetime | None = None) -> list[int]:
     """Assignments not accepted within SCHEDULER_ACCEPT_TIMEOUT_S go back to the queue."""
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.SCHEDULER_ACCEPT_TIMEOUT_S)
+    stale: dict[int, list[int]] = {}
+    for pk, worker_id in Attempt.objects.filter(
+        status=Attempt.Status.ASSIGNED, accepted_at__isnull=True, assigned_at__lt=cutoff
+    ).values_list("pk", "worker_id"):
+        stale.setdefault(worker_id, []).append(pk)
+    moved: list[int] = []
     with transaction.atomic():
-        stale = list(
-            Attempt.objects.filter(
-                status=Attempt.Status.ASSIGNED, accepted_at__isnull=True, assigned_at__lt=cutoff
-            ).values_list("pk", "worker_id")
-        )
-        moved = [pk for pk, worker_id in stale if requeue(worker_id, [pk])]
-        # The agent may still get the old assign frame late: tell it to drop it.
-        _stop([(worker_id, pk) for pk, worker_id in stale if pk in moved])
+        for worker_id, ids in stale.items():
+            done = requeue(worker_id, ids, unaccepted=True)
+            moved += done
+            # The agent may still get the old assign frame late: tell it to drop it.
+            _stop([(worker_id, pk) for pk in done])
     return moved
 
 
@@ -215,8 +245,12 @@ def finish(worker_id: int, attempt_id: int, result: Result) -> Outcome:
         return Outcome.DUPLICATE if known else Outcome.UNKNOWN
 
 
-def mark_lost(worker_id: int, reason: str, keep: Sequence[int] = ()) -> list[int]:
-    """Every active attempt of a worker, except those in keep, becomes lost."""
+def mark_lost(worker_id: int | None, reason: str, keep: Sequence[int] = ()) -> list[int]:
+    """Every active attempt of a worker, except those in keep, becomes lost.
+
+    worker_id None: active attempts whose worker was deleted (nobody will
+    ever report them).
+    """
     with transaction.atomic():
         query = Attempt.objects.filter(worker_id=worker_id, status__in=ACTIVE).exclude(
             pk__in=list(keep)
@@ -247,11 +281,13 @@ def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
     candidates = Attempt.objects.filter(status=Attempt.Status.RUNNING).filter(
         run__definition__timeout__isnull=False
     )
-    for pk, worker_id, started_at, definition in candidates.values_list(
-        "pk", "worker_id", "started_at", "run__definition"
+    # Counted from assigned_at, our own clock: started_at comes from the agent's
+    # clock, which may be off by minutes. Assigned is a few ms before started.
+    for pk, worker_id, assigned_at, definition in candidates.values_list(
+        "pk", "worker_id", "assigned_at", "run__definition"
     ):
         timeout = definition.get("timeout")
-        if timeout and started_at and started_at + dt.timedelta(seconds=timeout) + grace < now:
+        if timeout and assigned_at and assigned_at + dt.timedelta(seconds=timeout) + grace < now:
             overdue.append((pk, worker_id, timeout))
     ended = []
     with transaction.atomic():

@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Max, Prefetch
+from django.db.models import OuterRef, Prefetch, Subquery
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -24,6 +24,13 @@ def _get_task(pk: int) -> Task:
     return task
 
 
+def _get_run(pk: int) -> Run:
+    run = Run.objects.filter(pk=pk).first()
+    if run is None:
+        raise Http404("No such run.")
+    return run
+
+
 def _redirect(request: HttpRequest, url: str) -> HttpResponse:
     """A full-page navigation, whether the request came from htmx or a plain form."""
     if request.htmx:
@@ -34,21 +41,13 @@ def _redirect(request: HttpRequest, url: str) -> HttpResponse:
 @require_GET
 @login_required
 def task_list(request):
-    tasks = Task.objects.order_by("name")
-    latest = {}
-    for run in Run.objects.filter(pk__in=_latest_run_ids(tasks)).only(
-        "id", "task_id", "status", "created_at"
-    ):
-        latest[run.task_id] = run
-    rows = [(task, latest.get(task.pk)) for task in tasks]
+    # The newest run per task is one index probe on (task, -id) per task,
+    # not a GROUP BY over the whole run history.
+    newest = Run.objects.filter(task=OuterRef("pk")).order_by("-id").values("id")[:1]
+    tasks = list(Task.objects.order_by("name").annotate(last_run_id=Subquery(newest)))
+    latest = Run.objects.in_bulk([t.last_run_id for t in tasks if t.last_run_id], field_name="id")
+    rows = [(task, latest.get(task.last_run_id)) for task in tasks]
     return render(request, "tasks/list.html", {"rows": rows})
-
-
-def _latest_run_ids(tasks):
-    return [
-        row["last"]
-        for row in Run.objects.filter(task__in=tasks).values("task_id").annotate(last=Max("id"))
-    ]
 
 
 @require_http_methods(["GET", "POST"])
@@ -148,9 +147,7 @@ def run_detail(request, pk: int):
 @require_POST
 @login_required
 def run_cancel(request, pk: int):
-    run = Run.objects.filter(pk=pk).first()
-    if run is None:
-        raise Http404("No such run.")
+    run = _get_run(pk)
     try:
         lifecycle.cancel_run(run)
         messages.success(request, f"Run #{run.pk} cancelled.")
@@ -162,9 +159,7 @@ def run_cancel(request, pk: int):
 @require_POST
 @login_required
 def run_retry(request, pk: int):
-    run = Run.objects.filter(pk=pk).first()
-    if run is None:
-        raise Http404("No such run.")
+    run = _get_run(pk)
     try:
         retry = lifecycle.retry_run(run, user=request.user)
     except RunNotRetryable as exc:

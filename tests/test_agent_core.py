@@ -1391,3 +1391,26 @@ async def test_it_self_fences_when_the_master_stays_away_and_spools_the_result(
         worker.request_stop()
         assert await asyncio.wait_for(task, 10) == 0
     assert spooled.exists()  # replayed by the next start
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("code", [4403, 4409])
+async def test_it_exits_3_and_stays_away_when_revoked_or_replaced(
+    tmp_path: Path, code: int
+) -> None:
+    from websockets.asyncio.server import serve
+
+    hellos: list[dict[str, Any]] = []
+
+    async def handler(ws: Any) -> None:
+        hellos.append(json.loads(await ws.recv()))
+        await ws.send(json.dumps(WELCOME))
+        await ws.close(code, "revoked" if code == 4403 else "another agent took over")
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        _, task = start_agent(url, tmp_path, drain_timeout=1)
+        assert await asyncio.wait_for(task, 10) == 3
+
+    # Reconnecting would fight the other agent (or the revocation): one hello only.
+    assert len(hellos) == 1

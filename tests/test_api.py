@@ -962,7 +962,9 @@ def test_it_refuses_to_enroll_a_name_that_is_online(client, enrollment, worker, 
     response = register(client, token=enrollment, name="node-1")
 
     assert response.status_code == 403
-    assert response.json() == {"error": "a worker named 'node-1' is online; choose another --name"}
+    assert response.json() == {
+        "error": "a worker named 'node-1' is connected; choose another --name"
+    }
     assert Worker.objects.values().get(pk=worker.pk) == before
     assert registration.authenticate(worker_credential) == worker
 
@@ -1014,3 +1016,41 @@ def test_it_lists_workers_with_their_slots_in_use(api, task, worker):
         ("node-0", "offline", [], 4),
         ("node-1", "online", ["linux"], 2),
     ]
+
+
+def test_it_refuses_to_re_enroll_a_revoked_worker(client, worker):
+    from workers_app import registration as reg
+
+    reg.revoke(worker)
+    raw, _ = EnrollmentToken.mint()
+    body = {"token": raw, "name": worker.name, "hostname": "h", "capacity": 1, "labels": []}
+
+    response = client.post("/api/workers/register", body, content_type="application/json")
+
+    assert response.status_code == 403
+    assert response.json() == {
+        "error": "worker 'node-1' was revoked; an operator must delete it before the name is reused"
+    }
+    worker.refresh_from_db()
+    assert worker.revoked_at is not None
+
+
+def test_it_refuses_to_enroll_over_a_connected_worker_even_when_draining(client, worker):
+    Worker.objects.filter(pk=worker.pk).update(state=Worker.State.DRAINING, channel_name="live")
+    raw, _ = EnrollmentToken.mint()
+    body = {"token": raw, "name": worker.name, "hostname": "h", "capacity": 1, "labels": []}
+
+    response = client.post("/api/workers/register", body, content_type="application/json")
+
+    assert response.status_code == 403
+    assert response.json() == {
+        "error": "a worker named 'node-1' is connected; choose another --name"
+    }
+
+
+def test_it_answers_400_to_text_that_is_not_valid_unicode(api):
+    body = '{"name": "\\ud800x", "command": "true"}'
+    response = api.post("/api/tasks", body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["error"] == "request body contains text that is not valid Unicode"
+    assert Task.objects.count() == 0

@@ -944,10 +944,108 @@ async def test_it_moves_a_rejected_attempt_to_another_worker(connect, agent, wor
 async def test_it_closes_the_socket_of_a_revoked_worker(agent, connect, worker, worker_credential):
     await database_sync_to_async(registration.revoke)(worker)
 
-    await sync_to_async(dispatch.send_close)(worker.group_name)
+    worker = await refreshed(worker)
+    await sync_to_async(dispatch.send_close)(worker.channel_name, 4403)
 
     assert await agent.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4403}
     await agent.disconnect(timeout=TIMEOUT)
     worker = await refreshed(worker)
     assert (worker.state, worker.channel_name) == (Worker.State.DISABLED, "")
     assert await connect(worker_credential, expect_accept=False) == (False, 4401)
+
+
+# --- one connection per worker, no lost or duplicated frames ---------------------
+
+
+async def test_a_second_connection_of_the_same_worker_closes_the_first(
+    connect, agent, worker, worker_credential, linux_task
+):
+    newer = await connect(worker_credential)
+    await newer.send_json_to(hello_frame())
+    assert await newer.receive_json_from(timeout=TIMEOUT) == welcome_for(worker)
+    await barrier(newer)
+
+    # The older socket is told to go away (it must never get an assignment) ...
+    assert await agent.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4409}
+    attempt = await trigger(linux_task)
+    # ... and work goes only to the newer one.
+    assert await newer.receive_json_from(timeout=TIMEOUT) == assign_for(attempt)
+    assert await newer.receive_nothing()
+
+
+async def test_a_burst_of_150_assignments_all_reach_the_agent(
+    connect, worker, worker_credential, task
+):
+    @database_sync_to_async
+    def queue_runs() -> list[int]:
+        return [lifecycle.trigger_run(task).attempts.get().pk for _ in range(150)]
+
+    # Queued while the worker is offline, then one hello with room for all of them:
+    # more frames than the in-memory layer holds per channel (100).
+    pending = await queue_runs()
+    comm = await connect(worker_credential)
+    await comm.send_json_to(hello_frame(capacity=150, labels=[]))
+    assert await comm.receive_json_from(timeout=TIMEOUT) == welcome_for(worker)
+
+    received = [(await comm.receive_json_from(timeout=TIMEOUT))["attempt"] for _ in pending]
+
+    assert sorted(received) == pending
+    assert await comm.receive_nothing()
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        ({"type": "rejected", "attempt": 2**64}, "rejected: attempt out of range"),
+        ({"type": "started", "attempt": 0}, "started: attempt out of range"),
+        ({"type": "heartbeat", "running": [2**70]}, "heartbeat: running has an id out of range"),
+        (
+            {
+                "type": "finished",
+                "attempt": 1,
+                "status": "succeeded",
+                "exit_code": 0,
+                "started_at": 1e300,
+            },
+            "finished: started_at is not a plausible time",
+        ),
+        (
+            {"type": "finished", "attempt": 1, "status": "failed", "exit_code": 2**40},
+            "finished: exit_code out of range",
+        ),
+        (
+            {"type": "log", "attempt": 1, "seq": 0, "stream": "stdout", "data": "\ud800"},
+            "log: text is not valid Unicode",
+        ),
+    ],
+)
+async def test_out_of_range_values_get_an_error_frame_and_the_consumer_lives_on(
+    agent, worker, frame, message
+):
+    await agent.send_to(text_data=json.dumps(frame))
+
+    assert await agent.receive_json_from(timeout=TIMEOUT) == {
+        "type": "error",
+        "code": "malformed",
+        "message": message,
+    }
+    await agent.send_json_to({"type": "heartbeat", "running": []})
+    await barrier(agent)
+    assert (await refreshed(worker)).state == Worker.State.ONLINE
+
+
+async def test_a_failing_handler_answers_internal_error_and_keeps_the_socket(
+    agent, worker, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(lifecycle, "mark_started", broken)
+    await agent.send_json_to({"type": "started", "attempt": 1, "pid": 3})
+
+    assert await agent.receive_json_from(timeout=TIMEOUT) == {
+        "type": "error",
+        "code": "internal_error",
+        "message": "the master could not handle this started",
+    }
+    await barrier(agent)

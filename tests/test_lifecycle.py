@@ -172,7 +172,7 @@ def test_it_requeues_only_assignments_of_that_worker_that_did_not_start(task, wo
     lifecycle.assign(started.pk, worker.pk, worker.name)
     lifecycle.mark_started(worker.pk, started.pk, None, 1)
 
-    assert lifecycle.requeue(worker.pk, [mine.pk, theirs.pk, started.pk]) == 1
+    assert lifecycle.requeue(worker.pk, [mine.pk, theirs.pk, started.pk]) == [mine.pk]
 
     statuses = dict(Attempt.objects.values_list("pk", "status"))
     assert statuses == {mine.pk: "queued", theirs.pk: "assigned", started.pk: "running"}

@@ -290,3 +290,68 @@ def test_the_service_restarts_the_liveness_clock_after_a_database_outage(monkeyp
     service.tick()
     assert not service.database_down
     assert service.alive_since >= before
+
+
+def test_a_cancelled_runs_unaccepted_assignment_is_cancelled_not_requeued(online, task, settings):
+    settings.SCHEDULER_ACCEPT_TIMEOUT_S = 5
+    run = lifecycle.trigger_run(task)
+    attempt = run.attempts.get()
+    lifecycle.assign(attempt.pk, online.pk, online.name)
+    lifecycle.cancel_run(run)  # the agent never got the assign, so never answers
+
+    assert lifecycle.requeue_unaccepted(timezone.now() + dt.timedelta(seconds=6)) == [attempt.pk]
+
+    attempt.refresh_from_db()
+    run.refresh_from_db()
+    assert attempt.status == Attempt.Status.CANCELLED
+    assert run.status == Run.Status.CANCELLED
+    assert dispatch.dispatch() == []
+
+
+def test_dispatch_looks_past_old_work_nobody_can_run(online, task):
+    gpu = Task.objects.create(name="gpu-only", command="true", labels=["gpu"])
+    for _ in range(7):
+        lifecycle.trigger_run(gpu)
+    runnable = lifecycle.trigger_run(task)
+
+    assert dispatch.dispatch(limit=3) == [(online.pk, runnable.attempts.get().pk)]
+
+
+def test_deleting_a_worker_loses_its_running_attempts_instead_of_orphaning_them(online):
+    task = Task.objects.create(name="orphan", command="sleep 9", max_retries=1, retry_backoff_s=0)
+    run = lifecycle.trigger_run(task)
+    attempt = _running(run, online)
+
+    online.delete()
+
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.reason) == ("lost", "worker lost: the worker was deleted")
+    assert run.attempts.get(try_number=2).status == Attempt.Status.QUEUED
+
+
+def test_the_timeout_backstop_ignores_a_wrong_agent_clock(online, settings):
+    settings.SCHEDULER_TIMEOUT_GRACE_S = 30
+    task = Task.objects.create(name="skewed", command="sleep 999", timeout=600)
+    run = lifecycle.trigger_run(task)
+    attempt = run.attempts.get()
+    lifecycle.assign(attempt.pk, online.pk, online.name)
+    # The agent's clock is an hour behind.
+    lifecycle.mark_started(online.pk, attempt.pk, time.time() - 3600, 7)
+
+    assert lifecycle.time_out_overdue(timezone.now() + dt.timedelta(seconds=60)) == []
+    assert lifecycle.time_out_overdue(timezone.now() + dt.timedelta(seconds=631)) == [attempt.pk]
+
+
+def test_the_service_gives_agents_a_grace_period_after_its_own_restart(online, task, settings):
+    settings.SCHEDULER_ACCEPT_TIMEOUT_S = 1
+    attempt = lifecycle.trigger_run(task).attempts.get()
+    lifecycle.assign(attempt.pk, online.pk, online.name)
+    Attempt.objects.filter(pk=attempt.pk).update(
+        assigned_at=timezone.now() - dt.timedelta(seconds=60)
+    )
+    service = SchedulerService()
+
+    assert service.requeue_unaccepted() is False
+    assert service.time_out_overdue() is False
+    service.alive_since -= settings.SCHEDULER_LOST_AFTER_S + 1
+    assert service.requeue_unaccepted() is True

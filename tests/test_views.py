@@ -634,7 +634,7 @@ def test_it_refuses_to_add_a_worker_with_get(bob_client):
 def test_it_revokes_a_worker_and_closes_its_socket(bob_client, worker, worker_credential):
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(worker.group_name, channel)
+    Worker.objects.filter(pk=worker.pk).update(channel_name=channel)
 
     response = bob_client.post(f"/workers/{worker.pk}/revoke/")
 
@@ -644,7 +644,7 @@ def test_it_revokes_a_worker_and_closes_its_socket(bob_client, worker, worker_cr
     assert worker.revoked_at is not None
     assert worker.state == Worker.State.DISABLED
     assert registration.authenticate(worker_credential) is None
-    assert async_to_sync(layer.receive)(channel) == {"type": "agent.close"}
+    assert async_to_sync(layer.receive)(channel) == {"type": "agent.close", "code": 4403}
     html = bob_client.get("/workers/").content.decode()
     assert '<span class="muted">revoked</span>' in html
     assert f"/workers/{worker.pk}/revoke/" not in html

@@ -60,6 +60,9 @@ KILL_GRACE_S = 5.0
 # The websocket's own keepalive: a half-open connection (a partition without a
 # FIN) is noticed within PING_INTERVAL_S + PING_TIMEOUT_S, so that self-fencing
 # starts counting soon after the master stops hearing us.
+# Close codes of the master that mean "do not come back with this credential".
+CLOSE_REVOKED = 4403
+CLOSE_REPLACED = 4409
 PING_INTERVAL_S = 5.0
 PING_TIMEOUT_S = 5.0
 # How long a shutdown waits for queued frames to leave before closing the socket.
@@ -1090,6 +1093,19 @@ class Agent:
                 ) as ws:
                     logger.info("connected to %s", url)
                     await self.serve(ws)
+                if ws.close_code in (CLOSE_REVOKED, CLOSE_REPLACED):
+                    # Revoked while connected, or another process connected with
+                    # our credential (a copied state dir): reconnecting would only
+                    # fight it, and two agents must never share one worker.
+                    logger.error(
+                        "master closed the connection (%s): %s; remove %s and enroll again",
+                        ws.close_code,
+                        "credential revoked"
+                        if ws.close_code == CLOSE_REVOKED
+                        else "another agent connected with this credential",
+                        self.config.state_dir / "credential.json",
+                    )
+                    return 3
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (401, 403):

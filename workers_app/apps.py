@@ -11,3 +11,12 @@ class WorkersAppConfig(AppConfig):
 
         work_queued.connect(dispatch.on_work_queued, dispatch_uid="workers_app.dispatch")
         stop_requested.connect(dispatch.on_stop_requested, dispatch_uid="workers_app.stop")
+
+        from django.db.models.signals import pre_delete
+
+        from workers_app import liveness
+        from workers_app.models import Worker
+
+        pre_delete.connect(
+            liveness.on_worker_deleted, sender=Worker, dispatch_uid="workers_app.del"
+        )

@@ -16,11 +16,6 @@ from workers_app.models import Worker
 
 log = logging.getLogger(__name__)
 
-# Close codes in the private range (RFC 6455 section 7.4.2: 4000-4999).
-CLOSE_BAD_CREDENTIAL = 4401
-CLOSE_REVOKED = 4403
-# RFC 6455 7.4.1: 1013 "try again later" — a transient failure on our side.
-CLOSE_TRY_AGAIN = 1013
 # A rejected assignment is offered again after this long at the earliest.
 REJECT_BACKOFF_S = 1.0
 
@@ -46,22 +41,19 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         self.worker_id = self.scope.get("worker_id")
         if not self.worker_id:
             # Closing before accept makes daphne refuse the handshake with HTTP 403.
-            await self.close(code=CLOSE_BAD_CREDENTIAL)
+            await self.close(code=protocol.CLOSE_BAD_CREDENTIAL)
             return
         self.said_hello = False
         self.pending_logs: list[lifecycle.Chunk] = []
         self.pending_bytes = 0
         self.flush_lock = asyncio.Lock()
         self.flush_handle: asyncio.TimerHandle | None = None
-        self.group = f"worker.{self.worker_id}"
-        await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if not getattr(self, "worker_id", None):
             return
         await self.flush_logs()
-        await self.channel_layer.group_discard(self.group, self.channel_name)
         await database_sync_to_async(liveness.disconnected)(self.worker_id, self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -73,7 +65,18 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         if not self.said_hello and frame["type"] != "hello":
             await self.send_json(protocol.error("hello_first", "send hello before any other frame"))
             return
-        await getattr(self, f"on_{frame['type']}")(frame)
+        try:
+            await getattr(self, f"on_{frame['type']}")(frame)
+        except Exception:
+            # A bug or a database hiccup on one frame must not kill the connection
+            # (its disconnect handler would never run). Nothing was acknowledged,
+            # so the agent repeats what matters: results are replayed on reconnect.
+            log.exception("worker %s: handling a %s frame failed", self.worker_id, frame["type"])
+            await self.send_json(
+                protocol.error(
+                    "internal_error", f"the master could not handle this {frame['type']}"
+                )
+            )
 
     # --- frames from the agent -------------------------------------------------
 
@@ -189,7 +192,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 # Not acknowledged, so the agent still holds these frames: make it
                 # reconnect and resend them rather than keep them here unbounded.
                 log.exception("storing output of worker %s failed; reconnecting it", self.worker_id)
-                await self.close(code=CLOSE_TRY_AGAIN)
+                await self.close(code=protocol.CLOSE_TRY_AGAIN)
                 return
         # One acknowledgement per attempt per batch: the agent may forget those frames.
         for attempt_id, seq in sorted(acked.items()):
@@ -206,8 +209,9 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
 
     # --- messages from the rest of the master ----------------------------------
 
-    async def agent_frame(self, event: dict) -> None:
-        await self.send_json(event["frame"])
+    async def agent_frames(self, event: dict) -> None:
+        for frame in event["frames"]:
+            await self.send_json(frame)
 
     async def agent_close(self, event: dict) -> None:
-        await self.close(code=event.get("code", CLOSE_REVOKED))
+        await self.close(code=event["code"])

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from tasks_app import lifecycle
 from tasks_app.models import Attempt
-from workers_app import dispatch
+from workers_app import dispatch, protocol
 from workers_app.models import Worker
 
 
@@ -31,16 +31,20 @@ def hello(worker_id: int, channel_name: str, frame: dict) -> Reconciled:
     now = timezone.now()
     with transaction.atomic():
         worker = Worker.objects.select_for_update().get(pk=worker_id)
-        worker.hostname = frame.get("hostname") or worker.hostname
+        previous = worker.channel_name
+        worker.hostname = (frame.get("hostname") or worker.hostname)[:255]
         worker.agent_version = (frame.get("agent_version") or "")[:50]
         worker.capacity = frame["capacity"]
-        labels = frame.get("labels")
-        if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
-            worker.labels = labels[:32]
+        if "labels" in frame:  # checked by protocol.parse
+            worker.labels = frame["labels"]
         if worker.state != Worker.State.DISABLED:
             draining = frame.get("draining") or worker.drain_requested
             worker.state = Worker.State.DRAINING if draining else Worker.State.ONLINE
         worker.channel_name = channel_name
+        if previous and previous != channel_name:
+            # Only one connection serves a worker: the older one is closed, so
+            # that an attempt can never be handed to two sockets.
+            transaction.on_commit(lambda: dispatch.send_close(previous, protocol.CLOSE_REPLACED))
         worker.last_heartbeat = now
         worker.connected_at = now
         worker.save()
@@ -109,8 +113,7 @@ def apply_state(worker: Worker, state: str) -> None:
             transaction.on_commit(dispatch.dispatch)
         else:
             raise ValueError(f"cannot set a worker to {state!r}")
-        group = worker.group_name
-        transaction.on_commit(lambda: dispatch.send_frames([(group, {"type": frame})]))
+        transaction.on_commit(lambda: dispatch.send_frames([(worker.pk, {"type": frame})]))
 
 
 def disconnected(worker_id: int, channel_name: str) -> None:
@@ -150,6 +153,15 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
         if worker.channel_name:
             # A socket that is open but silent (a hung agent): close it, so the
             # agent must say hello again and be reconciled.
-            group = worker.group_name
-            transaction.on_commit(lambda group=group: dispatch.send_close(group))
+            dispatch.send_close(worker.channel_name, protocol.CLOSE_SILENT)
+    # Active attempts whose worker row is gone (deleted past the signal, e.g.
+    # with raw SQL) would otherwise stay running forever.
+    lifecycle.mark_lost(None, "worker lost: the worker was deleted")
     return reaped
+
+
+def on_worker_deleted(sender, instance: Worker, **kwargs) -> None:
+    """A deleted worker reports nothing any more: its attempts are lost now
+    (and retried per policy) instead of staying running with no worker."""
+    lifecycle.mark_lost(instance.pk, "worker lost: the worker was deleted")
+    dispatch.send_close(instance.channel_name, protocol.CLOSE_REVOKED)

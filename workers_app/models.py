@@ -28,8 +28,9 @@ class Worker(models.Model):
     connected_at = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
     credential_hash = models.CharField(max_length=64, unique=True)
-    # The websocket consumer currently serving this worker; a stale one must not
-    # mark the worker offline when a newer connection has taken over.
+    # The websocket consumer currently serving this worker: frames are sent to
+    # it alone, and a stale one must not mark the worker offline when a newer
+    # connection has taken over.
     channel_name = models.CharField(max_length=200, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -40,10 +41,6 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.name
-
-    @property
-    def group_name(self) -> str:
-        return f"worker.{self.pk}"
 
 
 class EnrollmentToken(models.Model):

@@ -9,9 +9,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.core.exceptions import ValidationError
+
+from tasks_app.validators import clean_labels
 from workers_app.exceptions import ProtocolError
 
 PROTOCOL_VERSION = 1
+
+# Close codes in the private range (RFC 6455 section 7.4.2: 4000-4999).
+CLOSE_BAD_CREDENTIAL = 4401
+CLOSE_REVOKED = 4403
+# A newer connection of the same worker said hello: only one may serve it.
+CLOSE_REPLACED = 4409
+# Silent for longer than SCHEDULER_LOST_AFTER_S while the socket stayed open.
+CLOSE_SILENT = 4408
+# RFC 6455 7.4.1: 1013 "try again later" — a transient failure on our side.
+CLOSE_TRY_AGAIN = 1013
 STREAMS = {"stdout", "stderr"}
 # "lost": the agent gave the attempt up (drain timeout, self-fencing); it is retried.
 RESULT_STATUSES = {"succeeded", "failed", "timed_out", "cancelled", "lost"}
@@ -93,7 +106,58 @@ def parse(text: str | None, max_bytes: int) -> dict[str, Any]:
     return frame
 
 
+MAX_ID = 2**63 - 1  # a database bigint
+MAX_INT32 = 2**31 - 1
+# Epoch seconds from the agent: 2000-01-01 .. 2100-01-01; anything else is a
+# broken clock or a broken agent, and would overflow datetime.
+MIN_EPOCH, MAX_EPOCH = 946_684_800, 4_102_444_800
+ID_FIELDS = ("attempt",)
+INT32_FIELDS = ("seq", "exit_code", "pid", "last_seq")
+EPOCH_FIELDS = ("started_at", "finished_at")
+
+
+def _check_ranges(kind: str, frame: dict[str, Any]) -> None:
+    for field in ID_FIELDS:
+        if field in frame and not 1 <= frame[field] <= MAX_ID:
+            raise ProtocolError("malformed", f"{kind}: {field} out of range")
+    for field in INT32_FIELDS:
+        value = frame.get(field)
+        if value is not None and not -MAX_INT32 <= value <= MAX_INT32:
+            raise ProtocolError("malformed", f"{kind}: {field} out of range")
+    for field in EPOCH_FIELDS:
+        value = frame.get(field)
+        if value is not None and not MIN_EPOCH <= value <= MAX_EPOCH:  # NaN fails too
+            raise ProtocolError("malformed", f"{kind}: {field} is not a plausible time")
+    for field in ("running", "spooled"):
+        if any(not 1 <= a <= MAX_ID for a in frame.get(field, [])):
+            raise ProtocolError("malformed", f"{kind}: {field} has an id out of range")
+    if "output_bytes" in frame and not 0 <= frame["output_bytes"] <= MAX_ID:
+        raise ProtocolError("malformed", f"{kind}: output_bytes out of range")
+
+
+def _check_text(kind: str, value: Any) -> None:
+    """JSON escapes can smuggle lone surrogates in, which no database stores."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError("malformed", f"{kind}: text is not valid Unicode") from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(kind, item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(kind, key)
+            _check_text(kind, item)
+
+
 def _check_values(kind: str, frame: dict[str, Any]) -> None:
+    _check_fields(kind, frame)
+    _check_ranges(kind, frame)
+    _check_text(kind, frame)
+
+
+def _check_fields(kind: str, frame: dict[str, Any]) -> None:
     if kind == "hello":
         if frame["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError(
@@ -102,6 +166,11 @@ def _check_values(kind: str, frame: dict[str, Any]) -> None:
             )
         if not 1 <= frame["capacity"] <= 1024:
             raise ProtocolError("malformed", "hello: capacity must be between 1 and 1024")
+        if "labels" in frame:
+            try:
+                frame["labels"] = clean_labels(frame["labels"])
+            except ValidationError as exc:
+                raise ProtocolError("malformed", f"hello: {exc.messages[0]}") from None
     for field in ("running", "spooled"):
         if kind in ("hello", "heartbeat") and not all(
             isinstance(a, int) and not isinstance(a, bool) for a in frame.get(field, [])

@@ -16,9 +16,9 @@ def register(
 ) -> tuple[Worker, str]:
     """Create (or re-enroll) a worker and return it with its new credential.
 
-    A worker that is not online may be enrolled again under the same name,
-    e.g. after its state dir was lost: it keeps its history and gets a fresh
-    credential, and the old one stops working.
+    A worker that is not connected and not revoked may be enrolled again
+    under the same name, e.g. after its state dir was lost: it keeps its
+    history and gets a fresh credential, and the old one stops working.
     """
     with transaction.atomic():
         token = EnrollmentToken.objects.filter(token_hash=tokens.digest(raw_token)).first()
@@ -26,15 +26,20 @@ def register(
             raise EnrollmentRefused("enrollment token is unknown, expired or revoked")
         credential, credential_hash = tokens.mint("wkr")
         worker = Worker.objects.select_for_update().filter(name=name).first()
-        if worker is not None and worker.state == Worker.State.ONLINE:
-            raise EnrollmentRefused(f"a worker named {name!r} is online; choose another --name")
+        if worker is not None and (worker.state == Worker.State.ONLINE or worker.channel_name):
+            raise EnrollmentRefused(f"a worker named {name!r} is connected; choose another --name")
+        if worker is not None and worker.revoked_at is not None:
+            # Revoking must stick: an enrollment token (reusable, and in shell
+            # histories) must not bring a revoked worker back.
+            raise EnrollmentRefused(
+                f"worker {name!r} was revoked; an operator must delete it before the name is reused"
+            )
         if worker is None:
             worker = Worker(name=name)
         worker.hostname = hostname
         worker.capacity = capacity
         worker.labels = labels
         worker.credential_hash = credential_hash
-        worker.revoked_at = None
         worker.state = Worker.State.OFFLINE
         worker.save()
         EnrollmentToken.objects.filter(pk=token.pk).update(uses=F("uses") + 1)

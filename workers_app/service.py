@@ -33,18 +33,28 @@ class SchedulerService:
     def dispatch_queued(self) -> bool:
         return bool(dispatch.dispatch())
 
+    def recovering(self) -> bool:
+        """True for SCHEDULER_LOST_AFTER_S after our start or our database came back.
+
+        During our own outage (a restart, or the database out of reach) every
+        agent looks silent and no accept or result could arrive: give them a
+        full grace period to reconnect and replay before judging any of them.
+        """
+        return time.monotonic() - self.alive_since < settings.SCHEDULER_LOST_AFTER_S
+
     def reap_lost_workers(self) -> bool:
-        # After our own outage (a restart, or the database out of reach) every
-        # worker looks silent: give them a full grace period from our recovery
-        # before declaring any of them lost.
-        if time.monotonic() - self.alive_since < settings.SCHEDULER_LOST_AFTER_S:
+        if self.recovering():
             return False
         return bool(liveness.reap_lost())
 
     def requeue_unaccepted(self) -> bool:
+        if self.recovering():
+            return False
         return bool(lifecycle.requeue_unaccepted())
 
     def time_out_overdue(self) -> bool:
+        if self.recovering():
+            return False
         return bool(lifecycle.time_out_overdue())
 
     def tick(self) -> bool:

@@ -8,7 +8,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from workers_app import dispatch, liveness, registration
+from workers_app import dispatch, liveness, protocol, registration
 from workers_app.api import ACTIONS
 from workers_app.models import EnrollmentToken, Worker
 from workers_app.serializers import with_busy_slots
@@ -60,7 +60,7 @@ def worker_revoke(request, pk: int):
         raise Http404("No such worker.")
     registration.revoke(worker)
     # Close its live socket too; its running attempts are reaped as lost.
-    dispatch.send_close(worker.group_name)
+    dispatch.send_close(worker.channel_name, protocol.CLOSE_REVOKED)
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 

@@ -19,6 +19,8 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=8000, help="Port to bind (default 8000).")
 
     def handle(self, *args, host: str, port: int, **options):
+        if not host.strip():
+            raise CommandError("--host must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
         if not 0 < port < 65536:
             raise CommandError(f"--port must be between 1 and 65535, not {port}")
         # Importing daphne.server installs the asyncio Twisted reactor; do it
