@@ -5,6 +5,7 @@ agents as child processes, prints the URL and the login, and stops them all
 on Ctrl-C (SIGINT) or SIGTERM.
 """
 
+import io
 import signal
 import subprocess
 import sys
@@ -38,7 +39,8 @@ class Command(BaseCommand):
         if not 0 <= agents <= 32:
             raise CommandError(f"--agents must be between 0 and 32, not {agents}")
         call_command("migrate", verbosity=0)
-        call_command("ensureadmin", stdout=self.stdout)
+        login = io.StringIO()
+        call_command("ensureadmin", stdout=login)
         url = f"http://127.0.0.1:{port}"
         children: list[subprocess.Popen] = []
         stopping = False
@@ -89,6 +91,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 self.style.SUCCESS(f"\nScheduler running at {url}/  ({agents} local agent(s))")
             )
+            self.stdout.write(login.getvalue().strip())
             self.stdout.write("Press Ctrl-C to stop.\n")
             while not stopping and all(child.poll() is None for child in children):
                 time.sleep(0.2)
