@@ -24,9 +24,8 @@ from tests.conftest import AGENT, Master, free_port  # noqa: E402
 
 
 def main() -> None:
-    runs, agents, capacity = (
-        int(a) for a in (sys.argv[1:] + ["500", "2", "8"][len(sys.argv) - 1 :])[:3]
-    )
+    given = [int(a) for a in sys.argv[1:4]]
+    runs, agents, capacity = given + [500, 2, 8][len(given) :]
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         env = {
@@ -78,23 +77,19 @@ def main() -> None:
                     f"{master.url}/api/tasks/{task['id']}/run", headers=headers, timeout=30
                 )
             triggered = time.monotonic() - started
-            while (
-                master.api("GET", "runs?status=succeeded&limit=1").json()["results"][0]["id"] < runs
-            ):
-                time.sleep(0.05)
             while True:
-                page = master.api("GET", "runs?limit=200").json()
-                if all(r["status"] == "succeeded" for r in page["results"]) and len(
-                    page["results"]
-                ):
+                state = master.api("GET", "scheduler").json()
+                if state["runs_queued"] == 0 and state["runs_running"] == 0:
                     break
-                time.sleep(0.05)
+                time.sleep(0.02)
             elapsed = time.monotonic() - started
             latencies = []
+            statuses = set()
             url = "runs?limit=200"
             while url:
                 body = master.api("GET", url).json()
                 for run in body["results"]:
+                    statuses.add(run["status"])
                     attempt = run["attempts"][0]
                     delta = dt.datetime.fromisoformat(
                         attempt["started_at"]
@@ -102,8 +97,10 @@ def main() -> None:
                     latencies.append(delta.total_seconds() * 1000)
                 url = body["next"] and body["next"].removeprefix("/api/")
             latencies.sort()
+            assert statuses == {"succeeded"}, statuses
             print(
-                f"{runs} runs of `true`, {agents} agents x {capacity} slots, SQLite + in-memory layer"
+                f"{runs} runs of `true`, {agents} agents x {capacity} slots, "
+                "SQLite + in-memory layer"
             )
             print(
                 f"  triggering over HTTP took {triggered:.2f}s ({runs / triggered:.0f} requests/s)"
@@ -111,7 +108,8 @@ def main() -> None:
             print(f"  all succeeded after {elapsed:.2f}s: {runs / elapsed:.0f} runs/s end to end")
             print(
                 f"  created -> process started: p50 {statistics.median(latencies):.1f} ms, "
-                f"p99 {latencies[int(len(latencies) * 0.99) - 1]:.1f} ms (includes queueing behind busy slots)"
+                f"p99 {latencies[int(len(latencies) * 0.99) - 1]:.1f} ms "
+                "(includes queueing behind busy slots)"
             )
         finally:
             for proc in procs:
