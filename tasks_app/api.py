@@ -5,7 +5,7 @@ from django.urls import reverse
 from django.utils.http import urlencode
 
 from tasks_app import history, lifecycle, serializers
-from tasks_app.apiauth import BadRequest, api_view, error, json_body
+from tasks_app.apiauth import BadRequest, api_view, error, form_errors, json_body, wrong_types
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, TaskDisabled
 from tasks_app.forms import TaskForm
 from tasks_app.models import Run, Task
@@ -29,15 +29,7 @@ def _task_form(payload: dict, instance: Task | None = None) -> TaskForm:
     unknown = sorted(set(payload) - set(TASK_FIELD_TYPES) - {"id"})
     if unknown:
         raise BadRequest("unknown fields", {name: ["Unknown field."] for name in unknown})
-    wrong = {
-        name: [f"Expected {' or '.join(t.__name__ for t in types if t is not type(None))}."]
-        for name, types in TASK_FIELD_TYPES.items()
-        if name in payload
-        and (
-            not isinstance(payload[name], types)
-            or (isinstance(payload[name], bool) and bool not in types)
-        )
-    }
+    wrong = wrong_types(payload, TASK_FIELD_TYPES)
     if wrong:
         raise BadRequest("invalid fields", wrong)
     # Fields left out keep their current value (update) or the default (create),
@@ -46,18 +38,12 @@ def _task_form(payload: dict, instance: Task | None = None) -> TaskForm:
     return TaskForm(data=payload, instance=instance)
 
 
-def _form_errors(form: TaskForm) -> dict:
-    return {
-        field: [str(message) for message in messages] for field, messages in form.errors.items()
-    }
-
-
 @api_view(["GET", "POST"])
 def tasks(request):
     if request.method == "POST":
         form = _task_form(json_body(request))
         if not form.is_valid():
-            raise BadRequest("invalid task", _form_errors(form))
+            raise BadRequest("invalid task", form_errors(form))
         return JsonResponse(serializers.task_json(form.save()), status=201)
     return JsonResponse(
         {"results": [serializers.task_json(t) for t in Task.objects.order_by("id")]}
@@ -76,7 +62,7 @@ def task_detail(request, pk: int):
     if request.method in ("PUT", "PATCH"):
         form = _task_form(json_body(request), instance=task)
         if not form.is_valid():
-            raise BadRequest("invalid task", _form_errors(form))
+            raise BadRequest("invalid task", form_errors(form))
         task = form.save()
     return JsonResponse(serializers.task_json(task))
 

@@ -64,6 +64,30 @@ def json_body(request: HttpRequest) -> dict:
     return payload
 
 
+def wrong_types(
+    payload: dict, types: dict[str, tuple[type, ...]], messages: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """Field errors for JSON values of the wrong type.
+
+    A form would coerce "4" to 4 (and True to 1): JSON callers must send real
+    types. A boolean counts as a boolean only, never as a number.
+    """
+    errors = {}
+    for name, allowed in types.items():
+        if name not in payload:
+            continue
+        value = payload[name]
+        if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+            continue
+        names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+        errors[name] = [(messages or {}).get(name, f"Expected {names}.")]
+    return errors
+
+
+def form_errors(form) -> dict[str, list[str]]:
+    return {field: [str(m) for m in messages] for field, messages in form.errors.items()}
+
+
 def api_view(methods: list[str], *, public: bool = False) -> Callable:
     """JSON endpoint: method check, authentication, and BadRequest -> 400."""
 

@@ -178,9 +178,8 @@ def mark_started(
         pk=attempt_id, worker_id=worker_id, status=Attempt.Status.ASSIGNED
     ).update(status=Attempt.Status.RUNNING, started_at=started, pid=pid)
     if updated:
-        run_id = Attempt.objects.filter(pk=attempt_id).values_list("run_id", flat=True).first()
         # Race: two shards starting at once; the first one moves the run.
-        Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
+        Run.objects.filter(attempts__pk=attempt_id, status=Run.Status.QUEUED).update(
             status=Run.Status.RUNNING, started_at=started
         )
     return bool(updated)

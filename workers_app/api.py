@@ -3,18 +3,18 @@
 from django import forms
 from django.http import JsonResponse
 
-from tasks_app.apiauth import BadRequest, api_view, error, json_body
+from tasks_app.apiauth import BadRequest, api_view, error, form_errors, json_body, wrong_types
 from tasks_app.validators import clean_labels
 from workers_app import liveness, registration, serializers
 from workers_app.exceptions import EnrollmentRefused
 from workers_app.models import Worker
 
 FIELD_TYPES = {
-    "token": (str, "Expected str."),
-    "name": (str, "Expected str."),
-    "hostname": (str, "Expected str."),
-    "capacity": (int, "Expected int."),
-    "labels": (list, "Expected a list of strings."),
+    "token": (str,),
+    "name": (str,),
+    "hostname": (str,),
+    "capacity": (int,),
+    "labels": (list,),
 }
 
 
@@ -35,19 +35,12 @@ class RegistrationForm(forms.Form):
 @api_view(["POST"], public=True)
 def register(request):
     payload = json_body(request)
-    # A form would coerce "4" to 4 and "a,b" to a list; JSON callers must send real types.
-    wrong = {
-        name: [message]
-        for name, (types, message) in FIELD_TYPES.items()
-        if name in payload
-        and (not isinstance(payload[name], types) or isinstance(payload[name], bool))
-    }
+    wrong = wrong_types(payload, FIELD_TYPES, {"labels": "Expected a list of strings."})
     if wrong:
         raise BadRequest("invalid registration", wrong)
     form = RegistrationForm(data=payload)
     if not form.is_valid():
-        errors = {field: [str(m) for m in messages] for field, messages in form.errors.items()}
-        raise BadRequest("invalid registration", errors)
+        raise BadRequest("invalid registration", form_errors(form))
     data = form.cleaned_data
     try:
         worker, credential = registration.register(
