@@ -5,9 +5,10 @@ import shlex
 
 from django.core.exceptions import ValidationError
 
-LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
+
+LABEL_RE = re.compile(LABEL_PATTERN)
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MAX_LABELS = 32
 MAX_ENV = 100
 
 
@@ -27,7 +28,7 @@ def clean_labels(value) -> list[str]:
             raise ValidationError("Each label must be a string.")
         if item == "":
             continue
-        if not LABEL_RE.match(item):
+        if not LABEL_RE.fullmatch(item):
             raise ValidationError(
                 f"Invalid label {item!r}: use 1-64 letters, digits, '.', '_' or '-'."
             )
@@ -82,3 +83,44 @@ def check_command(command: str, shell: bool) -> None:
         raise ValidationError(f"Cannot split the command into arguments: {exc}.") from None
     if not argv:
         raise ValidationError("The command is empty.")
+
+
+MAX_ARGS = 100
+MAX_ARG_CHARS = 4096
+
+
+def clean_run_params(value) -> dict:
+    """Parameters of one run: {"env": {NAME: value}, "args": [word, ...]}, both optional.
+
+    `env` is laid over the task's environment, `args` are appended to its
+    command line (quoted, so a word stays one word even in a shell command).
+    Raises ValidationError with a dict of messages per field.
+    """
+    if not isinstance(value, dict):
+        raise ValidationError("Run parameters must be an object with env and/or args.")
+    unknown = sorted(set(value) - {"env", "args"})
+    if unknown:
+        raise ValidationError(dict.fromkeys(unknown, "Unknown field."))
+    params: dict = {}
+    errors: dict[str, str] = {}
+    if value.get("env"):
+        if not isinstance(value["env"], dict):
+            errors["env"] = "Expected an object of NAME: value strings."
+        else:
+            try:
+                params["env"] = clean_env(value["env"])
+            except ValidationError as exc:
+                errors["env"] = exc.messages[0]
+    args = value.get("args")
+    if args:
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            errors["args"] = "Expected a list of strings."
+        elif len(args) > MAX_ARGS:
+            errors["args"] = f"At most {MAX_ARGS} arguments."
+        elif any("\x00" in a or len(a) > MAX_ARG_CHARS for a in args):
+            errors["args"] = f"An argument contains a NUL byte or is over {MAX_ARG_CHARS} chars."
+        else:
+            params["args"] = list(args)
+    if errors:
+        raise ValidationError(errors)
+    return params

@@ -1,81 +1,83 @@
-"""The agent protocol, version 1: JSON text frames, validated on the way in.
-
-parse() turns raw text into a checked dict or raises ProtocolError; the
-builders make the master's frames. Nothing here touches the database.
+"""The agent protocol on the master's side: checking what agents send, building
+what we send. The vocabulary (version, frame types and fields, close codes,
+streams, labels, sizes) is scheduler_site.wire, which the agent carries too.
+Nothing here touches the database.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from django.core.exceptions import ValidationError
 
+from scheduler_site.wire import (
+    AGENT_FRAMES,
+    CLOSE_BAD_CREDENTIAL,
+    CLOSE_REPLACED,
+    CLOSE_REVOKED,
+    CLOSE_SILENT,
+    CLOSE_TRY_AGAIN,
+    MAX_CAPACITY,
+    MAX_LOG_DATA,
+    MIN_CAPACITY,
+    PROTOCOL_VERSION,
+    RESULT_STATUSES,
+    STREAMS,
+    SUPPORTED_PROTOCOLS,
+    field_problem,
+)
 from tasks_app.validators import clean_labels
 from workers_app.exceptions import ProtocolError
 
-PROTOCOL_VERSION = 1
+__all__ = [
+    "CLOSE_BAD_CREDENTIAL",
+    "CLOSE_REPLACED",
+    "CLOSE_REVOKED",
+    "CLOSE_SILENT",
+    "CLOSE_TRY_AGAIN",
+    "PROTOCOL_VERSION",
+]
 
-# Close codes in the private range (RFC 6455 section 7.4.2: 4000-4999).
-CLOSE_BAD_CREDENTIAL = 4401
-CLOSE_REVOKED = 4403
-# A newer connection of the same worker said hello: only one may serve it.
-CLOSE_REPLACED = 4409
-# Silent for longer than SCHEDULER_LOST_AFTER_S while the socket stayed open.
-CLOSE_SILENT = 4408
-# RFC 6455 7.4.1: 1013 "try again later" — a transient failure on our side.
-CLOSE_TRY_AGAIN = 1013
-STREAMS = {"stdout", "stderr"}
-# "lost": the agent gave the attempt up (drain timeout, self-fencing); it is retried.
-RESULT_STATUSES = {"succeeded", "failed", "timed_out", "cancelled", "lost"}
-MAX_LOG_DATA = 512 * 1024
+MAX_ID = 2**63 - 1  # a database bigint
+MAX_INT32 = 2**31 - 1
+# Epoch seconds from the agent: 2000-01-01 .. 2100-01-01; anything else is a
+# broken clock or a broken agent, and would overflow datetime.
+MIN_EPOCH, MAX_EPOCH = 946_684_800, 4_102_444_800
+INT32_FIELDS = ("seq", "exit_code", "pid", "last_seq")
+EPOCH_FIELDS = ("started_at", "finished_at")
+# Most frames one message may carry; each is checked and applied on its own.
+MAX_FRAMES_PER_MESSAGE = 10_000
 
-# type -> {field: (python types, required)}
-_INT = (int,)
-_NUM = (int, float)
-SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "hello": {
-        "protocol": (_INT, True),
-        "agent_version": ((str,), False),
-        "hostname": ((str,), False),
-        "name": ((str,), False),
-        "capacity": (_INT, True),
-        "labels": ((list,), False),
-        "running": ((list,), True),
-        # Finished while disconnected, result spooled and about to be replayed.
-        "spooled": ((list,), False),
-        "draining": ((bool,), False),
-    },
-    "accepted": {"attempt": (_INT, True)},
-    "rejected": {"attempt": (_INT, True), "reason": ((str,), False)},
-    "started": {
-        "attempt": (_INT, True),
-        "pid": (_INT + (type(None),), False),
-        "started_at": (_NUM, False),
-    },
-    "log": {
-        "attempt": (_INT, True),
-        "seq": (_INT, True),
-        "stream": ((str,), True),
-        "data": ((str,), True),
-    },
-    "finished": {
-        "attempt": (_INT, True),
-        "status": ((str,), True),
-        "exit_code": (_INT + (type(None),), True),
-        "reason": ((str,), False),
-        "started_at": (_NUM + (type(None),), False),
-        "finished_at": (_NUM + (type(None),), False),
-        "output_bytes": (_INT, False),
-        "truncated": ((bool,), False),
-        "last_seq": (_INT, False),
-    },
-    "heartbeat": {"running": ((list,), False), "draining": ((bool,), False)},
-}
+
+def parse_message(text: str | None, max_bytes: int) -> tuple[list[dict], list[dict]]:
+    """One websocket message: its checked frames in order, and an error frame
+    for each frame refused (the others are still handled)."""
+    try:
+        decoded = _decode(text, max_bytes)
+    except ProtocolError as exc:
+        return [], [error(exc.code, exc.message)]
+    if not isinstance(decoded, list):
+        decoded = [decoded]
+    elif not decoded or len(decoded) > MAX_FRAMES_PER_MESSAGE:
+        message = f"a message carries 1 to {MAX_FRAMES_PER_MESSAGE} frames, not {len(decoded)}"
+        return [], [error("malformed", message)]
+    frames, errors = [], []
+    for item in decoded:
+        try:
+            frames.append(check(item))
+        except ProtocolError as exc:
+            errors.append(error(exc.code, exc.message))
+    return frames, errors
 
 
 def parse(text: str | None, max_bytes: int) -> dict[str, Any]:
-    """A validated frame, or ProtocolError with a code and a message for the agent."""
+    """A message holding one frame, checked; raises ProtocolError."""
+    return check(_decode(text, max_bytes))
+
+
+def _decode(text: str | None, max_bytes: int) -> Any:
     if text is None:
         raise ProtocolError(
             "binary_frame", "binary frames are not part of the protocol; send JSON text"
@@ -85,41 +87,26 @@ def parse(text: str | None, max_bytes: int) -> dict[str, Any]:
     if size > max_bytes:
         raise ProtocolError("too_large", f"frame of {size} bytes exceeds the limit of {max_bytes}")
     try:
-        frame = json.loads(text)
+        return json.loads(text)
     except ValueError as exc:
         raise ProtocolError("malformed", f"frame is not valid JSON: {exc}") from None
-    if not isinstance(frame, dict):
-        raise ProtocolError("malformed", "frame must be a JSON object")
-    kind = frame.get("type")
-    if kind not in SCHEMAS:
-        raise ProtocolError("unknown_type", f"unknown frame type {kind!r}")
-    for field, (types, required) in SCHEMAS[kind].items():
-        if field not in frame:
-            if required:
-                raise ProtocolError("malformed", f"{kind}: missing field {field!r}")
-            continue
-        value = frame[field]
-        # bool is an int in Python; a boolean where a number is expected is a bug in the agent.
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ProtocolError("malformed", f"{kind}: field {field!r} has the wrong type")
-    _check_values(kind, frame)
+
+
+def check(frame: Any) -> dict[str, Any]:
+    """A decoded frame, checked against the vocabulary and our ranges."""
+    problem = field_problem(frame, AGENT_FRAMES)
+    if problem:
+        raise ProtocolError(*problem)
+    kind = frame["type"]
+    _check_fields(kind, frame)
+    _check_ranges(kind, frame)
+    _check_text(kind, frame)
     return frame
 
 
-MAX_ID = 2**63 - 1  # a database bigint
-MAX_INT32 = 2**31 - 1
-# Epoch seconds from the agent: 2000-01-01 .. 2100-01-01; anything else is a
-# broken clock or a broken agent, and would overflow datetime.
-MIN_EPOCH, MAX_EPOCH = 946_684_800, 4_102_444_800
-ID_FIELDS = ("attempt",)
-INT32_FIELDS = ("seq", "exit_code", "pid", "last_seq")
-EPOCH_FIELDS = ("started_at", "finished_at")
-
-
 def _check_ranges(kind: str, frame: dict[str, Any]) -> None:
-    for field in ID_FIELDS:
-        if field in frame and not 1 <= frame[field] <= MAX_ID:
-            raise ProtocolError("malformed", f"{kind}: {field} out of range")
+    if "attempt" in frame and not 1 <= frame["attempt"] <= MAX_ID:
+        raise ProtocolError("malformed", f"{kind}: attempt out of range")
     for field in INT32_FIELDS:
         value = frame.get(field)
         if value is not None and not -MAX_INT32 <= value <= MAX_INT32:
@@ -151,21 +138,18 @@ def _check_text(kind: str, value: Any) -> None:
             _check_text(kind, item)
 
 
-def _check_values(kind: str, frame: dict[str, Any]) -> None:
-    _check_fields(kind, frame)
-    _check_ranges(kind, frame)
-    _check_text(kind, frame)
-
-
 def _check_fields(kind: str, frame: dict[str, Any]) -> None:
     if kind == "hello":
-        if frame["protocol"] != PROTOCOL_VERSION:
+        if frame["protocol"] not in SUPPORTED_PROTOCOLS:
+            supported = " and ".join(str(v) for v in SUPPORTED_PROTOCOLS)
             raise ProtocolError(
                 "unsupported_protocol",
-                f"protocol {frame['protocol']} is not supported; this master speaks 1",
+                f"protocol {frame['protocol']} is not supported; this master speaks {supported}",
             )
-        if not 1 <= frame["capacity"] <= 1024:
-            raise ProtocolError("malformed", "hello: capacity must be between 1 and 1024")
+        if not MIN_CAPACITY <= frame["capacity"] <= MAX_CAPACITY:
+            raise ProtocolError(
+                "malformed", f"hello: capacity must be between {MIN_CAPACITY} and {MAX_CAPACITY}"
+            )
         if "labels" in frame:
             try:
                 frame["labels"] = clean_labels(frame["labels"])
@@ -187,6 +171,32 @@ def _check_fields(kind: str, frame: dict[str, Any]) -> None:
         raise ProtocolError("malformed", f"finished: unknown status {frame['status']!r}")
 
 
+# --- what we send --------------------------------------------------------------
+
+
+def encode(frames: list[dict[str, Any]], protocol: int, max_bytes: int) -> Iterable[str]:
+    """Websocket messages carrying these frames in order: one per frame for a
+    protocol 1 agent; arrays of at most max_bytes for protocol 2."""
+    texts = [json.dumps(frame, separators=(",", ":")) for frame in frames]
+    if protocol < 2:
+        yield from texts
+        return
+    batch: list[str] = []
+    size = 2
+    for text in texts:
+        if batch and size + len(text) + 1 > max_bytes:
+            yield _array(batch)
+            batch, size = [], 2
+        batch.append(text)
+        size += len(text) + 1
+    if batch:
+        yield _array(batch)
+
+
+def _array(texts: list[str]) -> str:
+    return texts[0] if len(texts) == 1 else f"[{','.join(texts)}]"
+
+
 def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **extra}
 
@@ -194,6 +204,7 @@ def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
 def welcome(
     worker,
     *,
+    protocol: int,
     heartbeat_s: float,
     log_limit_bytes: int,
     max_frame_bytes: int,
@@ -202,7 +213,7 @@ def welcome(
 ) -> dict[str, Any]:
     return {
         "type": "welcome",
-        "protocol": PROTOCOL_VERSION,
+        "protocol": protocol,
         "worker_id": worker.pk,
         "name": worker.name,
         "heartbeat_s": heartbeat_s,
@@ -231,18 +242,27 @@ def log_ack(attempt_id: int, seq: int) -> dict[str, Any]:
     return {"type": "log_ack", "attempt": attempt_id, "seq": seq}
 
 
-def assign(attempt) -> dict[str, Any]:
-    definition = attempt.run.definition
+def drain() -> dict[str, Any]:
+    return {"type": "drain"}
+
+
+def resume() -> dict[str, Any]:
+    return {"type": "resume"}
+
+
+def assign(
+    attempt_id: int, run_id: int, task_name: str, definition: dict, shard_index: int = 0
+) -> dict[str, Any]:
     return {
         "type": "assign",
-        "attempt": attempt.pk,
-        "run": attempt.run_id,
-        "task_name": attempt.run.task_name,
+        "attempt": attempt_id,
+        "run": run_id,
+        "task_name": task_name,
         "argv": None if definition["shell"] else definition["argv"],
         "shell": definition["command"] if definition["shell"] else None,
         "env": definition["env"],
         "cwd": definition["working_dir"] or None,
         "timeout": definition["timeout"],
-        "shard_index": attempt.shard_index,
+        "shard_index": shard_index,
         "shard_count": 1,
     }

@@ -1,0 +1,135 @@
+# The agent protocol's vocabulary: its one definition.
+#
+# The master imports it (workers_app.protocol, tasks_app.validators). The
+# agent must stay a single standard-library file, so workers_app/agent.py
+# carries a verbatim copy of this file between its "wire vocabulary" markers:
+# `make wire` writes the copy, and tests/test_protocol.py fails when the two
+# differ. Keep this file free of imports and of anything but the vocabulary.
+
+# 1: one JSON object per websocket message.
+# 2: a message may also be a JSON array of frames, handled in order; the side
+#    that sends them batches whatever is ready, the other applies them together.
+PROTOCOL_VERSION = 2
+SUPPORTED_PROTOCOLS = (1, 2)
+
+# Largest websocket message by default; the master's own limit is in its welcome.
+MAX_FRAME_BYTES = 1024 * 1024
+# Largest `data` of one log frame, in characters.
+MAX_LOG_DATA = 512 * 1024
+MIN_CAPACITY, MAX_CAPACITY = 1, 1024
+# A label, as a worker carries it and a task requires it.
+LABEL_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+MAX_LABELS = 32
+STREAMS = ("stdout", "stderr")
+# "lost": the agent gave the attempt up (drain timeout, self-fencing); it is retried.
+RESULT_STATUSES = ("succeeded", "failed", "timed_out", "cancelled", "lost")
+
+# Close codes in the private range (RFC 6455 section 7.4.2: 4000-4999).
+CLOSE_BAD_CREDENTIAL = 4401
+CLOSE_REVOKED = 4403
+# Silent for longer than the lost timeout while the socket stayed open.
+CLOSE_SILENT = 4408
+# A newer connection of the same worker said hello: only one may serve it.
+CLOSE_REPLACED = 4409
+# RFC 6455 7.4.1: 1013 "try again later", a transient failure of the master.
+CLOSE_TRY_AGAIN = 1013
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_BOOL = (bool,)
+_LIST = (list,)
+_NONE = (type(None),)
+
+# Frames by type: {field: (allowed JSON types, required)}. A bool never counts
+# as a number, even though Python says it is one.
+AGENT_FRAMES = {
+    "hello": {
+        "protocol": (_INT, True),
+        "agent_version": (_STR, False),
+        "hostname": (_STR, False),
+        "name": (_STR, False),
+        "capacity": (_INT, True),
+        "labels": (_LIST, False),
+        "running": (_LIST, True),
+        # Finished while disconnected, result spooled and about to be replayed.
+        "spooled": (_LIST, False),
+        "draining": (_BOOL, False),
+    },
+    "accepted": {"attempt": (_INT, True)},
+    "rejected": {"attempt": (_INT, True), "reason": (_STR, False)},
+    "started": {
+        "attempt": (_INT, True),
+        "pid": (_INT + _NONE, False),
+        "started_at": (_NUM, False),
+    },
+    "log": {
+        "attempt": (_INT, True),
+        "seq": (_INT, True),
+        "stream": (_STR, True),
+        "data": (_STR, True),
+    },
+    "finished": {
+        "attempt": (_INT, True),
+        "status": (_STR, True),
+        "exit_code": (_INT + _NONE, True),
+        "reason": (_STR, False),
+        "started_at": (_NUM + _NONE, False),
+        "finished_at": (_NUM + _NONE, False),
+        "output_bytes": (_INT, False),
+        "truncated": (_BOOL, False),
+        "last_seq": (_INT, False),
+    },
+    "heartbeat": {"running": (_LIST, False), "draining": (_BOOL, False)},
+}
+
+MASTER_FRAMES = {
+    "welcome": {
+        "protocol": (_INT, True),
+        "worker_id": (_INT, True),
+        "name": (_STR, True),
+        "heartbeat_s": (_NUM, True),
+        "log_limit_bytes": (_INT, True),
+        "max_frame_bytes": (_INT, True),
+        "lost_after_s": (_NUM, True),
+        "fence_after_s": (_NUM + _NONE, True),
+    },
+    "assign": {
+        "attempt": (_INT, True),
+        "run": (_INT, True),
+        "task_name": (_STR, True),
+        "argv": (_LIST + _NONE, True),
+        "shell": (_STR + _NONE, True),
+        "env": ((dict,), True),
+        "cwd": (_STR + _NONE, True),
+        "timeout": (_NUM + _NONE, True),
+        "shard_index": (_INT, True),
+        "shard_count": (_INT, True),
+    },
+    "cancel": {"attempt": (_INT, True)},
+    # The result of this attempt is stored: the agent may forget it.
+    "ack": {"attempt": (_INT, True)},
+    # Output of this attempt up to seq is stored.
+    "log_ack": {"attempt": (_INT, True), "seq": (_INT, True)},
+    "drain": {},
+    "resume": {},
+    "error": {"code": (_STR, True), "message": (_STR, True), "attempt": (_INT, False)},
+}
+
+
+def field_problem(frame, schemas):
+    """(code, message) for what is wrong with a decoded frame's type and fields, or None."""
+    if not isinstance(frame, dict):
+        return "malformed", "frame must be a JSON object"
+    kind = frame.get("type")
+    if kind not in schemas:
+        return "unknown_type", f"unknown frame type {kind!r}"
+    for name, (types, required) in schemas[kind].items():
+        if name not in frame:
+            if required:
+                return "malformed", f"{kind}: missing field {name!r}"
+            continue
+        value = frame[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return "malformed", f"{kind}: field {name!r} has the wrong type"
+    return None
