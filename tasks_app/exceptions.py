@@ -2,6 +2,10 @@ class TaskError(Exception):
     """Base class for errors of the run lifecycle."""
 
 
+class TaskNotFound(TaskError):
+    """No task has that id (it may have been deleted)."""
+
+
 class TaskDisabled(TaskError):
     """The task is disabled and cannot be triggered."""
 

@@ -3,7 +3,7 @@
 from django import forms
 
 from tasks_app import validators
-from tasks_app.models import Task
+from tasks_app.models import TASK_FIELDS, Task
 
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_RETRIES = 100
@@ -76,19 +76,7 @@ class TaskForm(forms.ModelForm):
 
     class Meta:
         model = Task
-        fields = [
-            "name",
-            "command",
-            "shell",
-            "env",
-            "working_dir",
-            "timeout",
-            "labels",
-            "max_retries",
-            "retry_backoff_s",
-            "retry_backoff_max_s",
-            "enabled",
-        ]
+        fields = list(TASK_FIELDS)
         widgets = {
             "command": forms.TextInput(attrs={"placeholder": 'python -c "print(6*7)"'}),
             "name": forms.TextInput(attrs={"placeholder": "nightly-report"}),

@@ -1,8 +1,9 @@
-"""Authentication and plumbing for the JSON API.
+"""The JSON API's plumbing: authentication, bodies, errors.
 
 Scripts send `Authorization: Bearer <token>` (minted with `manage.py
 apitoken`); a logged-in browser session works too, and then CSRF applies
-as it does for any form.
+as it does for any form. Used by the Django API views (`api_view`) and by
+the trigger endpoints, which are Channels HTTP consumers (tasks_app.trigger_api).
 """
 
 from __future__ import annotations
@@ -21,6 +22,20 @@ from tasks_app.models import ApiToken
 
 MAX_BODY_BYTES = 1024 * 1024
 
+NO_CREDENTIAL = "authentication required: send Authorization: Bearer <token> or log in"
+BAD_SCHEME = "use Authorization: Bearer <token>"
+BAD_TOKEN = "invalid or revoked API token"
+CSRF_FAILED = "CSRF check failed; send the X-CSRFToken header with a session"
+
+
+class Denied(Exception):
+    """The caller is not authenticated (401) or its session failed the CSRF check (403)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
 
 class BadRequest(Exception):
     """The request body is not what the endpoint takes."""
@@ -35,23 +50,58 @@ def error(status: int, message: str, **extra) -> JsonResponse:
     return JsonResponse({"error": message, **extra}, status=status)
 
 
-def user_for_token(raw: str):
-    token = (
-        ApiToken.objects.select_related("user")
-        .filter(token_hash=tokens.digest(raw), revoked_at__isnull=True, user__is_active=True)
-        .first()
-    )
-    if token is None:
+def bearer(header: str) -> str | None:
+    """The token of an Authorization header, None without one; Denied if malformed."""
+    if not header:
         return None
-    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
-    return token.user
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise Denied(401, BAD_SCHEME)
+    return raw.strip()
+
+
+def users_for_tokens(digests) -> dict:
+    """token digest -> user, for the live tokens among these; one query.
+
+    "Last used" is written at most once per ApiToken.LAST_USED_RESOLUTION per
+    token, not on every request.
+    """
+    found = list(
+        ApiToken.objects.select_related("user").filter(
+            token_hash__in=list(digests), revoked_at__isnull=True, user__is_active=True
+        )
+    )
+    now = timezone.now()
+    stale = [
+        t.pk
+        for t in found
+        if t.last_used_at is None or now - t.last_used_at >= ApiToken.LAST_USED_RESOLUTION
+    ]
+    if stale:
+        ApiToken.objects.filter(pk__in=stale).update(last_used_at=now)
+    return {t.token_hash: t.user for t in found}
+
+
+def user_for_token(raw: str):
+    digest = tokens.digest(raw)
+    return users_for_tokens([digest]).get(digest)
+
+
+def csrf_passes(request: HttpRequest) -> bool:
+    """Django's own CSRF check, for a request authenticated by its session."""
+    return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None
 
 
 def json_body(request: HttpRequest) -> dict:
-    if len(request.body) > MAX_BODY_BYTES:
+    return parse_json(request.body)
+
+
+def parse_json(body: bytes) -> dict:
+    """A request body as a JSON object (empty: {}); BadRequest if it is not one."""
+    if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"request body over {MAX_BODY_BYTES} bytes")
     try:
-        payload = json.loads(request.body or b"{}")
+        payload = json.loads(body or b"{}")
     except ValueError:
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(payload, dict):
@@ -102,7 +152,7 @@ def api_view(methods: list[str], *, public: bool = False) -> Callable:
                 response["Allow"] = ", ".join(methods)
                 return response
             if not public:
-                denied = _authenticate(request)
+                denied = authenticate(request)
                 if denied is not None:
                     return denied
             try:
@@ -115,29 +165,32 @@ def api_view(methods: list[str], *, public: bool = False) -> Callable:
     return decorate
 
 
-def _authenticate(request: HttpRequest) -> JsonResponse | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, raw = header.partition(" ")
-    if header:
-        if scheme.lower() != "bearer" or not raw.strip():
-            return _unauthorized("use Authorization: Bearer <token>")
-        user = user_for_token(raw.strip())
-        if user is None:
-            return _unauthorized("invalid or revoked API token")
-        request.user = user
-        return None
-    if not request.user.is_authenticated:
-        return _unauthorized(
-            "authentication required: send Authorization: Bearer <token> or log in"
-        )
-    # A browser session is only as safe as its CSRF check.
-    rejected = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
-    if rejected is not None:
-        return error(403, "CSRF check failed; send the X-CSRFToken header with a session")
+def authenticate(request: HttpRequest) -> JsonResponse | None:
+    """None if the caller may use the API, else the 401 or 403 to answer."""
+    try:
+        raw = bearer(request.headers.get("Authorization", ""))
+        if raw is not None:
+            user = user_for_token(raw)
+            if user is None:
+                raise Denied(401, BAD_TOKEN)
+            request.user = user
+            return None
+        if not request.user.is_authenticated:
+            raise Denied(401, NO_CREDENTIAL)
+        # A browser session is only as safe as its CSRF check.
+        if not csrf_passes(request):
+            raise Denied(403, CSRF_FAILED)
+    except Denied as exc:
+        return denied_response(exc)
     return None
 
 
-def _unauthorized(message: str) -> JsonResponse:
-    response = error(401, message)
-    response["WWW-Authenticate"] = 'Bearer realm="api"'
+# Sent with every 401, as RFC 6750 asks of a bearer-token API.
+CHALLENGE = 'Bearer realm="api"'
+
+
+def denied_response(exc: Denied) -> JsonResponse:
+    response = error(exc.status, exc.message)
+    if exc.status == 401:
+        response["WWW-Authenticate"] = CHALLENGE
     return response

@@ -1,8 +1,35 @@
 import shlex
+from datetime import timedelta
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
+
+from tasks_app.signals import work_queued
+
+# A task's fields as people set them, with the JSON types the API takes. The
+# form, the API's type checks, the JSON shape and a run's snapshot of its task
+# all derive from this one list.
+TASK_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "command": (str,),
+    "shell": (bool,),
+    "env": (dict,),
+    "working_dir": (str,),
+    "timeout": (int, type(None)),
+    "labels": (list,),
+    "max_retries": (int,),
+    "retry_backoff_s": (int, float),
+    "retry_backoff_max_s": (int, float),
+    "enabled": (bool,),
+}
+# What a run does not keep of its task: who it is and whether it may be triggered.
+NOT_IN_SNAPSHOT = ("name", "enabled")
+
+
+def labels_key(labels) -> str:
+    """One string per set of required labels: the queue is kept apart by it."""
+    return ",".join(sorted(set(labels or ())))
 
 
 class Task(models.Model):
@@ -41,20 +68,23 @@ class Task(models.Model):
     def argv(self) -> list[str]:
         return shlex.split(self.command)
 
-    def definition(self) -> dict:
-        """The snapshot a run keeps, so that editing the task never rewrites history."""
-        return {
-            "command": self.command,
-            "shell": self.shell,
-            "argv": None if self.shell else self.argv(),
-            "env": dict(self.env),
-            "working_dir": self.working_dir,
-            "timeout": self.timeout,
-            "labels": list(self.labels),
-            "max_retries": self.max_retries,
-            "retry_backoff_s": self.retry_backoff_s,
-            "retry_backoff_max_s": self.retry_backoff_max_s,
+    def definition(self, params: dict | None = None) -> dict:
+        """The snapshot a run keeps, so that editing the task never rewrites history.
+
+        Run parameters are applied here: `args` are appended to the command
+        line (quoted), `env` is laid over the task's environment.
+        """
+        snapshot = {
+            name: getattr(self, name) for name in TASK_FIELDS if name not in NOT_IN_SNAPSHOT
         }
+        snapshot["env"] = dict(self.env)
+        snapshot["labels"] = list(self.labels)
+        params = params or {}
+        if params.get("args"):
+            snapshot["command"] = f"{self.command} {shlex.join(params['args'])}"
+        snapshot["env"].update(params.get("env") or {})
+        snapshot["argv"] = None if self.shell else shlex.split(snapshot["command"])
+        return snapshot
 
 
 class Run(models.Model):
@@ -93,6 +123,9 @@ class Run(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     reason = models.CharField(max_length=500, blank=True, help_text="Why the run failed.")
+    # Given at trigger time ({"env": {...}, "args": [...]}); already applied to
+    # the definition, kept to show what this run was asked for.
+    params = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -149,8 +182,14 @@ class Attempt(models.Model):
     reason = models.CharField(max_length=500, blank=True)
     pid = models.IntegerField(null=True, blank=True)
     queued_at = models.DateTimeField(default=timezone.now)
-    # A retry waits for its backoff: dispatch skips it until then.
-    not_before = models.DateTimeField(null=True, blank=True)
+    # The queue's order and partition: dispatch takes the oldest ready_at of a
+    # labels_key (the run's required labels) with one index range scan, so its
+    # cost follows the slots it fills, not the queue's length. A retry's
+    # ready_at is when its backoff ends.
+    labels_key = models.CharField(max_length=2200, blank=True, default="")
+    ready_at = models.DateTimeField(default=timezone.now)
+    # The run's timeout, for the master's backstop without reading the run.
+    timeout_s = models.PositiveIntegerField(null=True, blank=True)
     assigned_at = models.DateTimeField(null=True, blank=True)
     accepted_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -169,9 +208,9 @@ class Attempt(models.Model):
     class Meta:
         ordering = ["run_id", "shard_index", "try_number"]
         indexes = [
-            # Dispatch scans queued attempts oldest first; slot counts and
-            # liveness scan a worker's active attempts.
-            models.Index(fields=["status", "id"], name="attempt_status_id"),
+            # Dispatch takes queued attempts of one label set, oldest ready
+            # first; slot counts and liveness scan a worker's active attempts.
+            models.Index(fields=["status", "labels_key", "ready_at", "id"], name="attempt_queue"),
             models.Index(fields=["worker", "status"], name="attempt_worker_status"),
         ]
         # Two processes retrying the same failure create the same try once.
@@ -187,6 +226,13 @@ class Attempt(models.Model):
     @property
     def is_final(self) -> bool:
         return self.status in self.FINAL
+
+    @property
+    def not_before(self):
+        """When a backoff (a retry's, a refused assignment's) lets it go, if it waits for one."""
+        if self.ready_at and self.queued_at and self.ready_at > self.queued_at:
+            return self.ready_at
+        return None
 
     @property
     def is_superseded(self) -> bool:
@@ -226,6 +272,9 @@ class LogChunk(models.Model):
 class ApiToken(models.Model):
     """A bearer token for the JSON API, stored as a hash."""
 
+    # "Last used" is recorded at most this often, not on every request.
+    LAST_USED_RESOLUTION = timedelta(minutes=1)
+
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
     )
@@ -257,3 +306,20 @@ class SchedulerState(models.Model):
     def current(cls) -> "SchedulerState":
         state, _ = cls.objects.get_or_create(pk=1)
         return state
+
+    @classmethod
+    def set_paused(cls, paused: bool, by: str = "") -> "SchedulerState":
+        """Pause (nothing new is dispatched, running work finishes) or resume."""
+        cls.current()
+        cls.objects.filter(pk=1).update(
+            paused=paused,
+            paused_at=timezone.now() if paused else None,
+            paused_by=by if paused else "",
+        )
+        if not paused:
+            transaction.on_commit(lambda: work_queued.send(sender=cls))
+        return cls.current()
+
+    @classmethod
+    def is_paused(cls) -> bool:
+        return cls.objects.filter(pk=1, paused=True).exists()

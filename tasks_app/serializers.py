@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tasks_app.lifecycle import output_of
-from tasks_app.models import Attempt, Run, SchedulerState, Task
+from tasks_app.logs import output_of
+from tasks_app.models import TASK_FIELDS, Attempt, Run, SchedulerState, Task
 
 
 def _time(value):
@@ -13,17 +13,7 @@ def _time(value):
 def task_json(task: Task) -> dict:
     return {
         "id": task.pk,
-        "name": task.name,
-        "command": task.command,
-        "shell": task.shell,
-        "env": task.env,
-        "working_dir": task.working_dir,
-        "timeout": task.timeout,
-        "labels": task.labels,
-        "max_retries": task.max_retries,
-        "retry_backoff_s": task.retry_backoff_s,
-        "retry_backoff_max_s": task.retry_backoff_max_s,
-        "enabled": task.enabled,
+        **{name: getattr(task, name) for name in TASK_FIELDS},
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }
@@ -75,6 +65,7 @@ def run_json(run: Run, *, with_output: bool) -> dict:
         "retry_of": run.retry_of_id,
         "cancel_requested_at": _time(run.cancel_requested_at),
         "command": run.definition.get("command"),
+        "params": run.params,
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),

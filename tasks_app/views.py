@@ -11,10 +11,10 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import history, lifecycle
+from tasks_app import history, lifecycle, logs
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, TaskDisabled
 from tasks_app.forms import TaskForm
-from tasks_app.models import Attempt, Run, Task
+from tasks_app.models import Attempt, Run, SchedulerState, Task
 
 
 def _get_task(pk: int) -> Task:
@@ -139,7 +139,7 @@ def run_detail(request, pk: int):
     )
     if run is None:
         raise Http404("No such run.")
-    rows = [(attempt, lifecycle.output_of(attempt)) for attempt in run.attempts.all()]
+    rows = [(attempt, logs.output_of(attempt)) for attempt in run.attempts.all()]
     template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
     return render(request, template, {"run": run, "rows": rows})
 
@@ -171,7 +171,7 @@ def run_retry(request, pk: int):
 @require_POST
 @login_required
 def scheduler_pause(request):
-    lifecycle.set_paused(True, by=request.user.get_username())
+    SchedulerState.set_paused(True, by=request.user.get_username())
     messages.success(request, "Scheduler paused: nothing new is dispatched; running work finishes.")
     return _redirect(request, _back(request))
 
@@ -179,7 +179,7 @@ def scheduler_pause(request):
 @require_POST
 @login_required
 def scheduler_resume(request):
-    lifecycle.set_paused(False)
+    SchedulerState.set_paused(False)
     messages.success(request, "Scheduler resumed.")
     return _redirect(request, _back(request))
 

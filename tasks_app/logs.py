@@ -1,0 +1,114 @@
+"""Output of attempts: stored in appended chunks, capped, read back in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+
+from tasks_app.models import Attempt, LogChunk
+from tasks_app.rowupdates import update_rows
+
+
+@dataclass(frozen=True)
+class Chunk:
+    worker_id: int
+    attempt_id: int
+    seq: int
+    stream: str
+    data: str
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What a batch of chunks did: highest seq now stored (or skipped) per
+    (worker, attempt), and the (worker, attempt) pairs refused."""
+
+    acked: dict[tuple[int, int], int]
+    refused: set[tuple[int, int]]
+
+
+def append_logs(chunks: Sequence[Chunk]) -> Appended:
+    """Store chunks of any number of workers and attempts in a handful of queries.
+
+    Output beyond SCHEDULER_LOG_LIMIT_BYTES per attempt is dropped and the
+    attempt marked truncated. Chunks for attempts that are not their worker's
+    active ones are refused and change nothing; a chunk stored before (a
+    replay after a reconnect) is acknowledged again and not stored twice.
+    """
+    if not chunks:
+        return Appended({}, set())
+    ids = {c.attempt_id for c in chunks}
+    with transaction.atomic():
+        owners = {
+            pk: (worker_id, stored)
+            for pk, worker_id, stored in Attempt.objects.filter(
+                pk__in=ids, status__in=Attempt.ACTIVE
+            ).values_list("pk", "worker_id", "stored_bytes")
+        }
+        known = set(
+            LogChunk.objects.filter(
+                attempt_id__in=list(owners), seq__in={c.seq for c in chunks}
+            ).values_list("attempt_id", "seq")
+        )
+        limit = settings.SCHEDULER_LOG_LIMIT_BYTES
+        stored = {pk: size for pk, (_, size) in owners.items()}
+        rows: list[LogChunk] = []
+        acked: dict[tuple[int, int], int] = {}
+        refused: set[tuple[int, int]] = set()
+        truncated: set[int] = set()
+        for chunk in sorted(chunks, key=lambda c: (c.attempt_id, c.seq)):
+            key = (chunk.worker_id, chunk.attempt_id)
+            owner = owners.get(chunk.attempt_id)
+            if owner is None or owner[0] != chunk.worker_id:
+                refused.add(key)
+                continue
+            acked[key] = max(acked.get(key, -1), chunk.seq)
+            if (chunk.attempt_id, chunk.seq) in known:
+                continue  # a replay after a reconnect: stored already
+            known.add((chunk.attempt_id, chunk.seq))
+            data = chunk.data
+            encoded = data.encode()
+            room = limit - stored[chunk.attempt_id]
+            if len(encoded) > room:
+                truncated.add(chunk.attempt_id)
+                data = encoded[: max(room, 0)].decode(errors="ignore")
+                encoded = data.encode()
+                if not data:
+                    continue
+            stored[chunk.attempt_id] += len(encoded)
+            rows.append(
+                LogChunk(attempt_id=chunk.attempt_id, seq=chunk.seq, stream=chunk.stream, data=data)
+            )
+        # The unique (attempt, seq) constraint is the last word on duplicates.
+        LogChunk.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
+        update_rows(
+            Attempt,
+            {"stored_bytes": "%s"},
+            [(size, pk) for pk, size in stored.items() if size != owners[pk][1]],
+        )
+        if truncated:
+            Attempt.objects.filter(pk__in=truncated).update(truncated=True)
+    return Appended(acked, refused)
+
+
+def output_of(attempt: Attempt) -> dict[str, str]:
+    """stdout, stderr and both interleaved in order, with a marker when truncated."""
+    parts: dict[str, list[str]] = {"stdout": [], "stderr": [], "combined": []}
+    for stream, data in attempt.log_chunks.order_by("seq").values_list("stream", "data"):
+        parts[stream].append(data)
+        parts["combined"].append(data)
+    text = {key: "".join(value) for key, value in parts.items()}
+    if attempt.truncated:
+        marker = truncation_marker(attempt)
+        text = {key: value + marker for key, value in text.items()}
+    return text
+
+
+def truncation_marker(attempt: Attempt) -> str:
+    return (
+        f"\n[output truncated: kept {attempt.stored_bytes} of "
+        f"{max(attempt.output_bytes, attempt.stored_bytes)} bytes]\n"
+    )
