@@ -1,9 +1,15 @@
-"""The run lifecycle: trigger, assign, accept, start, log, finish, lose,
-retry, cancel.
+"""The run lifecycle: trigger, claim, accept, start, finish, lose, retry, cancel.
 
-Every transition is one conditional UPDATE whose row count says who won, so
-two consumers, a consumer and the service, or two server processes can never
-both apply it. Callers translate frames and requests into these calls.
+Transitions only (output is tasks_app.logs, the pause switch is
+SchedulerState). Each takes many events at once: the server's writer applies
+whatever accumulated in one transaction, so a batch of results costs a handful
+of statements whatever its size; single-event forms wrap the batch ones.
+
+Every transition has exactly one winner. A function that reads rows before it
+moves them does so inside its transaction under a lock: on SQLite the
+transaction is IMMEDIATE (the database's write lock is held from BEGIN), on
+PostgreSQL `_locked()` adds SELECT ... FOR UPDATE; and every UPDATE still
+names the state it expects, so a row that moved meanwhile is left alone.
 """
 
 from __future__ import annotations
@@ -15,18 +21,27 @@ from dataclasses import dataclass
 from enum import Enum
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q, Value
-from django.db.models.functions import Coalesce
+from django.db import connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, TaskDisabled
-from tasks_app.models import Attempt, LogChunk, Run, SchedulerState, Task
+from tasks_app.exceptions import (
+    RunNotCancellable,
+    RunNotRetryable,
+    TaskDisabled,
+    TaskError,
+    TaskNotFound,
+)
+from tasks_app.models import Attempt, Run, Task, labels_key
+from tasks_app.rowupdates import update_rows
 from tasks_app.signals import stop_requested, work_queued
 
 ACTIVE = Attempt.ACTIVE
 FINAL_ATTEMPT = Attempt.FINAL
 RETRYABLE = (Attempt.Status.FAILED, Attempt.Status.TIMED_OUT, Attempt.Status.LOST)
+S = Attempt.Status
+
+Pair = tuple[int, int]  # (worker id, attempt id)
 
 
 def _from_epoch(value: float | None) -> dt.datetime | None:
@@ -35,11 +50,20 @@ def _from_epoch(value: float | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(value, tz=dt.UTC)
 
 
-def _wake_dispatch() -> None:
-    transaction.on_commit(lambda: work_queued.send(sender=Run))
+def _locked(queryset: QuerySet) -> QuerySet:
+    """Lock the rows until commit where the database has row locks (see the module doc)."""
+    if connection.features.has_select_for_update:
+        return queryset.select_for_update(of=("self",))
+    return queryset
 
 
-def _stop(attempts: list[tuple[int, int]]) -> None:
+def _wake_dispatch(labels_keys: Iterable[str] | None = None) -> None:
+    """After commit: attempts of these label sets (None: any) may be dispatched."""
+    keys = None if labels_keys is None else set(labels_keys)
+    transaction.on_commit(lambda: work_queued.send(sender=Run, labels_keys=keys))
+
+
+def _stop(attempts: list[Pair]) -> None:
     """Tell the agents running these (worker id, attempt id) pairs to kill them."""
     if attempts:
         transaction.on_commit(lambda: stop_requested.send(sender=Attempt, attempts=attempts))
@@ -48,61 +72,203 @@ def _stop(attempts: list[tuple[int, int]]) -> None:
 # --- triggering ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TriggerRequest:
+    """Start `count` runs of a task, or one run per entry of `params`."""
+
+    task_id: int
+    trigger: str = Run.Trigger.MANUAL
+    user_id: int | None = None
+    count: int = 1
+    # Each {"env": {...}, "args": [...]}, already validated (tasks_app.params).
+    params: tuple[dict, ...] | None = None
+
+
+def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskError]:
+    """Create the runs of many requests in one transaction: per request, its
+    runs (each with its first attempt, queued) or the error that refused it."""
+    with transaction.atomic():
+        tasks = Task.objects.in_bulk({r.task_id for r in requests})
+        results: list[list[Run] | TaskError] = []
+        runs: list[Run] = []
+        for request in requests:
+            task = tasks.get(request.task_id)
+            if task is None:
+                results.append(TaskNotFound(f"no task with id {request.task_id}"))
+                continue
+            if not task.enabled:
+                results.append(TaskDisabled(f"task {task.name!r} is disabled"))
+                continue
+            plain = None  # one snapshot shared by every run without parameters
+            batch = []
+            for params in request.params or [{}] * request.count:
+                if params:
+                    definition = task.definition(params)
+                else:
+                    plain = plain or task.definition()
+                    definition = plain
+                batch.append(
+                    Run(
+                        task=task,
+                        task_name=task.name,
+                        definition=definition,
+                        trigger=request.trigger,
+                        created_by_id=request.user_id,
+                        params=params,
+                    )
+                )
+            runs += batch
+            results.append(batch)
+        _queue(runs)
+    return results
+
+
 def trigger_run(task: Task, trigger: str = Run.Trigger.MANUAL, user=None) -> Run:
-    """Create a run with a snapshot of the task and queue its first attempt."""
-    if not task.enabled:
-        raise TaskDisabled(f"task {task.name!r} is disabled")
-    return _create_run(task, task.name, task.definition(), trigger, user)
+    """Create one run with a snapshot of the task and queue its first attempt."""
+    user_id = user.pk if user is not None and user.is_authenticated else None
+    [result] = trigger_runs([TriggerRequest(task.pk, trigger, user_id)])
+    if isinstance(result, TaskError):
+        raise result
+    return result[0]
 
 
 def retry_run(run: Run, user=None) -> Run:
     """A new run of exactly what a finished run ran (its snapshot), linked to it."""
     if not run.is_final:
         raise RunNotRetryable(f"run {run.pk} is {run.status}; only a finished run can be retried")
-    return _create_run(
-        run.task, run.task_name, run.definition, Run.Trigger.RETRY, user, retry_of=run
+    retry = Run(
+        task=run.task,
+        task_name=run.task_name,
+        definition=run.definition,
+        params=run.params,
+        trigger=Run.Trigger.RETRY,
+        retry_of=run,
+        created_by=user if user is not None and user.is_authenticated else None,
     )
-
-
-def _create_run(task, task_name, definition, trigger, user, retry_of=None) -> Run:
     with transaction.atomic():
-        run = Run.objects.create(
-            task=task,
-            task_name=task_name,
-            definition=definition,
-            trigger=trigger,
-            retry_of=retry_of,
-            created_by=user if user is not None and user.is_authenticated else None,
+        _queue([retry])
+    return retry
+
+
+def _queue(runs: list[Run]) -> None:
+    """Insert runs and their first attempts; dispatch looks at them after commit."""
+    if not runs:
+        return
+    Run.objects.bulk_create(runs, batch_size=500)
+    now = timezone.now()
+    attempts = [
+        Attempt(
+            run=run,
+            shard_index=0,
+            try_number=1,
+            labels_key=labels_key(run.definition.get("labels")),
+            timeout_s=run.definition.get("timeout"),
+            queued_at=now,
+            ready_at=now,
         )
-        Attempt.objects.create(run=run, shard_index=0, try_number=1)
-        _wake_dispatch()
-    return run
+        for run in runs
+    ]
+    Attempt.objects.bulk_create(attempts, batch_size=500)
+    for run, attempt in zip(runs, attempts, strict=True):
+        # What prefetch_related would have left: callers answer with the run and
+        # its attempt without reading them back.
+        prefetched = run.attempts.all()
+        prefetched._result_cache = [attempt]
+        prefetched._prefetch_done = True
+        run._prefetched_objects_cache = {"attempts": prefetched}
+    _wake_dispatch({a.labels_key for a in attempts})
 
 
 # --- assignment handshake ------------------------------------------------------
 
 
+def claim(worker_id: int, worker_name: str, attempt_ids: Sequence[int], now=None) -> int:
+    """queued -> assigned, every one of these attempts to one worker; how many moved."""
+    # Race: another dispatcher claiming the same rows; only rows still queued move.
+    return Attempt.objects.filter(pk__in=list(attempt_ids), status=S.QUEUED).update(
+        status=S.ASSIGNED,
+        worker_id=worker_id,
+        worker_name=worker_name,
+        assigned_at=now or timezone.now(),
+        accepted_at=None,
+    )
+
+
 def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
     """queued -> assigned. False when someone else got it first."""
-    # Race: two dispatchers picking the same queued attempt; only one UPDATE matches.
-    return bool(
-        Attempt.objects.filter(pk=attempt_id, status=Attempt.Status.QUEUED).update(
-            status=Attempt.Status.ASSIGNED,
-            worker_id=worker_id,
-            worker_name=worker_name,
-            assigned_at=timezone.now(),
-            accepted_at=None,
+    return bool(claim(worker_id, worker_name, [attempt_id]))
+
+
+def _owned(pairs: Iterable[Pair], statuses: Sequence[str], *fields: str) -> dict[Pair, tuple]:
+    """The pairs whose attempt is that worker's and in one of these states, locked;
+    each with the values of `fields`."""
+    pairs = set(pairs)
+    rows = _locked(
+        Attempt.objects.filter(pk__in={a for _, a in pairs}, status__in=statuses)
+    ).values_list("pk", "worker_id", *fields)
+    found = {(row[1], row[0]): row[2:] for row in rows}
+    return {pair: values for pair, values in found.items() if pair in pairs}
+
+
+def accept_many(pairs: Sequence[Pair]) -> set[Pair]:
+    """The agents took these assignments; returns the pairs that are still theirs."""
+    with transaction.atomic():
+        ok = _owned(pairs, [S.ASSIGNED])
+        Attempt.objects.filter(pk__in=[a for _, a in ok], status=S.ASSIGNED).update(
+            accepted_at=timezone.now()
         )
-    )
+    return set(ok)
 
 
 def mark_accepted(worker_id: int, attempt_id: int) -> bool:
     """The agent took the assignment. False if it is no longer this worker's."""
-    return bool(
-        Attempt.objects.filter(
-            pk=attempt_id, worker_id=worker_id, status=Attempt.Status.ASSIGNED
-        ).update(accepted_at=timezone.now())
-    )
+    return (worker_id, attempt_id) in accept_many([(worker_id, attempt_id)])
+
+
+@dataclass(frozen=True)
+class Started:
+    worker_id: int
+    attempt_id: int
+    started_at: float | None  # the agent's clock
+    pid: int | None
+
+
+def start_many(items: Sequence[Started]) -> set[Pair]:
+    """assigned -> running; only the worker an attempt is assigned to may say so.
+    Returns the pairs that moved; their runs move from queued to running."""
+    now = timezone.now()
+    with transaction.atomic():
+        owned = _owned([(i.worker_id, i.attempt_id) for i in items], [S.ASSIGNED], "run_id")
+        moves = []
+        for item in items:
+            pair = (item.worker_id, item.attempt_id)
+            if pair in owned:
+                started = _from_epoch(item.started_at) or now
+                moves.append((started, item.pid, item.attempt_id, owned.pop(pair)[0]))
+        moves.sort(key=lambda move: (move[0], move[2]))
+        update_rows(
+            Attempt,
+            {"status": "%s", "started_at": "%s", "pid": "%s"},
+            [(S.RUNNING, started, pid, attempt_id) for started, pid, attempt_id, _ in moves],
+            where="status = %s",
+            where_params=[S.ASSIGNED],
+        )
+        # Race: two shards starting at once; the first one moves the run.
+        update_rows(
+            Run,
+            {"status": "%s", "started_at": "%s"},
+            [(Run.Status.RUNNING, started, run_id) for started, _, _, run_id in moves],
+            where="status = %s",
+            where_params=[Run.Status.QUEUED],
+        )
+    moved = {attempt_id for _, _, attempt_id, _ in moves}
+    return {(i.worker_id, i.attempt_id) for i in items if i.attempt_id in moved}
+
+
+def mark_started(
+    worker_id: int, attempt_id: int, started_at: float | None, pid: int | None
+) -> bool:
+    return bool(start_many([Started(worker_id, attempt_id, started_at, pid)]))
 
 
 def requeue(
@@ -112,42 +278,44 @@ def requeue(
 
     An attempt whose run is being cancelled is cancelled instead: it must not
     be offered to anyone again. With unaccepted=True only attempts the agent
-    never accepted move (the accept-timeout path). Returns the ids moved.
+    never accepted move (the accept-timeout path). Without a delay an attempt
+    keeps its place in the queue. Returns the ids moved.
     """
-    candidates = Attempt.objects.filter(
-        pk__in=list(attempt_ids), worker_id=worker_id, status=Attempt.Status.ASSIGNED
-    )
-    if unaccepted:
-        candidates = candidates.filter(accepted_at__isnull=True)
     now = timezone.now()
     with transaction.atomic():
-        ids = list(candidates.values_list("pk", flat=True))
-        cancelling = list(
-            candidates.filter(run__cancel_requested_at__isnull=False).values_list("pk", flat=True)
-        )
         # Race: the agent may report "accepted"/"started" concurrently; only rows
         # still assigned (and unaccepted, when asked) move.
-        still = Attempt.objects.filter(pk__in=ids, status=Attempt.Status.ASSIGNED)
+        candidates = Attempt.objects.filter(
+            pk__in=list(attempt_ids), worker_id=worker_id, status=S.ASSIGNED
+        )
         if unaccepted:
-            still = still.filter(accepted_at__isnull=True)
-        moved = list(still.values_list("pk", flat=True))
-        still.filter(pk__in=cancelling).update(
-            status=Attempt.Status.CANCELLED, reason="cancelled", finished_at=now
-        )
-        still.exclude(pk__in=cancelling).update(
-            status=Attempt.Status.QUEUED,
-            worker=None,
-            assigned_at=None,
-            accepted_at=None,
-            not_before=now + dt.timedelta(seconds=delay_s) if delay_s else None,
-        )
-        if set(moved) & set(cancelling):
-            refresh_runs(
-                set(Attempt.objects.filter(pk__in=cancelling).values_list("run_id", flat=True))
+            candidates = candidates.filter(accepted_at__isnull=True)
+        rows = list(
+            _locked(candidates).values_list(
+                "pk", "run_id", "run__cancel_requested_at", "labels_key"
             )
-        if set(moved) - set(cancelling):
-            _wake_dispatch()
-    return moved
+        )
+        cancelling = [pk for pk, _, cancel, _ in rows if cancel]
+        back = [pk for pk, _, cancel, _ in rows if not cancel]
+        Attempt.objects.filter(pk__in=cancelling, status=S.ASSIGNED).update(
+            status=S.CANCELLED, reason="cancelled", finished_at=now
+        )
+        fields = {
+            "status": S.QUEUED,
+            "worker_id": None,
+            "worker_name": "",
+            "assigned_at": None,
+            "accepted_at": None,
+        }
+        if delay_s:
+            ready = now + dt.timedelta(seconds=delay_s)
+            fields["ready_at"] = ready
+        Attempt.objects.filter(pk__in=back, status=S.ASSIGNED).update(**fields)
+        if cancelling:
+            refresh_runs({run_id for pk, run_id, cancel, _ in rows if cancel})
+        if back:
+            _wake_dispatch({key for _, _, cancel, key in rows if not cancel})
+    return [pk for pk, *_ in rows]
 
 
 def requeue_unaccepted(now: dt.datetime | None = None) -> list[int]:
@@ -156,7 +324,7 @@ def requeue_unaccepted(now: dt.datetime | None = None) -> list[int]:
     cutoff = now - dt.timedelta(seconds=settings.SCHEDULER_ACCEPT_TIMEOUT_S)
     stale: dict[int, list[int]] = {}
     for pk, worker_id in Attempt.objects.filter(
-        status=Attempt.Status.ASSIGNED, accepted_at__isnull=True, assigned_at__lt=cutoff
+        status=S.ASSIGNED, accepted_at__isnull=True, assigned_at__lt=cutoff
     ).values_list("pk", "worker_id"):
         stale.setdefault(worker_id, []).append(pk)
     moved: list[int] = []
@@ -167,22 +335,6 @@ def requeue_unaccepted(now: dt.datetime | None = None) -> list[int]:
             # The agent may still get the old assign frame late: tell it to drop it.
             _stop([(worker_id, pk) for pk in done])
     return moved
-
-
-def mark_started(
-    worker_id: int, attempt_id: int, started_at: float | None, pid: int | None
-) -> bool:
-    """assigned -> running; only the worker the attempt is assigned to may say so."""
-    started = _from_epoch(started_at) or timezone.now()
-    updated = Attempt.objects.filter(
-        pk=attempt_id, worker_id=worker_id, status=Attempt.Status.ASSIGNED
-    ).update(status=Attempt.Status.RUNNING, started_at=started, pid=pid)
-    if updated:
-        # Race: two shards starting at once; the first one moves the run.
-        Run.objects.filter(attempts__pk=attempt_id, status=Run.Status.QUEUED).update(
-            status=Run.Status.RUNNING, started_at=started
-        )
-    return bool(updated)
 
 
 # --- results -------------------------------------------------------------------
@@ -207,41 +359,98 @@ class Result:
     truncated: bool = False
 
 
-def finish(worker_id: int, attempt_id: int, result: Result) -> Outcome:
-    """assigned|running -> final. A second report of the same attempt is a no-op."""
+@dataclass(frozen=True)
+class Finished:
+    worker_id: int
+    attempt_id: int
+    result: Result
+
+
+def finish_many(items: Sequence[Finished]) -> list[Outcome]:
+    """assigned|running -> final, for many results at once; an Outcome per item.
+
+    A second report of the same attempt (a replay, or twice in one batch) is
+    a no-op; a report for an attempt the master already ended is kept beside
+    it as a late result; each run's state is derived in the same transaction.
+    """
     now = timezone.now()
     with transaction.atomic():
-        # Race: a replayed report, or the service declaring the worker lost at the
-        # same moment; the conditional UPDATE lets exactly one of them win.
-        updated = Attempt.objects.filter(
-            pk=attempt_id, worker_id=worker_id, status__in=ACTIVE
-        ).update(
-            status=result.status,
-            exit_code=result.exit_code,
-            reason=result.reason[:500],
-            started_at=_from_epoch(result.started_at) or Coalesce(F("started_at"), Value(now)),
-            finished_at=_from_epoch(result.finished_at) or now,
-            output_bytes=max(result.output_bytes, 0),
-            truncated=result.truncated or F("truncated"),
+        rows = {
+            pk: (worker_id, status, closed, late)
+            for pk, worker_id, status, closed, late in _locked(
+                Attempt.objects.filter(pk__in={i.attempt_id for i in items})
+            ).values_list("pk", "worker_id", "status", "closed_by_master", "late_reported_at")
+        }
+        outcomes: list[Outcome] = []
+        stored, late, seen = [], [], set()
+        for item in items:
+            row = rows.get(item.attempt_id)
+            if row is None or row[0] != item.worker_id:
+                outcomes.append(Outcome.UNKNOWN)
+            elif item.attempt_id in seen:
+                outcomes.append(Outcome.DUPLICATE)
+            elif row[1] in ACTIVE:
+                stored.append(item)
+                outcomes.append(Outcome.STORED)
+            elif row[2] and row[3] is None:
+                # The master declared it lost (or timed it out) first: keep the
+                # agent's word beside it, never over it, and never retry because of it.
+                late.append(item)
+                outcomes.append(Outcome.LATE)
+            else:
+                outcomes.append(Outcome.DUPLICATE)
+            seen.add(item.attempt_id)
+        # Race: the service declaring the worker lost at the same moment; the
+        # lock and the status condition let exactly one of them win.
+        update_rows(
+            Attempt,
+            {
+                "status": "%s",
+                "exit_code": "%s",
+                "reason": "%s",
+                "started_at": "COALESCE(%s, started_at, %s)",
+                "finished_at": "%s",
+                "output_bytes": "%s",
+                "truncated": "(%s OR truncated)",
+            },
+            [
+                (
+                    r.status,
+                    r.exit_code,
+                    r.reason[:500],
+                    _from_epoch(r.started_at),
+                    now,
+                    _from_epoch(r.finished_at) or now,
+                    max(r.output_bytes, 0),
+                    r.truncated,
+                    i.attempt_id,
+                )
+                for i, r in ((i, i.result) for i in stored)
+            ],
+            where="status IN (%s, %s)",
+            where_params=list(ACTIVE),
         )
-        if updated:
-            _after_final([attempt_id])
-            return Outcome.STORED
-        # The master declared it lost (or timed it out) first: keep the agent's
-        # word beside it, never over it, and never retry because of it.
-        late = Attempt.objects.filter(
-            pk=attempt_id, worker_id=worker_id, closed_by_master=True, late_reported_at__isnull=True
-        ).update(
-            late_status=result.status,
-            late_exit_code=result.exit_code,
-            late_reason=result.reason[:500],
-            late_reported_at=now,
-            output_bytes=max(result.output_bytes, 0),
+        update_rows(
+            Attempt,
+            {
+                "late_status": "%s",
+                "late_exit_code": "%s",
+                "late_reason": "%s",
+                "late_reported_at": "%s",
+                "output_bytes": "%s",
+            },
+            [
+                (r.status, r.exit_code, r.reason[:500], now, max(r.output_bytes, 0), i.attempt_id)
+                for i, r in ((i, i.result) for i in late)
+            ],
+            where="closed_by_master AND late_reported_at IS NULL",
         )
-        if late:
-            return Outcome.LATE
-        known = Attempt.objects.filter(pk=attempt_id, worker_id=worker_id).exists()
-        return Outcome.DUPLICATE if known else Outcome.UNKNOWN
+        _after_final([i.attempt_id for i in stored])
+    return outcomes
+
+
+def finish(worker_id: int, attempt_id: int, result: Result) -> Outcome:
+    return finish_many([Finished(worker_id, attempt_id, result)])[0]
 
 
 def mark_lost(worker_id: int | None, reason: str, keep: Sequence[int] = ()) -> list[int]:
@@ -254,12 +463,22 @@ def mark_lost(worker_id: int | None, reason: str, keep: Sequence[int] = ()) -> l
         query = Attempt.objects.filter(worker_id=worker_id, status__in=ACTIVE).exclude(
             pk__in=list(keep)
         )
-        ids = list(query.values_list("pk", flat=True))
-        if not ids:
-            return []
-        # Race: a finished report arriving now; status__in=ACTIVE keeps whichever came first.
+        return lose(list(query.values_list("pk", flat=True)), reason)
+
+
+def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
+    """These attempts, where still active, become lost (and are retried per policy)."""
+    if not attempt_ids:
+        return []
+    with transaction.atomic():
+        # Race: a finished report arriving now; only rows still active move.
+        ids = list(
+            _locked(
+                Attempt.objects.filter(pk__in=list(attempt_ids), status__in=ACTIVE)
+            ).values_list("pk", flat=True)
+        )
         Attempt.objects.filter(pk__in=ids, status__in=ACTIVE).update(
-            status=Attempt.Status.LOST,
+            status=S.LOST,
             reason=reason[:500],
             finished_at=timezone.now(),
             closed_by_master=True,
@@ -276,28 +495,31 @@ def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
     """
     now = now or timezone.now()
     grace = dt.timedelta(seconds=settings.SCHEDULER_TIMEOUT_GRACE_S)
-    overdue = []
-    candidates = Attempt.objects.filter(status=Attempt.Status.RUNNING).filter(
-        run__definition__timeout__isnull=False
-    )
+    overdue: dict[int, list[Pair]] = {}
     # Counted from assigned_at, our own clock: started_at comes from the agent's
     # clock, which may be off by minutes. Assigned is a few ms before started.
-    for pk, worker_id, assigned_at, definition in candidates.values_list(
-        "pk", "worker_id", "assigned_at", "run__definition"
-    ):
-        timeout = definition.get("timeout")
-        if timeout and assigned_at and assigned_at + dt.timedelta(seconds=timeout) + grace < now:
-            overdue.append((pk, worker_id, timeout))
-    ended = []
+    for pk, worker_id, assigned_at, timeout in Attempt.objects.filter(
+        status=S.RUNNING, timeout_s__isnull=False
+    ).values_list("pk", "worker_id", "assigned_at", "timeout_s"):
+        if assigned_at and assigned_at + dt.timedelta(seconds=timeout) + grace < now:
+            overdue.setdefault(timeout, []).append((worker_id, pk))
+    ended: list[Pair] = []
     with transaction.atomic():
-        for pk, worker_id, timeout in overdue:
-            if Attempt.objects.filter(pk=pk, status=Attempt.Status.RUNNING).update(
-                status=Attempt.Status.TIMED_OUT,
+        for timeout, pairs in overdue.items():
+            ids = [pk for _, pk in pairs]
+            # Race: the agent's own result arriving now; only rows still running move.
+            moving = set(
+                _locked(Attempt.objects.filter(pk__in=ids, status=S.RUNNING)).values_list(
+                    "pk", flat=True
+                )
+            )
+            Attempt.objects.filter(pk__in=moving, status=S.RUNNING).update(
+                status=S.TIMED_OUT,
                 reason=f"timed out after {timeout}s (master backstop: the agent did not report)",
                 finished_at=now,
                 closed_by_master=True,
-            ):
-                ended.append((worker_id, pk))
+            )
+            ended += [pair for pair in pairs if pair[1] in moving]
         _after_final([pk for _, pk in ended])
         _stop(ended)
     return [pk for _, pk in ended]
@@ -305,47 +527,50 @@ def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
 
 def _after_final(attempt_ids: Sequence[int]) -> None:
     """Queue retries for attempts that ended badly, then recompute their runs."""
-    attempts = list(
-        Attempt.objects.filter(pk__in=list(attempt_ids))
-        .select_related("run")
-        .only(
-            "pk",
-            "status",
-            "try_number",
-            "shard_index",
-            "run__definition",
-            "run__cancel_requested_at",
-            "run_id",
+    if not attempt_ids:
+        return
+    rows = list(
+        Attempt.objects.filter(pk__in=list(attempt_ids)).values_list(
+            "status", "try_number", "shard_index", "run_id", "labels_key", "timeout_s"
         )
     )
-    retried = False
-    for attempt in attempts:
-        if attempt.status not in RETRYABLE or attempt.run.cancel_requested_at:
-            continue
-        definition = attempt.run.definition
-        if attempt.try_number > definition.get("max_retries", 0):
-            continue
-        delay = backoff_seconds(
-            attempt.try_number,
-            definition.get("retry_backoff_s", 10.0),
-            definition.get("retry_backoff_max_s", 600.0),
-        )
-        try:
-            # Race: two processes retrying the same attempt; the unique
-            # (run, shard, try) constraint lets only one create the next try.
-            with transaction.atomic():
-                Attempt.objects.create(
-                    run_id=attempt.run_id,
-                    shard_index=attempt.shard_index,
-                    try_number=attempt.try_number + 1,
-                    not_before=timezone.now() + dt.timedelta(seconds=delay),
+    retryable = [row for row in rows if row[0] in RETRYABLE]
+    retries: list[Attempt] = []
+    if retryable:
+        runs = {
+            pk: (definition, cancelling)
+            for pk, definition, cancelling in Run.objects.filter(
+                pk__in={row[3] for row in retryable}
+            ).values_list("pk", "definition", "cancel_requested_at")
+        }
+        now = timezone.now()
+        for _, try_number, shard_index, run_id, key, timeout in retryable:
+            definition, cancelling = runs[run_id]
+            if cancelling or try_number > definition.get("max_retries", 0):
+                continue
+            delay = backoff_seconds(
+                try_number,
+                definition.get("retry_backoff_s", 10.0),
+                definition.get("retry_backoff_max_s", 600.0),
+            )
+            ready = now + dt.timedelta(seconds=delay)
+            retries.append(
+                Attempt(
+                    run_id=run_id,
+                    shard_index=shard_index,
+                    try_number=try_number + 1,
+                    labels_key=key,
+                    timeout_s=timeout,
+                    queued_at=now,
+                    ready_at=ready,
                 )
-            retried = True
-        except IntegrityError:
-            pass
-    refresh_runs({a.run_id for a in attempts})
-    if retried:
-        _wake_dispatch()
+            )
+        # Race: two processes retrying the same attempt; the unique (run, shard,
+        # try) constraint lets only one create the next try.
+        Attempt.objects.bulk_create(retries, ignore_conflicts=True)
+    refresh_runs({row[3] for row in rows})
+    if retries:
+        _wake_dispatch({a.labels_key for a in retries})
 
 
 def backoff_seconds(try_number: int, base: float, cap: float) -> float:
@@ -361,50 +586,62 @@ def backoff_seconds(try_number: int, base: float, cap: float) -> float:
 def refresh_runs(run_ids: Iterable[int]) -> None:
     """Recompute each run's status from the latest attempt of each shard."""
     run_ids = list(run_ids)
-    latest: dict[int, dict[int, Attempt]] = {}
-    for attempt in Attempt.objects.filter(run_id__in=run_ids).only(
+    if not run_ids:
+        return
+    latest: dict[int, dict[int, tuple]] = {}
+    for row in Attempt.objects.filter(run_id__in=run_ids).values_list(
         "run_id", "shard_index", "try_number", "status", "reason", "started_at", "finished_at"
     ):
-        shards = latest.setdefault(attempt.run_id, {})
-        current = shards.get(attempt.shard_index)
-        if current is None or attempt.try_number > current.try_number:
-            shards[attempt.shard_index] = attempt
-    cancel_requested = set(
+        shards = latest.setdefault(row[0], {})
+        current = shards.get(row[1])
+        if current is None or row[2] > current[2]:
+            shards[row[1]] = row
+    cancelling = set(
         Run.objects.filter(pk__in=run_ids, cancel_requested_at__isnull=False).values_list(
             "pk", flat=True
         )
     )
+    finals, starts = [], []
+    now = timezone.now()
     for run_id, shards in latest.items():
         attempts = list(shards.values())
-        statuses = {a.status for a in attempts}
-        started = [a.started_at for a in attempts if a.started_at]
+        statuses = {a[3] for a in attempts}
+        started = min((a[5] for a in attempts if a[5]), default=None)
         if statuses <= set(FINAL_ATTEMPT):
             reason = ""
-            if statuses == {Attempt.Status.SUCCEEDED}:
+            if statuses == {S.SUCCEEDED}:
                 status = Run.Status.SUCCEEDED
-            elif Attempt.Status.CANCELLED in statuses or run_id in cancel_requested:
+            elif S.CANCELLED in statuses or run_id in cancelling:
                 status = Run.Status.CANCELLED
             else:
                 status = Run.Status.FAILED
-                bad = next(a for a in attempts if a.status != Attempt.Status.SUCCEEDED)
-                tries = bad.try_number
-                reason = (
-                    f"{bad.reason or bad.status} (after {tries} attempt{'s' if tries > 1 else ''})"
-                )
-            finished = max(
-                (a.finished_at for a in attempts if a.finished_at), default=timezone.now()
-            )
-            # Race: only a run that is not final yet can be finished, once.
-            Run.objects.filter(pk=run_id).exclude(status__in=Run.FINAL).update(
-                status=status,
-                reason=reason[:500],
-                finished_at=finished,
-                started_at=Coalesce(F("started_at"), Value(min(started) if started else None)),
-            )
-        elif statuses & {Attempt.Status.RUNNING, *FINAL_ATTEMPT}:
-            Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
-                status=Run.Status.RUNNING, started_at=min(started) if started else timezone.now()
-            )
+                bad = next(a for a in attempts if a[3] != S.SUCCEEDED)
+                tries = bad[2]
+                reason = f"{bad[4] or bad[3]} (after {tries} attempt{'s' if tries > 1 else ''})"
+            finished = max((a[6] for a in attempts if a[6]), default=now)
+            finals.append((status, reason[:500], finished, started, run_id))
+        elif statuses & {S.RUNNING, *FINAL_ATTEMPT}:
+            starts.append((Run.Status.RUNNING, started or now, run_id))
+    # Race: only a run that is not final yet can be finished, once.
+    update_rows(
+        Run,
+        {
+            "status": "%s",
+            "reason": "%s",
+            "finished_at": "%s",
+            "started_at": "COALESCE(started_at, %s)",
+        },
+        finals,
+        where="status NOT IN (%s, %s, %s)",
+        where_params=list(Run.FINAL),
+    )
+    update_rows(
+        Run,
+        {"status": "%s", "started_at": "%s"},
+        starts,
+        where="status = %s",
+        where_params=[Run.Status.QUEUED],
+    )
 
 
 # --- cancelling ----------------------------------------------------------------
@@ -422,8 +659,8 @@ def cancel_run(run: Run) -> Run:
         if run.is_final:
             raise RunNotCancellable(f"run {run.pk} already {run.status}")
         now = timezone.now()
-        Attempt.objects.filter(run=run, status=Attempt.Status.QUEUED).update(
-            status=Attempt.Status.CANCELLED, reason="cancelled", finished_at=now
+        Attempt.objects.filter(run=run, status=S.QUEUED).update(
+            status=S.CANCELLED, reason="cancelled", finished_at=now
         )
         active = list(
             Attempt.objects.filter(run=run, status__in=ACTIVE).values_list("worker_id", "pk")
@@ -432,125 +669,3 @@ def cancel_run(run: Run) -> Run:
         refresh_runs([run.pk])
     run.refresh_from_db()
     return run
-
-
-def pending_stops(worker_id: int) -> list[int]:
-    """Active attempts of a worker whose run is being cancelled (for a reconnect)."""
-    return list(
-        Attempt.objects.filter(
-            worker_id=worker_id, status__in=ACTIVE, run__cancel_requested_at__isnull=False
-        ).values_list("pk", flat=True)
-    )
-
-
-# --- pausing -------------------------------------------------------------------
-
-
-def set_paused(paused: bool, by: str = "") -> SchedulerState:
-    SchedulerState.current()
-    SchedulerState.objects.filter(pk=1).update(
-        paused=paused, paused_at=timezone.now() if paused else None, paused_by=by if paused else ""
-    )
-    if not paused:
-        transaction.on_commit(lambda: work_queued.send(sender=Run))
-    return SchedulerState.current()
-
-
-def is_paused() -> bool:
-    return SchedulerState.objects.filter(pk=1, paused=True).exists()
-
-
-# --- output --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Chunk:
-    attempt_id: int
-    seq: int
-    stream: str
-    data: str
-
-
-def append_logs(worker_id: int, chunks: Sequence[Chunk]) -> tuple[dict[int, int], set[int]]:
-    """Store a batch of output chunks in a few queries.
-
-    Returns (attempt id -> highest seq now stored or skipped, refused attempt ids).
-    Output beyond SCHEDULER_LOG_LIMIT_BYTES per attempt is dropped and the
-    attempt marked truncated. Chunks for attempts that are not this worker's
-    active ones are refused and change nothing.
-    """
-    if not chunks:
-        return {}, set()
-    ids = {c.attempt_id for c in chunks}
-    stored = dict(
-        Attempt.objects.filter(pk__in=ids, worker_id=worker_id, status__in=ACTIVE).values_list(
-            "pk", "stored_bytes"
-        )
-    )
-    refused = ids - stored.keys()
-    limit = settings.SCHEDULER_LOG_LIMIT_BYTES
-    rows: list[LogChunk] = []
-    added: dict[int, int] = {}
-    acked: dict[int, int] = {}
-    truncated: set[int] = set()
-    known = _known_seqs(chunks, stored.keys())
-    for chunk in sorted(chunks, key=lambda c: (c.attempt_id, c.seq)):
-        if chunk.attempt_id in refused:
-            continue
-        acked[chunk.attempt_id] = max(acked.get(chunk.attempt_id, -1), chunk.seq)
-        if (chunk.attempt_id, chunk.seq) in known:
-            continue  # a replay after a reconnect: stored already
-        known.add((chunk.attempt_id, chunk.seq))
-        room = limit - stored[chunk.attempt_id]
-        data = chunk.data
-        size = len(data.encode())
-        if size > room:
-            truncated.add(chunk.attempt_id)
-            data = data.encode()[: max(room, 0)].decode(errors="ignore")
-            size = len(data.encode())
-            if not data:
-                continue
-        stored[chunk.attempt_id] += size
-        added[chunk.attempt_id] = added.get(chunk.attempt_id, 0) + size
-        rows.append(
-            LogChunk(attempt_id=chunk.attempt_id, seq=chunk.seq, stream=chunk.stream, data=data)
-        )
-    with transaction.atomic():
-        # The unique (attempt, seq) constraint is the last word on duplicates.
-        LogChunk.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
-        for attempt_id, size in added.items():
-            Attempt.objects.filter(pk=attempt_id).update(stored_bytes=F("stored_bytes") + size)
-        if truncated:
-            Attempt.objects.filter(pk__in=truncated).update(truncated=True)
-    return acked, refused
-
-
-def _known_seqs(chunks: Sequence[Chunk], attempt_ids) -> set[tuple[int, int]]:
-    """(attempt, seq) pairs of this batch that are stored already: one query."""
-    wanted = Q()
-    for attempt_id in attempt_ids:
-        seqs = [c.seq for c in chunks if c.attempt_id == attempt_id]
-        wanted |= Q(attempt_id=attempt_id, seq__in=seqs)
-    if not wanted:
-        return set()
-    return set(LogChunk.objects.filter(wanted).values_list("attempt_id", "seq"))
-
-
-def output_of(attempt: Attempt) -> dict[str, str]:
-    """stdout, stderr and both interleaved in order, with a marker when truncated."""
-    parts: dict[str, list[str]] = {"stdout": [], "stderr": [], "combined": []}
-    for stream, data in attempt.log_chunks.order_by("seq").values_list("stream", "data"):
-        parts[stream].append(data)
-        parts["combined"].append(data)
-    text = {key: "".join(value) for key, value in parts.items()}
-    if attempt.truncated:
-        marker = truncation_marker(attempt)
-        text = {key: value + marker for key, value in text.items()}
-    return text
-
-
-def truncation_marker(attempt: Attempt) -> str:
-    return (
-        f"\n[output truncated: kept {attempt.stored_bytes} of "
-        f"{max(attempt.output_bytes, attempt.stored_bytes)} bytes]\n"
-    )
