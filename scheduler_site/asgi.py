@@ -1,4 +1,4 @@
-"""HTTP (Django + static files) and websockets (agents) in one ASGI app."""
+"""HTTP (Django, static files, the trigger endpoints) and websockets (agents) in one ASGI app."""
 
 import os
 
@@ -10,18 +10,41 @@ django_http = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
-from django.urls import path  # noqa: E402
+from django.urls import path, re_path  # noqa: E402
 
+from tasks_app.trigger_api import RunsEndpoint, TaskRunEndpoint  # noqa: E402
 from workers_app.auth import AgentCredentialMiddleware  # noqa: E402
 from workers_app.consumers import AgentConsumer  # noqa: E402
 
+# Static files are served by the app itself so that `make run` needs no web
+# server in front; a production setup may put one there instead.
+django_app = ASGIStaticFilesHandler(django_http)
+
+
+def post_to(endpoint, otherwise):
+    """POST goes to the endpoint, any other method to `otherwise` (Django)."""
+
+    async def app(scope, receive, send):
+        target = endpoint if scope["method"] == "POST" else otherwise
+        return await target(scope, receive, send)
+
+    return app
+
+
 websocket_routes = URLRouter([path("ws/agent/", AgentConsumer.as_asgi())])
+
+http_routes = URLRouter(
+    [
+        # The API's hot path: Channels HTTP consumers (see tasks_app.trigger_api).
+        path("api/tasks/<int:pk>/run", post_to(TaskRunEndpoint.as_asgi(), django_app)),
+        path("api/runs", post_to(RunsEndpoint.as_asgi(), django_app)),
+        re_path(r"", django_app),
+    ]
+)
 
 application = ProtocolTypeRouter(
     {
-        # Static files are served by the app itself so that `make run` needs no
-        # web server in front; a production setup may put one there instead.
-        "http": ASGIStaticFilesHandler(django_http),
+        "http": http_routes,
         # Agents send no Origin header, so no origin validator here: the
         # per-worker credential in the handshake is the authentication.
         "websocket": AgentCredentialMiddleware(websocket_routes),

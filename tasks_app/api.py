@@ -4,32 +4,33 @@ from django.http import HttpResponse, JsonResponse
 from django.urls import reverse
 from django.utils.http import urlencode
 
-from tasks_app import history, lifecycle, serializers
-from tasks_app.apiauth import BadRequest, api_view, error, form_errors, json_body, wrong_types
-from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, TaskDisabled
+from tasks_app import history, lifecycle, serializers, trigger_api
+from tasks_app.exceptions import (
+    RunNotCancellable,
+    RunNotRetryable,
+    TaskDisabled,
+    TaskNotFound,
+)
 from tasks_app.forms import TaskForm
-from tasks_app.models import Run, Task
-
-TASK_FIELD_TYPES = {
-    "name": (str,),
-    "command": (str,),
-    "shell": (bool,),
-    "env": (dict,),
-    "working_dir": (str,),
-    "timeout": (int, type(None)),
-    "labels": (list,),
-    "max_retries": (int,),
-    "retry_backoff_s": (int, float),
-    "retry_backoff_max_s": (int, float),
-    "enabled": (bool,),
-}
+from tasks_app.jsonapi import (
+    BadRequest,
+    Denied,
+    api_view,
+    authenticate,
+    error,
+    form_errors,
+    json_body,
+    wrong_types,
+)
+from tasks_app.models import TASK_FIELDS, Run, SchedulerState, Task
+from tasks_app.writer import writer
 
 
 def _task_form(payload: dict, instance: Task | None = None) -> TaskForm:
-    unknown = sorted(set(payload) - set(TASK_FIELD_TYPES) - {"id"})
+    unknown = sorted(set(payload) - set(TASK_FIELDS) - {"id"})
     if unknown:
         raise BadRequest("unknown fields", {name: ["Unknown field."] for name in unknown})
-    wrong = wrong_types(payload, TASK_FIELD_TYPES)
+    wrong = wrong_types(payload, TASK_FIELDS)
     if wrong:
         raise BadRequest("invalid fields", wrong)
     # Fields left out keep their current value (update) or the default (create),
@@ -67,20 +68,33 @@ def task_detail(request, pk: int):
     return JsonResponse(serializers.task_json(task))
 
 
-@api_view(["POST"])
+@api_view(["POST"], public=True)
 def task_run(request, pk: int):
-    task = Task.objects.filter(pk=pk).first()
-    if task is None:
-        return error(404, f"no task with id {pk}")
+    return _trigger(request, pk)
+
+
+def _trigger(request, task_id: int | None) -> JsonResponse:
+    """Start runs; under ASGI a POST is served by trigger_api's consumers instead,
+    which share this parsing, this writer job and these answers."""
     try:
-        run = lifecycle.trigger_run(task, Run.Trigger.API, user=request.user)
-    except TaskDisabled as exc:
-        return error(409, str(exc))
-    return _run_response(run, status=201)
+        trigger = trigger_api.trigger_from(request, request.body, task_id)
+        created = writer.submit_sync("trigger", trigger)
+    except (Denied, BadRequest, TaskNotFound, TaskDisabled) as exc:
+        status, data, headers = trigger_api.failure(exc)
+        response = JsonResponse(data, status=status)
+        for name, value in headers:
+            response[name] = value
+        return response
+    return JsonResponse(trigger_api.answer(created, single=task_id is not None), status=201)
 
 
-@api_view(["GET"])
+@api_view(["GET", "POST"], public=True)
 def runs(request):
+    if request.method == "POST":
+        return _trigger(request, None)
+    denied = authenticate(request)
+    if denied is not None:
+        return denied
     try:
         filters = history.parse_filters(request.GET)
         limit = int(request.GET.get("limit") or 50)
@@ -157,11 +171,11 @@ def scheduler(request):
 
 @api_view(["POST"])
 def scheduler_pause(request):
-    lifecycle.set_paused(True, by=request.user.get_username())
+    SchedulerState.set_paused(True, by=request.user.get_username())
     return JsonResponse(serializers.scheduler_json())
 
 
 @api_view(["POST"])
 def scheduler_resume(request):
-    lifecycle.set_paused(False)
+    SchedulerState.set_paused(False)
     return JsonResponse(serializers.scheduler_json())

@@ -8,24 +8,22 @@ free port with its own data dir) and `start_agent` (real agent processes).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / "workers_app" / "agent.py"
-
+# Re-exported: tests import the harness's names from here too.
+from tests.harness import (  # noqa: F401
+    AGENT,
+    FAST_SETTINGS,
+    ROOT,
+    Agent,
+    CuttableProxy,
+    Master,
+    free_port,
+    spawn_agent,
+    wait_for,
+)
 
 # --- personas ------------------------------------------------------------------
 
@@ -87,204 +85,14 @@ def task():
 # --- real processes --------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(
-    condition: Callable[[], object], timeout: float = 20, interval: float = 0.05, what: str = ""
-):
-    """Poll until condition() is truthy; return its value or fail with what we waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(interval)
-
-
-# Short intervals so that liveness tests finish quickly.
-FAST_SETTINGS = {
-    "SCHEDULER_HEARTBEAT_S": "0.5",
-    "SCHEDULER_LOST_AFTER_S": "3",
-    "SCHEDULER_TICK_S": "0.2",
-}
-
-
-@dataclass
-class Master:
-    url: str
-    port: int
-    data_dir: Path
-    env: dict
-    token: str = ""
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-    session: requests.Session = field(default_factory=requests.Session)
-
-    def manage(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
-
-    def start(self) -> None:
-        self.log_path = self.data_dir / f"serve-{int(time.time() * 1000)}.log"
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(self._up, timeout=30, what=f"the server on {self.url}")
-
-    def _up(self) -> bool:
-        assert self.proc.poll() is None, f"server exited: {self.log_path.read_text()}"
-        try:
-            requests.get(f"{self.url}/login/", timeout=1)
-            return True
-        except requests.ConnectionError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def api(self, method: str, path: str, **kwargs) -> requests.Response:
-        headers = {"Authorization": f"Bearer {self.token}"}
-        return self.session.request(
-            method, f"{self.url}/api/{path}", headers=headers, timeout=10, **kwargs
-        )
-
-    def run_of(self, run_id: int) -> dict:
-        response = self.api("GET", f"runs/{run_id}")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def worker_state(self, name: str) -> str | None:
-        workers = self.api("GET", "workers").json()["results"]
-        return next((w["state"] for w in workers if w["name"] == name), None)
-
-    def create_task(self, **task) -> dict:
-        response = self.api("POST", "tasks", json=task)
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def trigger(self, task_id: int) -> dict:
-        response = self.api("POST", f"tasks/{task_id}/run")
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def wait_final(self, run_id: int, timeout: float = 30) -> dict:
-        final = {"succeeded", "failed", "cancelled"}
-
-        def done():
-            run = self.run_of(run_id)
-            return run if run["status"] in final else None
-
-        return wait_for(done, timeout=timeout, what=f"run {run_id} to finish")
-
-
 @pytest.fixture
 def master(request, tmp_path) -> Iterator[Master]:
     """A real server; `@pytest.mark.master_env(NAME="value")` overrides settings."""
-    port = free_port()
-    data_dir = tmp_path / "master"
     marker = request.node.get_closest_marker("master_env")
     overrides = marker.kwargs if marker else {}
-    env = {**os.environ, "SCHEDULER_DATA_DIR": str(data_dir), **FAST_SETTINGS, **overrides}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    server = Master(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, env=env)
-    server.manage("migrate", "-v0")
-    server.manage("ensureadmin")
-    server.token = server.manage("apitoken", "admin")
-    server.start()
+    server = Master.launch(tmp_path / "master", **{**FAST_SETTINGS, **overrides})
     yield server
     server.stop()
-
-
-class CuttableProxy:
-    """A TCP relay between agents and the master whose links the test can cut.
-
-    It stands in for the network, which is outside the system under test:
-    cut() drops every open connection and refuses new ones until heal().
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.open = threading.Event()
-        self.open.set()
-        self.links: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.open.is_set():
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.links += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
-    def cut(self) -> None:
-        self.open.clear()
-        with self.lock:
-            links, self.links = self.links, []
-        for sock in links:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def heal(self) -> None:
-        self.open.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.cut()
-        self.listener.close()
 
 
 @pytest.fixture
@@ -292,22 +100,6 @@ def proxy(master) -> Iterator[CuttableProxy]:
     relay = CuttableProxy(master.port)
     yield relay
     relay.close()
-
-
-@dataclass
-class Agent:
-    name: str
-    proc: subprocess.Popen
-    state_dir: Path
-    log_path: Path
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=15)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
 
 
 @pytest.fixture
@@ -324,28 +116,38 @@ def start_agent(master, tmp_path) -> Iterator[Callable[..., Agent]]:
         server: str | None = None,
         extra: tuple[str, ...] = (),
     ) -> Agent:
-        state_dir = tmp_path / "agents" / name
-        log_path = tmp_path / f"agent-{name}-{len(agents)}.log"
-        args = [sys.executable, str(AGENT), "--server", server or master.url]
-        args += ["--token", enrollment, "--name", name]
-        args += ["--capacity", str(capacity), "--state-dir", str(state_dir), *extra]
-        if labels:
-            args += ["--labels", labels]
-        proc = subprocess.Popen(
-            args, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path
+        agent = spawn_agent(
+            server or master.url,
+            enrollment,
+            tmp_path,
+            name=name,
+            capacity=capacity,
+            labels=labels,
+            extra=extra,
+            log_path=tmp_path / f"agent-{name}-{len(agents)}.log",
         )
-        agent = Agent(name=name, proc=proc, state_dir=state_dir, log_path=log_path)
         agents.append(agent)
         if wait_online:
             wait_for(lambda: master.worker_state(name) == "online", what=f"agent {name} online")
-            assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
+            assert agent.proc.poll() is None, f"agent exited: {agent.log()}"
         return agent
 
     yield start
     for agent in agents:
-        if agent.proc.poll() is None:
-            agent.proc.terminate()
-            try:
-                agent.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                agent.proc.kill()
+        agent.stop()
+
+
+# --- process state ---------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state():
+    """A server process keeps a little state in memory (the dispatch board, who
+    was heard from, the consumers it serves); each test starts with none."""
+    from workers_app import delivery, dispatch, liveness
+
+    dispatch.board = dispatch.Board()
+    liveness.SEEN.clear()
+    liveness._flushed.clear()
+    delivery.LOCAL.clear()
+    yield

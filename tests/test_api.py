@@ -97,6 +97,7 @@ def run_body(run: Run, *, output: dict[int, tuple[str, str, str]] | None = None)
         "retry_of": run.retry_of_id,
         "cancel_requested_at": _time(run.cancel_requested_at),
         "command": run.definition["command"],
+        "params": run.params,
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
@@ -760,7 +761,7 @@ def test_it_needs_no_csrf_token_with_a_bearer_token(api):
         ("delete", "/api/tasks", "GET, POST"),
         ("post", "/api/tasks/1", "GET, PUT, PATCH, DELETE"),
         ("get", "/api/tasks/1/run", "POST"),
-        ("post", "/api/runs", "GET"),
+        ("put", "/api/runs", "GET, POST"),
         ("delete", "/api/runs/1", "GET"),
         ("post", "/api/workers", "GET"),
         ("get", "/api/workers/register", "POST"),
@@ -1054,3 +1055,15 @@ def test_it_answers_400_to_text_that_is_not_valid_unicode(api):
     assert response.status_code == 400
     assert response.json()["error"] == "request body contains text that is not valid Unicode"
     assert Task.objects.count() == 0
+
+
+def test_it_writes_a_tokens_last_use_at_most_once_a_minute(api):
+    api.get("/api/tasks")
+    first = ApiToken.objects.get().last_used_at
+
+    api.get("/api/tasks")
+    assert ApiToken.objects.get().last_used_at == first
+
+    ApiToken.objects.update(last_used_at=first - timedelta(minutes=2))
+    api.get("/api/tasks")
+    assert ApiToken.objects.get().last_used_at > first

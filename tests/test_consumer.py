@@ -18,9 +18,9 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 
 from scheduler_site.asgi import application
-from tasks_app import lifecycle, tokens
+from tasks_app import lifecycle, logs, tokens
 from tasks_app.models import Attempt, LogChunk, Run, Task
-from workers_app import consumers, dispatch, registration
+from workers_app import delivery, dispatch, liveness, registration, reports
 from workers_app.models import Worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,6 +115,15 @@ def refreshed(obj):
 
 
 @database_sync_to_async
+def heard_from(worker: Worker) -> Worker:
+    """The worker as stored once the heartbeats noted so far are written (the
+    service's tick does this every second)."""
+    liveness.flush_heartbeats()
+    worker.refresh_from_db()
+    return worker
+
+
+@database_sync_to_async
 def trigger(task: Task) -> Attempt:
     """Trigger a run the way the dashboard does (dispatch runs after commit)."""
     run = lifecycle.trigger_run(task)
@@ -156,7 +165,7 @@ def chunks_of(attempt: Attempt) -> list[tuple[int, str, str]]:
 @database_sync_to_async
 def output_of(attempt: Attempt) -> dict[str, str]:
     attempt.refresh_from_db()
-    return lifecycle.output_of(attempt)
+    return logs.output_of(attempt)
 
 
 # --- fixtures ------------------------------------------------------------------
@@ -301,12 +310,12 @@ async def test_it_wants_hello_before_any_other_frame(connect, worker, worker_cre
 async def test_it_refuses_an_unsupported_protocol(connect, worker, worker_credential):
     comm = await connect(worker_credential)
 
-    await comm.send_json_to(hello_frame(protocol=2))
+    await comm.send_json_to(hello_frame(protocol=3))
 
     assert await comm.receive_json_from(timeout=TIMEOUT) == {
         "type": "error",
         "code": "unsupported_protocol",
-        "message": "protocol 2 is not supported; this master speaks 1",
+        "message": "protocol 3 is not supported; this master speaks 1 and 2",
     }
     # The refused hello did not count as one.
     await comm.send_json_to({"type": "heartbeat"})
@@ -330,7 +339,8 @@ def _json_error(text: str) -> str:
 
 BAD_FRAMES = [
     pytest.param("{not json", "malformed", _json_error("{not json"), id="malformed-json"),
-    pytest.param("[1, 2]", "malformed", "frame must be a JSON object", id="json-list"),
+    pytest.param("[1]", "malformed", "frame must be a JSON object", id="list-of-a-number"),
+    pytest.param("[]", "malformed", "a message carries 1 to 10000 frames, not 0", id="empty-list"),
     pytest.param(
         json.dumps({"type": "reboot"}), "unknown_type", "unknown frame type 'reboot'", id="unknown"
     ),
@@ -409,7 +419,7 @@ async def test_it_answers_a_bad_frame_with_an_error_and_keeps_working(
     assert (worker.hostname, worker.capacity) == ("box-a.example", 2)
     await agent.send_json_to({"type": "heartbeat", "running": []})
     await barrier(agent)
-    assert (await refreshed(worker)).last_heartbeat > before
+    assert (await heard_from(worker)).last_heartbeat > before
     assert await agent.receive_nothing()
 
 
@@ -428,7 +438,7 @@ async def test_it_refuses_a_frame_over_the_size_limit(settings, agent, worker):
     assert (await refreshed(worker)).last_heartbeat == before
     await agent.send_json_to({"type": "heartbeat", "running": []})
     await barrier(agent)
-    assert (await refreshed(worker)).last_heartbeat > before
+    assert (await heard_from(worker)).last_heartbeat > before
     assert await agent.receive_nothing()
 
 
@@ -488,7 +498,7 @@ async def test_it_never_assigns_more_than_the_agents_capacity(agent, linux_task)
     assert await agent.receive_nothing()
     third = await refreshed(third)
     assert third.status == Attempt.Status.ASSIGNED
-    assert third.worker_id == first.worker_id
+    assert third.worker_id == (await refreshed(first)).worker_id
 
 
 # --- reports about attempts ----------------------------------------------------
@@ -554,19 +564,23 @@ async def test_it_stores_batched_output_and_the_result_then_acks(
 ):
     attempt = await trigger(linux_task)
     assert await agent.receive_json_from(timeout=TIMEOUT) == assign_for(attempt)
-    await agent.send_json_to({"type": "started", "attempt": attempt.pk, "pid": 99})
-    # Sent out of order on purpose: storage orders by seq, not by arrival.
-    for seq, stream, data in [
-        (0, "stdout", "line one\n"),
-        (2, "stdout", "line three\n"),
-        (1, "stderr", "warning\n"),
-    ]:
-        await agent.send_json_to(
-            {"type": "log", "attempt": attempt.pk, "seq": seq, "stream": stream, "data": data}
-        )
     frame = finished_frame(attempt, exit_code, output_bytes=28)
+    # One message of protocol 2, as an agent batches what is ready; the output
+    # out of order on purpose: storage orders by seq, not by arrival.
+    batch = [
+        {"type": "started", "attempt": attempt.pk, "pid": 99},
+        *(
+            {"type": "log", "attempt": attempt.pk, "seq": seq, "stream": stream, "data": data}
+            for seq, stream, data in [
+                (0, "stdout", "line one\n"),
+                (2, "stdout", "line three\n"),
+                (1, "stderr", "warning\n"),
+            ]
+        ),
+        frame,
+    ]
 
-    await agent.send_json_to(frame)
+    await agent.send_to(text_data=json.dumps(batch))
 
     # The output is stored before the result, and acknowledged up to its last seq.
     assert await agent.receive_json_from(timeout=TIMEOUT) == {
@@ -699,12 +713,13 @@ async def test_it_caps_stored_output_and_marks_it_truncated(settings, agent, lin
     settings.SCHEDULER_LOG_LIMIT_BYTES = 10
     attempt = await trigger(linux_task)
     assert await agent.receive_json_from(timeout=TIMEOUT) == assign_for(attempt)
-    for seq, data in enumerate(["hello world\n", "more output\n"]):
-        await agent.send_json_to(
-            {"type": "log", "attempt": attempt.pk, "seq": seq, "stream": "stdout", "data": data}
-        )
+    batch = [
+        {"type": "log", "attempt": attempt.pk, "seq": seq, "stream": "stdout", "data": data}
+        for seq, data in enumerate(["hello world\n", "more output\n"])
+    ]
+    batch.append(finished_frame(attempt, 0, output_bytes=24, truncated=True))
 
-    await agent.send_json_to(finished_frame(attempt, 0, output_bytes=24, truncated=True))
+    await agent.send_to(text_data=json.dumps(batch))
 
     assert await agent.receive_json_from(timeout=TIMEOUT) == {
         "type": "log_ack",
@@ -902,11 +917,13 @@ async def test_it_requeues_a_rejected_attempt_and_dispatches_it_again(agent, wor
     # It is offered again only after a short backoff, so a disagreement about
     # free slots cannot bounce the same assign/reject pair in a tight loop.
     backoff = (attempt.not_before - timezone.now()).total_seconds()
-    assert 0 < backoff <= consumers.REJECT_BACKOFF_S
+    assert 0 < backoff <= reports.REJECT_BACKOFF_S
     assert await database_sync_to_async(dispatch.dispatch)() == []
     assert await agent.receive_nothing()
 
-    await database_sync_to_async(Attempt.objects.filter(pk=attempt.pk).update)(not_before=None)
+    await database_sync_to_async(Attempt.objects.filter(pk=attempt.pk).update)(
+        ready_at=timezone.now()
+    )
     await database_sync_to_async(Worker.objects.filter(pk=worker.pk).update)(
         state=Worker.State.ONLINE
     )
@@ -930,7 +947,9 @@ async def test_it_moves_a_rejected_attempt_to_another_worker(connect, agent, wor
     await agent.send_json_to({"type": "rejected", "attempt": rejected.pk, "reason": "full"})
     await barrier(agent)
     # After its reject backoff (skipped here) the next dispatch pass offers it again.
-    await database_sync_to_async(Attempt.objects.filter(pk=rejected.pk).update)(not_before=None)
+    await database_sync_to_async(Attempt.objects.filter(pk=rejected.pk).update)(
+        ready_at=timezone.now()
+    )
     await database_sync_to_async(dispatch.dispatch)()
 
     # node-1 still runs one of two slots, node-2 none: the least loaded gets it.
@@ -945,7 +964,7 @@ async def test_it_closes_the_socket_of_a_revoked_worker(agent, connect, worker, 
     await database_sync_to_async(registration.revoke)(worker)
 
     worker = await refreshed(worker)
-    await sync_to_async(dispatch.send_close)(worker.channel_name, 4403)
+    await sync_to_async(delivery.send_close)(worker.pk, worker.channel_name, 4403)
 
     assert await agent.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4403}
     await agent.disconnect(timeout=TIMEOUT)
@@ -1040,7 +1059,7 @@ async def test_a_failing_handler_answers_internal_error_and_keeps_the_socket(
     def broken(*args, **kwargs):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(lifecycle, "mark_started", broken)
+    monkeypatch.setattr(lifecycle, "start_many", broken)
     await agent.send_json_to({"type": "started", "attempt": 1, "pid": 3})
 
     assert await agent.receive_json_from(timeout=TIMEOUT) == {

@@ -13,10 +13,10 @@ import time
 import pytest
 from django.utils import timezone
 
-from tasks_app import lifecycle, tokens
+from tasks_app import lifecycle, logs, tokens
 from tasks_app.exceptions import TaskDisabled
-from tasks_app.lifecycle import Chunk, Outcome, Result
-from tasks_app.models import Attempt, LogChunk, Run, Task
+from tasks_app.lifecycle import Outcome, Result
+from tasks_app.models import Attempt, LogChunk, Run, SchedulerState, Task
 from workers_app import dispatch, liveness
 from workers_app.models import Worker
 from workers_app.service import SchedulerService
@@ -69,6 +69,17 @@ def result(exit_code: int = 0, **fields) -> Result:
         output_bytes=fields.pop("output_bytes", 0),
         **fields,
     )
+
+
+def chunk(attempt_id: int, seq: int, stream: str, data: str) -> tuple:
+    return (attempt_id, seq, stream, data)
+
+
+def append(worker: Worker, chunks: list[tuple]) -> tuple[dict[int, int], set[int]]:
+    """Store one worker's chunks; (attempt -> acked seq, refused attempts)."""
+    done = logs.append_logs([logs.Chunk(worker.pk, *c) for c in chunks])
+    assert {w for w, _ in [*done.acked, *done.refused]} <= {worker.pk}
+    return {a: seq for (_, a), seq in done.acked.items()}, {a for _, a in done.refused}
 
 
 @pytest.fixture
@@ -347,16 +358,16 @@ def test_it_never_changes_a_finished_run_again(task, worker):
 def test_it_stores_output_in_seq_order_and_acks_the_highest_seq(task, worker):
     attempt = running_on(worker, task)
     chunks = [
-        Chunk(attempt.pk, 1, "stderr", "oops\n"),
-        Chunk(attempt.pk, 0, "stdout", "42\n"),
-        Chunk(attempt.pk, 2, "stdout", "done\n"),
+        chunk(attempt.pk, 1, "stderr", "oops\n"),
+        chunk(attempt.pk, 0, "stdout", "42\n"),
+        chunk(attempt.pk, 2, "stdout", "done\n"),
     ]
 
-    assert lifecycle.append_logs(worker.pk, chunks) == ({attempt.pk: 2}, set())
+    assert append(worker, chunks) == ({attempt.pk: 2}, set())
 
     attempt.refresh_from_db()
     assert (attempt.stored_bytes, attempt.truncated) == (13, False)
-    assert lifecycle.output_of(attempt) == {
+    assert logs.output_of(attempt) == {
         "stdout": "42\ndone\n",
         "stderr": "oops\n",
         "combined": "42\noops\ndone\n",
@@ -365,17 +376,17 @@ def test_it_stores_output_in_seq_order_and_acks_the_highest_seq(task, worker):
 
 def test_it_ignores_replayed_output(task, worker):
     attempt = running_on(worker, task)
-    batch = [Chunk(attempt.pk, 0, "stdout", "hello\n"), Chunk(attempt.pk, 1, "stdout", "bye\n")]
-    lifecycle.append_logs(worker.pk, batch)
+    batch = [chunk(attempt.pk, 0, "stdout", "hello\n"), chunk(attempt.pk, 1, "stdout", "bye\n")]
+    append(worker, batch)
 
     # After a reconnect the agent sends what it was not sure of again, with
     # a repeat inside the same batch too.
     replay = [
         *batch,
-        Chunk(attempt.pk, 2, "stdout", "new\n"),
-        Chunk(attempt.pk, 2, "stdout", "new\n"),
+        chunk(attempt.pk, 2, "stdout", "new\n"),
+        chunk(attempt.pk, 2, "stdout", "new\n"),
     ]
-    assert lifecycle.append_logs(worker.pk, replay) == ({attempt.pk: 2}, set())
+    assert append(worker, replay) == ({attempt.pk: 2}, set())
 
     assert list(attempt.log_chunks.values_list("seq", "data")) == [
         (0, "hello\n"),
@@ -393,13 +404,13 @@ def test_it_refuses_output_for_attempts_the_worker_does_not_run(task, worker):
     lifecycle.finish(worker.pk, finished.pk, result(0))
     mine = running_on(worker, task)
     chunks = [
-        Chunk(theirs.pk, 0, "stdout", "forged\n"),
-        Chunk(finished.pk, 5, "stdout", "too late\n"),
-        Chunk(987654, 0, "stdout", "nobody\n"),
-        Chunk(mine.pk, 0, "stdout", "fine\n"),
+        chunk(theirs.pk, 0, "stdout", "forged\n"),
+        chunk(finished.pk, 5, "stdout", "too late\n"),
+        chunk(987654, 0, "stdout", "nobody\n"),
+        chunk(mine.pk, 0, "stdout", "fine\n"),
     ]
 
-    acked, refused = lifecycle.append_logs(worker.pk, chunks)
+    acked, refused = append(worker, chunks)
 
     assert (acked, refused) == ({mine.pk: 0}, {theirs.pk, finished.pk, 987654})
     assert list(LogChunk.objects.values_list("attempt_id", "data")) == [(mine.pk, "fine\n")]
@@ -411,14 +422,14 @@ def test_it_caps_output_and_marks_it_truncated(settings, task, worker):
     settings.SCHEDULER_LOG_LIMIT_BYTES = 10
     attempt = running_on(worker, task)
 
-    lifecycle.append_logs(worker.pk, [Chunk(attempt.pk, 0, "stdout", "hello world\n")])
-    lifecycle.append_logs(worker.pk, [Chunk(attempt.pk, 1, "stderr", "more\n")])
+    append(worker, [chunk(attempt.pk, 0, "stdout", "hello world\n")])
+    append(worker, [chunk(attempt.pk, 1, "stderr", "more\n")])
     lifecycle.finish(worker.pk, attempt.pk, result(0, output_bytes=17))
 
     attempt.refresh_from_db()
     assert (attempt.stored_bytes, attempt.output_bytes, attempt.truncated) == (10, 17, True)
     assert list(attempt.log_chunks.values_list("seq", "data")) == [(0, "hello worl")]
-    output = lifecycle.output_of(attempt)
+    output = logs.output_of(attempt)
     assert output["stdout"] == "hello worl\n[output truncated: kept 10 of 17 bytes]\n"
     assert output["stderr"] == "\n[output truncated: kept 10 of 17 bytes]\n"
 
@@ -427,7 +438,7 @@ def test_it_never_cuts_a_character_in_half_at_the_cap(settings, task, worker):
     settings.SCHEDULER_LOG_LIMIT_BYTES = 5
     attempt = running_on(worker, task)
 
-    lifecycle.append_logs(worker.pk, [Chunk(attempt.pk, 0, "stdout", "ééé")])
+    append(worker, [chunk(attempt.pk, 0, "stdout", "ééé")])
 
     attempt.refresh_from_db()
     assert list(attempt.log_chunks.values_list("data", flat=True)) == ["éé"]
@@ -499,26 +510,22 @@ def test_it_does_not_dispatch_to_workers_that_cannot_take_work(task):
 def test_it_holds_a_retry_until_its_backoff_has_passed(task):
     node = make_worker("node")
     (attempt,) = queue(task)
-    Attempt.objects.filter(pk=attempt.pk).update(
-        not_before=timezone.now() + dt.timedelta(seconds=30)
-    )
+    Attempt.objects.filter(pk=attempt.pk).update(ready_at=timezone.now() + dt.timedelta(seconds=30))
 
     assert dispatch.dispatch() == []
 
-    Attempt.objects.filter(pk=attempt.pk).update(
-        not_before=timezone.now() - dt.timedelta(seconds=1)
-    )
+    Attempt.objects.filter(pk=attempt.pk).update(ready_at=timezone.now() - dt.timedelta(seconds=1))
     assert dispatch.dispatch() == [(node.pk, attempt.pk)]
 
 
 def test_it_dispatches_nothing_while_the_scheduler_is_paused(task):
     node = make_worker("node")
     (attempt,) = queue(task)
-    lifecycle.set_paused(True, by="alice")
+    SchedulerState.set_paused(True, by="alice")
 
     assert dispatch.dispatch() == []
 
-    lifecycle.set_paused(False)
+    SchedulerState.set_paused(False)
     assert dispatch.dispatch() == [(node.pk, attempt.pk)]
 
 
@@ -691,3 +698,50 @@ def test_its_tick_keeps_going_when_one_duty_fails(task, online, monkeypatch, cap
     attempt.refresh_from_db()
     assert attempt.status == Attempt.Status.ASSIGNED
     assert "scheduler duty broken failed" in caplog.text
+
+
+# --- cost of a dispatch pass ----------------------------------------------------------
+
+
+def _dispatch_queries() -> list[str]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        dispatch.dispatch(fresh=False)
+    # (The savepoints are the test's transaction, not the pass.)
+    return [q["sql"] for q in captured.captured_queries if "SAVEPOINT" not in q["sql"]]
+
+
+def test_a_dispatch_pass_costs_the_slots_it_fills_not_the_queue_length(task):
+    from django.db import connection
+
+    node = make_worker("node", capacity=2)
+    lifecycle.trigger_runs([lifecycle.TriggerRequest(task.pk, count=10)])
+    dispatch.dispatch()  # builds the board, fills both slots
+    busy = list(Attempt.objects.filter(status="assigned").values_list("pk", flat=True))
+    lifecycle.finish(node.pk, busy[0], result(0))
+    dispatch.board.mark([node.pk])
+    small = _dispatch_queries()
+
+    for _ in range(10):
+        lifecycle.trigger_runs([lifecycle.TriggerRequest(task.pk, count=1000)])
+    lifecycle.finish(node.pk, busy[1], result(0))
+    dispatch.board.mark([node.pk])
+    large = _dispatch_queries()
+
+    # The same statements, 10 or 10,000 queued; the queue read is LIMITed to the
+    # free slots and walks the queue index, never the table.
+    assert len(large) == len(small)
+    [read] = [q for q in large if "FROM \"tasks_app_attempt\"" in q and "LIMIT 1" in q]
+    with connection.cursor() as cursor:
+        plan = " ".join(str(row) for row in cursor.execute(f"EXPLAIN QUERY PLAN {read}"))
+    assert "attempt_queue" in plan and "USE TEMP B-TREE" not in plan
+    assert Attempt.objects.filter(status="assigned").count() == 2
+
+
+def test_an_idle_dispatch_pass_reads_nothing(task):
+    make_worker("node", capacity=2)
+    dispatch.dispatch()  # nothing queued: the board knows of no queued label set
+
+    assert _dispatch_queries() == []

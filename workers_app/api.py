@@ -3,7 +3,7 @@
 from django import forms
 from django.http import JsonResponse
 
-from tasks_app.apiauth import BadRequest, api_view, error, form_errors, json_body, wrong_types
+from tasks_app.jsonapi import BadRequest, api_view, error, form_errors, json_body, wrong_types
 from tasks_app.validators import clean_labels
 from workers_app import liveness, registration, serializers
 from workers_app.exceptions import EnrollmentRefused
@@ -59,7 +59,7 @@ def register(request):
 
 @api_view(["GET"])
 def workers(request):
-    rows = serializers.with_busy_slots(Worker.objects.all())
+    rows = Worker.objects.with_busy_slots()
     return JsonResponse({"results": [serializers.worker_json(w, busy=w.busy) for w in rows]})
 
 
@@ -79,5 +79,5 @@ def worker_action(request, pk: int, action: str):
     if worker is None:
         return error(404, f"no worker with id {pk}")
     liveness.apply_state(worker, ACTIONS[action])
-    worker = serializers.with_busy_slots(Worker.objects.filter(pk=pk)).get()
+    worker = Worker.objects.filter(pk=pk).with_busy_slots().get()
     return JsonResponse(serializers.worker_json(worker, busy=worker.busy))

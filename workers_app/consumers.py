@@ -1,217 +1,231 @@
-"""The agent websocket: translates frames into lifecycle calls and back."""
+"""The agent websocket: translates messages into writer jobs and answers back.
+
+A message (one frame, or with protocol 2 an array of frames) is checked, then
+handed to the writer without waiting, so the consumer keeps reading while
+earlier messages are applied: frames from many agents within a few
+milliseconds land in one transaction. Answers go out in the order of the
+messages they answer (an error about a bad frame waits behind the acks of
+the frames before it). Frames for the agent (answers, assignments, cancels)
+that are ready in one turn of the event loop leave as one message.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import deque
 
-from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from tasks_app import lifecycle
-from workers_app import dispatch, liveness, protocol
-from workers_app.exceptions import ProtocolError
+from scheduler_site.wire import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from tasks_app.writer import writer
+from workers_app import delivery, liveness, protocol
+from workers_app.liveness import Hello, WorkerGone
 from workers_app.models import Worker
+from workers_app.reports import Message
 
 log = logging.getLogger(__name__)
 
-# A rejected assignment is offered again after this long at the earliest.
-REJECT_BACKOFF_S = 1.0
-
-# Output is written in batches: at most this often, or sooner when this much waits.
-LOG_FLUSH_S = 0.05
-LOG_FLUSH_BYTES = 256 * 1024
+# Messages handed to the writer and not answered yet; past this the consumer
+# stops reading the socket until the oldest is answered.
+MAX_INFLIGHT = 64
 
 
-def _result(frame: dict) -> lifecycle.Result:
-    return lifecycle.Result(
-        status=frame["status"],
-        exit_code=frame["exit_code"],
-        reason=frame.get("reason", ""),
-        started_at=frame.get("started_at"),
-        finished_at=frame.get("finished_at"),
-        output_bytes=frame.get("output_bytes", 0),
-        truncated=frame.get("truncated", False),
-    )
-
-
-class AgentConsumer(AsyncJsonWebsocketConsumer):
+class AgentConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.worker_id = self.scope.get("worker_id")
         if not self.worker_id:
             # Closing before accept makes daphne refuse the handshake with HTTP 403.
             await self.close(code=protocol.CLOSE_BAD_CREDENTIAL)
             return
+        self.loop = asyncio.get_running_loop()
+        self.protocol = 1  # until the hello says which
         self.said_hello = False
-        self.pending_logs: list[lifecycle.Chunk] = []
-        self.pending_bytes = 0
-        self.flush_lock = asyncio.Lock()
-        self.flush_handle: asyncio.TimerHandle | None = None
+        self.welcomed = False
+        self.agent_draining = False
+        self.held: list[dict] = []  # frames that came before the welcome went out
+        self.outbox: list[dict] = []
+        self.sending = False
+        # Answers in message order: a future of the writer, or frames ready now.
+        self.answers: deque[tuple[asyncio.Future | None, list[dict], list[str]]] = deque()
+        self.answering: asyncio.Task | None = None
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if not getattr(self, "worker_id", None):
             return
-        await self.flush_logs()
-        await database_sync_to_async(liveness.disconnected)(self.worker_id, self.channel_name)
+        delivery.unregister(self.worker_id, self)
+        if self.answering is not None:
+            self.answering.cancel()
+        # Jobs already handed over are still applied; this one comes after them.
+        with contextlib.suppress(Exception):
+            await writer.submit("disconnect", (self.worker_id, self.channel_name))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        try:
-            frame = protocol.parse(text_data, settings.SCHEDULER_MAX_FRAME_BYTES)
-        except ProtocolError as exc:
-            await self.send_json(protocol.error(exc.code, exc.message))
-            return
-        if not self.said_hello and frame["type"] != "hello":
-            await self.send_json(protocol.error("hello_first", "send hello before any other frame"))
-            return
-        try:
-            await getattr(self, f"on_{frame['type']}")(frame)
-        except Exception:
-            # A bug or a database hiccup on one frame must not kill the connection
-            # (its disconnect handler would never run). Nothing was acknowledged,
-            # so the agent repeats what matters: results are replayed on reconnect.
-            log.exception("worker %s: handling a %s frame failed", self.worker_id, frame["type"])
-            await self.send_json(
-                protocol.error(
-                    "internal_error", f"the master could not handle this {frame['type']}"
+        # Any message is a sign of life, noted before it waits for anything.
+        liveness.seen(self.worker_id)
+        frames, errors = protocol.parse_message(text_data, settings.SCHEDULER_MAX_FRAME_BYTES)
+        if errors:
+            self._answer(None, errors)
+        batch: list[dict] = []
+        for frame in frames:
+            kind = frame["type"]
+            if kind == "hello":
+                self._submit(batch)
+                batch = []
+                await self.on_hello(frame)
+            elif not self.said_hello:
+                self._answer(
+                    None, [protocol.error("hello_first", "send hello before any other frame")]
                 )
-            )
+            elif kind == "heartbeat":
+                self.on_heartbeat(frame)
+            else:
+                batch.append(frame)
+        self._submit(batch)
+        while len(self.answers) > MAX_INFLIGHT:
+            # Backpressure: the agent waits for us instead of our memory growing.
+            future = self.answers[0][0]
+            if future is not None and not future.done():
+                await asyncio.wait([future])
+            await asyncio.sleep(0)
 
     # --- frames from the agent -------------------------------------------------
 
     async def on_hello(self, frame: dict) -> None:
-        reconciled = await database_sync_to_async(liveness.hello)(
-            self.worker_id, self.channel_name, frame
-        )
+        await self._answered()  # reconcile against everything reported before
+        self.protocol = min(frame["protocol"], PROTOCOL_VERSION)
+        # Registered before the hello is applied, so that assignments made right
+        # after it come straight here; they are held until the welcome is out.
+        delivery.register(self.worker_id, self)
+        try:
+            reconciled = await writer.submit(
+                "hello", Hello(self.worker_id, self.channel_name, frame)
+            )
+        except WorkerGone:
+            delivery.unregister(self.worker_id, self)
+            await self.close(code=protocol.CLOSE_REVOKED)
+            return
+        except Exception:
+            log.exception("worker %s: handling a hello failed", self.worker_id)
+            self._answer(
+                None, [protocol.error("internal_error", "the master could not handle this hello")]
+            )
+            return
         self.said_hello = True
-        await self.send_json(
+        self.agent_draining = bool(frame.get("draining"))
+        frames = [
             protocol.welcome(
                 reconciled.worker,
+                protocol=self.protocol,
                 heartbeat_s=settings.SCHEDULER_HEARTBEAT_S,
                 log_limit_bytes=settings.SCHEDULER_LOG_LIMIT_BYTES,
                 max_frame_bytes=settings.SCHEDULER_MAX_FRAME_BYTES,
                 lost_after_s=settings.SCHEDULER_LOST_AFTER_S,
                 self_fence=settings.SCHEDULER_SELF_FENCE,
             )
-        )
-        for attempt_id in reconciled.cancel:
-            await self.send_json(protocol.cancel(attempt_id))
-        for assign in reconciled.resend:
-            await self.send_json(assign)
+        ]
+        frames += [protocol.cancel(attempt_id) for attempt_id in reconciled.cancel]
+        frames += reconciled.resend
         if reconciled.worker.state in (Worker.State.DRAINING, Worker.State.DISABLED):
-            await self.send_json({"type": "drain"})
+            frames.append(protocol.drain())
         if reconciled.lost:
             log.warning(
                 "worker %s reconnected without attempts %s: marked lost",
                 self.worker_id,
                 reconciled.lost,
             )
-        await self._dispatch()
+        self.welcomed = True
+        held, self.held = self.held, []
+        self.push(frames + held)
 
-    async def on_heartbeat(self, frame: dict) -> None:
-        await database_sync_to_async(liveness.heartbeat)(
-            self.worker_id, frame.get("draining", False)
-        )
+    def on_heartbeat(self, frame: dict) -> None:
+        if frame.get("draining") and not self.agent_draining:
+            self.agent_draining = True
+            self._answer(writer.submit_nowait("draining", self.worker_id), [], ["heartbeat"])
 
-    async def on_accepted(self, frame: dict) -> None:
-        ok = await database_sync_to_async(lifecycle.mark_accepted)(self.worker_id, frame["attempt"])
-        if not ok:
-            # Re-queued meanwhile (accept timeout) or cancelled: it must not run here.
-            await self.send_json(protocol.cancel(frame["attempt"]))
+    def _submit(self, frames: list[dict]) -> None:
+        if frames:
+            future = writer.submit_nowait("agent", Message(self.worker_id, frames))
+            self._answer(future, [], [f["type"] for f in frames])
 
-    async def on_rejected(self, frame: dict) -> None:
-        # The agent knows better than our slot count (it is draining, or still
-        # runs something we gave up on): back off before it is offered again,
-        # or the same assign/reject pair would bounce as fast as the socket allows.
-        await database_sync_to_async(lifecycle.requeue)(
-            self.worker_id, [frame["attempt"]], delay_s=REJECT_BACKOFF_S
-        )
+    # --- answers, in order ------------------------------------------------------
 
-    async def on_started(self, frame: dict) -> None:
-        ok = await database_sync_to_async(lifecycle.mark_started)(
-            self.worker_id, frame["attempt"], frame.get("started_at"), frame.get("pid")
-        )
-        if not ok:
-            await self.send_json(
-                protocol.error(
-                    "unknown_attempt",
-                    "no such attempt is assigned to you",
-                    attempt=frame["attempt"],
-                )
-            )
+    def _answer(self, future: asyncio.Future | None, frames: list[dict], kinds=()) -> None:
+        if future is None and not self.answers:
+            self.push(frames)  # nothing to wait behind
+            return
+        self.answers.append((future, frames, list(kinds)))
+        if self.answering is None or self.answering.done():
+            self.answering = self.loop.create_task(self._answer_all())
 
-    async def on_log(self, frame: dict) -> None:
-        data = frame["data"]
-        self.pending_logs.append(
-            lifecycle.Chunk(frame["attempt"], frame["seq"], frame["stream"], data)
-        )
-        self.pending_bytes += len(data)
-        if self.pending_bytes >= LOG_FLUSH_BYTES:
-            await self.flush_logs()
-        elif self.flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self.flush_handle = loop.call_later(
-                LOG_FLUSH_S, lambda: asyncio.ensure_future(self.flush_logs())
-            )
+    async def _answer_all(self) -> None:
+        while self.answers:
+            future, frames, kinds = self.answers[0]
+            if future is not None:
+                try:
+                    frames = (await future) or []
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A bug or a database hiccup must not kill the connection (its
+                    # disconnect handler would never run). Nothing was acknowledged,
+                    # so the agent repeats what matters.
+                    log.exception("worker %s: handling %s failed", self.worker_id, kinds)
+                    frames = [
+                        protocol.error("internal_error", f"the master could not handle this {kind}")
+                        for kind in dict.fromkeys(kinds)
+                    ]
+                    if "log" in kinds:
+                        # The agent resends unacknowledged output only after a
+                        # reconnect: make it reconnect rather than keep it waiting.
+                        self.push(frames)
+                        self.answers.clear()
+                        await self.close(code=protocol.CLOSE_TRY_AGAIN)
+                        return
+            self.answers.popleft()
+            self.push(frames)
 
-    async def on_finished(self, frame: dict) -> None:
-        # Every log frame of the attempt came before this one: store them first.
-        await self.flush_logs()
-        outcome = await database_sync_to_async(lifecycle.finish)(
-            self.worker_id, frame["attempt"], _result(frame)
-        )
-        if outcome is lifecycle.Outcome.UNKNOWN:
-            await self.send_json(
-                protocol.error(
-                    "unknown_attempt",
-                    "no such attempt is assigned to you",
-                    attempt=frame["attempt"],
-                )
-            )
-        # Acknowledge duplicates, late and unknown ones too, so the agent's spool drains.
-        await self.send_json(protocol.ack(frame["attempt"]))
-        if outcome is lifecycle.Outcome.STORED:
-            await self._dispatch()
+    async def _answered(self) -> None:
+        """Wait until every message so far is answered."""
+        while self.answering is not None and not self.answering.done():
+            await asyncio.wait([self.answering])
 
-    # --- internals -------------------------------------------------------------
+    # --- frames to the agent -------------------------------------------------------
 
-    async def flush_logs(self) -> None:
-        async with self.flush_lock:
-            if self.flush_handle is not None:
-                self.flush_handle.cancel()
-                self.flush_handle = None
-            chunks, self.pending_logs, self.pending_bytes = self.pending_logs, [], 0
-            if not chunks:
+    def push(self, frames: list[dict]) -> None:
+        """Queue frames for the agent; what is queued in one loop turn leaves together."""
+        if not frames:
+            return
+        if not self.welcomed:
+            # Nothing but answers to bad frames may precede the welcome.
+            self.held += [f for f in frames if f["type"] != "error"]
+            frames = [f for f in frames if f["type"] == "error"]
+            if not frames:
                 return
-            try:
-                acked, refused = await database_sync_to_async(lifecycle.append_logs)(
-                    self.worker_id, chunks
-                )
-            except Exception:
-                # Not acknowledged, so the agent still holds these frames: make it
-                # reconnect and resend them rather than keep them here unbounded.
-                log.exception("storing output of worker %s failed; reconnecting it", self.worker_id)
-                await self.close(code=protocol.CLOSE_TRY_AGAIN)
-                return
-        # One acknowledgement per attempt per batch: the agent may forget those frames.
-        for attempt_id, seq in sorted(acked.items()):
-            await self.send_json(protocol.log_ack(attempt_id, seq))
-        for attempt_id in sorted(refused):
-            await self.send_json(
-                protocol.error(
-                    "unknown_attempt", "output for an attempt you do not run", attempt=attempt_id
-                )
-            )
+        self.outbox += frames
+        if not self.sending:
+            self.sending = True
+            self.loop.call_soon(lambda: self.loop.create_task(self._send_outbox()))
 
-    async def _dispatch(self) -> None:
-        await database_sync_to_async(dispatch.dispatch)()
+    async def _send_outbox(self) -> None:
+        try:
+            while self.outbox:
+                frames, self.outbox = self.outbox, []
+                for text in protocol.encode(frames, self.protocol, MAX_FRAME_BYTES):
+                    await self.send(text_data=text)
+        finally:
+            self.sending = False
 
-    # --- messages from the rest of the master ----------------------------------
+    def close_soon(self, code: int) -> None:
+        self.loop.create_task(self.close(code=code))
+
+    # --- messages from other server processes ----------------------------------
 
     async def agent_frames(self, event: dict) -> None:
-        for frame in event["frames"]:
-            await self.send_json(frame)
+        self.push(event["frames"])
 
     async def agent_close(self, event: dict) -> None:
         await self.close(code=event["code"])

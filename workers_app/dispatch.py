@@ -1,154 +1,305 @@
 """Matching queued attempts to free slots of online workers.
 
-The database decides: an attempt is assigned by a conditional UPDATE
-(tasks_app.lifecycle.assign) inside one transaction that also counts the
-busy slots, so no worker is ever given more than its capacity. The channel
-message that carries the assignment to the agent's consumer is only a
-wake-up; an agent that never gets it is reconciled on its next hello.
+A board in memory (each online worker's capacity, labels and slots in use,
+and the label sets that may have queued work) saves reads; the database
+decides. A pass fetches, for each label set that some worker with a free
+slot can take, the oldest ready attempts with one index range scan LIMITed
+to those free slots; gives them out oldest first to the least-loaded worker
+that can take each; and claims each worker's share with one conditional
+UPDATE (only rows still queued move; on PostgreSQL the rows were read with
+FOR UPDATE SKIP LOCKED, so two dispatchers never wait on or take the same
+rows). A pass therefore costs what the slots it fills cost, whatever the
+queue's length, and a pass with no free slot or no queued work, when nothing
+changed, costs no query at all.
+
+The board cannot drift for long: a worker whose attempts ended, whose agent
+said hello or went away, or whose state an operator changed is marked stale
+and recounted from the database (one query for all of them) before the next
+pass; the service rebuilds the whole board, and re-reads the queued label
+sets, on every tick.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from tasks_app import lifecycle
-from tasks_app.models import Attempt
-from workers_app import protocol
+from tasks_app.models import Attempt, Run, SchedulerState
+from tasks_app.writer import writer
+from workers_app import delivery, protocol
 from workers_app.models import Worker
-from workers_app.serializers import with_busy_slots
 
 log = logging.getLogger(__name__)
 
-# One dispatcher at a time inside this process; across processes the IMMEDIATE
-# (SQLite) transaction or the row locks (PostgreSQL) serialise them.
-_lock = threading.Lock()
-BATCH = 500
-# Rows one pass may look at, so a deep queue of unrunnable work stays cheap.
-MAX_SCAN = 5000
+
+@dataclass
+class Slots:
+    name: str
+    capacity: int
+    labels: frozenset[str]
+    busy: int
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.busy
+
+    @property
+    def load(self) -> float:
+        return self.busy / self.capacity
 
 
-def dispatch(limit: int = BATCH, max_scan: int = MAX_SCAN) -> list[tuple[int, int]]:
-    """Assign as many queued attempts as there are matching free slots.
+class Board:
+    """What dispatch knows between passes; the database stays the judge."""
 
-    Scans the queue oldest first in batches of `limit`, past attempts nobody
-    can take (labels no free worker has), until the free slots run out or
-    `max_scan` rows were looked at. Returns (worker id, attempt id) pairs;
-    the assign frames are sent after commit.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.workers: dict[int, Slots] = {}
+        self.classes: set[str] = set()  # labels keys that may have queued attempts
+        self._stale: set[int] = set()
+        self._new_classes: set[str] = set()
+        self._rebuild = True
+
+    def mark(self, worker_ids: Iterable[int | None]) -> None:
+        """Recount these workers before the next pass (their slots or state changed)."""
+        with self._lock:
+            self._stale.update(w for w in worker_ids if w)
+
+    def add_classes(self, keys: Iterable[str] | None) -> None:
+        """Attempts of these label sets were queued (None: re-read them all)."""
+        with self._lock:
+            if keys is None:
+                self._rebuild = True
+            else:
+                self._new_classes.update(keys)
+
+    def idle(self) -> bool:
+        """Nothing to do: nothing changed since the last pass, and no worker has a
+        free slot or no label set has queued work."""
+        with self._lock:
+            if self._rebuild or self._stale or self._new_classes:
+                return False
+        return not self.classes or not any(s.free > 0 for s in self.workers.values())
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._rebuild = True
+
+    def refresh(self) -> None:
+        """Bring the board up to date with the database (in a transaction)."""
+        with self._lock:
+            rebuild, self._rebuild = self._rebuild, False
+            stale, self._stale = self._stale, set()
+            self.classes |= self._new_classes
+            self._new_classes = set()
+        if rebuild:
+            self.workers = {}
+            self.classes = _queued_classes()
+            _load(self.workers, Worker.objects.all())
+        elif stale:
+            for worker_id in stale:
+                self.workers.pop(worker_id, None)
+            _load(self.workers, Worker.objects.filter(pk__in=stale))
+
+
+def _load(into: dict[int, Slots], workers) -> None:
+    eligible = workers.filter(state=Worker.State.ONLINE, revoked_at__isnull=True)
+    for pk, name, capacity, labels, busy in eligible.with_busy_slots().values_list(
+        "pk", "name", "capacity", "labels", "busy"
+    ):
+        into[pk] = Slots(name, capacity, frozenset(labels), busy)
+
+
+def _queued_classes() -> set[str]:
+    """Distinct labels keys of queued attempts, by a loose index scan of the
+    queue index: one probe per label set, however many attempts wait."""
+    table = connection.ops.quote_name(Attempt._meta.db_table)
+    sql = f"""
+        WITH RECURSIVE k(key) AS (
+            SELECT MIN(labels_key) FROM {table} WHERE status = %s
+            UNION ALL
+            SELECT (SELECT MIN(labels_key) FROM {table} WHERE status = %s AND labels_key > k.key)
+            FROM k WHERE k.key IS NOT NULL
+        )
+        SELECT key FROM k WHERE key IS NOT NULL
     """
-    assigned: list[tuple[Worker, Attempt]] = []
-    with _lock, transaction.atomic():
-        if lifecycle.is_paused():
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [Attempt.Status.QUEUED] * 2)
+        return {row[0] for row in cursor.fetchall()}
+
+
+board = Board()
+
+
+def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
+    """One pass: assign as many queued attempts as there are matching free slots.
+
+    fresh: re-read the whole board from the database first (the service's
+    backstop, and any caller outside the hot path); the writer's passes only
+    recount what changed. Returns (worker id, attempt id) pairs; the assign
+    frames go out after commit.
+    """
+    if fresh:
+        board.invalidate()
+    elif board.idle():
+        return []
+    with transaction.atomic():
+        if SchedulerState.is_paused():
             return []
-        workers = list(
-            with_busy_slots(
-                Worker.objects.filter(state=Worker.State.ONLINE, revoked_at__isnull=True)
-            ).order_by("id")
-        )
-        free = {w.pk: w.capacity - w.busy for w in workers}
-        label_sets = {w.pk: set(w.labels) for w in workers}
+        board.refresh()
+        free = {pk: slots for pk, slots in board.workers.items() if slots.free > 0}
+        if not free or not board.classes:
+            return []
         now = timezone.now()
-        after = 0
-        scanned = 0
-        while sum(free.values()) > 0 and scanned < max_scan:
-            batch = _queued_batch(now, after, limit)
-            if not batch:
+        candidates = _candidates(free, now)
+        shares = _share_out(free, candidates)
+        if not shares:
+            return []
+        # Oldest first, whichever worker took it.
+        position = {row[1]: index for index, row in enumerate(candidates)}
+        claimed = sorted(_claim(shares, now), key=lambda c: position[c[1]])
+        frames = _assign_frames(claimed)
+        transaction.on_commit(lambda: delivery.send_frames(frames))
+    return [(worker_id, attempt_id) for worker_id, attempt_id, _ in claimed]
+
+
+def _candidates(free: dict[int, Slots], now) -> list[tuple]:
+    """(ready_at, attempt id, run id, labels key) of the oldest ready attempts,
+    as many per label set as the workers that can take it have free slots."""
+    found = []
+    for key in list(board.classes):
+        wanted = frozenset(key.split(",")) if key else frozenset()
+        room = sum(slots.free for slots in free.values() if wanted <= slots.labels)
+        if not room:
+            continue
+        queued = Attempt.objects.filter(
+            status=Attempt.Status.QUEUED, labels_key=key, ready_at__lte=now
+        ).order_by("ready_at", "id")
+        if connection.features.has_select_for_update_skip_locked:
+            # Another server process dispatching at the same time skips what we hold.
+            queued = queued.select_for_update(skip_locked=True)
+        rows = list(queued.values_list("ready_at", "pk", "run_id")[:room])
+        if len(rows) < room:
+            # Nothing more is ready in this label set; triggers and the service's
+            # re-read (for retries whose backoff ends) bring it back.
+            board.classes.discard(key)
+        found += [(ready_at, pk, run_id, wanted) for ready_at, pk, run_id in rows]
+    found.sort(key=lambda row: (row[0], row[1]))
+    return found
+
+
+def _share_out(free: dict[int, Slots], candidates: list[tuple]) -> dict[int, list[tuple]]:
+    """Oldest first, each to the least-loaded worker (by share of its capacity)
+    that has its labels; a heap per label set, its keys refreshed lazily."""
+    heaps: dict[frozenset, list] = {}
+    shares: dict[int, list[tuple]] = {}
+    for _, attempt_id, run_id, wanted in candidates:
+        heap = heaps.get(wanted)
+        if heap is None:
+            heap = heaps[wanted] = [
+                (slots.load, pk) for pk, slots in free.items() if wanted <= slots.labels
+            ]
+            heapq.heapify(heap)
+        while heap:
+            load, worker_id = heap[0]
+            slots = free[worker_id]
+            if slots.free <= 0:
+                heapq.heappop(heap)
+            elif load != slots.load:  # another label set took a slot meanwhile
+                heapq.heapreplace(heap, (slots.load, worker_id))
+            else:
                 break
-            scanned += len(batch)
-            after = batch[-1].pk
-            for attempt in batch:
-                wanted = set(attempt.run.definition.get("labels") or [])
-                candidates = [w for w in workers if free[w.pk] > 0 and wanted <= label_sets[w.pk]]
-                if not candidates:
-                    continue
-                # Least loaded first (by share of capacity in use), so work spreads over nodes.
-                worker = min(
-                    candidates, key=lambda w: ((w.capacity - free[w.pk]) / w.capacity, w.pk)
-                )
-                if lifecycle.assign(attempt.pk, worker.pk, worker.name):
-                    free[worker.pk] -= 1
-                    assigned.append((worker, attempt))
-            if len(batch) < limit:
-                break
-        if assigned:
-            frames = [(w.pk, protocol.assign(a)) for w, a in assigned]
-            transaction.on_commit(lambda: send_frames(frames))
-    return [(w.pk, a.pk) for w, a in assigned]
+        if not heap:
+            continue
+        worker_id = heap[0][1]
+        slots = free[worker_id]
+        slots.busy += 1
+        heapq.heapreplace(heap, (slots.load, worker_id))
+        shares.setdefault(worker_id, []).append((attempt_id, run_id))
+    return shares
 
 
-def _queued_batch(now, after: int, limit: int) -> list[Attempt]:
-    queued = (
-        Attempt.objects.filter(
-            status=Attempt.Status.QUEUED, pk__gt=after, run__cancel_requested_at__isnull=True
-        )
-        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-        .select_related("run")
-    )
-    if connection.features.has_select_for_update_skip_locked:
-        # Another server process dispatching at the same time skips what we hold.
-        queued = queued.select_for_update(skip_locked=True, of=("self",))
-    return list(queued.order_by("id")[:limit])
+def _claim(shares: dict[int, list[tuple]], now) -> list[tuple[int, int, int]]:
+    """One conditional UPDATE per worker; (worker, attempt, run) of what we got."""
+    claimed = []
+    for worker_id, share in shares.items():
+        slots = board.workers[worker_id]
+        ids = [attempt_id for attempt_id, _ in share]
+        moved = lifecycle.claim(worker_id, slots.name, ids, now)
+        if moved != len(ids):
+            # Someone else took some (only possible without row locks): see which.
+            ours = set(
+                Attempt.objects.filter(
+                    pk__in=ids, worker_id=worker_id, status=Attempt.Status.ASSIGNED, assigned_at=now
+                ).values_list("pk", flat=True)
+            )
+            slots.busy -= len(ids) - len(ours)
+            share = [(a, r) for a, r in share if a in ours]
+        claimed += [(worker_id, attempt_id, run_id) for attempt_id, run_id in share]
+    return claimed
 
 
-def send_frames(frames: list[tuple[int, dict]]) -> None:
-    """Hand (worker id, frame) pairs to the consumer that currently serves each worker.
-
-    Addressed to the one connection recorded in Worker.channel_name, not a
-    group: an old socket of the same worker never sees them, and there is no
-    group membership to expire. One layer message per worker carries all its
-    frames, so a burst of assignments does not overflow the channel's queue.
-    A worker without a connection gets nothing: its next hello reconciles.
-    """
-    by_worker: dict[int, list[dict]] = {}
-    for worker_id, frame in frames:
-        by_worker.setdefault(worker_id, []).append(frame)
-    if not by_worker:
-        return
-    channels = dict(
-        Worker.objects.filter(pk__in=by_worker)
-        .exclude(channel_name="")
-        .values_list("pk", "channel_name")
-    )
-    layer = get_channel_layer()
-    for worker_id, channel in channels.items():
-        async_to_sync(layer.send)(channel, {"type": "agent.frames", "frames": by_worker[worker_id]})
-
-
-def send_close(channel: str, code: int) -> None:
-    """Ask one agent connection to close (revoked, replaced, reaped)."""
-    if channel:
-        async_to_sync(get_channel_layer().send)(channel, {"type": "agent.close", "code": code})
+def _assign_frames(claimed: list[tuple[int, int, int]]) -> list[tuple[int, dict]]:
+    runs = {
+        pk: (task_name, definition, cancelling)
+        for pk, task_name, definition, cancelling in Run.objects.filter(
+            pk__in={run_id for _, _, run_id in claimed}
+        ).values_list("pk", "task_name", "definition", "cancel_requested_at")
+    }
+    frames, cancelled = [], {}
+    for worker_id, attempt_id, run_id in claimed:
+        task_name, definition, cancelling = runs[run_id]
+        if cancelling:
+            # Race: cancelled between trigger and claim; it must never start.
+            cancelled.setdefault(worker_id, []).append(attempt_id)
+            continue
+        frames.append((worker_id, protocol.assign(attempt_id, run_id, task_name, definition)))
+    for worker_id, ids in cancelled.items():
+        lifecycle.requeue(worker_id, ids)
+        board.mark([worker_id])
+    return frames
 
 
 def frames_for_worker(worker_id: int) -> list[dict]:
     """Assign frames for every attempt assigned to a worker but not started yet."""
-    attempts = Attempt.objects.filter(
-        worker_id=worker_id, status=Attempt.Status.ASSIGNED
-    ).select_related("run")
-    return [protocol.assign(a) for a in attempts.order_by("id")]
+    rows = (
+        Attempt.objects.filter(worker_id=worker_id, status=Attempt.Status.ASSIGNED)
+        .order_by("id")
+        .values_list("pk", "run_id", "shard_index", "run__task_name", "run__definition")
+    )
+    return [
+        protocol.assign(pk, run_id, task_name, definition, shard_index)
+        for pk, run_id, shard_index, task_name, definition in rows
+    ]
+
+
+def wake(labels_keys: Iterable[str] | None = None) -> None:
+    """Attempts of these label sets were queued: a pass soon, coalesced with others."""
+    board.add_classes(labels_keys)
+    writer.request("dispatch")
+
+
+def on_work_queued(sender, labels_keys=None, **kwargs) -> None:
+    wake(labels_keys)
 
 
 def on_stop_requested(sender, attempts: list[tuple[int, int]], **kwargs) -> None:
     """Send cancel frames to the agents running these attempts."""
     frames = [(worker_id, protocol.cancel(pk)) for worker_id, pk in attempts if worker_id]
     try:
-        send_frames(frames)
+        delivery.send_frames(frames)
     except Exception:
         # The agent's next hello (or the timeout backstop) catches up; the
         # cancel itself is recorded in the database already.
         log.exception("sending cancel frames failed")
 
 
-def on_work_queued(sender, **kwargs) -> None:
-    try:
-        dispatch()
-    except Exception:
-        # The service's periodic pass dispatches whatever this missed; a failed
-        # wake-up must not turn the user's "Run now" into an error page.
-        log.exception("dispatch after queueing failed; the service will retry")
+def run_pass() -> None:
+    """The writer's "dispatch" follow-up: the board is kept current by events."""
+    dispatch(fresh=False)

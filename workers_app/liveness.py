@@ -1,19 +1,58 @@
-"""Who is online: hellos, heartbeats, disconnects and lost workers."""
+"""Who is online: hellos, signs of life, disconnects and lost workers.
+
+Heartbeats cost no transaction of their own. Every message from an agent is a
+sign of life, noted in SEEN when the message arrives (before it waits for the
+writer); the writer copies SEEN to Worker.last_heartbeat in one statement
+every flush, and always right before the reaper judges, so the server's own
+backlog is never taken for an agent's silence.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from tasks_app import lifecycle
 from tasks_app.models import Attempt
-from workers_app import dispatch, protocol
+from tasks_app.rowupdates import update_rows
+from workers_app import delivery, dispatch, protocol
 from workers_app.models import Worker
+
+# worker id -> epoch seconds of the last message received from it here.
+SEEN: dict[int, float] = {}
+_flushed: dict[int, float] = {}
+
+
+def seen(worker_id: int) -> None:
+    SEEN[worker_id] = time.time()
+
+
+def flush_heartbeats() -> int:
+    """Write last_heartbeat of every worker heard from since the last flush."""
+    fresh = [(w, t) for w, t in list(SEEN.items()) if _flushed.get(w) != t]
+    if not fresh:
+        return 0
+    update_rows(
+        Worker,
+        {"last_heartbeat": "%s"},
+        [(dt.datetime.fromtimestamp(t, tz=dt.UTC), w) for w, t in fresh],
+    )
+    _flushed.update(fresh)
+    return len(fresh)
+
+
+@dataclass(frozen=True)
+class Hello:
+    worker_id: int
+    channel_name: str
+    frame: dict
 
 
 @dataclass
@@ -26,67 +65,157 @@ class Reconciled:
     cancel: list[int] = field(default_factory=list)
 
 
-def hello(worker_id: int, channel_name: str, frame: dict) -> Reconciled:
-    """Bring a worker online and reconcile what it says it runs with what we think."""
+class WorkerGone(Exception):
+    """The worker was deleted or revoked while its agent was connecting."""
+
+
+def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
+    """Bring workers online and reconcile what each says it runs with what we think.
+
+    A handful of statements for any number of hellos (a fleet reconnecting
+    after a restart), and no dispatch pass of its own.
+    """
     now = timezone.now()
+    ids = {h.worker_id for h in hellos}
     with transaction.atomic():
-        worker = Worker.objects.select_for_update().get(pk=worker_id)
-        previous = worker.channel_name
-        worker.hostname = (frame.get("hostname") or worker.hostname)[:255]
-        worker.agent_version = (frame.get("agent_version") or "")[:50]
-        worker.capacity = frame["capacity"]
-        if "labels" in frame:  # checked by protocol.parse
-            worker.labels = frame["labels"]
-        if worker.state != Worker.State.DISABLED:
-            draining = frame.get("draining") or worker.drain_requested
-            worker.state = Worker.State.DRAINING if draining else Worker.State.ONLINE
-        worker.channel_name = channel_name
-        if previous and previous != channel_name:
-            # Only one connection serves a worker: the older one is closed, so
-            # that an attempt can never be handed to two sockets.
-            transaction.on_commit(lambda: dispatch.send_close(previous, protocol.CLOSE_REPLACED))
-        worker.last_heartbeat = now
-        worker.connected_at = now
-        worker.save()
-        running = set(frame["running"])
-        spooled = set(frame.get("spooled", []))
-        assigned = set(
-            Attempt.objects.filter(worker_id=worker_id, status=Attempt.Status.ASSIGNED).values_list(
-                "pk", flat=True
-            )
+        workers = Worker.objects.filter(pk__in=ids, revoked_at__isnull=True)
+        if connection.features.has_select_for_update:
+            workers = workers.select_for_update()
+        workers = {w.pk: w for w in workers}
+        replaced = []
+        for hello in hellos:
+            worker = workers.get(hello.worker_id)
+            if worker is None:
+                continue
+            frame = hello.frame
+            if worker.channel_name and worker.channel_name != hello.channel_name:
+                # Only one connection serves a worker: the older one is closed, so
+                # that an attempt can never be handed to two sockets.
+                replaced.append((worker.pk, worker.channel_name))
+            worker.hostname = (frame.get("hostname") or worker.hostname)[:255]
+            worker.agent_version = (frame.get("agent_version") or "")[:50]
+            worker.capacity = frame["capacity"]
+            if "labels" in frame:  # checked by protocol.check
+                worker.labels = frame["labels"]
+            if worker.state != Worker.State.DISABLED:
+                draining = frame.get("draining") or worker.drain_requested
+                worker.state = Worker.State.DRAINING if draining else Worker.State.ONLINE
+            worker.channel_name = hello.channel_name
+            worker.last_heartbeat = now
+            worker.connected_at = now
+        update_rows(
+            Worker,
+            dict.fromkeys(
+                (
+                    "hostname",
+                    "agent_version",
+                    "capacity",
+                    "labels",
+                    "state",
+                    "channel_name",
+                    "last_heartbeat",
+                    "connected_at",
+                ),
+                "%s",
+            ),
+            [
+                (
+                    w.hostname,
+                    w.agent_version,
+                    w.capacity,
+                    w.labels,
+                    w.state,
+                    w.channel_name,
+                    w.last_heartbeat,
+                    w.connected_at,
+                    w.pk,
+                )
+                for w in workers.values()
+            ],
         )
-        # An attempt we think is running there but the agent neither runs nor
-        # holds a result for has died with a previous agent process: say so
-        # now, not after a timeout.
-        lost = lifecycle.mark_lost(
-            worker_id,
+        active: dict[int, dict[int, tuple]] = {pk: {} for pk in workers}
+        for pk, worker_id, status, cancelling in Attempt.objects.filter(
+            worker_id__in=list(workers), status__in=Attempt.ACTIVE
+        ).values_list("pk", "worker_id", "status", "run__cancel_requested_at"):
+            active[worker_id][pk] = (status, cancelling)
+        lost: dict[int, list[int]] = {}
+        for hello in hellos:
+            if hello.worker_id not in workers:
+                continue
+            keep = set(hello.frame["running"]) | set(hello.frame.get("spooled", []))
+            # An attempt we think is running there but the agent neither runs nor
+            # holds a result for has died with a previous agent process: say so
+            # now, not after a timeout.
+            lost[hello.worker_id] = [
+                pk
+                for pk, (status, _) in active[hello.worker_id].items()
+                if pk not in keep and status != Attempt.Status.ASSIGNED
+            ]
+        lifecycle.lose(
+            [pk for ids_ in lost.values() for pk in ids_],
             "worker lost: the agent reconnected without it",
-            keep=list(running | spooled | assigned),
         )
-        active = set(
-            Attempt.objects.filter(worker_id=worker_id, status__in=Attempt.ACTIVE).values_list(
-                "pk", flat=True
+        resend = _resend_frames(list(workers))
+        # Their slots count from now on: a pass for them (not over every worker).
+        dispatch.board.mark(workers)
+        transaction.on_commit(lambda: dispatch.wake(()))
+        for worker_id, channel in replaced:
+            transaction.on_commit(
+                lambda w=worker_id, c=channel: delivery.send_close(w, c, protocol.CLOSE_REPLACED)
             )
-        )
+    results: list[Reconciled | WorkerGone] = []
+    for hello in hellos:
+        worker = workers.get(hello.worker_id)
+        if worker is None:
+            results.append(WorkerGone(f"worker {hello.worker_id} was deleted or revoked"))
+            continue
+        running = set(hello.frame["running"])
+        gone = set(lost[worker.pk])
+        still = {pk: row for pk, row in active[worker.pk].items() if pk not in gone}
         # Runs there that are over for us (declared lost and retried, cancelled,
-        # never its own): a zombie must not overlap the retry, so stop it.
-        cancel = sorted((running - active) | set(lifecycle.pending_stops(worker_id)))
+        # never its own), or whose run is being cancelled: a zombie must not
+        # overlap the retry, so stop it.
+        cancel = sorted((running - set(still)) | {pk for pk, (_, c) in still.items() if c})
         # Assigned but never started: the assign frame may have been lost with
         # the previous socket, so send it again (the agent ignores duplicates).
-        resend = [
+        again = [
             f
-            for f in dispatch.frames_for_worker(worker_id)
+            for f in resend.get(worker.pk, [])
             if f["attempt"] not in running and f["attempt"] not in cancel
         ]
-    return Reconciled(worker=worker, lost=lost, resend=resend, cancel=cancel)
+        results.append(Reconciled(worker=worker, lost=lost[worker.pk], resend=again, cancel=cancel))
+    return results
 
 
-def heartbeat(worker_id: int, draining: bool = False) -> None:
-    Worker.objects.filter(pk=worker_id).update(last_heartbeat=timezone.now())
-    if draining:
-        Worker.objects.filter(pk=worker_id, state=Worker.State.ONLINE).update(
-            state=Worker.State.DRAINING
+def hello(worker_id: int, channel_name: str, frame: dict) -> Reconciled:
+    [result] = hello_many([Hello(worker_id, channel_name, frame)])
+    if isinstance(result, WorkerGone):
+        raise result
+    return result
+
+
+def _resend_frames(worker_ids: list[int]) -> dict[int, list[dict]]:
+    frames: dict[int, list[dict]] = {}
+    rows = (
+        Attempt.objects.filter(worker_id__in=worker_ids, status=Attempt.Status.ASSIGNED)
+        .order_by("id")
+        .values_list(
+            "worker_id", "pk", "run_id", "shard_index", "run__task_name", "run__definition"
         )
+    )
+    for worker_id, pk, run_id, shard_index, task_name, definition in rows:
+        frames.setdefault(worker_id, []).append(
+            protocol.assign(pk, run_id, task_name, definition, shard_index)
+        )
+    return frames
+
+
+def agent_draining(worker_ids: Sequence[int]) -> None:
+    """The agents say they are shutting down: no new work for them."""
+    Worker.objects.filter(pk__in=list(worker_ids), state=Worker.State.ONLINE).update(
+        state=Worker.State.DRAINING
+    )
+    dispatch.board.mark(worker_ids)
 
 
 def apply_state(worker: Worker, state: str) -> None:
@@ -99,37 +228,47 @@ def apply_state(worker: Worker, state: str) -> None:
         if state == Worker.State.DRAINING:
             workers.update(drain_requested=True)
             workers.filter(state=Worker.State.ONLINE).update(state=state)
-            frame = "drain"
+            frame = protocol.drain()
         elif state == Worker.State.DISABLED:
             workers.update(state=state)
-            frame = "drain"
+            frame = protocol.drain()
         elif state == Worker.State.ONLINE:
             # Online if its socket is up, else offline until it says hello.
             workers.update(drain_requested=False)
             live = workers.filter(revoked_at__isnull=True)
             live.exclude(channel_name="").update(state=Worker.State.ONLINE)
             live.filter(channel_name="").update(state=Worker.State.OFFLINE)
-            frame = "resume"
-            transaction.on_commit(dispatch.dispatch)
+            frame = protocol.resume()
         else:
             raise ValueError(f"cannot set a worker to {state!r}")
-        transaction.on_commit(lambda: dispatch.send_frames([(worker.pk, {"type": frame})]))
+        dispatch.board.mark([worker.pk])
+        transaction.on_commit(lambda: delivery.send_frames([(worker.pk, frame)]))
+        if state == Worker.State.ONLINE:
+            transaction.on_commit(dispatch.wake)
+
+
+def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
+    """These (worker, channel) sockets closed. Their attempts stay running: the
+    agents may come back in time."""
+    with transaction.atomic():
+        for worker_id, channel_name in sockets:
+            # Race: a newer connection of the same agent may already have said
+            # hello; only the consumer that still owns the worker may take it
+            # offline. A disabled worker stays disabled; an operator's drain is
+            # kept in drain_requested and restored by the next hello.
+            mine = Worker.objects.filter(pk=worker_id, channel_name=channel_name)
+            mine.exclude(state=Worker.State.DISABLED).update(state=Worker.State.OFFLINE)
+            mine.update(channel_name="")
+        dispatch.board.mark(w for w, _ in sockets)
 
 
 def disconnected(worker_id: int, channel_name: str) -> None:
-    """The socket closed. Its attempts stay running: the agent may come back in time."""
-    # Race: a newer connection of the same agent may already have said hello;
-    # only the consumer that still owns the worker may take it offline. A
-    # disabled worker stays disabled; an operator's drain is kept in
-    # drain_requested and restored by the next hello.
-    Worker.objects.filter(pk=worker_id, channel_name=channel_name).exclude(
-        state=Worker.State.DISABLED
-    ).update(state=Worker.State.OFFLINE)
-    Worker.objects.filter(pk=worker_id, channel_name=channel_name).update(channel_name="")
+    disconnected_many([(worker_id, channel_name)])
 
 
 def reap_lost(now: dt.datetime | None = None) -> list[int]:
     """Workers silent for longer than SCHEDULER_LOST_AFTER_S: offline, attempts lost."""
+    flush_heartbeats()
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.SCHEDULER_LOST_AFTER_S)
     # A worker that never heartbeated counts from when it connected or was created.
@@ -140,6 +279,8 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
     reaped = []
     seconds = int(settings.SCHEDULER_LOST_AFTER_S)
     for worker in Worker.objects.filter(silent).filter(has_work).distinct():
+        if SEEN.get(worker.pk, 0) >= cutoff.timestamp():
+            continue  # heard from here since; the flush above will have written it
         # Race: a heartbeat landing now; the UPDATE only matches if it did not.
         unchanged = Worker.objects.filter(pk=worker.pk, last_heartbeat=worker.last_heartbeat)
         if worker.state == Worker.State.DISABLED:
@@ -153,10 +294,11 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
         if worker.channel_name:
             # A socket that is open but silent (a hung agent): close it, so the
             # agent must say hello again and be reconciled.
-            dispatch.send_close(worker.channel_name, protocol.CLOSE_SILENT)
+            delivery.send_close(worker.pk, worker.channel_name, protocol.CLOSE_SILENT)
     # Active attempts whose worker row is gone (deleted past the signal, e.g.
     # with raw SQL) would otherwise stay running forever.
     lifecycle.mark_lost(None, "worker lost: the worker was deleted")
+    dispatch.board.mark(reaped)
     return reaped
 
 
@@ -164,4 +306,5 @@ def on_worker_deleted(sender, instance: Worker, **kwargs) -> None:
     """A deleted worker reports nothing any more: its attempts are lost now
     (and retried per policy) instead of staying running with no worker."""
     lifecycle.mark_lost(instance.pk, "worker lost: the worker was deleted")
-    dispatch.send_close(instance.channel_name, protocol.CLOSE_REVOKED)
+    dispatch.board.mark([instance.pk])
+    delivery.send_close(instance.pk, instance.channel_name, protocol.CLOSE_REVOKED)

@@ -5,6 +5,15 @@ from django.db import models
 from django.utils import timezone
 
 from tasks_app import tokens
+from tasks_app.models import Attempt
+
+
+class WorkerQuerySet(models.QuerySet):
+    def with_busy_slots(self):
+        """Annotate each worker with `busy`: the slots its active attempts use."""
+        return self.annotate(
+            busy=models.Count("attempts", filter=models.Q(attempts__status__in=Attempt.ACTIVE))
+        )
 
 
 class Worker(models.Model):
@@ -34,6 +43,8 @@ class Worker(models.Model):
     channel_name = models.CharField(max_length=200, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkerQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

@@ -1,12 +1,4 @@
-from django.db.models import Count, Q
-
-from tasks_app.models import Attempt
 from workers_app.models import Worker
-
-
-def with_busy_slots(workers):
-    """Annotate each worker with the number of slots its active attempts use."""
-    return workers.annotate(busy=Count("attempts", filter=Q(attempts__status__in=Attempt.ACTIVE)))
 
 
 def worker_json(worker: Worker, *, busy: int) -> dict:

@@ -4,6 +4,8 @@ Daphne has no ASGI lifespan, so `manage.py serve` starts this on daphne's
 event loop. Each duty is a small method returning "did I find work?", so
 tests call them directly; the database is the source of truth, so a duty
 that misses a beat (or a lost channel message) is caught up on the next.
+The duties run on the writer's thread, between its batches, so they never
+contend with the hot paths for SQLite's write lock.
 """
 
 from __future__ import annotations
@@ -13,37 +15,40 @@ import contextlib
 import logging
 import time
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import DatabaseError
 
 from tasks_app import lifecycle
+from tasks_app.writer import writer
 from workers_app import dispatch, liveness
 
 log = logging.getLogger(__name__)
 
+# The event loop woke this much later than asked: frames from agents may be
+# waiting unread, so their silence says nothing (seconds, on top of a tick).
+OVERLOAD_LAG_S = 1.0
+
 
 class SchedulerService:
     def __init__(self) -> None:
-        # Liveness is judged only from this moment on: see reap_lost_workers.
+        # Liveness is judged only from this moment on: see recovering().
         self.alive_since = time.monotonic()
         self.database_down = False
         self.stopping = asyncio.Event()
 
-    def dispatch_queued(self) -> bool:
-        return bool(dispatch.dispatch())
-
     def recovering(self) -> bool:
-        """True for SCHEDULER_LOST_AFTER_S after our start or our database came back.
+        """True for SCHEDULER_LOST_AFTER_S after our start, after our database
+        came back, or after this process fell behind its own event loop.
 
-        During our own outage (a restart, or the database out of reach) every
-        agent looks silent and no accept or result could arrive: give them a
-        full grace period to reconnect and replay before judging any of them.
+        During our own outage (a restart, the database out of reach, or a
+        backlog of unread frames) every agent may look silent and no accept or
+        result could arrive: give them a full grace period before judging any.
         """
         return time.monotonic() - self.alive_since < settings.SCHEDULER_LOST_AFTER_S
 
     def reap_lost_workers(self) -> bool:
         if self.recovering():
+            liveness.flush_heartbeats()
             return False
         return bool(liveness.reap_lost())
 
@@ -56,6 +61,11 @@ class SchedulerService:
         if self.recovering():
             return False
         return bool(lifecycle.time_out_overdue())
+
+    def dispatch_queued(self) -> bool:
+        # The backstop: re-read the board (slots and queued label sets) from the
+        # database, which also brings back retries whose backoff has passed.
+        return bool(dispatch.dispatch())
 
     def tick(self) -> bool:
         found = False
@@ -82,9 +92,30 @@ class SchedulerService:
             log.warning("database reachable again: worker liveness clock restarted")
         return found
 
+    def note_lag(self, lag: float) -> None:
+        """The loop woke `lag` seconds late: do not judge liveness for a while."""
+        if lag > OVERLOAD_LAG_S:
+            self.alive_since = time.monotonic()
+            log.warning(
+                "the server fell %.1fs behind: worker liveness clock restarted "
+                "(no worker is declared lost for %ss)",
+                lag,
+                settings.SCHEDULER_LOST_AFTER_S,
+            )
+
     async def run(self) -> None:
         log.info("scheduler service started (tick %.2fs)", settings.SCHEDULER_TICK_S)
+        loop = asyncio.get_running_loop()
+        writer.start()
         while not self.stopping.is_set():
-            await database_sync_to_async(self.tick)()
+            started = loop.time()
+            try:
+                await writer.call(self.tick)
+            except Exception:
+                log.exception("scheduler tick failed")
+            wait = max(started + settings.SCHEDULER_TICK_S - loop.time(), 0.0)
+            due = loop.time() + wait
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=settings.SCHEDULER_TICK_S)
+                await asyncio.wait_for(self.stopping.wait(), timeout=wait)
+            # A loop busy elsewhere wakes us late; frames may be waiting unread meanwhile.
+            self.note_lag(loop.time() - due)

@@ -8,10 +8,9 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from workers_app import dispatch, liveness, protocol, registration
+from workers_app import delivery, liveness, protocol, registration
 from workers_app.api import ACTIONS
 from workers_app.models import EnrollmentToken, Worker
-from workers_app.serializers import with_busy_slots
 
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
 
@@ -27,7 +26,7 @@ def worker_list(request):
 
 
 def _render_list(request):
-    workers = with_busy_slots(Worker.objects.all()).order_by("name")
+    workers = Worker.objects.with_busy_slots().order_by("name")
     template = "workers/list.html#worker-table" if request.htmx else "workers/list.html"
     return render(request, template, {"workers": workers})
 
@@ -48,7 +47,7 @@ def worker_add(request):
     }
     if request.htmx:
         return render(request, "workers/list.html#enrollment", context)
-    workers = with_busy_slots(Worker.objects.all()).order_by("name")
+    workers = Worker.objects.with_busy_slots().order_by("name")
     return render(request, "workers/list.html", {**context, "workers": workers})
 
 
@@ -60,7 +59,7 @@ def worker_revoke(request, pk: int):
         raise Http404("No such worker.")
     registration.revoke(worker)
     # Close its live socket too; its running attempts are reaped as lost.
-    dispatch.send_close(worker.channel_name, protocol.CLOSE_REVOKED)
+    delivery.send_close(worker.pk, worker.channel_name, protocol.CLOSE_REVOKED)
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 

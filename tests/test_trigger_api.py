@@ -1,0 +1,281 @@
+"""Starting runs over the API: one, many at once, with run parameters.
+
+Under ASGI a POST to these two paths is served by a Channels HTTP consumer
+(tasks_app.trigger_api); the Django views answer the same requests with the
+same parsing and the same writer job. Most tests use Django's test client;
+`asgi()` sends the same requests through the real ASGI application, which is
+what a server runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import HttpCommunicator
+from django.test import Client
+
+from scheduler_site.asgi import application
+from tasks_app.models import Attempt, Run, Task
+from tasks_app.trigger_api import MAX_RUNS_PER_REQUEST
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def api(bob_token) -> Client:
+    return Client(enforce_csrf_checks=True, headers={"Authorization": f"Bearer {bob_token}"})
+
+
+def post(client: Client, url: str, payload) -> tuple[int, dict]:
+    response = client.post(url, json.dumps(payload), content_type="application/json")
+    return response.status_code, response.json()
+
+
+def asgi(method: str, path: str, payload=None, token: str | None = None):
+    """A request through the ASGI app (what daphne serves): status, JSON body, headers."""
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
+    if token:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    body = b"" if payload is None else json.dumps(payload).encode()
+
+    async def send():
+        communicator = HttpCommunicator(application, method, path, body=body, headers=headers)
+        return await communicator.get_response(timeout=10)
+
+    response = async_to_sync(send)()
+    return response["status"], json.loads(response["body"]), dict(response["headers"])
+
+
+def test_it_starts_many_runs_of_a_task_in_one_request(api, bob, task):
+    status, body = post(api, "/api/runs", {"task": task.pk, "count": 3})
+
+    assert status == 201
+    runs = list(Run.objects.order_by("id"))
+    assert [r["id"] for r in body["results"]] == [r.pk for r in runs]
+    assert {(r.task_id, r.trigger, r.created_by, r.status) for r in runs} == {
+        (task.pk, Run.Trigger.API, bob, Run.Status.QUEUED)
+    }
+    assert Attempt.objects.filter(run__in=runs, try_number=1, status="queued").count() == 3
+    first = body["results"][0]
+    assert (first["status"], first["params"], first["command"]) == ("queued", {}, task.command)
+    assert [a["status"] for a in first["attempts"]] == ["queued"]
+
+
+def test_it_starts_one_run_per_set_of_parameters(api, task):
+    payload = {
+        "task": task.pk,
+        "runs": [
+            {"env": {"REGION": "eu"}, "args": ["--since", "two words"]},
+            {"args": ["--all"]},
+            {},
+        ],
+    }
+
+    status, body = post(api, "/api/runs", payload)
+
+    assert status == 201
+    runs = list(Run.objects.order_by("id"))
+    assert [r.params for r in runs] == [
+        {"env": {"REGION": "eu"}, "args": ["--since", "two words"]},
+        {"args": ["--all"]},
+        {},
+    ]
+    assert [r.definition["argv"] for r in runs] == [
+        ["python3", "-c", "print(6*7)", "--since", "two words"],
+        ["python3", "-c", "print(6*7)", "--all"],
+        ["python3", "-c", "print(6*7)"],
+    ]
+    assert [r.definition["env"] for r in runs] == [{"REGION": "eu"}, {}, {}]
+    assert [r["params"] for r in body["results"]] == [r.params for r in runs]
+
+
+def test_run_parameters_stay_words_in_a_shell_command(api):
+    task = Task.objects.create(
+        name="greet", command="echo hello", shell=True, env={"A": "task", "B": "task"}
+    )
+
+    status, body = post(
+        api, f"/api/tasks/{task.pk}/run", {"env": {"B": "run"}, "args": ["$(reboot)", "a b"]}
+    )
+
+    assert status == 201
+    run = Run.objects.get()
+    assert run.definition["command"] == "echo hello " + shlex.join(["$(reboot)", "a b"])
+    assert run.definition["argv"] is None
+    assert run.definition["env"] == {"A": "task", "B": "run"}
+    assert body["command"] == run.definition["command"]
+    # The task itself is untouched.
+    task.refresh_from_db()
+    assert (task.command, task.env) == ("echo hello", {"A": "task", "B": "task"})
+
+
+@pytest.mark.parametrize(
+    ("payload", "error", "errors"),
+    [
+        ({"count": 2}, "invalid request", {"task": ["This field is required."]}),
+        ({"task": "1"}, "invalid request", {"task": ["Expected int."]}),
+        ({"task": 1, "count": 0}, "invalid request", {"count": ["Give 1 to 1000."]}),
+        (
+            {"task": 1, "count": MAX_RUNS_PER_REQUEST + 1},
+            "invalid request",
+            {"count": ["Give 1 to 1000."]},
+        ),
+        ({"task": 1, "count": True}, "invalid request", {"count": ["Expected int."]}),
+        ({"task": 1, "runs": []}, "invalid request", {"runs": ["Give 1 to 1000 runs."]}),
+        ({"task": 1, "count": 1, "runs": [{}]}, "give either count or runs, not both", {}),
+        ({"task": 1, "colour": "red"}, "unknown fields", {"colour": ["Unknown field."]}),
+        (
+            {"task": 1, "runs": [{}, {"env": {"1BAD": "x"}}]},
+            "invalid run parameters",
+            {
+                "runs[1].env": [
+                    "Invalid variable name '1BAD': use letters, digits and '_', "
+                    "not starting with a digit."
+                ]
+            },
+        ),
+        (
+            {"task": 1, "runs": [{"args": ["ok", 3]}]},
+            "invalid run parameters",
+            {"runs[0].args": ["Expected a list of strings."]},
+        ),
+        (
+            {"task": 1, "runs": [{"args": ["a\x00b"]}]},
+            "invalid run parameters",
+            {"runs[0].args": ["An argument contains a NUL byte or is over 4096 chars."]},
+        ),
+        (
+            {"task": 1, "runs": [{"cwd": "/"}]},
+            "invalid run parameters",
+            {"runs[0].cwd": ["Unknown field."]},
+        ),
+        (
+            {"task": 1, "runs": ["--all"]},
+            "invalid run parameters",
+            {"runs[0]": ["Run parameters must be an object with env and/or args."]},
+        ),
+    ],
+)
+def test_it_refuses_a_bad_bulk_request_and_starts_nothing(api, task, payload, error, errors):
+    status, body = post(api, "/api/runs", payload)
+
+    assert (status, body) == (400, {"error": error, "errors": errors})
+    assert Run.objects.count() == 0
+
+
+def test_it_refuses_bad_parameters_of_a_single_run(api, task):
+    status, body = post(api, f"/api/tasks/{task.pk}/run", {"args": "--all"})
+
+    assert (status, body) == (
+        400,
+        {"error": "invalid run parameters", "errors": {"args": ["Expected a list of strings."]}},
+    )
+    assert Run.objects.count() == 0
+
+
+def test_it_answers_404_and_409_for_a_missing_or_disabled_task(api, task):
+    assert post(api, "/api/runs", {"task": task.pk + 1, "count": 2}) == (
+        404,
+        {"error": f"no task with id {task.pk + 1}"},
+    )
+    assert post(api, "/api/runs", {"task": 2**70, "count": 2}) == (
+        404,
+        {"error": f"no task with id {2**70}"},
+    )
+    Task.objects.filter(pk=task.pk).update(enabled=False)
+    assert post(api, "/api/runs", {"task": task.pk, "count": 2}) == (
+        409,
+        {"error": "task 'answer' is disabled"},
+    )
+    assert Run.objects.count() == 0
+
+
+def test_it_refuses_a_bulk_request_without_a_valid_token(client, task):
+    response = client.post(
+        "/api/runs",
+        json.dumps({"task": task.pk}),
+        content_type="application/json",
+        headers={"Authorization": "Bearer api_not-a-token"},
+    )
+
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == 'Bearer realm="api"'
+    assert response.json() == {"error": "invalid or revoked API token"}
+    assert Run.objects.count() == 0
+
+
+# --- through the ASGI application ------------------------------------------------
+
+
+def test_the_asgi_app_serves_a_trigger_like_the_view_does(bob, bob_token, task):
+    status, body, headers = asgi("POST", f"/api/tasks/{task.pk}/run", token=bob_token)
+
+    assert status == 201
+    assert headers[b"Content-Type"] == b"application/json"
+    run = Run.objects.get()
+    assert (body["id"], body["task"], body["trigger"], body["status"]) == (
+        run.pk,
+        task.pk,
+        "api",
+        "queued",
+    )
+    assert run.created_by == bob
+    assert [a["id"] for a in body["attempts"]] == [run.attempts.get().pk]
+
+
+# Django's own views run in a thread of their own under ASGI: no test transaction.
+@pytest.mark.django_db(transaction=True)
+def test_the_asgi_app_serves_a_bulk_trigger_and_still_lists_runs_with_get(bob_token, task):
+    status, body, _ = asgi("POST", "/api/runs", {"task": task.pk, "count": 2}, token=bob_token)
+    assert status == 201 and len(body["results"]) == 2
+
+    status, listed, _ = asgi("GET", "/api/runs", token=bob_token)
+
+    assert status == 200
+    assert [r["id"] for r in listed["results"]] == sorted(
+        (r["id"] for r in body["results"]), reverse=True
+    )
+
+
+def test_the_asgi_app_checks_the_host_header_as_django_does(bob_token, task):
+    async def send():
+        communicator = HttpCommunicator(
+            application,
+            "POST",
+            f"/api/tasks/{task.pk}/run",
+            headers=[
+                (b"host", b"evil.example"),
+                (b"authorization", f"Bearer {bob_token}".encode()),
+            ],
+        )
+        return await communicator.get_response(timeout=10)
+
+    response = async_to_sync(send)()
+
+    assert response["status"] == 400
+    assert json.loads(response["body"]) == {
+        "error": "this server does not answer to that Host header"
+    }
+    assert Run.objects.count() == 0
+
+
+def test_the_asgi_app_refuses_the_same_way(bob_token, task):
+    status, body, headers = asgi("POST", "/api/runs", {"task": task.pk, "count": 0})
+    assert (status, body) == (
+        401,
+        {"error": "authentication required: send Authorization: Bearer <token> or log in"},
+    )
+    assert headers[b"WWW-Authenticate"] == b'Bearer realm="api"'
+
+    status, body, _ = asgi("POST", "/api/runs", {"task": task.pk, "count": 0}, token=bob_token)
+    assert (status, body) == (
+        400,
+        {"error": "invalid request", "errors": {"count": ["Give 1 to 1000."]}},
+    )
+
+    status, body, _ = asgi("PUT", f"/api/tasks/{task.pk}/run", token=bob_token)
+    assert (status, body) == (405, {"error": "method PUT not allowed; use POST"})
+    assert Run.objects.count() == 0
