@@ -14,6 +14,8 @@ SUPPORTED_PROTOCOLS = (1, 2)
 
 # Largest websocket message by default; the master's own limit is in its welcome.
 MAX_FRAME_BYTES = 1024 * 1024
+# Most frames one message may carry; a receiver refuses more.
+MAX_FRAMES_PER_MESSAGE = 1000
 # Largest `data` of one log frame, in characters.
 MAX_LOG_DATA = 512 * 1024
 MIN_CAPACITY, MAX_CAPACITY = 1, 1024
@@ -133,3 +135,27 @@ def field_problem(frame, schemas):
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             return "malformed", f"{kind}: field {name!r} has the wrong type"
     return None
+
+
+def pack(texts, protocol, max_bytes):
+    """The websocket messages that carry these encoded frames, in order, each
+    with its frame count. Protocol 1: one frame per message. Protocol 2: JSON
+    arrays of at most max_bytes (UTF-8) and MAX_FRAMES_PER_MESSAGE frames; a
+    frame bigger than max_bytes still goes, alone, for the receiver to refuse."""
+    if protocol < 2:
+        return [(text, 1) for text in texts]
+    messages, batch, size = [], [], 1  # "[" and "]", and a "," before all but the first
+    for text in texts:
+        length = len(text) if text.isascii() else len(text.encode())
+        if batch and (size + length + 1 > max_bytes or len(batch) >= MAX_FRAMES_PER_MESSAGE):
+            messages.append((_array(batch), len(batch)))
+            batch, size = [], 1
+        batch.append(text)
+        size += length + 1
+    if batch:
+        messages.append((_array(batch), len(batch)))
+    return messages
+
+
+def _array(texts):
+    return texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]"

@@ -37,11 +37,14 @@ from workers_app.agent import (
 
 WELCOME = {
     "type": "welcome",
+    "protocol": 2,
     "worker_id": 7,
     "name": "node-1",
     "heartbeat_s": 5,
     "log_limit_bytes": 4194304,
     "max_frame_bytes": 1048576,
+    "lost_after_s": 15,
+    "fence_after_s": None,
 }
 
 
@@ -120,8 +123,8 @@ def test_it_says_hello_with_its_identity_and_no_running_attempts() -> None:
         Send(
             {
                 "type": "hello",
-                "protocol": 1,
-                "agent_version": "0.1.0",
+                "protocol": 2,
+                "agent_version": "0.2.0",
                 "hostname": "host-1",
                 "name": "node-1",
                 "capacity": 2,
@@ -152,6 +155,57 @@ def test_welcome_sets_the_intervals_and_is_announced_to_the_shell() -> None:
 
     assert out == [Welcomed(7, 2.0)]
     assert (core.online, core.heartbeat_s, core.log_limit_bytes) == (True, 2.0, 1000)
+
+
+@pytest.mark.parametrize(("offered", "used"), [(2, 2), (1, 1), (3, 1), (0, 1)])
+def test_it_uses_the_protocol_of_the_welcome_and_falls_back_to_1(offered: int, used: int) -> None:
+    core = make_core()
+    core.connection_opened()
+    assert core.protocol == 1  # the hello goes alone, before any welcome
+
+    core.receive(json.dumps({**WELCOME, "protocol": offered}))
+    assert core.protocol == used
+
+    core.connection_lost()
+    core.connection_opened()
+    assert core.protocol == 1
+
+
+def test_it_handles_an_array_of_frames_in_order_and_joins_their_outputs() -> None:
+    core = online(make_core())
+
+    out = core.receive(
+        json.dumps([json.loads(assign(1)), {"type": "cancel", "attempt": 1}, json.loads(assign(2))])
+    )
+
+    assert out == [
+        Send({"type": "accepted", "attempt": 1}),
+        StartProcess(1, ["python", "-c", "print(1)"], env_for(1, K="V"), None, None),
+        KillProcess(1),
+        Send({"type": "accepted", "attempt": 2}),
+        StartProcess(2, ["python", "-c", "print(1)"], env_for(2, K="V"), None, None),
+    ]
+
+
+def test_a_welcome_in_an_array_with_the_cancels_of_a_reconnect_is_handled() -> None:
+    core = running(online(make_core()), 1)
+    core.connection_lost()
+    core.connection_opened()
+
+    out = core.receive(json.dumps([WELCOME, {"type": "cancel", "attempt": 1}]))
+
+    assert out == [Welcomed(7, 5.0), KillProcess(1)]
+    assert (core.online, core.protocol) == (True, 2)
+
+
+def test_a_bad_frame_in_an_array_does_not_stop_the_others() -> None:
+    core = online(make_core())
+
+    out = core.receive(json.dumps([{"type": "bogus"}, {"type": "assign", "attempt": 3}, "x"]))
+
+    assert out == [
+        Send({"type": "rejected", "attempt": 3, "reason": "invalid assign: missing field 'run'"})
+    ]
 
 
 def test_it_accepts_an_assign_and_starts_the_process() -> None:
@@ -221,7 +275,9 @@ def test_it_rejects_assigns_while_draining_and_accepts_after_resume() -> None:
         ({"argv": ["ls", 3]}, "argv must be a non-empty list of strings"),
         ({"env": {"K": 1}}, "env must map names to strings"),
         ({"timeout": 0}, "timeout must be a positive number or null"),
-        ({"cwd": 5}, "cwd must be a string or null"),
+        ({"cwd": 5}, "field 'cwd' has the wrong type"),
+        ({"env": None}, "field 'env' has the wrong type"),
+        ({"run": "101"}, "field 'run' has the wrong type"),
     ],
 )
 def test_it_rejects_an_invalid_assign_with_the_reason(overrides: dict, reason: str) -> None:
@@ -231,6 +287,33 @@ def test_it_rejects_an_invalid_assign_with_the_reason(overrides: dict, reason: s
 
     assert out == [Send({"type": "rejected", "attempt": 4, "reason": f"invalid assign: {reason}"})]
     assert core.running_ids == []
+
+
+def test_it_rejects_an_assign_missing_a_field_and_names_it() -> None:
+    core = online(make_core())
+    frame = json.loads(assign(4))
+    del frame["shard_count"]
+
+    out = core.receive(json.dumps(frame))
+
+    assert out == [
+        Send(
+            {
+                "type": "rejected",
+                "attempt": 4,
+                "reason": "invalid assign: missing field 'shard_count'",
+            }
+        )
+    ]
+    assert core.running_ids == []
+
+
+def test_it_does_not_reject_a_malformed_repeat_of_an_attempt_it_runs() -> None:
+    core = running(online(make_core()), 4)
+
+    # Rejecting it would let the master queue again what still runs here.
+    assert core.receive(assign(4, cwd=5)) == []
+    assert core.running_ids == [4]
 
 
 def test_heartbeat_lists_running_attempts_only_while_online() -> None:
@@ -650,7 +733,7 @@ def test_the_fence_clock_runs_across_reconnect_attempts_until_a_welcome() -> Non
     assert core.check_fence() == []
 
 
-@pytest.mark.parametrize("fence", [None, "soon", 0, -1, True])
+@pytest.mark.parametrize("fence", [None, 0, -1])
 def test_it_never_self_fences_without_a_positive_fence_after_s(fence: Any) -> None:
     clock = Clock()
     core = running(online(make_core(clock=clock), fence_after_s=fence), 1)
@@ -781,6 +864,10 @@ def test_kept_log_data_is_bounded_by_the_log_limit() -> None:
         '{"type": "error"}',
         '{"type": "error", "code": "too_large", "message": "frame too big"}',
         '{"type": "__init__"}',
+        '{"type": "welcome"}',
+        '[{"type": "cancel"}, []]',
+        "[[]]",
+        '[null, 3, "x"]',
     ],
 )
 def test_malformed_frames_are_ignored_without_raising(text: str | bytes) -> None:
@@ -790,13 +877,42 @@ def test_malformed_frames_are_ignored_without_raising(text: str | bytes) -> None
     assert core.running_ids == []
 
 
-def test_a_welcome_with_bad_values_keeps_the_defaults() -> None:
+def test_a_welcome_with_values_out_of_range_keeps_the_defaults() -> None:
     core = make_core()
     core.connection_opened()
 
-    core.receive('{"type": "welcome", "heartbeat_s": "soon", "log_limit_bytes": -1}')
+    out = core.receive(
+        json.dumps({**WELCOME, "heartbeat_s": 0, "log_limit_bytes": -1, "max_frame_bytes": 0})
+    )
 
-    assert (core.heartbeat_s, core.log_limit_bytes) == (5.0, 4 * 1024 * 1024)
+    assert out == [Welcomed(7, 5.0)]
+    assert (core.heartbeat_s, core.log_limit_bytes, core.max_frame_bytes) == (
+        5.0,
+        4 * 1024 * 1024,
+        1024 * 1024,
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"heartbeat_s": "soon"}, {"fence_after_s": True}, {"worker_id": "7"}, {"protocol": None}],
+)
+def test_a_welcome_with_a_field_of_the_wrong_type_is_ignored(fields: dict[str, Any]) -> None:
+    core = make_core()
+    core.connection_opened()
+
+    assert core.receive(json.dumps({**WELCOME, **fields})) == []
+    assert (core.online, core.heartbeat_s, core.fence_after_s) == (False, 5.0, None)
+
+
+def test_a_welcome_missing_a_field_is_ignored() -> None:
+    core = make_core()
+    core.connection_opened()
+    welcome = dict(WELCOME)
+    del welcome["lost_after_s"]
+
+    assert core.receive(json.dumps(welcome)) == []
+    assert core.online is False
 
 
 # --------------------------------------------------------------------------
@@ -951,13 +1067,16 @@ class FakeSocket:
 
     def __init__(self) -> None:
         self.incoming: asyncio.Queue[str | None] = asyncio.Queue()
+        self.messages: list[Any] = []  # as decoded: a frame, or an array of frames
         self.sent: list[dict[str, Any]] = []
 
     def push(self, frame: dict[str, Any]) -> None:
         self.incoming.put_nowait(json.dumps(frame))
 
     async def send(self, message: str) -> None:
-        self.sent.append(json.loads(message))
+        decoded = json.loads(message)
+        self.messages.append(decoded)
+        self.sent += decoded if isinstance(decoded, list) else [decoded]
 
     async def close(self) -> None:
         self.incoming.put_nowait(None)
@@ -1018,8 +1137,7 @@ class Session:
     async def __aexit__(self, *exc: object) -> None:
         await self.ws.close()
         await asyncio.wait_for(self.task, 5)
-        for pgid in [run.pgid for run in self.agent._runs.values() if run.pgid]:
-            agent._killpg(pgid, 9)
+        self.agent.close()
 
     async def run(self, attempt: int, **fields: Any) -> dict[str, Any]:
         self.ws.push(json.loads(assign(attempt, **fields)))
@@ -1050,10 +1168,9 @@ async def test_it_runs_a_real_process_and_reports_its_output_and_exit(tmp_path: 
         assert result["started_at"] <= result["finished_at"]
         assert s.ws.of("started", 1)[0]["pid"] > 0
 
-        spooled = tmp_path / "spool" / "1.json"
-        assert json.loads(spooled.read_text()) == result
+        assert agent.load_spool(tmp_path) == [result]
         s.ws.push({"type": "ack", "attempt": 1})
-        await wait_until(lambda: not spooled.exists())
+        await wait_until(lambda: agent.load_spool(tmp_path) == [])
 
 
 @pytest.mark.asyncio
@@ -1230,10 +1347,11 @@ class WsMaster:
 
         with contextlib.suppress(ConnectionClosed):
             async for message in ws:
-                frame = json.loads(message)
-                self.received.append(frame)
-                for reply in self.respond(frame):
-                    await ws.send(json.dumps(reply))
+                decoded = json.loads(message)
+                for frame in decoded if isinstance(decoded, list) else [decoded]:
+                    self.received.append(frame)
+                    for reply in self.respond(frame):
+                        await ws.send(json.dumps(reply))
         self.close_codes.append(ws.close_code)
 
     def of(self, kind: str, attempt: int | None = None) -> list[dict[str, Any]]:
@@ -1370,7 +1488,6 @@ async def test_it_self_fences_when_the_master_stays_away_and_spools_the_result(
 ) -> None:
     monkeypatch.setattr(agent, "KILL_GRACE_S", 0.5)
     respond = acking(json.loads(assign(1, argv=["sleep", "30"])), fence_after_s=0.5)
-    spooled = tmp_path / "spool" / "1.json"
 
     async with WsMaster(respond) as m:
         worker, task = start_agent(m.url, tmp_path, drain_timeout=0.5)
@@ -1378,9 +1495,8 @@ async def test_it_self_fences_when_the_master_stays_away_and_spools_the_result(
         m.server.close()  # drops the socket and refuses every reconnect
         await m.server.wait_closed()
 
-        await wait_until(lambda: spooled.exists(), timeout=10)
+        [result] = await wait_until(lambda: agent.load_spool(tmp_path), timeout=10)
         await wait_until(lambda: group_is_gone(started_frame["pid"]), timeout=5)
-        result = json.loads(spooled.read_text())
         assert (result["status"], result["exit_code"], result["reason"]) == (
             "lost",
             -15,
@@ -1390,7 +1506,7 @@ async def test_it_self_fences_when_the_master_stays_away_and_spools_the_result(
 
         worker.request_stop()
         assert await asyncio.wait_for(task, 10) == 0
-    assert spooled.exists()  # replayed by the next start
+    assert agent.load_spool(tmp_path) == [result]  # replayed by the next start
 
 
 @pytest.mark.asyncio

@@ -340,7 +340,7 @@ def _json_error(text: str) -> str:
 BAD_FRAMES = [
     pytest.param("{not json", "malformed", _json_error("{not json"), id="malformed-json"),
     pytest.param("[1]", "malformed", "frame must be a JSON object", id="list-of-a-number"),
-    pytest.param("[]", "malformed", "a message carries 1 to 10000 frames, not 0", id="empty-list"),
+    pytest.param("[]", "malformed", "a message carries 1 to 1000 frames, not 0", id="empty-list"),
     pytest.param(
         json.dumps({"type": "reboot"}), "unknown_type", "unknown frame type 'reboot'", id="unknown"
     ),

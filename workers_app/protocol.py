@@ -7,7 +7,6 @@ Nothing here touches the database.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -20,6 +19,7 @@ from scheduler_site.wire import (
     CLOSE_SILENT,
     CLOSE_TRY_AGAIN,
     MAX_CAPACITY,
+    MAX_FRAMES_PER_MESSAGE,
     MAX_LOG_DATA,
     MIN_CAPACITY,
     PROTOCOL_VERSION,
@@ -27,6 +27,7 @@ from scheduler_site.wire import (
     STREAMS,
     SUPPORTED_PROTOCOLS,
     field_problem,
+    pack,
 )
 from tasks_app.validators import clean_labels
 from workers_app.exceptions import ProtocolError
@@ -47,8 +48,6 @@ MAX_INT32 = 2**31 - 1
 MIN_EPOCH, MAX_EPOCH = 946_684_800, 4_102_444_800
 INT32_FIELDS = ("seq", "exit_code", "pid", "last_seq")
 EPOCH_FIELDS = ("started_at", "finished_at")
-# Most frames one message may carry; each is checked and applied on its own.
-MAX_FRAMES_PER_MESSAGE = 10_000
 
 
 def parse_message(text: str | None, max_bytes: int) -> tuple[list[dict], list[dict]]:
@@ -174,27 +173,10 @@ def _check_fields(kind: str, frame: dict[str, Any]) -> None:
 # --- what we send --------------------------------------------------------------
 
 
-def encode(frames: list[dict[str, Any]], protocol: int, max_bytes: int) -> Iterable[str]:
-    """Websocket messages carrying these frames in order: one per frame for a
-    protocol 1 agent; arrays of at most max_bytes for protocol 2."""
-    texts = [json.dumps(frame, separators=(",", ":")) for frame in frames]
-    if protocol < 2:
-        yield from texts
-        return
-    batch: list[str] = []
-    size = 2
-    for text in texts:
-        if batch and size + len(text) + 1 > max_bytes:
-            yield _array(batch)
-            batch, size = [], 2
-        batch.append(text)
-        size += len(text) + 1
-    if batch:
-        yield _array(batch)
-
-
-def _array(texts: list[str]) -> str:
-    return texts[0] if len(texts) == 1 else f"[{','.join(texts)}]"
+def encode(frames: list[dict[str, Any]], protocol: int, max_bytes: int) -> list[str]:
+    """Websocket messages carrying these frames in order (see wire.pack)."""
+    texts = [json.dumps(frame, ensure_ascii=False, separators=(",", ":")) for frame in frames]
+    return [text for text, _ in pack(texts, protocol, max_bytes)]
 
 
 def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
