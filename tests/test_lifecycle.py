@@ -733,7 +733,7 @@ def test_a_dispatch_pass_costs_the_slots_it_fills_not_the_queue_length(task):
     # The same statements, 10 or 10,000 queued; the queue read is LIMITed to the
     # free slots and walks the queue index, never the table.
     assert len(large) == len(small)
-    [read] = [q for q in large if "FROM \"tasks_app_attempt\"" in q and "LIMIT 1" in q]
+    [read] = [q for q in large if 'FROM "tasks_app_attempt"' in q and "LIMIT 1" in q]
     with connection.cursor() as cursor:
         plan = " ".join(str(row) for row in cursor.execute(f"EXPLAIN QUERY PLAN {read}"))
     assert "attempt_queue" in plan and "USE TEMP B-TREE" not in plan
