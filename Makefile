@@ -37,3 +37,9 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The benchmark (issue 6): real servers and agents, one JSON object on stdout,
+# progress on stderr. Scale it down with e.g. BENCH_ARGS="--runs 200 --only latency".
+.PHONY: bench
+bench: $(VENV)/.installed
+	@$(PY) tests/bench.py $(BENCH_ARGS)
