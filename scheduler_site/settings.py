@@ -91,7 +91,9 @@ DATABASES = {
             "timeout": 20,
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         },
-        "TEST": {"NAME": None},
+        # A file, as in production (WAL: readers never wait for the writer), not
+        # the shared-cache in-memory database, whose table locks fail at once.
+        "TEST": {"NAME": str(DATA_DIR / "test-db.sqlite3")},
     }
 }
 

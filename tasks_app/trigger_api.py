@@ -47,7 +47,7 @@ from tasks_app.jsonapi import (
 from tasks_app.lifecycle import TriggerRequest
 from tasks_app.models import Run
 from tasks_app.validators import clean_run_params
-from tasks_app.writer import writer
+from tasks_app.writer import WriterClientMixin, writer
 
 MAX_RUNS_PER_REQUEST = 1000
 MAX_ID = 2**63 - 1
@@ -180,7 +180,7 @@ def failure(exc: Exception) -> tuple[int, dict, list[tuple[str, str]]]:
     raise exc
 
 
-class _TriggerEndpoint(AsyncHttpConsumer):
+class _TriggerEndpoint(WriterClientMixin, AsyncHttpConsumer):
     """The same endpoints as the Django views in tasks_app.api, for POST under
     ASGI: same parsing, same writer job, same answers, without the view stack."""
 

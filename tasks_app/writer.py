@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync
+from channels.consumer import get_handler_name
 from django.db import DatabaseError, connection, transaction
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,19 @@ class Writer:
         else:
             loop.call_soon_threadsafe(callback)
 
+    def spawn(self, make: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run a coroutine on the server's loop (a channel-layer send), from any
+        thread; where no loop serves (a management command), run it here."""
+        if not self._serving():
+            async_to_sync(make)()
+            return
+
+        def start() -> None:
+            task = self._loop.create_task(make())
+            task.add_done_callback(lambda t: t.cancelled() or _log_failure(t, what))
+
+        self.soon(start, self._loop)
+
     def _request_in_loop(self, followup: str) -> None:
         self._requested.add(followup)
         if self._wake is not None:
@@ -156,9 +171,20 @@ class Writer:
         self._ensure_running()
 
     async def _run(self) -> None:
-        # thread_sensitive: the one database thread the consumers use too, so
-        # SQLite sees one writer; the task's context keeps its connection open.
-        apply = sync_to_async(self._apply, thread_sensitive=True)
+        # A thread of its own: Django keeps a connection per thread, and nobody
+        # else's close_old_connections() (Channels runs one before every consumer
+        # message) may close this one between batches.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheduler-writer")
+
+        async def apply(batch: list[_Job], followups: set[str]) -> list[Any]:
+            return await self._loop.run_in_executor(executor, self._apply, batch, followups)
+
+        try:
+            await self._serve(apply)
+        finally:
+            executor.shutdown(wait=False)
+
+    async def _serve(self, apply) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -267,4 +293,24 @@ class Writer:
             connection.close()
 
 
+def _log_failure(task: asyncio.Task, what: str) -> None:
+    if task.exception() is not None:
+        log.error("%s failed", what, exc_info=task.exception())
+
+
 writer = Writer()
+
+
+class WriterClientMixin:
+    """For consumers whose database work all goes through the writer.
+
+    Channels closes old database connections before every message a consumer
+    handles, a hop to a thread and back each time; these consumers hold no
+    connection, so their messages go straight to their handlers.
+    """
+
+    async def dispatch(self, message):
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)

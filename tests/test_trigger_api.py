@@ -208,8 +208,11 @@ def test_it_refuses_a_bulk_request_without_a_valid_token(client, task):
 
 
 # --- through the ASGI application ------------------------------------------------
+# The writer and Django's views run in threads of their own there, with their own
+# connections: these tests commit instead of running in one test transaction.
 
 
+@pytest.mark.django_db(transaction=True)
 def test_the_asgi_app_serves_a_trigger_like_the_view_does(bob, bob_token, task):
     status, body, headers = asgi("POST", f"/api/tasks/{task.pk}/run", token=bob_token)
 
@@ -226,7 +229,6 @@ def test_the_asgi_app_serves_a_trigger_like_the_view_does(bob, bob_token, task):
     assert [a["id"] for a in body["attempts"]] == [run.attempts.get().pk]
 
 
-# Django's own views run in a thread of their own under ASGI: no test transaction.
 @pytest.mark.django_db(transaction=True)
 def test_the_asgi_app_serves_a_bulk_trigger_and_still_lists_runs_with_get(bob_token, task):
     status, body, _ = asgi("POST", "/api/runs", {"task": task.pk, "count": 2}, token=bob_token)
@@ -240,6 +242,7 @@ def test_the_asgi_app_serves_a_bulk_trigger_and_still_lists_runs_with_get(bob_to
     )
 
 
+@pytest.mark.django_db(transaction=True)
 def test_the_asgi_app_checks_the_host_header_as_django_does(bob_token, task):
     async def send():
         communicator = HttpCommunicator(
@@ -262,6 +265,7 @@ def test_the_asgi_app_checks_the_host_header_as_django_does(bob_token, task):
     assert Run.objects.count() == 0
 
 
+@pytest.mark.django_db(transaction=True)
 def test_the_asgi_app_refuses_the_same_way(bob_token, task):
     status, body, headers = asgi("POST", "/api/runs", {"task": task.pk, "count": 0})
     assert (status, body) == (

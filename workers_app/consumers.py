@@ -20,7 +20,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from scheduler_site.wire import MAX_FRAME_BYTES, PROTOCOL_VERSION
-from tasks_app.writer import writer
+from tasks_app.writer import WriterClientMixin, writer
 from workers_app import delivery, liveness, protocol
 from workers_app.liveness import Hello, WorkerGone
 from workers_app.models import Worker
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT = 64
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.worker_id = self.scope.get("worker_id")
         if not self.worker_id:

@@ -17,7 +17,6 @@ import functools
 import logging
 from typing import TYPE_CHECKING
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from tasks_app.writer import writer
@@ -73,13 +72,9 @@ def _send_remote(by_worker: dict[int, list[dict]]) -> None:
     )
     layer = get_channel_layer()
     for worker_id, channel in channels.items():
-        try:
-            async_to_sync(layer.send)(
-                channel, {"type": "agent.frames", "frames": by_worker[worker_id]}
-            )
-        except Exception:
-            # Reconciled on the agent's next hello; the database already says it all.
-            log.exception("sending frames to worker %s failed", worker_id)
+        message = {"type": "agent.frames", "frames": by_worker[worker_id]}
+        # A failure is reconciled on the agent's next hello: the database says it all.
+        writer.spawn(functools.partial(layer.send, channel, message), f"frames to {channel}")
 
 
 def send_close(worker_id: int | None, channel: str, code: int) -> None:
@@ -88,4 +83,5 @@ def send_close(worker_id: int | None, channel: str, code: int) -> None:
     if consumer is not None and (not channel or consumer.channel_name == channel):
         consumer.loop.call_soon_threadsafe(consumer.close_soon, code)
     elif channel:
-        async_to_sync(get_channel_layer().send)(channel, {"type": "agent.close", "code": code})
+        message = {"type": "agent.close", "code": code}
+        writer.spawn(functools.partial(get_channel_layer().send, channel, message), "a close")
