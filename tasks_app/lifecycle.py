@@ -182,21 +182,29 @@ def _queue(runs: list[Run]) -> None:
 # --- assignment handshake ------------------------------------------------------
 
 
-def claim(worker_id: int, worker_name: str, attempt_ids: Sequence[int], now=None) -> int:
-    """queued -> assigned, every one of these attempts to one worker; how many moved."""
+def claim(claims: Sequence[tuple[int, str, int]], now=None) -> int:
+    """queued -> assigned for (worker id, worker name, attempt id) claims, in one
+    statement; how many moved."""
     # Race: another dispatcher claiming the same rows; only rows still queued move.
-    return Attempt.objects.filter(pk__in=list(attempt_ids), status=S.QUEUED).update(
-        status=S.ASSIGNED,
-        worker_id=worker_id,
-        worker_name=worker_name,
-        assigned_at=now or timezone.now(),
-        accepted_at=None,
+    now = now or timezone.now()
+    return update_rows(
+        Attempt,
+        {
+            "status": "%s",
+            "worker": "%s",
+            "worker_name": "%s",
+            "assigned_at": "%s",
+            "accepted_at": "%s",
+        },
+        [(S.ASSIGNED, worker_id, name, now, None, pk) for worker_id, name, pk in claims],
+        where="status = %s",
+        where_params=[S.QUEUED],
     )
 
 
 def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
     """queued -> assigned. False when someone else got it first."""
-    return bool(claim(worker_id, worker_name, [attempt_id]))
+    return bool(claim([(worker_id, worker_name, attempt_id)]))
 
 
 def _owned(pairs: Iterable[Pair], statuses: Sequence[str], *fields: str) -> dict[Pair, tuple]:
@@ -234,8 +242,9 @@ class Started:
 
 
 def start_many(items: Sequence[Started]) -> set[Pair]:
-    """assigned -> running; only the worker an attempt is assigned to may say so.
-    Returns the pairs that moved; their runs move from queued to running."""
+    """assigned -> running (and accepted, if that was not reported apart); only
+    the worker an attempt is assigned to may say so. Returns the pairs that
+    moved; their runs move from queued to running."""
     now = timezone.now()
     with transaction.atomic():
         owned = _owned([(i.worker_id, i.attempt_id) for i in items], [S.ASSIGNED], "run_id")
@@ -248,8 +257,13 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
         moves.sort(key=lambda move: (move[0], move[2]))
         update_rows(
             Attempt,
-            {"status": "%s", "started_at": "%s", "pid": "%s"},
-            [(S.RUNNING, started, pid, attempt_id) for started, pid, attempt_id, _ in moves],
+            {
+                "status": "%s",
+                "started_at": "%s",
+                "pid": "%s",
+                "accepted_at": "COALESCE(accepted_at, %s)",
+            },
+            [(S.RUNNING, started, pid, now, attempt_id) for started, pid, attempt_id, _ in moves],
             where="status = %s",
             where_params=[S.ASSIGNED],
         )
@@ -376,10 +390,21 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
     now = timezone.now()
     with transaction.atomic():
         rows = {
-            pk: (worker_id, status, closed, late)
-            for pk, worker_id, status, closed, late in _locked(
+            row[0]: row[1:]
+            for row in _locked(
                 Attempt.objects.filter(pk__in={i.attempt_id for i in items})
-            ).values_list("pk", "worker_id", "status", "closed_by_master", "late_reported_at")
+            ).values_list(
+                "pk",
+                "worker_id",
+                "status",
+                "closed_by_master",
+                "late_reported_at",
+                "try_number",
+                "shard_index",
+                "run_id",
+                "labels_key",
+                "timeout_s",
+            )
         }
         outcomes: list[Outcome] = []
         stored, late, seen = [], [], set()
@@ -445,7 +470,8 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
             ],
             where="closed_by_master AND late_reported_at IS NULL",
         )
-        _after_final([i.attempt_id for i in stored])
+        # What _after_final would read back: the new status, and the rest as read.
+        _after_final_rows([(i.result.status, *rows[i.attempt_id][4:]) for i in stored])
     return outcomes
 
 
@@ -529,11 +555,20 @@ def _after_final(attempt_ids: Sequence[int]) -> None:
     """Queue retries for attempts that ended badly, then recompute their runs."""
     if not attempt_ids:
         return
-    rows = list(
-        Attempt.objects.filter(pk__in=list(attempt_ids)).values_list(
-            "status", "try_number", "shard_index", "run_id", "labels_key", "timeout_s"
+    _after_final_rows(
+        list(
+            Attempt.objects.filter(pk__in=list(attempt_ids)).values_list(
+                "status", "try_number", "shard_index", "run_id", "labels_key", "timeout_s"
+            )
         )
     )
+
+
+def _after_final_rows(rows: list[tuple]) -> None:
+    """_after_final for (status, try, shard, run id, labels key, timeout) rows
+    the caller already holds."""
+    if not rows:
+        return
     retryable = [row for row in rows if row[0] in RETRYABLE]
     retries: list[Attempt] = []
     if retryable:
@@ -589,18 +624,23 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
     if not run_ids:
         return
     latest: dict[int, dict[int, tuple]] = {}
+    cancelling = set()
     for row in Attempt.objects.filter(run_id__in=run_ids).values_list(
-        "run_id", "shard_index", "try_number", "status", "reason", "started_at", "finished_at"
+        "run_id",
+        "shard_index",
+        "try_number",
+        "status",
+        "reason",
+        "started_at",
+        "finished_at",
+        "run__cancel_requested_at",
     ):
         shards = latest.setdefault(row[0], {})
         current = shards.get(row[1])
         if current is None or row[2] > current[2]:
             shards[row[1]] = row
-    cancelling = set(
-        Run.objects.filter(pk__in=run_ids, cancel_requested_at__isnull=False).values_list(
-            "pk", flat=True
-        )
-    )
+        if row[7]:
+            cancelling.add(row[0])
     finals, starts = [], []
     now = timezone.now()
     for run_id, shards in latest.items():

@@ -316,8 +316,8 @@ class SchedulerState(models.Model):
             paused_at=timezone.now() if paused else None,
             paused_by=by if paused else "",
         )
-        if not paused:
-            transaction.on_commit(lambda: work_queued.send(sender=cls))
+        # Dispatch keeps the switch in memory: tell it (and, on resume, to look).
+        transaction.on_commit(lambda: work_queued.send(sender=cls, labels_keys=None))
         return cls.current()
 
     @classmethod

@@ -21,7 +21,7 @@ def update_rows(
     *,
     where: str = "",
     where_params: Sequence = (),
-) -> None:
+) -> int:
     """For each row: UPDATE model SET <assignments> WHERE pk = row[-1] [AND where].
 
     `assignments` maps a field name to its SQL with a `%s` for each of the
@@ -29,11 +29,11 @@ def update_rows(
     %s)" takes two); each row holds the values in that order, then the
     primary key. Values are adapted by their model field, as the ORM would.
     `where` may name columns and hold `%s` for `where_params`, the same for
-    every row.
+    every row. Returns how many rows moved, in all.
     """
     rows = list(rows)
     if not rows:
-        return
+        return 0
     meta = model._meta
     quote = connection.ops.quote_name
     fields = [meta.get_field(name) for name in assignments]
@@ -63,6 +63,7 @@ def update_rows(
     ]
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
+        return cursor.rowcount
 
 
 def in_list(column: str, values: Sequence[str]) -> tuple[str, list[str]]:

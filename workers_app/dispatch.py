@@ -31,7 +31,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks_app import lifecycle
-from tasks_app.models import Attempt, Run, SchedulerState
+from tasks_app.models import Attempt, SchedulerState
 from tasks_app.writer import writer
 from workers_app import delivery, protocol
 from workers_app.models import Worker
@@ -62,14 +62,23 @@ class Board:
         self._lock = threading.Lock()
         self.workers: dict[int, Slots] = {}
         self.classes: set[str] = set()  # labels keys that may have queued attempts
+        self.paused = False
         self._stale: set[int] = set()
+        self._freed: dict[int, int] = {}
         self._new_classes: set[str] = set()
         self._rebuild = True
 
     def mark(self, worker_ids: Iterable[int | None]) -> None:
-        """Recount these workers before the next pass (their slots or state changed)."""
+        """Recount these workers before the next pass (their state changed: a
+        hello, a disconnect, an operator's drain, attempts lost)."""
         with self._lock:
             self._stale.update(w for w in worker_ids if w)
+
+    def release(self, worker_id: int, slots: int) -> None:
+        """That many of the worker's attempts ended (results stored, assignments
+        handed back): its slots are free again without a recount."""
+        with self._lock:
+            self._freed[worker_id] = self._freed.get(worker_id, 0) + slots
 
     def add_classes(self, keys: Iterable[str] | None) -> None:
         """Attempts of these label sets were queued (None: re-read them all)."""
@@ -83,7 +92,7 @@ class Board:
         """Nothing to do: nothing changed since the last pass, and no worker has a
         free slot or no label set has queued work."""
         with self._lock:
-            if self._rebuild or self._stale or self._new_classes:
+            if self._rebuild or self._stale or self._freed or self._new_classes:
                 return False
         return not self.classes or not any(s.free > 0 for s in self.workers.values())
 
@@ -96,13 +105,20 @@ class Board:
         with self._lock:
             rebuild, self._rebuild = self._rebuild, False
             stale, self._stale = self._stale, set()
+            freed, self._freed = self._freed, {}
             self.classes |= self._new_classes
             self._new_classes = set()
         if rebuild:
+            self.paused = SchedulerState.is_paused()
             self.workers = {}
             self.classes = _queued_classes()
             _load(self.workers, Worker.objects.all())
-        elif stale:
+            return
+        for worker_id, slots in freed.items():
+            if worker_id in self.workers and worker_id not in stale:
+                slots_of = self.workers[worker_id]
+                slots_of.busy = max(slots_of.busy - slots, 0)
+        if stale:
             for worker_id in stale:
                 self.workers.pop(worker_id, None)
             _load(self.workers, Worker.objects.filter(pk__in=stale))
@@ -150,9 +166,9 @@ def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
     elif board.idle():
         return []
     with transaction.atomic():
-        if SchedulerState.is_paused():
-            return []
         board.refresh()
+        if board.paused:
+            return []
         free = {pk: slots for pk, slots in board.workers.items() if slots.free > 0}
         if not free or not board.classes:
             return []
@@ -166,12 +182,13 @@ def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
         claimed = sorted(_claim(shares, now), key=lambda c: position[c[1]])
         frames = _assign_frames(claimed)
         transaction.on_commit(lambda: delivery.send_frames(frames))
-    return [(worker_id, attempt_id) for worker_id, attempt_id, _ in claimed]
+    return [(worker_id, attempt_id) for worker_id, attempt_id, *_ in claimed]
 
 
 def _candidates(free: dict[int, Slots], now) -> list[tuple]:
-    """(ready_at, attempt id, run id, labels key) of the oldest ready attempts,
-    as many per label set as the workers that can take it have free slots."""
+    """(ready_at, attempt id, run id, shard, task name, definition, cancelling,
+    wanted labels) of the oldest ready attempts, as many per label set as the
+    workers that can take it have free slots."""
     found = []
     for key in list(board.classes):
         wanted = frozenset(key.split(",")) if key else frozenset()
@@ -183,13 +200,23 @@ def _candidates(free: dict[int, Slots], now) -> list[tuple]:
         ).order_by("ready_at", "id")
         if connection.features.has_select_for_update_skip_locked:
             # Another server process dispatching at the same time skips what we hold.
-            queued = queued.select_for_update(skip_locked=True)
-        rows = list(queued.values_list("ready_at", "pk", "run_id")[:room])
+            queued = queued.select_for_update(skip_locked=True, of=("self",))
+        rows = list(
+            queued.values_list(
+                "ready_at",
+                "pk",
+                "run_id",
+                "shard_index",
+                "run__task_name",
+                "run__definition",
+                "run__cancel_requested_at",
+            )[:room]
+        )
         if len(rows) < room:
             # Nothing more is ready in this label set; triggers and the service's
             # re-read (for retries whose backoff ends) bring it back.
             board.classes.discard(key)
-        found += [(ready_at, pk, run_id, wanted) for ready_at, pk, run_id in rows]
+        found += [(*row, wanted) for row in rows]
     found.sort(key=lambda row: (row[0], row[1]))
     return found
 
@@ -199,7 +226,7 @@ def _share_out(free: dict[int, Slots], candidates: list[tuple]) -> dict[int, lis
     that has its labels; a heap per label set, its keys refreshed lazily."""
     heaps: dict[frozenset, list] = {}
     shares: dict[int, list[tuple]] = {}
-    for _, attempt_id, run_id, wanted in candidates:
+    for _, attempt_id, *run, wanted in candidates:
         heap = heaps.get(wanted)
         if heap is None:
             heap = heaps[wanted] = [
@@ -221,45 +248,41 @@ def _share_out(free: dict[int, Slots], candidates: list[tuple]) -> dict[int, lis
         slots = free[worker_id]
         slots.busy += 1
         heapq.heapreplace(heap, (slots.load, worker_id))
-        shares.setdefault(worker_id, []).append((attempt_id, run_id))
+        shares.setdefault(worker_id, []).append((attempt_id, *run))
     return shares
 
 
-def _claim(shares: dict[int, list[tuple]], now) -> list[tuple[int, int, int]]:
-    """One conditional UPDATE per worker; (worker, attempt, run) of what we got."""
-    claimed = []
-    for worker_id, share in shares.items():
-        slots = board.workers[worker_id]
-        ids = [attempt_id for attempt_id, _ in share]
-        moved = lifecycle.claim(worker_id, slots.name, ids, now)
-        if moved != len(ids):
-            # Someone else took some (only possible without row locks): see which.
-            ours = set(
-                Attempt.objects.filter(
-                    pk__in=ids, worker_id=worker_id, status=Attempt.Status.ASSIGNED, assigned_at=now
-                ).values_list("pk", flat=True)
-            )
-            slots.busy -= len(ids) - len(ours)
-            share = [(a, r) for a, r in share if a in ours]
-        claimed += [(worker_id, attempt_id, run_id) for attempt_id, run_id in share]
-    return claimed
+def _claim(shares: dict[int, list[tuple]], now) -> list[tuple]:
+    """One conditional UPDATE for every share; (worker, attempt, run...) of what we got."""
+    claims = [
+        (worker_id, board.workers[worker_id].name, row[0])
+        for worker_id, share in shares.items()
+        for row in share
+    ]
+    moved = lifecycle.claim(claims, now)
+    if moved != len(claims):
+        # Someone else took some (only possible without row locks): see which.
+        ours = set(
+            Attempt.objects.filter(
+                pk__in=[pk for _, _, pk in claims], status=Attempt.Status.ASSIGNED, assigned_at=now
+            ).values_list("worker_id", "pk")
+        )
+        for worker_id, share in shares.items():
+            kept = [row for row in share if (worker_id, row[0]) in ours]
+            board.workers[worker_id].busy -= len(share) - len(kept)
+            shares[worker_id] = kept
+    return [(worker_id, *row) for worker_id, share in shares.items() for row in share]
 
 
-def _assign_frames(claimed: list[tuple[int, int, int]]) -> list[tuple[int, dict]]:
-    runs = {
-        pk: (task_name, definition, cancelling)
-        for pk, task_name, definition, cancelling in Run.objects.filter(
-            pk__in={run_id for _, _, run_id in claimed}
-        ).values_list("pk", "task_name", "definition", "cancel_requested_at")
-    }
+def _assign_frames(claimed: list[tuple]) -> list[tuple[int, dict]]:
     frames, cancelled = [], {}
-    for worker_id, attempt_id, run_id in claimed:
-        task_name, definition, cancelling = runs[run_id]
+    for worker_id, attempt_id, run_id, shard_index, task_name, definition, cancelling in claimed:
         if cancelling:
             # Race: cancelled between trigger and claim; it must never start.
             cancelled.setdefault(worker_id, []).append(attempt_id)
             continue
-        frames.append((worker_id, protocol.assign(attempt_id, run_id, task_name, definition)))
+        frame = protocol.assign(attempt_id, run_id, task_name, definition, shard_index)
+        frames.append((worker_id, frame))
     for worker_id, ids in cancelled.items():
         lifecycle.requeue(worker_id, ids)
         board.mark([worker_id])

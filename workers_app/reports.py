@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from django.db import transaction
+
 from tasks_app import lifecycle, logs
 from tasks_app.lifecycle import Finished, Outcome, Result, Started
 from workers_app import dispatch, protocol
@@ -36,9 +38,12 @@ def apply_messages(messages: Sequence[Message]) -> list[list[dict]]:
     for index, message in enumerate(messages):
         for frame in message.frames:
             by_type.setdefault(frame["type"], []).append((index, message.worker_id, frame))
-    freed: set[int] = set()  # workers with a slot that came free
+    freed: dict[int, int] = {}  # worker -> slots that came free
 
-    accepted = by_type.get("accepted", [])
+    # A start says "accepted" too (an agent sends both at once for a short
+    # command): only accepts without their start in this batch need a write.
+    starting = {(w, f["attempt"]) for _, w, f in by_type.get("started", [])}
+    accepted = [a for a in by_type.get("accepted", []) if (a[1], a[2]["attempt"]) not in starting]
     ok = lifecycle.accept_many([(w, f["attempt"]) for _, w, f in accepted])
     for index, worker_id, frame in accepted:
         if (worker_id, frame["attempt"]) not in ok:
@@ -52,8 +57,9 @@ def apply_messages(messages: Sequence[Message]) -> list[list[dict]]:
         # The agent knows better than our slot count (it is draining, or still
         # runs something we gave up on): back off before it is offered again,
         # or the same assign/reject pair would bounce as fast as the socket allows.
-        if lifecycle.requeue(worker_id, ids, delay_s=REJECT_BACKOFF_S):
-            freed.add(worker_id)
+        moved = lifecycle.requeue(worker_id, ids, delay_s=REJECT_BACKOFF_S)
+        if moved:
+            freed[worker_id] = freed.get(worker_id, 0) + len(moved)
 
     started = by_type.get("started", [])
     ok = lifecycle.start_many(
@@ -90,13 +96,19 @@ def apply_messages(messages: Sequence[Message]) -> list[list[dict]]:
         if outcome is Outcome.UNKNOWN:
             replies[index].append(_unknown(frame["attempt"]))
         elif outcome is Outcome.STORED:
-            freed.add(worker_id)
+            freed[worker_id] = freed.get(worker_id, 0) + 1
         # Acknowledge duplicates, late and unknown ones too, so the agent's spool drains.
         replies[index].append(protocol.ack(frame["attempt"]))
 
     if freed:
-        dispatch.board.mark(freed)
-        dispatch.wake(())
+        # Counted once the batch is committed: a batch that fails is applied
+        # again job by job, and must not free the same slots twice.
+        def free_slots() -> None:
+            for worker_id, slots in freed.items():
+                dispatch.board.release(worker_id, slots)
+            dispatch.wake(())
+
+        transaction.on_commit(free_slots)
     return replies
 
 
