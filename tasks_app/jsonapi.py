@@ -12,12 +12,14 @@ import json
 from collections.abc import Callable
 from functools import wraps
 
+from django.contrib.auth import get_user_model
 from django.http import HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from tasks_app import tokens
+from tasks_app.batchsql import aware, column, marks, select, table
 from tasks_app.models import ApiToken
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -60,31 +62,38 @@ def bearer(header: str) -> str | None:
     return raw.strip()
 
 
-def users_for_tokens(digests) -> dict:
-    """token digest -> user, for the live tokens among these; one query.
+def token_users(digests) -> dict[str, int]:
+    """token digest -> user id, for the live tokens among these (the token not
+    revoked, its user active); one query for any number of requests.
 
     "Last used" is written at most once per ApiToken.LAST_USED_RESOLUTION per
     token, not on every request.
     """
-    found = list(
-        ApiToken.objects.select_related("user").filter(
-            token_hash__in=list(digests), revoked_at__isnull=True, user__is_active=True
-        )
+    digests = list(digests)
+    if not digests:
+        return {}
+    user = get_user_model()
+    found = select(
+        f"SELECT t.id, t.token_hash, t.user_id, t.last_used_at FROM {table(ApiToken)} t"
+        f" JOIN {table(user)} u ON u.{column(user, 'id')} = t.user_id"
+        f" WHERE t.token_hash IN ({marks(digests)}) AND t.revoked_at IS NULL"
+        f" AND u.{column(user, 'is_active')}",
+        digests,
     )
     now = timezone.now()
     stale = [
-        t.pk
-        for t in found
-        if t.last_used_at is None or now - t.last_used_at >= ApiToken.LAST_USED_RESOLUTION
+        pk
+        for pk, _, _, used in found
+        if used is None or now - aware(used) >= ApiToken.LAST_USED_RESOLUTION
     ]
     if stale:
         ApiToken.objects.filter(pk__in=stale).update(last_used_at=now)
-    return {t.token_hash: t.user for t in found}
+    return {digest: user_id for _, digest, user_id, _ in found}
 
 
 def user_for_token(raw: str):
-    digest = tokens.digest(raw)
-    return users_for_tokens([digest]).get(digest)
+    user_id = token_users([tokens.digest(raw)]).values()
+    return get_user_model().objects.filter(pk__in=user_id).first() if user_id else None
 
 
 def csrf_passes(request: HttpRequest) -> bool:

@@ -25,6 +25,18 @@ from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from tasks_app.batchsql import (
+    atomic,
+    aware,
+    column,
+    for_update,
+    insert_rows,
+    json_value,
+    marks,
+    select,
+    table,
+    update_rows,
+)
 from tasks_app.exceptions import (
     RunNotCancellable,
     RunNotRetryable,
@@ -32,8 +44,7 @@ from tasks_app.exceptions import (
     TaskError,
     TaskNotFound,
 )
-from tasks_app.models import Attempt, Run, Task, labels_key
-from tasks_app.rowupdates import update_rows
+from tasks_app.models import TASK_FIELDS, Attempt, Run, Task, labels_key
 from tasks_app.signals import stop_requested, work_queued
 
 ACTIVE = Attempt.ACTIVE
@@ -42,6 +53,9 @@ RETRYABLE = (Attempt.Status.FAILED, Attempt.Status.TIMED_OUT, Attempt.Status.LOS
 S = Attempt.Status
 
 Pair = tuple[int, int]  # (worker id, attempt id)
+# Raw SQL on the hottest reads (see tasks_app.batchsql); column names are the
+# fields' names there.
+ATTEMPT, RUN = table(Attempt), table(Run)
 
 
 def _from_epoch(value: float | None) -> dt.datetime | None:
@@ -87,8 +101,8 @@ class TriggerRequest:
 def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskError]:
     """Create the runs of many requests in one transaction: per request, its
     runs (each with its first attempt, queued) or the error that refused it."""
-    with transaction.atomic():
-        tasks = Task.objects.in_bulk({r.task_id for r in requests})
+    with atomic():
+        tasks = _tasks({r.task_id for r in requests})
         results: list[list[Run] | TaskError] = []
         runs: list[Run] = []
         for request in requests:
@@ -123,6 +137,24 @@ def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskErr
     return results
 
 
+def _tasks(ids: set[int]) -> dict[int, Task]:
+    """Tasks by id, with the fields a run is made of (one raw read per batch)."""
+    if not ids:
+        return {}
+    names = list(TASK_FIELDS)
+    rows = select(
+        f"SELECT id, {', '.join(column(Task, n) for n in names)} FROM {table(Task)}"
+        f" WHERE id IN ({marks(ids)})",
+        list(ids),
+    )
+    tasks = {}
+    for pk, *values in rows:
+        task = Task(pk=pk, **dict(zip(names, values, strict=True)))
+        task.env, task.labels = json_value(task.env), json_value(task.labels)
+        tasks[pk] = task
+    return tasks
+
+
 def trigger_run(task: Task, trigger: str = Run.Trigger.MANUAL, user=None) -> Run:
     """Create one run with a snapshot of the task and queue its first attempt."""
     user_id = user.pk if user is not None and user.is_authenticated else None
@@ -145,7 +177,7 @@ def retry_run(run: Run, user=None) -> Run:
         retry_of=run,
         created_by=user if user is not None and user.is_authenticated else None,
     )
-    with transaction.atomic():
+    with atomic():
         _queue([retry])
     return retry
 
@@ -154,22 +186,55 @@ def _queue(runs: list[Run]) -> None:
     """Insert runs and their first attempts; dispatch looks at them after commit."""
     if not runs:
         return
-    Run.objects.bulk_create(runs, batch_size=500)
+    ids = insert_rows(
+        Run,
+        (
+            "task",
+            "task_name",
+            "definition",
+            "trigger",
+            "created_by",
+            "retry_of",
+            "params",
+            "created_at",
+        ),
+        [
+            (r.task_id, r.task_name, r.definition, r.trigger, r.created_by_id, r.retry_of_id)
+            + (r.params, r.created_at)
+            for r in runs
+        ],
+    )
     now = timezone.now()
-    attempts = [
-        Attempt(
-            run=run,
-            shard_index=0,
-            try_number=1,
-            labels_key=labels_key(run.definition.get("labels")),
-            timeout_s=run.definition.get("timeout"),
-            queued_at=now,
-            ready_at=now,
+    attempts = []
+    for run, pk in zip(runs, ids, strict=True):
+        run.pk = pk
+        run._state.adding = False
+        attempts.append(
+            Attempt(
+                run=run,
+                labels_key=labels_key(run.definition.get("labels")),
+                timeout_s=run.definition.get("timeout"),
+                queued_at=now,
+                ready_at=now,
+            )
         )
-        for run in runs
-    ]
-    Attempt.objects.bulk_create(attempts, batch_size=500)
-    for run, attempt in zip(runs, attempts, strict=True):
+    fields = (
+        "run",
+        "shard_index",
+        "try_number",
+        "labels_key",
+        "timeout_s",
+        "queued_at",
+        "ready_at",
+    )
+    attempt_ids = insert_rows(
+        Attempt,
+        fields,
+        [tuple(getattr(a, f.replace("run", "run_id", 1)) for f in fields) for a in attempts],
+    )
+    for run, attempt, pk in zip(runs, attempts, attempt_ids, strict=True):
+        attempt.pk = pk
+        attempt._state.adding = False
         # What prefetch_related would have left: callers answer with the run and
         # its attempt without reading them back.
         prefetched = run.attempts.all()
@@ -207,20 +272,24 @@ def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
     return bool(claim([(worker_id, worker_name, attempt_id)]))
 
 
-def _owned(pairs: Iterable[Pair], statuses: Sequence[str], *fields: str) -> dict[Pair, tuple]:
-    """The pairs whose attempt is that worker's and in one of these states, locked;
-    each with the values of `fields`."""
+def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, int]:
+    """The pairs whose attempt is that worker's and in one of these states,
+    locked; each with its run id."""
     pairs = set(pairs)
-    rows = _locked(
-        Attempt.objects.filter(pk__in={a for _, a in pairs}, status__in=statuses)
-    ).values_list("pk", "worker_id", *fields)
-    found = {(row[1], row[0]): row[2:] for row in rows}
-    return {pair: values for pair, values in found.items() if pair in pairs}
+    ids = list({a for _, a in pairs})
+    if not ids:
+        return {}
+    rows = select(
+        f"SELECT id, worker_id, run_id FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
+        f" AND status IN ({marks(statuses)}){for_update()}",
+        [*ids, *statuses],
+    )
+    return {(w, a): run_id for a, w, run_id in rows if (w, a) in pairs}
 
 
 def accept_many(pairs: Sequence[Pair]) -> set[Pair]:
     """The agents took these assignments; returns the pairs that are still theirs."""
-    with transaction.atomic():
+    with atomic():
         ok = _owned(pairs, [S.ASSIGNED])
         Attempt.objects.filter(pk__in=[a for _, a in ok], status=S.ASSIGNED).update(
             accepted_at=timezone.now()
@@ -246,14 +315,14 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
     the worker an attempt is assigned to may say so. Returns the pairs that
     moved; their runs move from queued to running."""
     now = timezone.now()
-    with transaction.atomic():
-        owned = _owned([(i.worker_id, i.attempt_id) for i in items], [S.ASSIGNED], "run_id")
+    with atomic():
+        owned = _owned([(i.worker_id, i.attempt_id) for i in items], [S.ASSIGNED])
         moves = []
         for item in items:
             pair = (item.worker_id, item.attempt_id)
             if pair in owned:
                 started = _from_epoch(item.started_at) or now
-                moves.append((started, item.pid, item.attempt_id, owned.pop(pair)[0]))
+                moves.append((started, item.pid, item.attempt_id, owned.pop(pair)))
         moves.sort(key=lambda move: (move[0], move[2]))
         update_rows(
             Attempt,
@@ -296,12 +365,12 @@ def requeue(
     keeps its place in the queue. Returns the ids moved.
     """
     now = timezone.now()
-    with transaction.atomic():
+    with atomic():
         # Race: the agent may report "accepted"/"started" concurrently; only rows
         # still assigned (and unaccepted, when asked) move.
         candidates = Attempt.objects.filter(
             pk__in=list(attempt_ids), worker_id=worker_id, status=S.ASSIGNED
-        )
+        ).order_by()
         if unaccepted:
             candidates = candidates.filter(accepted_at__isnull=True)
         rows = list(
@@ -342,7 +411,7 @@ def requeue_unaccepted(now: dt.datetime | None = None) -> list[int]:
     ).values_list("pk", "worker_id"):
         stale.setdefault(worker_id, []).append(pk)
     moved: list[int] = []
-    with transaction.atomic():
+    with atomic():
         for worker_id, ids in stale.items():
             done = requeue(worker_id, ids, unaccepted=True)
             moved += done
@@ -388,22 +457,15 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
     it as a late result; each run's state is derived in the same transaction.
     """
     now = timezone.now()
-    with transaction.atomic():
+    with atomic():
+        ids = list({i.attempt_id for i in items})
         rows = {
             row[0]: row[1:]
-            for row in _locked(
-                Attempt.objects.filter(pk__in={i.attempt_id for i in items})
-            ).values_list(
-                "pk",
-                "worker_id",
-                "status",
-                "closed_by_master",
-                "late_reported_at",
-                "try_number",
-                "shard_index",
-                "run_id",
-                "labels_key",
-                "timeout_s",
+            for row in select(
+                "SELECT id, worker_id, status, closed_by_master, late_reported_at, try_number,"
+                " shard_index, run_id, labels_key, timeout_s"
+                f" FROM {ATTEMPT} WHERE id IN ({marks(ids)}){for_update()}",
+                ids,
             )
         }
         outcomes: list[Outcome] = []
@@ -485,7 +547,7 @@ def mark_lost(worker_id: int | None, reason: str, keep: Sequence[int] = ()) -> l
     worker_id None: active attempts whose worker was deleted (nobody will
     ever report them).
     """
-    with transaction.atomic():
+    with atomic():
         query = Attempt.objects.filter(worker_id=worker_id, status__in=ACTIVE).exclude(
             pk__in=list(keep)
         )
@@ -496,7 +558,7 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
     """These attempts, where still active, become lost (and are retried per policy)."""
     if not attempt_ids:
         return []
-    with transaction.atomic():
+    with atomic():
         # Race: a finished report arriving now; only rows still active move.
         ids = list(
             _locked(
@@ -530,7 +592,7 @@ def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
         if assigned_at and assigned_at + dt.timedelta(seconds=timeout) + grace < now:
             overdue.setdefault(timeout, []).append((worker_id, pk))
     ended: list[Pair] = []
-    with transaction.atomic():
+    with atomic():
         for timeout, pairs in overdue.items():
             ids = [pk for _, pk in pairs]
             # Race: the agent's own result arriving now; only rows still running move.
@@ -557,9 +619,9 @@ def _after_final(attempt_ids: Sequence[int]) -> None:
         return
     _after_final_rows(
         list(
-            Attempt.objects.filter(pk__in=list(attempt_ids)).values_list(
-                "status", "try_number", "shard_index", "run_id", "labels_key", "timeout_s"
-            )
+            Attempt.objects.filter(pk__in=list(attempt_ids))
+            .order_by()
+            .values_list("status", "try_number", "shard_index", "run_id", "labels_key", "timeout_s")
         )
     )
 
@@ -576,7 +638,9 @@ def _after_final_rows(rows: list[tuple]) -> None:
             pk: (definition, cancelling)
             for pk, definition, cancelling in Run.objects.filter(
                 pk__in={row[3] for row in retryable}
-            ).values_list("pk", "definition", "cancel_requested_at")
+            )
+            .order_by()
+            .values_list("pk", "definition", "cancel_requested_at")
         }
         now = timezone.now()
         for _, try_number, shard_index, run_id, key, timeout in retryable:
@@ -625,16 +689,13 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
         return
     latest: dict[int, dict[int, tuple]] = {}
     cancelling = set()
-    for row in Attempt.objects.filter(run_id__in=run_ids).values_list(
-        "run_id",
-        "shard_index",
-        "try_number",
-        "status",
-        "reason",
-        "started_at",
-        "finished_at",
-        "run__cancel_requested_at",
+    for row in select(
+        "SELECT a.run_id, a.shard_index, a.try_number, a.status, a.reason, a.started_at,"
+        f" a.finished_at, r.cancel_requested_at FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+        f" WHERE a.run_id IN ({marks(run_ids)})",
+        run_ids,
     ):
+        row = (*row[:5], aware(row[5]), aware(row[6]), row[7])
         shards = latest.setdefault(row[0], {})
         current = shards.get(row[1])
         if current is None or row[2] > current[2]:
@@ -689,6 +750,8 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
 
 def cancel_run(run: Run) -> Run:
     """Cancel now what has not started; ask agents to kill what runs."""
+    # A savepoint here: refusing raises inside the block, and the caller's
+    # transaction (a test's, a view's) must survive it.
     with transaction.atomic():
         # Race: two cancels, or a cancel and the final result; only a run that is
         # not final and not already being cancelled moves.

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
 
+from tasks_app.batchsql import atomic, update_rows
 from tasks_app.models import Attempt, LogChunk
-from tasks_app.rowupdates import update_rows
 
 
 @dataclass(frozen=True)
@@ -41,17 +40,19 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
     if not chunks:
         return Appended({}, set())
     ids = {c.attempt_id for c in chunks}
-    with transaction.atomic():
+    with atomic():
         owners = {
             pk: (worker_id, stored)
             for pk, worker_id, stored in Attempt.objects.filter(
                 pk__in=ids, status__in=Attempt.ACTIVE
-            ).values_list("pk", "worker_id", "stored_bytes")
+            )
+            .order_by()
+            .values_list("pk", "worker_id", "stored_bytes")
         }
         known = set(
-            LogChunk.objects.filter(
-                attempt_id__in=list(owners), seq__in={c.seq for c in chunks}
-            ).values_list("attempt_id", "seq")
+            LogChunk.objects.filter(attempt_id__in=list(owners), seq__in={c.seq for c in chunks})
+            .order_by()
+            .values_list("attempt_id", "seq")
         )
         limit = settings.SCHEDULER_LOG_LIMIT_BYTES
         stored = {pk: size for pk, (_, size) in owners.items()}

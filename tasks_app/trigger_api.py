@@ -41,7 +41,7 @@ from tasks_app.jsonapi import (
     bearer,
     csrf_passes,
     parse_json,
-    users_for_tokens,
+    token_users,
     wrong_types,
 )
 from tasks_app.lifecycle import TriggerRequest
@@ -65,20 +65,20 @@ class ApiTrigger:
 def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
     """The writer's "trigger" handler: authenticate every request of the batch
     (one query for all tokens), then create all their runs together."""
-    users = users_for_tokens({p.credential[1] for p in payloads if p.credential[0] == "token"})
+    users = token_users({p.credential[1] for p in payloads if p.credential[0] == "token"})
     results: list[list[Run] | Exception | None] = [None] * len(payloads)
     requests, indexes = [], []
     for index, payload in enumerate(payloads):
         kind, value = payload.credential
-        user = users.get(value) if kind == "token" else _session_user(value)
-        if user is None:
+        user_id = users.get(value) if kind == "token" else _session_user(value)
+        if user_id is None:
             results[index] = Denied(401, BAD_TOKEN if kind == "token" else NO_CREDENTIAL)
         elif kind == "session" and not payload.csrf_ok:
             results[index] = Denied(403, CSRF_FAILED)
         else:
             requests.append(
                 TriggerRequest(
-                    payload.task_id, Run.Trigger.API, user.pk, payload.count, payload.params
+                    payload.task_id, Run.Trigger.API, user_id, payload.count, payload.params
                 )
             )
             indexes.append(index)
@@ -87,11 +87,11 @@ def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
     return results
 
 
-def _session_user(session_key: str):
+def _session_user(session_key: str) -> int | None:
     store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     # Django's own check, including the session's password hash.
     user = auth.get_user(SimpleNamespace(session=store))
-    return user if user.is_authenticated and user.is_active else None
+    return user.pk if user.is_authenticated and user.is_active else None
 
 
 def trigger_from(request: HttpRequest, body: bytes, task_id: int | None) -> ApiTrigger:

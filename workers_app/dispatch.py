@@ -31,7 +31,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks_app import lifecycle
-from tasks_app.models import Attempt, SchedulerState
+from tasks_app.batchsql import atomic, aware, for_update, json_value, select, table
+from tasks_app.models import Attempt, Run, SchedulerState
 from tasks_app.writer import writer
 from workers_app import delivery, protocol
 from workers_app.models import Worker
@@ -151,6 +152,8 @@ def _queued_classes() -> set[str]:
 
 
 board = Board()
+ATTEMPT, RUN = table(Attempt), table(Run)
+READY_AT = connection.ops.adapt_datetimefield_value
 
 
 def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
@@ -165,7 +168,7 @@ def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
         board.invalidate()
     elif board.idle():
         return []
-    with transaction.atomic():
+    with atomic():
         board.refresh()
         if board.paused:
             return []
@@ -195,23 +198,17 @@ def _candidates(free: dict[int, Slots], now) -> list[tuple]:
         room = sum(slots.free for slots in free.values() if wanted <= slots.labels)
         if not room:
             continue
-        queued = Attempt.objects.filter(
-            status=Attempt.Status.QUEUED, labels_key=key, ready_at__lte=now
-        ).order_by("ready_at", "id")
-        if connection.features.has_select_for_update_skip_locked:
-            # Another server process dispatching at the same time skips what we hold.
-            queued = queued.select_for_update(skip_locked=True, of=("self",))
-        rows = list(
-            queued.values_list(
-                "ready_at",
-                "pk",
-                "run_id",
-                "shard_index",
-                "run__task_name",
-                "run__definition",
-                "run__cancel_requested_at",
-            )[:room]
-        )
+        rows = [
+            (aware(ready), pk, run_id, shard, name, json_value(definition), cancelling)
+            for ready, pk, run_id, shard, name, definition, cancelling in select(
+                "SELECT a.ready_at, a.id, a.run_id, a.shard_index, r.task_name, r.definition,"
+                f" r.cancel_requested_at FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+                " WHERE a.status = %s AND a.labels_key = %s AND a.ready_at <= %s"
+                " ORDER BY a.ready_at, a.id LIMIT %s" + for_update(of="a", skip_locked=True),
+                # Another server dispatching at the same time skips what we hold.
+                [Attempt.Status.QUEUED, key, READY_AT(now), room],
+            )
+        ]
         if len(rows) < room:
             # Nothing more is ready in this label set; triggers and the service's
             # re-read (for retries whose backoff ends) bring it back.

@@ -20,8 +20,8 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tasks_app import lifecycle
+from tasks_app.batchsql import atomic, update_rows
 from tasks_app.models import Attempt
-from tasks_app.rowupdates import update_rows
 from workers_app import delivery, dispatch, protocol
 from workers_app.models import Worker
 
@@ -77,7 +77,7 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
     """
     now = timezone.now()
     ids = {h.worker_id for h in hellos}
-    with transaction.atomic():
+    with atomic():
         workers = Worker.objects.filter(pk__in=ids, revoked_at__isnull=True)
         if connection.features.has_select_for_update:
             workers = workers.select_for_update()
@@ -134,9 +134,11 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
             ],
         )
         active: dict[int, dict[int, tuple]] = {pk: {} for pk in workers}
-        for pk, worker_id, status, cancelling in Attempt.objects.filter(
-            worker_id__in=list(workers), status__in=Attempt.ACTIVE
-        ).values_list("pk", "worker_id", "status", "run__cancel_requested_at"):
+        for pk, worker_id, status, cancelling in (
+            Attempt.objects.filter(worker_id__in=list(workers), status__in=Attempt.ACTIVE)
+            .order_by()
+            .values_list("pk", "worker_id", "status", "run__cancel_requested_at")
+        ):
             active[worker_id][pk] = (status, cancelling)
         lost: dict[int, list[int]] = {}
         for hello in hellos:
@@ -223,7 +225,7 @@ def apply_state(worker: Worker, state: str) -> None:
 
     Draining and disabled workers get no new work; what they run finishes.
     """
-    with transaction.atomic():
+    with atomic():
         workers = Worker.objects.filter(pk=worker.pk)
         if state == Worker.State.DRAINING:
             workers.update(drain_requested=True)
@@ -250,7 +252,7 @@ def apply_state(worker: Worker, state: str) -> None:
 def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
     """These (worker, channel) sockets closed. Their attempts stay running: the
     agents may come back in time."""
-    with transaction.atomic():
+    with atomic():
         for worker_id, channel_name in sockets:
             # Race: a newer connection of the same agent may already have said
             # hello; only the consumer that still owns the worker may take it
