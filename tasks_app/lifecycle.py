@@ -183,7 +183,8 @@ def retry_run(run: Run, user=None) -> Run:
 
 
 def _queue(runs: list[Run]) -> None:
-    """Insert runs and their first attempts; dispatch looks at them after commit."""
+    """Insert runs and their first attempts (each run's `queued_attempts`);
+    dispatch looks at them after commit."""
     if not runs:
         return
     ids = insert_rows(
@@ -235,12 +236,8 @@ def _queue(runs: list[Run]) -> None:
     for run, attempt, pk in zip(runs, attempts, attempt_ids, strict=True):
         attempt.pk = pk
         attempt._state.adding = False
-        # What prefetch_related would have left: callers answer with the run and
-        # its attempt without reading them back.
-        prefetched = run.attempts.all()
-        prefetched._result_cache = [attempt]
-        prefetched._prefetch_done = True
-        run._prefetched_objects_cache = {"attempts": prefetched}
+        # Callers answer with the run and its attempt without reading them back.
+        run.queued_attempts = [attempt]
     _wake_dispatch({a.labels_key for a in attempts})
 
 

@@ -54,7 +54,10 @@ def attempt_json(attempt: Attempt, *, with_output: bool) -> dict:
     return data
 
 
-def run_json(run: Run, *, with_output: bool) -> dict:
+def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
+    """A run and its attempts (read from the database unless given)."""
+    if attempts is None:
+        attempts = run.attempts.all()
     return {
         "id": run.pk,
         "task": run.task_id,
@@ -69,7 +72,7 @@ def run_json(run: Run, *, with_output: bool) -> dict:
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
-        "attempts": [attempt_json(a, with_output=with_output) for a in run.attempts.all()],
+        "attempts": [attempt_json(a, with_output=with_output) for a in attempts],
     }
 
 

@@ -16,6 +16,7 @@ transaction: {"task": ID, "count": N} or {"task": ID, "runs": [{"env":
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from django.contrib import auth
 from django.core.exceptions import DisallowedHost, ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
+from django.http.request import split_domain_port, validate_host
 
 from tasks_app import lifecycle, serializers, tokens
 from tasks_app.exceptions import TaskDisabled, TaskNotFound
@@ -105,7 +107,10 @@ def trigger_from(request: HttpRequest, body: bytes, task_id: int | None) -> ApiT
         session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
         if not session_key:
             raise Denied(401, NO_CREDENTIAL)
-        credential, csrf_ok = ("session", session_key), csrf_passes(request)
+        credential, csrf_ok = (
+            ("session", session_key),
+            csrf_passes(getattr(request, "django", request)),
+        )
     payload = _payload(request, body)
     if task_id is not None:
         params = _params(payload) if payload else {}
@@ -161,9 +166,11 @@ def _params(value, prefix: str = "") -> dict:
 
 
 def answer(created: list[Run], single: bool) -> dict:
-    if single:
-        return serializers.run_json(created[0], with_output=False)
-    return {"results": [serializers.run_json(run, with_output=False) for run in created]}
+    runs = [
+        serializers.run_json(run, with_output=False, attempts=run.queued_attempts)
+        for run in created
+    ]
+    return runs[0] if single else {"results": runs}
 
 
 def failure(exc: Exception) -> tuple[int, dict, list[tuple[str, str]]]:
@@ -180,6 +187,44 @@ def failure(exc: Exception) -> tuple[int, dict, list[tuple[str, str]]]:
     raise exc
 
 
+class _Request:
+    """What trigger_from() needs of a request, read from the ASGI scope; a full
+    Django request (its META, cookies, CSRF check) is built only for a session."""
+
+    def __init__(self, scope: dict, body: bytes) -> None:
+        self.scope, self.body = scope, body
+        self.headers = {
+            k.decode("latin-1").title(): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        self.content_type = self.headers.get("Content-Type", "").partition(";")[0].strip()
+
+    def get_host(self) -> str:
+        host = self.headers.get("Host", "")
+        domain, _ = split_domain_port(host)
+        allowed = settings.ALLOWED_HOSTS
+        if settings.DEBUG and not allowed:
+            allowed = [".localhost", "127.0.0.1", "[::1]"]
+        if not domain or not validate_host(domain, allowed):
+            raise DisallowedHost(f"Invalid HTTP_HOST header: {host!r}")
+        return host
+
+    @functools.cached_property
+    def django(self) -> HttpRequest:
+        return ASGIRequest(self.scope, io.BytesIO(self.body))
+
+    @property
+    def COOKIES(self):  # noqa: N802 - the name Django's request gives it
+        return self.django.COOKIES
+
+    @property
+    def POST(self):  # noqa: N802
+        return self.django.POST
+
+    @property
+    def FILES(self):  # noqa: N802
+        return self.django.FILES
+
+
 class _TriggerEndpoint(WriterClientMixin, AsyncHttpConsumer):
     """The same endpoints as the Django views in tasks_app.api, for POST under
     ASGI: same parsing, same writer job, same answers, without the view stack."""
@@ -189,7 +234,7 @@ class _TriggerEndpoint(WriterClientMixin, AsyncHttpConsumer):
     async def handle(self, body: bytes) -> None:
         headers = [(b"Content-Type", b"application/json")]
         try:
-            request = ASGIRequest(self.scope, io.BytesIO(body))
+            request = _Request(self.scope, body)
             request.get_host()  # ALLOWED_HOSTS, as Django checks it for its views
             task_id = self.scope["url_route"]["kwargs"].get("pk")
             trigger = trigger_from(request, body, task_id)
