@@ -17,8 +17,9 @@ Sections (--only picks some; flags scale every count down):
 - latency: --latency-runs runs one after another on an idle agent:
   created->started and created->finished percentiles;
 - fleet: --fleet simulated agents (tests/fleet.py) on one server process: its
-  RSS and CPU while idle, workers declared lost or closed by the server, and
-  created->started for one run per agent, triggered in bulk;
+  RSS and CPU while idle, workers declared lost or closed by the server,
+  created->started for runs triggered one by one at 100/s across them
+  (runs_steady), and for one run per agent triggered in one bulk request (runs);
 - history: the runs API and page with --history seeded runs (manage.py
   seedruns): first page and a deep one, by task, status and both;
 - output: a command printing --output-mb MB: peak RSS growth of server and agent.
@@ -558,6 +559,7 @@ def measure_fleet(master: Master, args) -> dict:
         connected = sim.wait_welcomed(timeout=120 + n / 10)
         idle = measure_idle(pid, args.idle_s)
         rss_idle = proc_kb(pid, "VmRSS")
+        steady = dispatch_steady(master, db, min(n, 500), rate=100)
         dispatched = dispatch_across(master, db, n)
         states = Counter(w["state"] for w in master.api("GET", "workers").json()["results"])
         # Before the fleet says goodbye: from then on, offline is what it should be.
@@ -581,12 +583,16 @@ def measure_fleet(master: Master, args) -> dict:
         "reconnects": stats["welcomes"] - n,
         "worker_states_at_end": dict(states),
         "fleet": stats,
+        # Runs one by one at a steady rate: what a run waits for in a big fleet.
+        "runs_steady": steady,
+        # One run per agent in one bulk request: how fast a burst spreads out.
         "runs": dispatched,
     }
     log(
         f"  RSS {rss_idle // 1024} MB, idle {idle['server_cpu_pct_one_core']}% of a core, "
         f"{figures['declared_lost']} lost, {figures['closed_by_server']} closed, "
-        f"created->started p99 {dispatched['created_to_started_ms'].get('p99')} ms"
+        f"created->started p99 {steady['created_to_started_ms'].get('p99')} ms one by one, "
+        f"{dispatched['created_to_started_ms'].get('p99')} ms for a burst of {n}"
     )
     return figures
 
@@ -601,6 +607,32 @@ def measure_idle(pid: int, seconds: float) -> dict:
         "seconds": round(t1 - t0, 1),
         "server_cpu_pct_one_core": round(100 * (own1 - own0) / (t1 - t0), 1),
         "machine_cpu_busy_pct_all_cores": cpu_window(cpu0, cpu1, 1).get("cpu_busy_pct_all_cores"),
+    }
+
+
+def dispatch_steady(master: Master, db: Db, runs: int, rate: float) -> dict:
+    """`runs` runs triggered one at a time, `rate` a second, across the fleet."""
+    task = master.create_task(name="true-fleet-steady", command="true")
+    client = Client(master)
+    statuses = Counter()
+    due = time.monotonic()
+    for _ in range(runs):
+        time.sleep(max(0.0, due - time.monotonic()))
+        statuses[client.call("POST", f"/api/tasks/{task['id']}/run")[0]] += 1
+        due += 1 / rate
+    client.close()
+    db.wait_all_final(master, task["id"], timeout=60 + runs / 10)
+    rows = db.runs(task["id"])
+    states = Counter(row.status for row in rows)
+    return {
+        "runs": runs,
+        "rate_per_s": rate,
+        "trigger_responses": {str(k): v for k, v in statuses.items()},
+        "statuses": dict(states),
+        "not_succeeded": runs - states["succeeded"],
+        "created_to_started_ms": summary_ms([r.started - r.created for r in rows if r.started]),
+        "created_to_assigned_ms": summary_ms([r.assigned - r.created for r in rows if r.assigned]),
+        "wait": WAIT_NOTE.format(10),
     }
 
 
