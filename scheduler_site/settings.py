@@ -58,6 +58,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last: see its docstring (one thread hop per request instead of two per middleware).
+    "scheduler_site.middleware.OneThreadHop",
 ]
 
 ROOT_URLCONF = "scheduler_site.urls"

@@ -116,7 +116,10 @@ def runs(request):
         next_url = f"{reverse('api:runs')}?{urlencode(query)}"
     return JsonResponse(
         {
-            "results": [serializers.run_json(r, with_output=False) for r in page.runs],
+            "results": [
+                serializers.run_json(r, with_output=False, attempts=r.attempt_list)
+                for r in page.runs
+            ],
             "next": next_url,
         }
     )

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import Prefetch
-
 from tasks_app.models import Attempt, Run
 
 MAX_ID = 2**63 - 1
@@ -49,8 +47,18 @@ def parse_filters(params) -> dict:
 
 
 def runs_page(
-    *, status: str = "", task: int | None = None, before: int | None = None, limit: int = 50
+    *,
+    status: str = "",
+    task: int | None = None,
+    before: int | None = None,
+    limit: int = 50,
+    brief: bool = False,
 ) -> Page:
+    """Runs newest first, each with its attempts (`attempt_list`) and `latest_attempt`.
+
+    brief: only what the runs table shows (no snapshot, attempts' worker and
+    exit code only): the dashboard's list stays cheap at any page size.
+    """
     runs = Run.objects.all()
     if status:
         runs = runs.filter(status=status)
@@ -58,10 +66,22 @@ def runs_page(
         runs = runs.filter(task_id=task)
     if before:
         runs = runs.filter(pk__lt=before)
-    attempts = Attempt.objects.order_by("shard_index", "try_number")
-    rows = list(
-        runs.order_by("-id").prefetch_related(Prefetch("attempts", queryset=attempts))[: limit + 1]
-    )
+    if brief:
+        runs = runs.defer("definition", "params")
+    rows = list(runs.order_by("-id")[: limit + 1])
     more = len(rows) > limit
     rows = rows[:limit]
+    # The attempts of the page's runs in one query, grouped here rather than by
+    # prefetch_related, which builds a QuerySet per run.
+    attempts = Attempt.objects.filter(run_id__in=[run.pk for run in rows]).order_by(
+        "run_id", "shard_index", "try_number"
+    )
+    if brief:
+        attempts = attempts.only("id", "run_id", "worker_name", "exit_code")
+    by_run: dict[int, list[Attempt]] = {}
+    for attempt in attempts:
+        by_run.setdefault(attempt.run_id, []).append(attempt)
+    for run in rows:
+        run.attempt_list = by_run.get(run.pk, [])
+        run.latest_attempt = max(run.attempt_list, key=lambda a: a.pk, default=None)
     return Page(runs=rows, next_before=rows[-1].pk if more and rows else None)
