@@ -286,6 +286,16 @@ def launch(work: Path, name: str) -> Master:
     return Master.launch(work / name)
 
 
+@contextlib.contextmanager
+def served(work: Path, name: str) -> Iterator[Master]:
+    """A server of its own for one section, stopped whatever happens."""
+    master = launch(work, name)
+    try:
+        yield master
+    finally:
+        master.stop()
+
+
 def start_agents(master: Master, count: int, capacity: int) -> list[Agent]:
     """Real agents of this server, their state dirs and logs beside its data."""
     enrollment = master.manage("enrollment-token")
@@ -538,11 +548,8 @@ class StateWatcher:
 
 
 def fleet(args, work: Path) -> dict:
-    master = launch(work, "fleet")
-    try:
+    with served(work, "fleet") as master:
         return measure_fleet(master, args)
-    finally:
-        master.stop()
 
 
 def measure_fleet(master: Master, args) -> dict:
@@ -614,33 +621,26 @@ def dispatch_steady(master: Master, db: Db, runs: int, rate: float) -> dict:
     """`runs` runs triggered one at a time, `rate` a second, across the fleet."""
     task = master.create_task(name="true-fleet-steady", command="true")
     client = Client(master)
-    statuses = Counter()
+    statuses = []
     due = time.monotonic()
     for _ in range(runs):
         time.sleep(max(0.0, due - time.monotonic()))
-        statuses[client.call("POST", f"/api/tasks/{task['id']}/run")[0]] += 1
+        statuses.append(client.call("POST", f"/api/tasks/{task['id']}/run")[0])
         due += 1 / rate
     client.close()
-    db.wait_all_final(master, task["id"], timeout=60 + runs / 10)
-    rows = db.runs(task["id"])
-    states = Counter(row.status for row in rows)
-    return {
-        "runs": runs,
-        "rate_per_s": rate,
-        "trigger_responses": {str(k): v for k, v in statuses.items()},
-        "statuses": dict(states),
-        "not_succeeded": runs - states["succeeded"],
-        "created_to_started_ms": summary_ms([r.started - r.created for r in rows if r.started]),
-        "created_to_assigned_ms": summary_ms([r.assigned - r.created for r in rows if r.assigned]),
-        "wait": WAIT_NOTE.format(10),
-    }
+    return {"rate_per_s": rate, **_dispatched(master, db, task["id"], runs, statuses)}
 
 
 def dispatch_across(master: Master, db: Db, runs: int) -> dict:
+    """One bulk request for `runs` runs, as many as there are agents."""
     task = master.create_task(name="true-fleet", command="true")
     statuses = trigger_in_bulk(master, task["id"], runs)
-    db.wait_all_final(master, task["id"], timeout=120 + runs / 10)
-    rows = db.runs(task["id"])
+    return _dispatched(master, db, task["id"], runs, statuses)
+
+
+def _dispatched(master: Master, db: Db, task_id: int, runs: int, statuses: list[int]) -> dict:
+    db.wait_all_final(master, task_id, timeout=120 + runs / 10)
+    rows = db.runs(task_id)
     states = Counter(row.status for row in rows)
     return {
         "runs": runs,
@@ -657,11 +657,8 @@ def dispatch_across(master: Master, db: Db, runs: int) -> dict:
 
 
 def history(args, work: Path) -> dict:
-    master = launch(work, "history")
-    try:
+    with served(work, "history") as master:
         return measure_history(master, args)
-    finally:
-        master.stop()
 
 
 def measure_history(master: Master, args) -> dict:
