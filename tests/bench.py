@@ -412,6 +412,7 @@ def measure_throughput(system: System, name: str, runs: int, trigger: Callable) 
     figures["cpu"] = cpu_window(cpu0, cpu1, runs)
     figures["cpu"].update(process_cpu(before, after, runs, figures["cpu"]))
     figures["wait"] = WAIT_NOTE.format(10)
+    log(f"  {figures['runs_per_s']} runs/s, {figures['cpu'].get('cpu_ms_per_run')} CPU ms/run")
     return figures
 
 
@@ -467,7 +468,6 @@ def throughput_api(system: System, args) -> dict:
         args.runs,
         lambda task_id: trigger_by_clients(system.master, task_id, args.runs, args.clients),
     )
-    log(f"  {figures['runs_per_s']} runs/s, {figures['cpu'].get('cpu_ms_per_run')} CPU ms/run")
     return {"clients": args.clients, "agents": args.agents, "capacity": args.capacity, **figures}
 
 
@@ -479,7 +479,6 @@ def throughput_bulk(system: System, args) -> dict:
         args.runs,
         lambda task_id: trigger_in_bulk(system.master, task_id, args.runs),
     )
-    log(f"  {figures['runs_per_s']} runs/s, {figures['cpu'].get('cpu_ms_per_run')} CPU ms/run")
     return {"per_request": BULK_MAX, "agents": args.agents, "capacity": args.capacity, **figures}
 
 
