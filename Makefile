@@ -6,7 +6,7 @@ PORT ?= 8000
 AGENTS ?= 1
 export SCHEDULER_DATA_DIR ?= .scheduler
 
-.PHONY: run test install browser lint clean
+.PHONY: run test install browser lint clean wire
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(VENV)/.installed browser
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# The agent's verbatim copy of scheduler_site/wire.py (tests/test_protocol.py checks it).
+wire: $(VENV)/.installed
+	$(PY) manage.py embed-wire
 
 clean:
 	rm -rf $(VENV) .pytest_cache
