@@ -110,7 +110,7 @@ def run_list(request):
     except history.InvalidFilter as exc:
         messages.error(request, f"Filter ignored: {exc}.")
         filters = {}
-    page = history.runs_page(limit=settings.SCHEDULER_PAGE_SIZE, **filters)
+    page = history.runs_page(limit=settings.SCHEDULER_PAGE_SIZE, brief=True, **filters)
     older_url = None
     if page.next_before:
         query = {k: v for k, v in filters.items() if k != "before"}
