@@ -74,13 +74,15 @@ def _locked(queryset: QuerySet) -> QuerySet:
 def _wake_dispatch(labels_keys: Iterable[str] | None = None) -> None:
     """After commit: attempts of these label sets (None: any) may be dispatched."""
     keys = None if labels_keys is None else set(labels_keys)
-    transaction.on_commit(lambda: work_queued.send(sender=Run, labels_keys=keys))
+    transaction.on_commit(lambda: work_queued.send(sender=Run, labels_keys=keys), robust=True)
 
 
 def _stop(attempts: list[Pair]) -> None:
     """Tell the agents running these (worker id, attempt id) pairs to kill them."""
     if attempts:
-        transaction.on_commit(lambda: stop_requested.send(sender=Attempt, attempts=attempts))
+        transaction.on_commit(
+            lambda: stop_requested.send(sender=Attempt, attempts=attempts), robust=True
+        )
 
 
 # --- triggering ----------------------------------------------------------------

@@ -317,7 +317,7 @@ class SchedulerState(models.Model):
             paused_by=by if paused else "",
         )
         # Dispatch keeps the switch in memory: tell it (and, on resume, to look).
-        transaction.on_commit(lambda: work_queued.send(sender=cls, labels_keys=None))
+        transaction.on_commit(lambda: work_queued.send(sender=cls, labels_keys=None), robust=True)
         return cls.current()
 
     @classmethod

@@ -238,29 +238,42 @@ class Writer:
             return exc
 
     def _apply_batch(self, batch: list[_Job]) -> list[Any]:
-        try:
-            with transaction.atomic():
-                results = self._handle(batch)
+        results, failure = self._commit(batch)
+        if failure is None:
             self.batches += 1
             return results
-        except Exception:
-            self._recover()
-            # One bad job must not fail the others: apply each alone.
-            log.warning("a batch of %d jobs failed; applying them one by one", len(batch))
-            return self._apply_alone(batch)
+        # One bad job must not fail the others: apply each alone.
+        log.warning("a batch of %d jobs failed (%s); applying them one by one", len(batch), failure)
+        return self._apply_alone(batch)
 
     def _apply_alone(self, batch: list[_Job]) -> list[Any]:
-        results = []
+        answers = []
         for job in batch:
-            try:
-                with transaction.atomic():
-                    [result] = self._handle([job])
-            except Exception as exc:
+            results, failure = self._commit([job])
+            if failure is not None:
+                log.error("job %s failed", job.kind, exc_info=failure)
+            answers.append(results[0] if failure is None else failure)
+        return answers
+
+    def _commit(self, jobs: list[_Job]) -> tuple[list[Any], Exception | None]:
+        """Apply jobs in one transaction: (results, None), or (None, the error)
+        when nothing of it was committed."""
+        committed = []
+        results = None
+        try:
+            with transaction.atomic():
+                # The first hook to run after the commit: from then on the jobs
+                # are in the database, whatever a later hook does.
+                transaction.on_commit(lambda: committed.append(True))
+                results = self._handle(jobs)
+        except Exception as exc:
+            if not committed:
                 self._recover()
-                log.exception("job %s failed", job.kind)
-                result = exc
-            results.append(result)
-        return results
+                return None, exc
+            # Only something after the commit failed (hooks are robust, so this
+            # is a bug of ours): applying the jobs again would apply them twice.
+            log.exception("after committing %d jobs", len(jobs))
+        return results, None
 
     def _handle(self, batch: list[_Job]) -> list[Any]:
         by_kind: dict[str, list[int]] = {}

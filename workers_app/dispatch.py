@@ -184,7 +184,7 @@ def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
         position = {row[1]: index for index, row in enumerate(candidates)}
         claimed = sorted(_claim(shares, now), key=lambda c: position[c[1]])
         frames = _assign_frames(claimed)
-        transaction.on_commit(lambda: delivery.send_frames(frames))
+        transaction.on_commit(lambda: delivery.send_frames(frames), robust=True)
     return [(worker_id, attempt_id) for worker_id, attempt_id, *_ in claimed]
 
 

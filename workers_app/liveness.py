@@ -160,10 +160,11 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
         resend = _resend_frames(list(workers))
         # Their slots count from now on: a pass for them (not over every worker).
         dispatch.board.mark(workers)
-        transaction.on_commit(lambda: dispatch.wake(()))
+        transaction.on_commit(lambda: dispatch.wake(()), robust=True)
         for worker_id, channel in replaced:
             transaction.on_commit(
-                lambda w=worker_id, c=channel: delivery.send_close(w, c, protocol.CLOSE_REPLACED)
+                lambda w=worker_id, c=channel: delivery.send_close(w, c, protocol.CLOSE_REPLACED),
+                robust=True,
             )
     results: list[Reconciled | WorkerGone] = []
     for hello in hellos:
@@ -244,9 +245,9 @@ def apply_state(worker: Worker, state: str) -> None:
         else:
             raise ValueError(f"cannot set a worker to {state!r}")
         dispatch.board.mark([worker.pk])
-        transaction.on_commit(lambda: delivery.send_frames([(worker.pk, frame)]))
+        transaction.on_commit(lambda: delivery.send_frames([(worker.pk, frame)]), robust=True)
         if state == Worker.State.ONLINE:
-            transaction.on_commit(dispatch.wake)
+            transaction.on_commit(dispatch.wake, robust=True)
 
 
 def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:

@@ -108,7 +108,7 @@ def apply_messages(messages: Sequence[Message]) -> list[list[dict]]:
                 dispatch.board.release(worker_id, slots)
             dispatch.wake(())
 
-        transaction.on_commit(free_slots)
+        transaction.on_commit(free_slots, robust=True)
     return replies
 
 
