@@ -8,6 +8,7 @@ from tasks_app import history, lifecycle, serializers, trigger_api
 from tasks_app.exceptions import (
     RunNotCancellable,
     RunNotRetryable,
+    RunTooLarge,
     TaskDisabled,
     TaskNotFound,
 )
@@ -79,7 +80,7 @@ def _trigger(request, task_id: int | None) -> JsonResponse:
     try:
         trigger = trigger_api.trigger_from(request, request.body, task_id)
         created = writer.submit_sync("trigger", trigger)
-    except (Denied, BadRequest, TaskNotFound, TaskDisabled) as exc:
+    except (Denied, BadRequest, TaskNotFound, TaskDisabled, RunTooLarge) as exc:
         status, data, headers = trigger_api.failure(exc)
         response = JsonResponse(data, status=status)
         for name, value in headers:

@@ -6,6 +6,10 @@ class TaskNotFound(TaskError):
     """No task has that id (it may have been deleted)."""
 
 
+class RunTooLarge(TaskError):
+    """The run's command, arguments and environment would not fit one frame to its agent."""
+
+
 class TaskDisabled(TaskError):
     """The task is disabled and cannot be triggered."""
 

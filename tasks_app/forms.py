@@ -1,5 +1,7 @@
 """The task form, shared by the dashboard and the JSON API."""
 
+import shlex
+
 from django import forms
 
 from tasks_app import validators
@@ -118,6 +120,14 @@ class TaskForm(forms.ModelForm):
         if command is not None:
             try:
                 validators.check_command(command, cleaned.get("shell", False))
+                validators.check_run_size(
+                    {
+                        "command": command,
+                        "argv": None if cleaned.get("shell") else shlex.split(command),
+                        "env": cleaned.get("env") or {},
+                        "working_dir": cleaned.get("working_dir") or "",
+                    }
+                )
             except forms.ValidationError as exc:
                 self.add_error("command", exc)
         return cleaned

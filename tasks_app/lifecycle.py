@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -40,12 +41,14 @@ from tasks_app.batchsql import (
 from tasks_app.exceptions import (
     RunNotCancellable,
     RunNotRetryable,
+    RunTooLarge,
     TaskDisabled,
     TaskError,
     TaskNotFound,
 )
 from tasks_app.models import TASK_FIELDS, Attempt, Run, Task, labels_key
 from tasks_app.signals import stop_requested, work_queued
+from tasks_app.validators import check_run_size
 
 ACTIVE = Attempt.ACTIVE
 FINAL_ATTEMPT = Attempt.FINAL
@@ -117,12 +120,22 @@ def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskErr
                 continue
             plain = None  # one snapshot shared by every run without parameters
             batch = []
-            for params in request.params or [{}] * request.count:
-                if params:
-                    definition = task.definition(params)
-                else:
-                    plain = plain or task.definition()
-                    definition = plain
+            try:
+                definitions = []
+                for params in request.params or [{}] * request.count:
+                    if params:
+                        definition = task.definition(params)
+                        check_run_size(definition)
+                    else:
+                        if plain is None:
+                            plain = task.definition()
+                            check_run_size(plain)
+                        definition = plain
+                    definitions.append((params, definition))
+            except ValidationError as exc:
+                results.append(RunTooLarge(exc.messages[0]))
+                continue
+            for params, definition in definitions:
                 batch.append(
                     Run(
                         task=task,

@@ -32,7 +32,7 @@ from django.http import HttpRequest
 from django.http.request import split_domain_port, validate_host
 
 from tasks_app import lifecycle, serializers, tokens
-from tasks_app.exceptions import TaskDisabled, TaskNotFound
+from tasks_app.exceptions import RunTooLarge, TaskDisabled, TaskNotFound
 from tasks_app.jsonapi import (
     BAD_TOKEN,
     CHALLENGE,
@@ -184,6 +184,8 @@ def failure(exc: Exception) -> tuple[int, dict, list[tuple[str, str]]]:
         return 404, {"error": str(exc)}, []
     if isinstance(exc, TaskDisabled):
         return 409, {"error": str(exc)}, []
+    if isinstance(exc, RunTooLarge):
+        return 400, {"error": str(exc)}, []
     raise exc
 
 
@@ -240,7 +242,7 @@ class _TriggerEndpoint(WriterClientMixin, AsyncHttpConsumer):
             trigger = trigger_from(request, body, task_id)
             created = await writer.submit("trigger", trigger)
             status, data = 201, answer(created, self.single)
-        except (Denied, BadRequest, TaskNotFound, TaskDisabled) as exc:
+        except (Denied, BadRequest, TaskNotFound, TaskDisabled, RunTooLarge) as exc:
             status, data, extra = failure(exc)
             headers += [(name.encode(), value.encode()) for name, value in extra]
         except DisallowedHost:

@@ -1,11 +1,12 @@
 """Validation shared by the task form, the JSON API and worker registration."""
 
+import json
 import re
 import shlex
 
 from django.core.exceptions import ValidationError
 
-from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
+from scheduler_site.wire import LABEL_PATTERN, MAX_FRAME_BYTES, MAX_LABELS
 
 LABEL_RE = re.compile(LABEL_PATTERN)
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -124,3 +125,20 @@ def clean_run_params(value) -> dict:
     if errors:
         raise ValidationError(errors)
     return params
+
+
+# A run's command line, arguments and environment travel to its agent in one
+# websocket message of at most MAX_FRAME_BYTES: half of it, with room to spare
+# for the rest of the frame and for JSON escapes.
+MAX_RUN_BYTES = MAX_FRAME_BYTES // 2
+
+
+def check_run_size(definition: dict) -> None:
+    """ValidationError when what an agent is sent for this run would not fit."""
+    what = {key: definition.get(key) for key in ("command", "argv", "env", "working_dir")}
+    size = len(json.dumps(what, ensure_ascii=False).encode())
+    if size > MAX_RUN_BYTES:
+        raise ValidationError(
+            f"The command, its arguments and environment come to {size:,} bytes; "
+            f"at most {MAX_RUN_BYTES:,} (they go to the agent in one message)."
+        )

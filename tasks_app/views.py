@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect
 
 from tasks_app import history, lifecycle, logs
-from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, TaskDisabled
+from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import TaskForm
 from tasks_app.models import Attempt, Run, SchedulerState, Task
 
@@ -96,7 +96,7 @@ def task_run(request, pk: int):
     task = _get_task(pk)
     try:
         run = lifecycle.trigger_run(task, Run.Trigger.MANUAL, user=request.user)
-    except TaskDisabled as exc:
+    except (TaskDisabled, RunTooLarge) as exc:
         messages.error(request, str(exc))
         return _redirect(request, reverse("tasks:list"))
     return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))

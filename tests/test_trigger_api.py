@@ -283,3 +283,32 @@ def test_the_asgi_app_refuses_the_same_way(bob_token, task):
     status, body, _ = asgi("PUT", f"/api/tasks/{task.pk}/run", token=bob_token)
     assert (status, body) == (405, {"error": "method PUT not allowed; use POST"})
     assert Run.objects.count() == 0
+
+
+def test_it_refuses_a_run_too_large_to_send_to_an_agent_and_starts_nothing(api, task):
+    big = {"env": {"BLOB": "x" * 600_000}}
+
+    single = post(api, f"/api/tasks/{task.pk}/run", big)
+    bulk = post(api, "/api/runs", {"task": task.pk, "runs": [{}, big]})
+
+    message = (
+        "The command, its arguments and environment come to 600,121 bytes; "
+        "at most 524,288 (they go to the agent in one message)."
+    )
+    assert single == bulk == (400, {"error": message})
+    assert Run.objects.count() == 0
+
+
+def test_it_refuses_to_save_a_task_too_large_to_send_to_an_agent(api):
+    response = post(
+        api, "/api/tasks", {"name": "big", "command": "true", "env": {"A": "x" * 600_000}}
+    )
+
+    assert response[0] == 400
+    assert response[1]["errors"] == {
+        "command": [
+            "The command, its arguments and environment come to 600,074 bytes; "
+            "at most 524,288 (they go to the agent in one message)."
+        ]
+    }
+    assert not Task.objects.filter(name="big").exists()

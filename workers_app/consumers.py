@@ -215,7 +215,13 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
             while self.outbox:
                 frames, self.outbox = self.outbox, []
                 for text in protocol.encode(frames, self.protocol, MAX_FRAME_BYTES):
-                    await self.send(text_data=text)
+                    try:
+                        await self.send(text_data=text)
+                    except Exception:
+                        # One message that cannot go (the socket is closing) must
+                        # not take the others with it: what it carried is
+                        # reconciled on the agent's next hello, or re-sent.
+                        log.exception("worker %s: a message to the agent failed", self.worker_id)
         finally:
             self.sending = False
 
