@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import pytest
 from channels.db import database_sync_to_async
@@ -59,6 +61,7 @@ class SimAgent:
         self.comm: WebsocketCommunicator | None = None
         self.outstanding: set[int] = set()  # assigned here and not finished yet
         self.acked: list[int] = []
+        self.cancelled: list[int] = []
         self.errors: list[dict] = []
         self.most_at_once = 0
 
@@ -97,6 +100,8 @@ class SimAgent:
                 self.most_at_once = max(self.most_at_once, len(self.outstanding))
             elif frame["type"] == "ack":
                 self.acked.append(frame["attempt"])
+            elif frame["type"] == "cancel":
+                self.cancelled.append(frame["attempt"])
             elif frame["type"] == "error":
                 self.errors.append(frame)
         return new
@@ -233,3 +238,39 @@ async def test_a_burst_of_triggers_while_an_agent_reconnects_assigns_nothing_twi
     for sim in agents:
         assert sim.errors == []
         await sim.comm.disconnect()
+
+
+async def test_an_agent_held_back_by_a_slow_writer_still_counts_as_heard_from(monkeypatch):
+    from tasks_app.writer import _Kind
+    from workers_app import consumers, liveness, reports
+
+    [(worker, credential)] = await make_workers(1, capacity=1)
+    sim = SimAgent(worker, credential, 1)
+    await sim.connect()
+    # The writer stuck on a batch (a slow disk, a long lock): this agent's
+    # messages pile up until the consumer stops reading its socket.
+    gate = threading.Event()
+
+    def stuck(messages):
+        gate.wait(20)
+        return reports.apply_messages(messages)
+
+    monkeypatch.setitem(writer._kinds, "agent", _Kind(stuck, 10))
+    for attempt_id in range(1, consumers.MAX_INFLIGHT + 10):
+        await sim.comm.send_to(text_data=json.dumps({"type": "accepted", "attempt": attempt_id}))
+    await asyncio.sleep(0.1)
+    stalled_at = time.time()
+
+    try:
+        deadline = time.monotonic() + 5
+        while liveness.SEEN[worker.pk] < stalled_at + 0.5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Not one of its frames was read for half a second, yet it counts as heard from.
+        assert liveness.SEEN[worker.pk] >= stalled_at + 0.5
+    finally:
+        gate.set()
+    # Then every one of them is answered (none of those attempts is its own).
+    while len(sim.cancelled) < consumers.MAX_INFLIGHT + 9:
+        sim.take(await sim.next_frames())
+    assert sorted(sim.cancelled) == list(range(1, consumers.MAX_INFLIGHT + 10))
+    await sim.comm.disconnect()

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # Messages handed to the writer and not answered yet; past this the consumer
 # stops reading the socket until the oldest is answered.
 MAX_INFLIGHT = 64
+# How often a consumer holding back notes its agent as heard from.
+SEEN_WHILE_WAITING_S = 0.5
 
 
 class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
@@ -87,9 +89,12 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
         self._submit(batch)
         while len(self.answers) > MAX_INFLIGHT:
             # Backpressure: the agent waits for us instead of our memory growing.
+            # Its frames wait unread meanwhile, heartbeats too: we are the reason
+            # it looks silent, so it keeps counting as heard from.
+            liveness.seen(self.worker_id)
             future = self.answers[0][0]
             if future is not None and not future.done():
-                await asyncio.wait([future])
+                await asyncio.wait([future], timeout=SEEN_WHILE_WAITING_S)
             await asyncio.sleep(0)
 
     # --- frames from the agent -------------------------------------------------

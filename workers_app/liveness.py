@@ -2,9 +2,11 @@
 
 Heartbeats cost no transaction of their own. Every message from an agent is a
 sign of life, noted in SEEN when the message arrives (before it waits for the
-writer); the writer copies SEEN to Worker.last_heartbeat in one statement
-every flush, and always right before the reaper judges, so the server's own
-backlog is never taken for an agent's silence.
+writer), and a consumer that holds back reading (backpressure) keeps noting
+its agent; the writer copies SEEN to Worker.last_heartbeat in one statement
+every tick and right before the reaper judges. The service also stands down
+while the event loop or the writer lags (workers_app.service), so the
+server's own backlog is never taken for an agent's silence.
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ class SchedulerService:
         return found
 
     def note_lag(self, lag: float) -> None:
-        """The loop woke `lag` seconds late: do not judge liveness for a while."""
+        """The loop woke, or the writer answered, `lag` seconds late: do not
+        judge liveness for a while."""
         if lag > OVERLOAD_LAG_S:
             self.alive_since = time.monotonic()
             log.warning(
@@ -110,6 +111,10 @@ class SchedulerService:
         while not self.stopping.is_set():
             started = loop.time()
             try:
+                # How long the writer's backlog is: agents' frames in it (and held
+                # back behind it) are not applied yet, so their silence says nothing.
+                await writer.call(_nothing)
+                self.note_lag(loop.time() - started)
                 await writer.call(self.tick)
             except Exception:
                 log.exception("scheduler tick failed")
@@ -119,3 +124,7 @@ class SchedulerService:
                 await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             # A loop busy elsewhere wakes us late; frames may be waiting unread meanwhile.
             self.note_lag(loop.time() - due)
+
+
+def _nothing() -> None:
+    """A probe of the writer's backlog."""
