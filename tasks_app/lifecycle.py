@@ -259,29 +259,45 @@ def _queue(runs: list[Run]) -> None:
 # --- assignment handshake ------------------------------------------------------
 
 
-def claim(claims: Sequence[tuple[int, str, int]], now=None) -> int:
-    """queued -> assigned for (worker id, worker name, attempt id) claims, in one
-    statement; how many moved."""
-    # Race: another dispatcher claiming the same rows; only rows still queued move.
-    now = now or timezone.now()
-    return update_rows(
-        Attempt,
-        {
-            "status": "%s",
-            "worker": "%s",
-            "worker_name": "%s",
-            "assigned_at": "%s",
-            "accepted_at": "%s",
-        },
-        [(S.ASSIGNED, worker_id, name, now, None, pk) for worker_id, name, pk in claims],
-        where="status = %s",
-        where_params=[S.QUEUED],
-    )
+@dataclass(frozen=True)
+class Claim:
+    worker_id: int
+    worker_name: str
+    attempt_id: int
+    capacity: int  # the worker's slots: it is never given more
+
+
+def claim(claims: Sequence[Claim], now=None) -> int:
+    """queued -> assigned for every claim, as one prepared statement; how many moved.
+
+    Each claim moves only if its attempt is still queued (race: another
+    dispatcher claiming the same rows) and its worker, counted in the database
+    as the statement runs, still has a free slot (race: a dispatcher of another
+    server process with its own view of the slots). The caller holds the
+    workers' rows locked where the database has row locks.
+    """
+    if not claims:
+        return 0
+    now = connection.ops.adapt_datetimefield_value(now or timezone.now())
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"UPDATE {ATTEMPT} SET status = %s, worker_id = %s, worker_name = %s,"
+            " assigned_at = %s, accepted_at = NULL WHERE id = %s AND status = %s"
+            f" AND (SELECT COUNT(*) FROM {ATTEMPT} busy WHERE busy.worker_id = %s"
+            " AND busy.status IN (%s, %s)) < %s",
+            [
+                [S.ASSIGNED, c.worker_id, c.worker_name, now, c.attempt_id, S.QUEUED]
+                + [c.worker_id, *ACTIVE, c.capacity]
+                for c in claims
+            ],
+        )
+        return cursor.rowcount
 
 
 def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
     """queued -> assigned. False when someone else got it first."""
-    return bool(claim([(worker_id, worker_name, attempt_id)]))
+    capacity = Attempt._meta.get_field("worker").related_model.objects.get(pk=worker_id).capacity
+    return bool(claim([Claim(worker_id, worker_name, attempt_id, capacity)]))
 
 
 def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, int]:

@@ -11,6 +11,7 @@ import datetime as dt
 import time
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from tasks_app import lifecycle, logs, tokens
@@ -745,3 +746,22 @@ def test_an_idle_dispatch_pass_reads_nothing(task):
     dispatch.dispatch()  # nothing queued: the board knows of no queued label set
 
     assert _dispatch_queries() == []
+
+
+def test_a_dispatcher_with_a_stale_view_of_the_slots_never_overfills_a_worker(task, monkeypatch):
+    node = make_worker("node", capacity=2)
+    queue(task, 5)
+    # Another server process's board: built while the worker was still empty.
+    theirs = dispatch.Board()
+    with transaction.atomic():
+        theirs.refresh()
+    assert theirs.workers[node.pk].free == 2
+
+    assert len(dispatch.dispatch()) == 2  # ours fills both slots
+    monkeypatch.setattr(dispatch, "board", theirs)
+
+    # It believes in two free slots; the database counts none, and it learns that.
+    assert dispatch.dispatch(fresh=False) == []
+    assert Attempt.objects.filter(worker=node, status__in=Attempt.ACTIVE).count() == 2
+    assert dispatch.dispatch(fresh=False) == []
+    assert theirs.workers[node.pk].free == 0

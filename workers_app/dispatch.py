@@ -31,7 +31,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks_app import lifecycle
-from tasks_app.batchsql import atomic, aware, for_update, json_value, select, table
+from tasks_app.batchsql import atomic, aware, for_update, json_value, marks, select, table
 from tasks_app.models import Attempt, Run, SchedulerState
 from tasks_app.writer import writer
 from workers_app import delivery, protocol
@@ -152,7 +152,7 @@ def _queued_classes() -> set[str]:
 
 
 board = Board()
-ATTEMPT, RUN = table(Attempt), table(Run)
+ATTEMPT, RUN, WORKER = table(Attempt), table(Run), table(Worker)
 READY_AT = connection.ops.adapt_datetimefield_value
 
 
@@ -250,23 +250,35 @@ def _share_out(free: dict[int, Slots], candidates: list[tuple]) -> dict[int, lis
 
 
 def _claim(shares: dict[int, list[tuple]], now) -> list[tuple]:
-    """One conditional UPDATE for every share; (worker, attempt, run...) of what we got."""
+    """One conditional statement for every share; (worker, attempt, run...) of
+    what we got. The database counts each worker's slots as it claims."""
+    if connection.features.has_select_for_update:
+        # Two server processes claiming for one worker wait for each other here,
+        # so that each counts the other's claims.
+        ids = sorted(shares)
+        select(f"SELECT id FROM {WORKER} WHERE id IN ({marks(ids)}) FOR UPDATE", ids)
     claims = [
-        (worker_id, board.workers[worker_id].name, row[0])
+        lifecycle.Claim(
+            worker_id, board.workers[worker_id].name, row[0], board.workers[worker_id].capacity
+        )
         for worker_id, share in shares.items()
         for row in share
     ]
     moved = lifecycle.claim(claims, now)
     if moved != len(claims):
-        # Someone else took some (only possible without row locks): see which.
+        # Someone else took some (another server process): see which, and
+        # recount those workers before the next pass.
         ours = set(
             Attempt.objects.filter(
-                pk__in=[pk for _, _, pk in claims], status=Attempt.Status.ASSIGNED, assigned_at=now
+                pk__in=[c.attempt_id for c in claims],
+                status=Attempt.Status.ASSIGNED,
+                assigned_at=now,
             ).values_list("worker_id", "pk")
         )
         for worker_id, share in shares.items():
             kept = [row for row in share if (worker_id, row[0]) in ours]
-            board.workers[worker_id].busy -= len(share) - len(kept)
+            if len(kept) != len(share):
+                board.mark([worker_id])
             shares[worker_id] = kept
     return [(worker_id, *row) for worker_id, share in shares.items() for row in share]
 
