@@ -668,6 +668,8 @@ async def test_it_refuses_reports_about_another_workers_attempt(
 
     await comm.send_json_to({"type": "started", "attempt": theirs.pk, "pid": 1})
     assert await comm.receive_json_from(timeout=TIMEOUT) == unknown_attempt(theirs.pk)
+    # Whatever it started under that id is not its to run.
+    assert await comm.receive_json_from(timeout=TIMEOUT) == {"type": "cancel", "attempt": theirs.pk}
 
     await comm.send_json_to(
         {"type": "log", "attempt": theirs.pk, "seq": 0, "stream": "stdout", "data": "forged\n"}
@@ -696,6 +698,7 @@ async def test_it_refuses_reports_about_an_attempt_that_does_not_exist(agent):
 
     await agent.send_json_to({"type": "started", "attempt": missing, "pid": 1})
     assert await agent.receive_json_from(timeout=TIMEOUT) == unknown_attempt(missing)
+    assert await agent.receive_json_from(timeout=TIMEOUT) == {"type": "cancel", "attempt": missing}
     await agent.send_json_to(
         {"type": "log", "attempt": missing, "seq": 0, "stream": "stderr", "data": "?"}
     )

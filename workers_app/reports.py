@@ -67,7 +67,9 @@ def apply_messages(messages: Sequence[Message]) -> list[list[dict]]:
     )
     for index, worker_id, frame in started:
         if (worker_id, frame["attempt"]) not in ok:
-            replies[index].append(_unknown(frame["attempt"]))
+            # Not its attempt (any more: re-queued after the accept timeout,
+            # cancelled): say so, and have it stop the process it started.
+            replies[index] += [_unknown(frame["attempt"]), protocol.cancel(frame["attempt"])]
 
     # Every log frame of an attempt comes before its finished frame: stored first.
     output = by_type.get("log", [])
