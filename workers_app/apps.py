@@ -6,7 +6,7 @@ class WorkersAppConfig(AppConfig):
     verbose_name = "Workers"
 
     def ready(self) -> None:
-        from django.db.models.signals import pre_delete
+        from django.db.models.signals import post_save, pre_delete
 
         from tasks_app.signals import stop_requested, work_queued
         from tasks_app.writer import writer
@@ -18,6 +18,7 @@ class WorkersAppConfig(AppConfig):
         pre_delete.connect(
             liveness.on_worker_deleted, sender=Worker, dispatch_uid="workers_app.del"
         )
+        post_save.connect(liveness.on_worker_saved, sender=Worker, dispatch_uid="workers_app.save")
         # What the writer applies for agents, in this order within a batch: a
         # hello before anything that connection reports, a socket's close last.
         writer.register("hello", liveness.hello_many, order=0)

@@ -246,7 +246,7 @@ def apply_state(worker: Worker, state: str) -> None:
             frame = protocol.resume()
         else:
             raise ValueError(f"cannot set a worker to {state!r}")
-        dispatch.board.mark([worker.pk])
+        transaction.on_commit(lambda: dispatch.board.mark([worker.pk]), robust=True)
         transaction.on_commit(lambda: delivery.send_frames([(worker.pk, frame)]), robust=True)
         if state == Worker.State.ONLINE:
             transaction.on_commit(dispatch.wake, robust=True)
@@ -313,3 +313,8 @@ def on_worker_deleted(sender, instance: Worker, **kwargs) -> None:
     lifecycle.mark_lost(instance.pk, "worker lost: the worker was deleted")
     dispatch.board.mark([instance.pk])
     delivery.send_close(instance.pk, instance.channel_name, protocol.CLOSE_REVOKED)
+
+
+def on_worker_saved(sender, instance: Worker, **kwargs) -> None:
+    """An edit (the admin's, a registration) may change what dispatch may give it."""
+    transaction.on_commit(lambda: dispatch.board.mark([instance.pk]), robust=True)

@@ -7,6 +7,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from tasks_app import tokens
+from workers_app import dispatch
 from workers_app.exceptions import EnrollmentRefused
 from workers_app.models import EnrollmentToken, Worker
 
@@ -51,6 +52,8 @@ def revoke(worker: Worker) -> None:
     Worker.objects.filter(pk=worker.pk).update(
         revoked_at=timezone.now(), state=Worker.State.DISABLED
     )
+    # Nothing new for it from now on, not only once its socket has closed.
+    transaction.on_commit(lambda: dispatch.board.mark([worker.pk]), robust=True)
 
 
 def authenticate(credential: str) -> Worker | None:
