@@ -113,6 +113,8 @@ def parse_json(body: bytes) -> dict:
         payload = json.loads(body or b"{}")
     except ValueError:
         raise BadRequest("request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
     try:

@@ -16,20 +16,20 @@ transaction: {"task": ID, "count": N} or {"task": ID, "runs": [{"env":
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 from dataclasses import dataclass
 from importlib import import_module
 from types import SimpleNamespace
 
+from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 from django.contrib import auth
 from django.core.exceptions import DisallowedHost, ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
-from django.http.request import split_domain_port, validate_host
+from django.http.multipartparser import MultiPartParserError
 
 from tasks_app import lifecycle, serializers, tokens
 from tasks_app.exceptions import RunTooLarge, TaskDisabled, TaskNotFound
@@ -37,6 +37,7 @@ from tasks_app.jsonapi import (
     BAD_TOKEN,
     CHALLENGE,
     CSRF_FAILED,
+    MAX_BODY_BYTES,
     NO_CREDENTIAL,
     BadRequest,
     Denied,
@@ -52,6 +53,7 @@ from tasks_app.validators import clean_run_params
 from tasks_app.writer import WriterClientMixin, writer
 
 MAX_RUNS_PER_REQUEST = 1000
+JSON_HEADERS = [(b"Content-Type", b"application/json")]
 MAX_ID = 2**63 - 1
 
 
@@ -107,10 +109,7 @@ def trigger_from(request: HttpRequest, body: bytes, task_id: int | None) -> ApiT
         session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
         if not session_key:
             raise Denied(401, NO_CREDENTIAL)
-        credential, csrf_ok = (
-            ("session", session_key),
-            csrf_passes(getattr(request, "django", request)),
-        )
+        credential, csrf_ok = ("session", session_key), csrf_passes(request)
     payload = _payload(request, body)
     if task_id is not None:
         params = _params(payload) if payload else {}
@@ -125,7 +124,11 @@ def trigger_from(request: HttpRequest, body: bytes, task_id: int | None) -> ApiT
 def _payload(request: HttpRequest, body: bytes) -> dict:
     """The JSON body; an empty form (what a bare POST of some clients sends) is none."""
     if request.content_type == "multipart/form-data":
-        if request.POST or request.FILES:
+        try:
+            form = request.POST or request.FILES
+        except MultiPartParserError:
+            form = True
+        if form:
             raise BadRequest("send the request body as JSON")
         return {}
     return parse_json(body)
@@ -189,54 +192,28 @@ def failure(exc: Exception) -> tuple[int, dict, list[tuple[str, str]]]:
     raise exc
 
 
-class _Request:
-    """What trigger_from() needs of a request, read from the ASGI scope; a full
-    Django request (its META, cookies, CSRF check) is built only for a session."""
-
-    def __init__(self, scope: dict, body: bytes) -> None:
-        self.scope, self.body = scope, body
-        self.headers = {
-            k.decode("latin-1").title(): v.decode("latin-1") for k, v in scope["headers"]
-        }
-        self.content_type = self.headers.get("Content-Type", "").partition(";")[0].strip()
-
-    def get_host(self) -> str:
-        host = self.headers.get("Host", "")
-        domain, _ = split_domain_port(host)
-        allowed = settings.ALLOWED_HOSTS
-        if settings.DEBUG and not allowed:
-            allowed = [".localhost", "127.0.0.1", "[::1]"]
-        if not domain or not validate_host(domain, allowed):
-            raise DisallowedHost(f"Invalid HTTP_HOST header: {host!r}")
-        return host
-
-    @functools.cached_property
-    def django(self) -> HttpRequest:
-        return ASGIRequest(self.scope, io.BytesIO(self.body))
-
-    @property
-    def COOKIES(self):  # noqa: N802 - the name Django's request gives it
-        return self.django.COOKIES
-
-    @property
-    def POST(self):  # noqa: N802
-        return self.django.POST
-
-    @property
-    def FILES(self):  # noqa: N802
-        return self.django.FILES
-
-
 class _TriggerEndpoint(WriterClientMixin, AsyncHttpConsumer):
     """The same endpoints as the Django views in tasks_app.api, for POST under
     ASGI: same parsing, same writer job, same answers, without the view stack."""
 
     single = True
+    received = 0
+
+    async def http_request(self, message: dict) -> None:
+        # A body past the API's limit is refused as it arrives, not once it is
+        # all in memory.
+        self.received += len(message.get("body", b""))
+        if self.received > MAX_BODY_BYTES:
+            error = {"error": f"request body over {MAX_BODY_BYTES} bytes", "errors": {}}
+            await self.send_response(400, json.dumps(error).encode(), headers=JSON_HEADERS)
+            await self.disconnect()
+            raise StopConsumer
+        await super().http_request(message)
 
     async def handle(self, body: bytes) -> None:
-        headers = [(b"Content-Type", b"application/json")]
+        headers = list(JSON_HEADERS)
         try:
-            request = _Request(self.scope, body)
+            request = ASGIRequest(self.scope, io.BytesIO(body))
             request.get_host()  # ALLOWED_HOSTS, as Django checks it for its views
             task_id = self.scope["url_route"]["kwargs"].get("pk")
             trigger = trigger_from(request, body, task_id)

@@ -104,23 +104,23 @@ def clean_run_params(value) -> dict:
         raise ValidationError(dict.fromkeys(unknown, "Unknown field."))
     params: dict = {}
     errors: dict[str, str] = {}
-    if value.get("env"):
+    if "env" in value:
         if not isinstance(value["env"], dict):
             errors["env"] = "Expected an object of NAME: value strings."
-        else:
+        elif value["env"]:
             try:
                 params["env"] = clean_env(value["env"])
             except ValidationError as exc:
                 errors["env"] = exc.messages[0]
     args = value.get("args")
-    if args:
+    if "args" in value:
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             errors["args"] = "Expected a list of strings."
         elif len(args) > MAX_ARGS:
             errors["args"] = f"At most {MAX_ARGS} arguments."
         elif any("\x00" in a or len(a) > MAX_ARG_CHARS for a in args):
             errors["args"] = f"An argument contains a NUL byte or is over {MAX_ARG_CHARS} chars."
-        else:
+        elif args:
             params["args"] = list(args)
     if errors:
         raise ValidationError(errors)

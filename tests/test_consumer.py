@@ -342,6 +342,9 @@ BAD_FRAMES = [
     pytest.param("[1]", "malformed", "frame must be a JSON object", id="list-of-a-number"),
     pytest.param("[]", "malformed", "a message carries 1 to 1000 frames, not 0", id="empty-list"),
     pytest.param(
+        "[" * 50_000 + "]" * 50_000, "malformed", "frame is nested too deeply", id="nested"
+    ),
+    pytest.param(
         json.dumps({"type": "reboot"}), "unknown_type", "unknown frame type 'reboot'", id="unknown"
     ),
     pytest.param(

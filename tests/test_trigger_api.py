@@ -34,12 +34,18 @@ def post(client: Client, url: str, payload) -> tuple[int, dict]:
     return response.status_code, response.json()
 
 
-def asgi(method: str, path: str, payload=None, token: str | None = None):
-    """A request through the ASGI app (what daphne serves): status, JSON body, headers."""
-    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
+def asgi(method: str, path: str, payload=None, token: str | None = None, extra_headers=()):
+    """A request through the ASGI app (what daphne serves): status, JSON body, headers.
+    A payload that is a str is sent as it is."""
+    headers = [(b"host", b"127.0.0.1"), *extra_headers]
+    if not any(name == b"content-type" for name, _ in extra_headers):
+        headers.append((b"content-type", b"application/json"))
     if token:
         headers.append((b"authorization", f"Bearer {token}".encode()))
-    body = b"" if payload is None else json.dumps(payload).encode()
+    if isinstance(payload, str):
+        body = payload.encode()
+    else:
+        body = b"" if payload is None else json.dumps(payload).encode()
 
     async def send():
         communicator = HttpCommunicator(application, method, path, body=body, headers=headers)
@@ -312,3 +318,60 @@ def test_it_refuses_to_save_a_task_too_large_to_send_to_an_agent(api):
         ]
     }
     assert not Task.objects.filter(name="big").exists()
+
+
+@pytest.mark.parametrize(
+    ("params", "errors"),
+    [
+        ({"env": 0}, {"env": ["Expected an object of NAME: value strings."]}),
+        ({"env": []}, {"env": ["Expected an object of NAME: value strings."]}),
+        ({"args": ""}, {"args": ["Expected a list of strings."]}),
+        ({"args": {}}, {"args": ["Expected a list of strings."]}),
+    ],
+)
+def test_it_refuses_run_parameters_of_the_wrong_type_even_when_empty(api, task, params, errors):
+    assert post(api, f"/api/tasks/{task.pk}/run", params) == (
+        400,
+        {"error": "invalid run parameters", "errors": errors},
+    )
+    assert Run.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_asgi_app_refuses_bodies_it_cannot_read_and_starts_nothing(bob_token, task):
+    nested = "[" * 50_000 + "]" * 50_000
+    assert asgi("POST", "/api/runs", nested, token=bob_token)[:2] == (
+        400,
+        {"error": "request body is nested too deeply", "errors": {}},
+    )
+    multipart = [(b"content-type", b"multipart/form-data; boundary=")]
+    assert asgi(
+        "POST", f"/api/tasks/{task.pk}/run", "--x\r\n", token=bob_token, extra_headers=multipart
+    )[:2] == (400, {"error": "send the request body as JSON", "errors": {}})
+    too_big = {"task": task.pk, "runs": [{"args": ["x" * 4000] * 100}] * 5}
+    assert asgi("POST", "/api/runs", too_big, token=bob_token)[:2] == (
+        400,
+        {"error": "request body over 1048576 bytes", "errors": {}},
+    )
+    assert Run.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_asgi_app_takes_a_session_with_its_csrf_token_and_refuses_one_without(bob, task):
+    browser = Client()
+    browser.force_login(bob)
+    browser.get("/tasks/")  # sets the CSRF cookie
+    session = browser.cookies["sessionid"].value
+    csrf = browser.cookies["csrftoken"].value
+    cookie = f"sessionid={session}; csrftoken={csrf}".encode()
+    url = f"/api/tasks/{task.pk}/run"
+
+    refused = asgi("POST", url, extra_headers=[(b"cookie", cookie)])
+    assert refused[:2] == (
+        403,
+        {"error": "CSRF check failed; send the X-CSRFToken header with a session"},
+    )
+    taken = asgi("POST", url, extra_headers=[(b"cookie", cookie), (b"x-csrftoken", csrf.encode())])
+    assert taken[0] == 201
+    run = Run.objects.get()
+    assert (taken[1]["id"], run.created_by) == (run.pk, bob)

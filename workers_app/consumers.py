@@ -28,9 +28,10 @@ from workers_app.reports import Message
 
 log = logging.getLogger(__name__)
 
-# Messages handed to the writer and not answered yet; past this the consumer
-# stops reading the socket until the oldest is answered.
+# Messages handed to the writer and not answered yet, and their size; past
+# either the consumer stops reading the socket until the oldest is answered.
 MAX_INFLIGHT = 64
+MAX_INFLIGHT_BYTES = 4 * 1024 * 1024
 # How often a consumer holding back notes its agent as heard from.
 SEEN_WHILE_WAITING_S = 0.5
 
@@ -52,6 +53,7 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
         self.sending = False
         # Answers in message order: a future of the writer, or frames ready now.
         self.answers: deque[tuple[asyncio.Future | None, list[dict], list[str]]] = deque()
+        self.inflight_bytes = 0  # of the messages behind the futures in answers
         self.answering: asyncio.Task | None = None
         await self.accept()
 
@@ -69,13 +71,14 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
         # Any message is a sign of life, noted before it waits for anything.
         liveness.seen(self.worker_id)
         frames, errors = protocol.parse_message(text_data, settings.SCHEDULER_MAX_FRAME_BYTES)
+        size = len(text_data or "")
         if errors:
             self._answer(None, errors)
         batch: list[dict] = []
         for frame in frames:
             kind = frame["type"]
             if kind == "hello":
-                self._submit(batch)
+                self._submit(batch, size)
                 batch = []
                 await self.on_hello(frame)
             elif not self.said_hello:
@@ -86,8 +89,8 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
                 self.on_heartbeat(frame)
             else:
                 batch.append(frame)
-        self._submit(batch)
-        while len(self.answers) > MAX_INFLIGHT:
+        self._submit(batch, size)
+        while len(self.answers) > MAX_INFLIGHT or self.inflight_bytes > MAX_INFLIGHT_BYTES:
             # Backpressure: the agent waits for us instead of our memory growing.
             # Its frames wait unread meanwhile, heartbeats too: we are the reason
             # it looks silent, so it keeps counting as heard from.
@@ -151,10 +154,15 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
             self.agent_draining = True
             self._answer(writer.submit_nowait("draining", self.worker_id), [], ["heartbeat"])
 
-    def _submit(self, frames: list[dict]) -> None:
+    def _submit(self, frames: list[dict], size: int) -> None:
         if frames:
             future = writer.submit_nowait("agent", Message(self.worker_id, frames))
+            self.inflight_bytes += size
+            future.add_done_callback(lambda _: self._landed(size))
             self._answer(future, [], [f["type"] for f in frames])
+
+    def _landed(self, size: int) -> None:
+        self.inflight_bytes -= size
 
     # --- answers, in order ------------------------------------------------------
 

@@ -89,6 +89,8 @@ def _decode(text: str | None, max_bytes: int) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ProtocolError("malformed", f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("malformed", "frame is nested too deeply") from None
 
 
 def check(frame: Any) -> dict[str, Any]:
