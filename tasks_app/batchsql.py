@@ -39,8 +39,9 @@ atomic = functools.partial(transaction.atomic, savepoint=False)
 
 def _adapter(field: models.Field) -> Callable[[Any], Any]:
     """How the ORM turns a value of this field into a database parameter."""
+    # connection.ops at call time: the thread's own connection, whoever asks.
     if isinstance(field, models.DateTimeField):
-        return connection.ops.adapt_datetimefield_value
+        return lambda value: connection.ops.adapt_datetimefield_value(value)
     if isinstance(field, models.JSONField):
         return lambda value: connection.ops.adapt_json_value(value, field.encoder)
     if isinstance(

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tasks_app.models import Attempt, Run
-
-MAX_ID = 2**63 - 1
+from tasks_app.validators import MAX_ID
 
 
 class InvalidFilter(ValueError):

@@ -49,12 +49,11 @@ from tasks_app.jsonapi import (
 )
 from tasks_app.lifecycle import TriggerRequest
 from tasks_app.models import Run
-from tasks_app.validators import clean_run_params
+from tasks_app.validators import MAX_ID, clean_run_params
 from tasks_app.writer import WriterClientMixin, writer
 
 MAX_RUNS_PER_REQUEST = 1000
 JSON_HEADERS = [(b"Content-Type", b"application/json")]
-MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from django.core.exceptions import ValidationError
 from scheduler_site.wire import LABEL_PATTERN, MAX_FRAME_BYTES, MAX_LABELS
 
 LABEL_RE = re.compile(LABEL_PATTERN)
+# Ids are 64-bit database integers: a bigger one is nobody's, and would overflow.
+MAX_ID = 2**63 - 1
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ENV = 100
 

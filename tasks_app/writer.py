@@ -197,7 +197,7 @@ class Writer:
                 results = [exc] * len(batch)
             for job, result in zip(batch, results, strict=True):
                 if job.future.done():
-                    continue  # the submitter gave up (its connection closed)
+                    continue  # the submitter stopped waiting (its task was cancelled)
                 if isinstance(result, BaseException):
                     job.future.set_exception(result)
                 else:

@@ -535,7 +535,7 @@ def test_it_builds_assign_frames_for_attempts_assigned_but_not_started(task, wor
     (waiting,) = queue(task)
     lifecycle.assign(waiting.pk, worker.pk, worker.name)
 
-    assert dispatch.frames_for_worker(worker.pk) == [
+    assert dispatch.assigned_frames([worker.pk]).get(worker.pk, []) == [
         {
             "type": "assign",
             "attempt": waiting.pk,
@@ -550,7 +550,9 @@ def test_it_builds_assign_frames_for_attempts_assigned_but_not_started(task, wor
             "shard_count": 1,
         }
     ]
-    assert started.pk not in [f["attempt"] for f in dispatch.frames_for_worker(worker.pk)]
+    assert started.pk not in [
+        f["attempt"] for f in dispatch.assigned_frames([worker.pk]).get(worker.pk, [])
+    ]
 
 
 # --- liveness ------------------------------------------------------------------

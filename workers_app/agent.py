@@ -1177,7 +1177,7 @@ class Watchdog:
             self._start()
 
     def close(self) -> None:
-        """A clean exit: it kills what is still listed (leftovers past a grace), then exits."""
+        """A clean exit: it SIGKILLs the groups still listed (leftovers), then exits."""
         self._stop(kill_first=False)
 
     def _tell(self, line: bytes) -> None:

@@ -4,9 +4,10 @@ A message (one frame, or with protocol 2 an array of frames) is checked, then
 handed to the writer without waiting, so the consumer keeps reading while
 earlier messages are applied: frames from many agents within a few
 milliseconds land in one transaction. Answers go out in the order of the
-messages they answer (an error about a bad frame waits behind the acks of
-the frames before it). Frames for the agent (answers, assignments, cancels)
-that are ready in one turn of the event loop leave as one message.
+messages they answer: an error about a bad frame waits behind the answers to
+earlier messages (within one message, its errors come first). Frames for the
+agent (answers, assignments, cancels) that are ready in one turn of the event
+loop leave as one message.
 """
 
 from __future__ import annotations

@@ -153,7 +153,6 @@ def _queued_classes() -> set[str]:
 
 board = Board()
 ATTEMPT, RUN, WORKER = table(Attempt), table(Run), table(Worker)
-READY_AT = connection.ops.adapt_datetimefield_value
 
 
 def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
@@ -206,7 +205,7 @@ def _candidates(free: dict[int, Slots], now) -> list[tuple]:
                 " WHERE a.status = %s AND a.labels_key = %s AND a.ready_at <= %s"
                 " ORDER BY a.ready_at, a.id LIMIT %s" + for_update(of="a", skip_locked=True),
                 # Another server dispatching at the same time skips what we hold.
-                [Attempt.Status.QUEUED, key, READY_AT(now), room],
+                [Attempt.Status.QUEUED, key, connection.ops.adapt_datetimefield_value(now), room],
             )
         ]
         if len(rows) < room:
@@ -298,17 +297,21 @@ def _assign_frames(claimed: list[tuple]) -> list[tuple[int, dict]]:
     return frames
 
 
-def frames_for_worker(worker_id: int) -> list[dict]:
-    """Assign frames for every attempt assigned to a worker but not started yet."""
+def assigned_frames(worker_ids: list[int]) -> dict[int, list[dict]]:
+    """Assign frames, per worker, of every attempt assigned to it but not started."""
+    frames: dict[int, list[dict]] = {}
     rows = (
-        Attempt.objects.filter(worker_id=worker_id, status=Attempt.Status.ASSIGNED)
+        Attempt.objects.filter(worker_id__in=worker_ids, status=Attempt.Status.ASSIGNED)
         .order_by("id")
-        .values_list("pk", "run_id", "shard_index", "run__task_name", "run__definition")
+        .values_list(
+            "worker_id", "pk", "run_id", "shard_index", "run__task_name", "run__definition"
+        )
     )
-    return [
-        protocol.assign(pk, run_id, task_name, definition, shard_index)
-        for pk, run_id, shard_index, task_name, definition in rows
-    ]
+    for worker_id, pk, run_id, shard_index, task_name, definition in rows:
+        frames.setdefault(worker_id, []).append(
+            protocol.assign(pk, run_id, task_name, definition, shard_index)
+        )
+    return frames
 
 
 def wake(labels_keys: Iterable[str] | None = None) -> None:

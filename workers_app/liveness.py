@@ -159,7 +159,7 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
             [pk for ids_ in lost.values() for pk in ids_],
             "worker lost: the agent reconnected without it",
         )
-        resend = _resend_frames(list(workers))
+        resend = dispatch.assigned_frames(list(workers))
         # Their slots count from now on: a pass for them (not over every worker).
         dispatch.board.mark(workers)
         transaction.on_commit(lambda: dispatch.wake(()), robust=True)
@@ -197,22 +197,6 @@ def hello(worker_id: int, channel_name: str, frame: dict) -> Reconciled:
     if isinstance(result, WorkerGone):
         raise result
     return result
-
-
-def _resend_frames(worker_ids: list[int]) -> dict[int, list[dict]]:
-    frames: dict[int, list[dict]] = {}
-    rows = (
-        Attempt.objects.filter(worker_id__in=worker_ids, status=Attempt.Status.ASSIGNED)
-        .order_by("id")
-        .values_list(
-            "worker_id", "pk", "run_id", "shard_index", "run__task_name", "run__definition"
-        )
-    )
-    for worker_id, pk, run_id, shard_index, task_name, definition in rows:
-        frames.setdefault(worker_id, []).append(
-            protocol.assign(pk, run_id, task_name, definition, shard_index)
-        )
-    return frames
 
 
 def agent_draining(worker_ids: Sequence[int]) -> None:
@@ -265,10 +249,6 @@ def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
             mine.exclude(state=Worker.State.DISABLED).update(state=Worker.State.OFFLINE)
             mine.update(channel_name="")
         dispatch.board.mark(w for w, _ in sockets)
-
-
-def disconnected(worker_id: int, channel_name: str) -> None:
-    disconnected_many([(worker_id, channel_name)])
 
 
 def reap_lost(now: dt.datetime | None = None) -> list[int]:

@@ -29,7 +29,7 @@ from scheduler_site.wire import (
     field_problem,
     pack,
 )
-from tasks_app.validators import clean_labels
+from tasks_app.validators import MAX_ID, clean_labels
 from workers_app.exceptions import ProtocolError
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "PROTOCOL_VERSION",
 ]
 
-MAX_ID = 2**63 - 1  # a database bigint
 MAX_INT32 = 2**31 - 1
 # Epoch seconds from the agent: 2000-01-01 .. 2100-01-01; anything else is a
 # broken clock or a broken agent, and would overflow datetime.
@@ -69,11 +68,6 @@ def parse_message(text: str | None, max_bytes: int) -> tuple[list[dict], list[di
         except ProtocolError as exc:
             errors.append(error(exc.code, exc.message))
     return frames, errors
-
-
-def parse(text: str | None, max_bytes: int) -> dict[str, Any]:
-    """A message holding one frame, checked; raises ProtocolError."""
-    return check(_decode(text, max_bytes))
 
 
 def _decode(text: str | None, max_bytes: int) -> Any:
