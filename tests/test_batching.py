@@ -17,6 +17,7 @@ import time
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db.models import Count
 
 from scheduler_site.asgi import application
 from tasks_app import lifecycle, tokens
@@ -195,23 +196,38 @@ async def test_a_burst_of_triggers_while_an_agent_reconnects_assigns_nothing_twi
             sim.outstanding -= set(done)
             await sim.send([finished(a) for a in done])
 
+    most_in_db = 0
+
+    async def count_active() -> None:
+        nonlocal most_in_db
+        counts = await database_sync_to_async(
+            lambda: list(
+                Attempt.objects.filter(status__in=Attempt.ACTIVE)
+                .values("worker")
+                .annotate(n=Count("id"))
+                .values_list("n", flat=True)
+            )
+        )()
+        most_in_db = max([most_in_db, *counts])
+
     for burst in range(6):
         run_ids += await trigger(task, 10)
         if burst == 2:
-            # The first agent's socket drops while it runs work and a burst comes
-            # in; it reconnects (a new socket, the same worker) and says what runs.
+            # The first agent's socket drops right after it reported starts, and
+            # before they are applied; a burst comes in; it reconnects (a new
+            # socket, the same worker) and its hello says what runs.
             first = agents[0]
             await first.pump()
-            for attempt_id in sorted(first.outstanding):
-                if attempt_id not in started_on:
-                    started_on[attempt_id] = first.worker.name
-                    await first.send(started(attempt_id))
-            await asyncio.sleep(0.1)
+            fresh = [a for a in sorted(first.outstanding) if a not in started_on]
+            for attempt_id in fresh:
+                started_on[attempt_id] = first.worker.name
+            await first.send([frame for a in fresh for frame in started(a)])
             await first.comm.disconnect()
             run_ids += await trigger(task, 10)
             await first.connect(running=sorted(first.outstanding))
         for sim in agents:
             await work(sim, finish=2)
+        await count_active()
 
     async def all_final() -> bool:
         return await database_sync_to_async(
@@ -223,6 +239,7 @@ async def test_a_burst_of_triggers_while_an_agent_reconnects_assigns_nothing_twi
             break
         for sim in agents:
             await work(sim, finish=3)
+        await count_active()
     assert await all_final()
 
     assert len(run_ids) == 70
@@ -233,6 +250,7 @@ async def test_a_burst_of_triggers_while_an_agent_reconnects_assigns_nothing_twi
     # Never more than its capacity at once on an agent, no attempt on two of them,
     # and nothing was retried (nothing was lost).
     assert [sim.most_at_once <= 3 for sim in agents] == [True, True]
+    assert most_in_db <= 3
     assert len(started_on) == 70
     assert await database_sync_to_async(Attempt.objects.filter(try_number__gt=1).count)() == 0
     for sim in agents:

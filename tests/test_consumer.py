@@ -615,6 +615,36 @@ async def test_it_stores_batched_output_and_the_result_then_acks(
     assert await agent.receive_nothing()
 
 
+async def test_it_stores_output_sent_one_frame_per_message_in_order(agent, linux_task):
+    """A protocol 1 agent sends each frame alone: however the master batches
+    them, every line is stored once, in seq order, before the result."""
+    attempt = await trigger(linux_task)
+    assert await agent.receive_json_from(timeout=TIMEOUT) == assign_for(attempt)
+    await agent.send_json_to({"type": "started", "attempt": attempt.pk, "pid": 99})
+    for seq, stream, data in [
+        (0, "stdout", "one\n"),
+        (2, "stdout", "three\n"),
+        (1, "stderr", "two\n"),
+    ]:
+        await agent.send_json_to(
+            {"type": "log", "attempt": attempt.pk, "seq": seq, "stream": stream, "data": data}
+        )
+    await agent.send_json_to(finished_frame(attempt, 0, output_bytes=14))
+
+    acked_seqs = []
+    while (frame := await agent.receive_json_from(timeout=TIMEOUT))["type"] == "log_ack":
+        acked_seqs.append(frame["seq"])
+    assert frame == {"type": "ack", "attempt": attempt.pk}
+    assert max(acked_seqs) == 2
+    assert await chunks_of(attempt) == [
+        (0, "stdout", "one\n"),
+        (1, "stderr", "two\n"),
+        (2, "stdout", "three\n"),
+    ]
+    assert (await refreshed(attempt)).status == Attempt.Status.SUCCEEDED
+    assert await agent.receive_nothing()
+
+
 async def test_it_acks_a_replayed_result_without_storing_it_again(agent, linux_task):
     attempt = await trigger(linux_task)
     assert await agent.receive_json_from(timeout=TIMEOUT) == assign_for(attempt)
