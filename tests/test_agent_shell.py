@@ -113,7 +113,7 @@ def test_a_frame_over_the_limit_still_leaves_alone() -> None:
     assert encode_messages([A, F, S], 2, 10) == [(a, 1), (f, 1), (s, 1)]
 
 
-def test_an_array_carries_at_most_max_batch_frames() -> None:
+def test_an_array_carries_at_most_max_frames_per_message() -> None:
     frames = [{"type": "accepted", "attempt": n} for n in range(agent.MAX_FRAMES_PER_MESSAGE + 1)]
 
     assert [count for _, count in encode_messages(frames, 2, 10**9)] == [
