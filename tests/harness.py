@@ -102,7 +102,11 @@ class Master:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_for(self._up, timeout=30, what=f"the server on {self.url}")
+        try:
+            wait_for(self._up, timeout=30, what=f"the server on {self.url}")
+        except BaseException:
+            self.stop()  # a server that never came up must not outlive the test
+            raise
 
     def _up(self) -> bool:
         assert self.proc.poll() is None, f"server exited: {self.log_path.read_text()}"
