@@ -82,11 +82,7 @@ class Writer:
 
     async def submit(self, kind: str, payload: Any) -> Any:
         """From the event loop: apply with the next batch and return the result."""
-        self._ensure_running()
-        future = self._loop.create_future()
-        self._pending.append(_Job(kind, payload, future))
-        self._wake.set()
-        return await future
+        return await self.submit_nowait(kind, payload)
 
     def submit_nowait(self, kind: str, payload: Any) -> asyncio.Future:
         """From the event loop, without waiting: a future of the result (pipelining)."""

@@ -39,6 +39,8 @@ from workers_app.models import Worker
 
 log = logging.getLogger(__name__)
 
+ATTEMPT, RUN, WORKER = table(Attempt), table(Run), table(Worker)
+
 
 @dataclass
 class Slots:
@@ -136,23 +138,19 @@ def _load(into: dict[int, Slots], workers) -> None:
 def _queued_classes() -> set[str]:
     """Distinct labels keys of queued attempts, by a loose index scan of the
     queue index: one probe per label set, however many attempts wait."""
-    table = connection.ops.quote_name(Attempt._meta.db_table)
     sql = f"""
         WITH RECURSIVE k(key) AS (
-            SELECT MIN(labels_key) FROM {table} WHERE status = %s
+            SELECT MIN(labels_key) FROM {ATTEMPT} WHERE status = %s
             UNION ALL
-            SELECT (SELECT MIN(labels_key) FROM {table} WHERE status = %s AND labels_key > k.key)
+            SELECT (SELECT MIN(labels_key) FROM {ATTEMPT} WHERE status = %s AND labels_key > k.key)
             FROM k WHERE k.key IS NOT NULL
         )
         SELECT key FROM k WHERE key IS NOT NULL
     """
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [Attempt.Status.QUEUED] * 2)
-        return {row[0] for row in cursor.fetchall()}
+    return {key for (key,) in select(sql, [Attempt.Status.QUEUED] * 2)}
 
 
 board = Board()
-ATTEMPT, RUN, WORKER = table(Attempt), table(Run), table(Worker)
 
 
 def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:

@@ -22,7 +22,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tasks_app import lifecycle
-from tasks_app.batchsql import atomic, update_rows
+from tasks_app.batchsql import atomic, table, update_rows
 from tasks_app.models import Attempt
 from workers_app import delivery, dispatch, protocol
 from workers_app.models import Worker
@@ -239,16 +239,18 @@ def apply_state(worker: Worker, state: str) -> None:
 def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
     """These (worker, channel) sockets closed. Their attempts stay running: the
     agents may come back in time."""
-    with atomic():
-        for worker_id, channel_name in sockets:
-            # Race: a newer connection of the same agent may already have said
-            # hello; only the consumer that still owns the worker may take it
-            # offline. A disabled worker stays disabled; an operator's drain is
-            # kept in drain_requested and restored by the next hello.
-            mine = Worker.objects.filter(pk=worker_id, channel_name=channel_name)
-            mine.exclude(state=Worker.State.DISABLED).update(state=Worker.State.OFFLINE)
-            mine.update(channel_name="")
-        dispatch.board.mark(w for w, _ in sockets)
+    # One prepared statement for all of them. Race: a newer connection of the
+    # same agent may already have said hello; only the socket that still owns
+    # the worker may take it offline. A disabled worker stays disabled; an
+    # operator's drain is kept in drain_requested and restored by the next hello.
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"UPDATE {table(Worker)} SET channel_name = '',"
+            " state = CASE WHEN state = %s THEN state ELSE %s END"
+            " WHERE id = %s AND channel_name = %s",
+            [[Worker.State.DISABLED, Worker.State.OFFLINE, w, c] for w, c in sockets],
+        )
+    dispatch.board.mark(w for w, _ in sockets)
 
 
 def reap_lost(now: dt.datetime | None = None) -> list[int]:
