@@ -36,6 +36,12 @@ CLOSE_REPLACED = 4409
 # RFC 6455 7.4.1: 1013 "try again later", a transient failure of the master.
 CLOSE_TRY_AGAIN = 1013
 
+# Largest magnitude of a number in a frame: the largest float. Python's JSON
+# parser also takes NaN, infinities and integers of any size, which neither
+# side can compute with (NaN fails the comparison too). Each side's own ranges
+# are checked after this.
+MAX_NUMBER = 1.7976931348623157e308
+
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
@@ -134,7 +140,31 @@ def field_problem(frame, schemas):
         value = frame[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             return "malformed", f"{kind}: field {name!r} has the wrong type"
+        if isinstance(value, (int, float)) and not -MAX_NUMBER <= value <= MAX_NUMBER:
+            return "malformed", f"{kind}: field {name!r} is not a finite number"
+    if not valid_text(frame):
+        return "malformed", f"{kind}: text is not valid Unicode"
     return None
+
+
+def valid_text(value):
+    """False if a string anywhere in value holds a lone surrogate: JSON escapes
+    let one in, and no database, file or socket takes it as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, dict):
+            stack += item
+            stack += item.values()
+    return True
 
 
 def pack(texts, protocol, max_bytes):

@@ -278,6 +278,13 @@ def test_it_rejects_assigns_while_draining_and_accepts_after_resume() -> None:
         ({"cwd": 5}, "field 'cwd' has the wrong type"),
         ({"env": None}, "field 'env' has the wrong type"),
         ({"run": "101"}, "field 'run' has the wrong type"),
+        # Numbers Python's JSON parser takes but nothing can schedule by.
+        ({"timeout": float("nan")}, "field 'timeout' is not a finite number"),
+        ({"timeout": 10**400}, "field 'timeout' is not a finite number"),
+        # A lone surrogate (a JSON escape) cannot reach execve, a file or the socket.
+        ({"argv": ["echo", "\ud800"]}, "text is not valid Unicode"),
+        ({"cwd": "/tmp/\udc80"}, "text is not valid Unicode"),
+        ({"env": {"K": "\udfff"}}, "text is not valid Unicode"),
     ],
 )
 def test_it_rejects_an_invalid_assign_with_the_reason(overrides: dict, reason: str) -> None:
@@ -868,6 +875,10 @@ def test_kept_log_data_is_bounded_by_the_log_limit() -> None:
         '[{"type": "cancel"}, []]',
         "[[]]",
         '[null, 3, "x"]',
+        '{"type": "cancel", "attempt": 1e400}',
+        '{"type": "cancel", "attempt": ' + "9" * 400 + "}",
+        '{"type": "log_ack", "attempt": 1, "seq": NaN}',
+        "[" * 100_000 + "]" * 100_000,
     ],
 )
 def test_malformed_frames_are_ignored_without_raising(text: str | bytes) -> None:
@@ -895,7 +906,15 @@ def test_a_welcome_with_values_out_of_range_keeps_the_defaults() -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"heartbeat_s": "soon"}, {"fence_after_s": True}, {"worker_id": "7"}, {"protocol": None}],
+    [
+        {"heartbeat_s": "soon"},
+        {"fence_after_s": True},
+        {"worker_id": "7"},
+        {"protocol": None},
+        # NaN would pass "fence <= 0" and fence at the first disconnect.
+        {"fence_after_s": float("nan")},
+        {"heartbeat_s": float("inf")},
+    ],
 )
 def test_a_welcome_with_a_field_of_the_wrong_type_is_ignored(fields: dict[str, Any]) -> None:
     core = make_core()
@@ -1131,13 +1150,20 @@ class Session:
     async def __aenter__(self) -> Session:
         self.task = asyncio.create_task(self.agent.serve(self.ws))
         self.ws.push(self.welcome)
-        await wait_until(lambda: self.agent.core.online)
+        try:
+            await wait_until(lambda: self.agent.core.online)
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.ws.close()
-        await asyncio.wait_for(self.task, 5)
-        self.agent.close()
+        # Whatever happened, nothing the session started outlives it.
+        try:
+            await self.ws.close()
+            await asyncio.wait_for(self.task, 5)
+        finally:
+            self.agent.close()
 
     async def run(self, attempt: int, **fields: Any) -> dict[str, Any]:
         self.ws.push(json.loads(assign(attempt, **fields)))

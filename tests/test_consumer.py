@@ -1072,6 +1072,10 @@ async def test_a_burst_of_150_assignments_all_reach_the_agent(
             {"type": "log", "attempt": 1, "seq": 0, "stream": "stdout", "data": "\ud800"},
             "log: text is not valid Unicode",
         ),
+        (
+            {"type": "log", "attempt": 1, "seq": 10**400, "stream": "stdout", "data": "x"},
+            "log: field 'seq' is not a finite number",
+        ),
     ],
 )
 async def test_out_of_range_values_get_an_error_frame_and_the_consumer_lives_on(

@@ -92,6 +92,12 @@ CLOSE_REPLACED = 4409
 # RFC 6455 7.4.1: 1013 "try again later", a transient failure of the master.
 CLOSE_TRY_AGAIN = 1013
 
+# Largest magnitude of a number in a frame: the largest float. Python's JSON
+# parser also takes NaN, infinities and integers of any size, which neither
+# side can compute with (NaN fails the comparison too). Each side's own ranges
+# are checked after this.
+MAX_NUMBER = 1.7976931348623157e308
+
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
@@ -190,7 +196,31 @@ def field_problem(frame, schemas):
         value = frame[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             return "malformed", f"{kind}: field {name!r} has the wrong type"
+        if isinstance(value, (int, float)) and not -MAX_NUMBER <= value <= MAX_NUMBER:
+            return "malformed", f"{kind}: field {name!r} is not a finite number"
+    if not valid_text(frame):
+        return "malformed", f"{kind}: text is not valid Unicode"
     return None
+
+
+def valid_text(value):
+    """False if a string anywhere in value holds a lone surrogate: JSON escapes
+    let one in, and no database, file or socket takes it as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, dict):
+            stack += item
+            stack += item.values()
+    return True
 
 
 def pack(texts, protocol, max_bytes):
@@ -471,7 +501,7 @@ class AgentCore:
         """
         try:
             decoded = json.loads(text)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             logger.warning("ignoring malformed message from master: %s", exc)
             return []
         if not isinstance(decoded, list):
@@ -489,8 +519,8 @@ class AgentCore:
             return self._on_invalid(frame, problem[1])
         try:
             return getattr(self, "_on_" + frame["type"])(frame)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            # The schema checks types; this is the net for what it cannot say.
+        except Exception as exc:
+            # The schema checks types and ranges; this is the net for what it cannot say.
             logger.warning("ignoring malformed %s frame (%s): %.200r", frame["type"], exc, frame)
             return []
 
@@ -915,6 +945,8 @@ def _read_spool(spool: Path) -> tuple[dict[int, dict[str, Any]], list[Path]]:
         try:
             record = json.loads(line)
             attempt = record["attempt"]
+            if not _is_int(attempt):
+                raise ValueError(f"attempt {attempt!r}")
             if record["type"] == "finished":
                 frames[attempt] = record
             elif record["type"] == "ack":
@@ -1598,7 +1630,10 @@ class Agent:
             for task in (sender, receiver, self._heartbeat):
                 if task is not None:
                     task.cancel()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
+            for outcome in await asyncio.gather(sender, receiver, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    # A closed socket ends a loop quietly; anything else is a bug of ours.
+                    logger.error("connection loop failed", exc_info=outcome)
             self._heartbeat = None
             unsent = [*self._inflight, *outbox]
             self._inflight = []
@@ -1725,8 +1760,9 @@ class Agent:
             self.dispatch(self.core.shutdown_now())
             self._hurry.set()
         else:
-            # The operator insists: no grace for processes that ignore SIGTERM.
-            for run in self._runs.values():
+            # The operator insists: no grace for processes that ignore SIGTERM,
+            # nor for what an ended command left behind in its group.
+            for run in [*self._runs.values(), *self._lingering]:
                 _killpg(run.pgid, signal.SIGKILL)
         self._changed.set()
 

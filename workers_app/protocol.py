@@ -95,7 +95,6 @@ def check(frame: Any) -> dict[str, Any]:
     kind = frame["type"]
     _check_fields(kind, frame)
     _check_ranges(kind, frame)
-    _check_text(kind, frame)
     return frame
 
 
@@ -115,22 +114,6 @@ def _check_ranges(kind: str, frame: dict[str, Any]) -> None:
             raise ProtocolError("malformed", f"{kind}: {field} has an id out of range")
     if "output_bytes" in frame and not 0 <= frame["output_bytes"] <= MAX_ID:
         raise ProtocolError("malformed", f"{kind}: output_bytes out of range")
-
-
-def _check_text(kind: str, value: Any) -> None:
-    """JSON escapes can smuggle lone surrogates in, which no database stores."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise ProtocolError("malformed", f"{kind}: text is not valid Unicode") from None
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(kind, item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(kind, key)
-            _check_text(kind, item)
 
 
 def _check_fields(kind: str, frame: dict[str, Any]) -> None:
