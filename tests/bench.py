@@ -60,7 +60,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fleet import Fleet  # noqa: E402
-from tests.harness import ROOT, Agent, Master, spawn_agent, wait_for  # noqa: E402
+from tests.harness import ROOT, Agent, Master, proc_stat, spawn_agent, wait_for  # noqa: E402
 
 SECTIONS = ("throughput_api", "throughput_bulk", "latency", "fleet", "history", "output")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -149,8 +149,8 @@ def machine_info():
 
 def proc_cpu_s(pid: int, children: bool = False) -> float:
     """utime + stime of a process (with children: of its waited-for children instead)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the ")": state is field 3 of proc(5), so utime (14) is index 11.
+    fields = proc_stat(pid)
+    # State is field 3 of proc(5), so utime (14) is index 11.
     first = 13 if children else 11
     return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 

@@ -12,15 +12,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-# Re-exported: tests import the harness's names from here too.
-from tests.harness import (  # noqa: F401
-    AGENT,
+from tests.harness import (
     FAST_SETTINGS,
-    ROOT,
     Agent,
     CuttableProxy,
     Master,
-    free_port,
     spawn_agent,
     wait_for,
 )

@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +73,7 @@ class FleetStats:
     # Sessions that ended on something this simulator did not expect.
     crashes: list[str] = field(default_factory=list)
     other_frames: Counter = field(default_factory=Counter)
-    # attempt id -> the started_at (epoch seconds) reported for it.
-    started: dict[int, float] = field(default_factory=dict)
+    welcomed: set[str] = field(default_factory=set)  # agents welcomed at least once
 
     def summary(self) -> dict:
         return {
@@ -211,6 +209,7 @@ class SimAgent:
         kind = frame.get("type")
         if kind == "welcome":
             stats.welcomes += 1
+            stats.welcomed.add(self.name)
             stats.heartbeat_s = frame["heartbeat_s"]
             self.protocol = frame["protocol"]
             return [f for frames in self.unacked.values() for f in frames[2:]]
@@ -222,8 +221,7 @@ class SimAgent:
                 return self.unacked.get(attempt, [])[2:]
             self.answered.add(attempt)
             stats.assigns += 1
-            stats.started[attempt] = at = time.time()
-            self.unacked[attempt] = frames = _done(attempt, at)
+            self.unacked[attempt] = frames = _done(attempt, time.time())
             return frames
         if kind == "ack":
             stats.acks += 1
@@ -303,9 +301,14 @@ class Fleet:
         self.thread = threading.Thread(target=self._run_loop, name="fleet", daemon=True)
         self.thread.start()
         self._ready.wait()
+        if not self.thread.is_alive():
+            raise RuntimeError("the fleet's event loop failed to start (its error is above)")
 
     def _run_loop(self) -> None:
-        asyncio.run(self._main())
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._ready.set()  # start() must not wait for a loop that died
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -317,6 +320,10 @@ class Fleet:
         self.stopping = True
         sockets = [agent.socket for agent in self.agents if agent.socket is not None]
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+        # Agents still connecting have no socket to close: they are cancelled.
+        _, connecting = await asyncio.wait(tasks, timeout=10)
+        for task in connecting:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def stop(self, timeout: float = 30) -> FleetStats:
@@ -341,18 +348,14 @@ class Fleet:
         """Block until every agent got its welcome; seconds it took. Raises TimeoutError."""
         began = time.monotonic()
         deadline = began + timeout
-        while self.stats.welcomes < len(self.names):
+        while len(self.stats.welcomed) < len(self.names):
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"{self.stats.welcomes} of {len(self.names)} agents welcomed after "
+                    f"{len(self.stats.welcomed)} of {len(self.names)} agents welcomed after "
                     f"{timeout}s: {self.stats.summary()}"
                 )
             time.sleep(0.05)
         return time.monotonic() - began
-
-    def started_at(self, attempt_ids: Iterable[int]) -> dict[int, float]:
-        """started_at we reported, for these attempts (the ones we were assigned)."""
-        return {a: self.stats.started[a] for a in attempt_ids if a in self.stats.started}
 
 
 def _raise_fd_limit(wanted: int) -> None:

@@ -37,6 +37,21 @@ class WaitTimeout(AssertionError):
     """A condition did not hold before its deadline."""
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (proc(5) field 3
+    on: state, ppid, ..., utime at index 11). Raises FileNotFoundError."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        state = proc_stat(pid)[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -94,14 +109,14 @@ class Master:
 
     def start(self) -> None:
         self.log_path = self.data_dir / f"serve-{int(time.time() * 1000)}.log"
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("w") as log:  # the server holds its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "manage.py", "serve", "--port", str(self.port)],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_for(self._up, timeout=30, what=f"the server on {self.url}")
         except BaseException:
@@ -194,6 +209,10 @@ class CuttableProxy:
                 client.close()
                 continue
             with self.lock:
+                if not self.open.is_set():  # cut() ran while we connected
+                    client.close()
+                    upstream.close()
+                    continue
                 self.links += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
@@ -225,6 +244,8 @@ class CuttableProxy:
     def close(self) -> None:
         self.closed = True
         self.cut()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self.listener.close()
 
 
@@ -272,5 +293,6 @@ def spawn_agent(
     args += ["--name", name, "--capacity", str(capacity), "--state-dir", str(state_dir), *extra]
     if labels:
         args += ["--labels", labels]
-    proc = subprocess.Popen(args, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
+    with log_path.open("w") as log:  # the agent holds its own copy
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     return Agent(name=name, proc=proc, state_dir=state_dir, log_path=log_path)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosedError
 
-from tests.conftest import wait_for
+from tests.harness import AGENT, alive, proc_stat, wait_for
 from tests.test_agent_core import (
     WELCOME,
     FakeSocket,
@@ -38,17 +38,6 @@ from tests.test_agent_core import (
 from workers_app import agent
 from workers_app.agent import Agent, AgentConfig, Spool, Watchdog, encode_messages
 
-AGENT = Path(agent.__file__)
-
-
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
 
 def watchdogs_of(pid: int) -> list[int]:
     found = []
@@ -56,7 +45,7 @@ def watchdogs_of(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(proc_stat(int(entry.name))[1])
             cmdline = (entry / "cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
@@ -279,8 +268,9 @@ def test_the_watchdog_kills_the_groups_it_lists_when_its_pipe_closes() -> None:
         assert watched.wait(timeout=5) == -signal.SIGKILL
         assert forgotten.poll() is None
     finally:
-        forgotten.kill()
-        forgotten.wait()
+        for sleeping in (watched, forgotten):
+            sleeping.kill()
+            sleeping.wait()
 
 
 def ignored_signals(pid: int) -> set[int]:
@@ -434,6 +424,20 @@ def test_a_line_torn_by_a_crash_is_skipped_and_not_glued_to_the_next(tmp_path: P
     again.close()
 
     assert agent.load_spool(tmp_path) == [finished(1), finished(3)]
+
+
+def test_a_spool_line_without_an_attempt_id_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    spool.write(1, finished(1))
+    spool.close()
+    with (tmp_path / "spool" / agent.SPOOL_FILE).open("ab") as file:
+        file.write(b'{"type":"finished","attempt":"2"}\n{"type":"ack","attempt":null}\n')
+
+    again = Spool(tmp_path / "spool")
+    assert again.open() == [finished(1)]
+    again.close()
 
 
 def test_results_an_older_agent_spooled_one_file_each_are_kept(tmp_path: Path) -> None:

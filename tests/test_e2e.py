@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 
-from tests.conftest import AGENT, wait_for
+from tests.harness import AGENT, wait_for
 
 pytestmark = pytest.mark.e2e
 

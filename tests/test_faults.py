@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.harness import alive, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 PY = sys.executable
-
-
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def rss_kib(pid: int) -> int:
