@@ -409,16 +409,22 @@ def test_the_spool_keeps_results_until_they_are_acked_across_restarts(tmp_path: 
     assert list((tmp_path / "spool").iterdir()) == []  # nothing waits: nothing left
 
 
-def test_a_line_torn_by_a_crash_is_skipped_and_not_glued_to_the_next(tmp_path: Path) -> None:
+def spool_of_one_result_then(tmp_path: Path, raw: bytes) -> Spool:
+    """A spool holding the result of attempt 1, then these raw bytes; reopened."""
     (tmp_path / "spool").mkdir()
     spool = Spool(tmp_path / "spool")
     spool.open()
     spool.write(1, finished(1))
     spool.close()
     with (tmp_path / "spool" / agent.SPOOL_FILE).open("ab") as file:
-        file.write(b'{"type":"finished","attempt":2,"sta')  # the agent died mid-write
+        file.write(raw)
+    return Spool(tmp_path / "spool")
 
-    again = Spool(tmp_path / "spool")
+
+def test_a_line_torn_by_a_crash_is_skipped_and_not_glued_to_the_next(tmp_path: Path) -> None:
+    # The agent died mid-write.
+    again = spool_of_one_result_then(tmp_path, b'{"type":"finished","attempt":2,"sta')
+
     assert again.open() == [finished(1)]
     again.write(3, finished(3))
     again.close()
@@ -427,15 +433,10 @@ def test_a_line_torn_by_a_crash_is_skipped_and_not_glued_to_the_next(tmp_path: P
 
 
 def test_a_spool_line_without_an_attempt_id_is_skipped(tmp_path: Path) -> None:
-    (tmp_path / "spool").mkdir()
-    spool = Spool(tmp_path / "spool")
-    spool.open()
-    spool.write(1, finished(1))
-    spool.close()
-    with (tmp_path / "spool" / agent.SPOOL_FILE).open("ab") as file:
-        file.write(b'{"type":"finished","attempt":"2"}\n{"type":"ack","attempt":null}\n')
+    again = spool_of_one_result_then(
+        tmp_path, b'{"type":"finished","attempt":"2"}\n{"type":"ack","attempt":null}\n'
+    )
 
-    again = Spool(tmp_path / "spool")
     assert again.open() == [finished(1)]
     again.close()
 
