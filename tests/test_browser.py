@@ -2,58 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+from tests.browser import chromium_page, log_in
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 
 @pytest.fixture
-def page(tmp_path):
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing; .ci/run installs Debian's chromium package")
-        pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(15_000)
+def page():
+    with chromium_page() as page:
         yield page
-        screenshots = os.environ.get("SCREENSHOT_DIR")
-        if screenshots:
-            page.screenshot(path=str(Path(screenshots) / "browser-last.png"), full_page=True)
-        browser.close()
-
-
-def _log_in(page, master) -> None:
-    password = (master.data_dir / "admin-password.txt").read_text().strip()
-    page.goto(f"{master.url}/tasks/")
-    assert "/login/" in page.url
-    page.fill("input[name=username]", "admin")
-    page.fill("input[name=password]", password)
-    page.click("button:has-text('Log in')")
-    page.wait_for_url(f"{master.url}/tasks/")
 
 
 def test_a_user_fixes_an_inline_error_runs_the_task_and_reads_its_output(master, start_agent, page):
     start_agent("browser-agent")
-    _log_in(page, master)
+    log_in(page, master)
 
     page.click("text=New task")
     page.fill("input[name=name]", "answer")

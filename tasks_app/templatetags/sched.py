@@ -1,0 +1,102 @@
+"""How the dashboard says times, durations, exit codes and states.
+
+One place, so every page says them the same way: times to the second with
+their zone (the full ISO time on hover), durations in the largest sensible
+unit, a negative exit code as the signal that killed the command, and
+status identifiers as words.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+
+from django import template
+from django.utils import timezone
+from django.utils.html import format_html
+
+register = template.Library()
+
+
+@register.filter
+def when(value):
+    """'2026-11-29 01:02:03 UTC' in the server's zone, the exact instant on hover."""
+    if not value:
+        return "—"
+    local = timezone.localtime(value)
+    return format_html(
+        '<time datetime="{}" title="{}">{}</time>',
+        value.isoformat(),
+        value.astimezone(dt.UTC).isoformat(timespec="milliseconds"),
+        local.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+
+
+@register.filter
+def clock(value):
+    """'01:02:03' (a time on the same page as its date), the exact instant on hover."""
+    if not value:
+        return "—"
+    local = timezone.localtime(value)
+    return format_html(
+        '<time datetime="{}" title="{}">{}</time>',
+        value.isoformat(),
+        local.strftime("%Y-%m-%d %H:%M:%S.%f %Z"),
+        local.strftime("%H:%M:%S"),
+    )
+
+
+def seconds_text(seconds: float) -> str:
+    if seconds < 0:
+        seconds = 0.0
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+@register.filter
+def duration(value):
+    """A timedelta or a number of seconds as '0.42 s', '3 min 5 s', '2 h 10 min'."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    return seconds_text(float(value))
+
+
+def exit_text(code: int | None) -> str:
+    """How a command ended: 'exit 1', or 'killed by SIGTERM' for the agent's -15."""
+    if code is None:
+        return "—"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return str(code)
+
+
+register.filter("exit_text", exit_text)
+
+
+@register.filter
+def status_label(value) -> str:
+    """'timed_out' -> 'timed out': a state as a word, not an identifier."""
+    return str(value or "").replace("_", " ")
+
+
+@register.filter
+def plural_verb(count, forms: str = "s,") -> str:
+    """The verb for a count: {{ n }} run{{ n|pluralize }} {{ n|plural_verb:'stays,stay' }}."""
+    singular, _, plural = forms.partition(",")
+    return singular if count == 1 else plural

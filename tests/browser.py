@@ -1,0 +1,61 @@
+"""Chromium for the browser tests: one launch per test, at a desktop or phone size."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@contextmanager
+def chromium_page(viewport: dict = DESKTOP, name: str = "browser-last"):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing; .ci/run installs Debian's chromium package")
+        pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=viewport)
+            page = context.new_page()
+            page.set_default_timeout(15_000)
+            yield page
+            screenshots = os.environ.get("SCREENSHOT_DIR")
+            if screenshots:
+                page.screenshot(path=str(Path(screenshots) / f"{name}.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def log_in(page, master, then: str = "/tasks/") -> None:
+    password = (master.data_dir / "admin-password.txt").read_text().strip()
+    page.goto(f"{master.url}{then}")
+    assert "/login/" in page.url
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", password)
+    page.click("button:has-text('Log in')")
+    page.wait_for_url(f"{master.url}{then}")
+
+
+def page_overflow(page) -> int:
+    """How many pixels the page is wider than the viewport (0 when it fits)."""
+    return page.evaluate(
+        "Math.max(document.documentElement.scrollWidth, document.body.scrollWidth)"
+        " - window.innerWidth"
+    )
