@@ -1,6 +1,45 @@
 from django.contrib import admin
 
-from tasks_app.models import ApiToken, Attempt, LogChunk, Run, SchedulerState, Task
+from tasks_app.models import (
+    ApiToken,
+    Attempt,
+    DeletedTask,
+    LogChunk,
+    Run,
+    SchedulerState,
+    Task,
+)
+
+
+class HistoryAdmin(admin.ModelAdmin):
+    """History is what happened: admin shows it and never adds or edits it.
+
+    Superusers may still delete rows (pruning old history); the dashboard and
+    the API are how runs are created, cancelled and retried.
+    """
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
+class TriggerFilter(admin.SimpleListFilter):
+    """The triggers a run can have today (schedules come with issue 8)."""
+
+    title = "trigger"
+    parameter_name = "trigger"
+    OFFERED = (Run.Trigger.MANUAL, Run.Trigger.API, Run.Trigger.RETRY)
+
+    def lookups(self, request, model_admin):
+        return [(value, value.label) for value in self.OFFERED]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(trigger=self.value()) if self.value() else queryset
 
 
 @admin.register(Task)
@@ -11,6 +50,9 @@ class TaskAdmin(admin.ModelAdmin):
 
 
 class AttemptInline(admin.TabularInline):
+    def has_add_permission(self, request, obj=None):
+        return False
+
     model = Attempt
     extra = 0
     fields = [
@@ -28,9 +70,9 @@ class AttemptInline(admin.TabularInline):
 
 
 @admin.register(Run)
-class RunAdmin(admin.ModelAdmin):
+class RunAdmin(HistoryAdmin):
     list_display = ["id", "task_name", "status", "trigger", "created_at", "finished_at"]
-    list_filter = ["status", "trigger"]
+    list_filter = ["status", TriggerFilter]
     search_fields = ["task_name"]
     raw_id_fields = ["task", "created_by"]
     inlines = [AttemptInline]
@@ -39,7 +81,7 @@ class RunAdmin(admin.ModelAdmin):
 
 
 @admin.register(Attempt)
-class AttemptAdmin(admin.ModelAdmin):
+class AttemptAdmin(HistoryAdmin):
     list_display = [
         "id",
         "run",
@@ -56,7 +98,7 @@ class AttemptAdmin(admin.ModelAdmin):
 
 
 @admin.register(LogChunk)
-class LogChunkAdmin(admin.ModelAdmin):
+class LogChunkAdmin(HistoryAdmin):
     list_display = ["id", "attempt", "seq", "stream"]
     raw_id_fields = ["attempt"]
     show_full_result_count = False
@@ -78,3 +120,9 @@ class SchedulerStateAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(DeletedTask)
+class DeletedTaskAdmin(HistoryAdmin):
+    list_display = ["id", "name", "deleted_at"]
+    search_fields = ["name"]

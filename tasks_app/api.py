@@ -131,12 +131,14 @@ def run_detail(request, pk: int):
     run = Run.objects.prefetch_related("attempts").filter(pk=pk).first()
     if run is None:
         return error(404, f"no run with id {pk}")
+    history.mark_deleted_tasks([run])
     return JsonResponse(serializers.run_json(run, with_output=True))
 
 
 def _run_response(run: Run, status: int = 200) -> JsonResponse:
     """A run as it is now in the database, with its attempts, without output."""
     run = Run.objects.prefetch_related("attempts").get(pk=run.pk)
+    history.mark_deleted_tasks([run])
     return JsonResponse(serializers.run_json(run, with_output=False), status=status)
 
 
@@ -150,7 +152,7 @@ def run_cancel(request, pk: int):
     if run is None:
         return error(404, f"no run with id {pk}")
     try:
-        run = lifecycle.cancel_run(run)
+        run = lifecycle.cancel_run(run, by=request.user.get_username())
     except RunNotCancellable as exc:
         return error(409, str(exc))
     return _run_response(run)

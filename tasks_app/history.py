@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks_app.models import Attempt, Run
+from tasks_app.models import Attempt, DeletedTask, Run
 from tasks_app.validators import MAX_ID
 
 
@@ -80,7 +80,18 @@ def runs_page(
     by_run: dict[int, list[Attempt]] = {}
     for attempt in attempts:
         by_run.setdefault(attempt.run_id, []).append(attempt)
+    mark_deleted_tasks(rows)
     for run in rows:
         run.attempt_list = by_run.get(run.pk, [])
         run.latest_attempt = max(run.attempt_list, key=lambda a: a.pk, default=None)
     return Page(runs=rows, next_before=rows[-1].pk if more and rows else None)
+
+
+def mark_deleted_tasks(runs) -> None:
+    """Set `task_deleted` on each run: one query for the page, not one per run."""
+    ids = {run.task_id for run in runs if run.task_id}
+    gone = (
+        set(DeletedTask.objects.filter(pk__in=ids).values_list("pk", flat=True)) if ids else set()
+    )
+    for run in runs:
+        run.task_deleted = run.task_id in gone

@@ -184,7 +184,7 @@ def retry_run(run: Run, user=None) -> Run:
     if not run.is_final:
         raise RunNotRetryable(f"run {run.pk} is {run.status}; only a finished run can be retried")
     retry = Run(
-        task=run.task,
+        task_id=run.task_id,
         task_name=run.task_name,
         definition=run.definition,
         params=run.params,
@@ -776,8 +776,11 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
 # --- cancelling ----------------------------------------------------------------
 
 
-def cancel_run(run: Run) -> Run:
-    """Cancel now what has not started; ask agents to kill what runs."""
+def cancel_run(run: Run, by: str = "") -> Run:
+    """Cancel now what has not started; ask agents to kill what runs.
+
+    by: who asked (a username), shown with the run.
+    """
     # A savepoint here: refusing raises inside the block, and the caller's
     # transaction (a test's, a view's) must survive it.
     with transaction.atomic():
@@ -785,7 +788,7 @@ def cancel_run(run: Run) -> Run:
         # not final and not already being cancelled moves.
         Run.objects.filter(pk=run.pk, cancel_requested_at__isnull=True).exclude(
             status__in=Run.FINAL
-        ).update(cancel_requested_at=timezone.now())
+        ).update(cancel_requested_at=timezone.now(), cancel_requested_by=by[:150])
         run.refresh_from_db()
         if run.is_final:
             raise RunNotCancellable(f"run {run.pk} already {run.status}")

@@ -87,6 +87,24 @@ class Task(models.Model):
         return snapshot
 
 
+class DeletedTask(models.Model):
+    """A deleted task's id and name: its runs keep the id, this says it is gone."""
+
+    id = models.BigIntegerField(primary_key=True)
+    name = models.CharField(max_length=200)
+    deleted_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} (deleted)"
+
+
+def remember_deleted_task(sender, instance: Task, **kwargs) -> None:
+    DeletedTask.objects.update_or_create(pk=instance.pk, defaults={"name": instance.name})
+
+
 class Run(models.Model):
     """One triggering of a task, with a snapshot of the task as it was."""
 
@@ -105,8 +123,16 @@ class Run(models.Model):
 
     FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
+    # The task's id outlives the task (no constraint, nothing done on delete),
+    # so its history stays findable by id; DeletedTask says it is gone. Ids are
+    # never reused (AUTOINCREMENT on SQLite, a sequence on PostgreSQL).
     task = models.ForeignKey(
-        Task, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+        Task,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="runs",
     )
     task_name = models.CharField(max_length=200)
     definition = models.JSONField()
@@ -122,6 +148,8 @@ class Run(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # Who asked (a username; kept as text like task_name, so it outlives the user).
+    cancel_requested_by = models.CharField(max_length=150, blank=True)
     reason = models.CharField(max_length=500, blank=True, help_text="Why the run failed.")
     # Given at trigger time ({"env": {...}, "args": [...]}); already applied to
     # the definition, kept to show what this run was asked for.

@@ -149,7 +149,7 @@ def run_detail(request, pk: int):
 def run_cancel(request, pk: int):
     run = _get_run(pk)
     try:
-        lifecycle.cancel_run(run)
+        lifecycle.cancel_run(run, by=request.user.get_username())
         messages.success(request, f"Run #{run.pk} cancelled.")
     except RunNotCancellable as exc:
         messages.error(request, f"Not cancelled: {exc}.")

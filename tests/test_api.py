@@ -13,7 +13,7 @@ from django.test import Client
 from django.utils import timezone
 
 from tasks_app import lifecycle
-from tasks_app.models import ApiToken, Attempt, LogChunk, Run, Task
+from tasks_app.models import ApiToken, Attempt, DeletedTask, LogChunk, Run, Task
 from workers_app import registration
 from workers_app.models import EnrollmentToken, Worker
 
@@ -90,12 +90,14 @@ def run_body(run: Run, *, output: dict[int, tuple[str, str, str]] | None = None)
     return {
         "id": run.pk,
         "task": run.task_id,
+        "task_deleted": DeletedTask.objects.filter(pk=run.task_id).exists(),
         "task_name": run.task_name,
         "status": run.status,
         "reason": run.reason,
         "trigger": run.trigger,
         "retry_of": run.retry_of_id,
         "cancel_requested_at": _time(run.cancel_requested_at),
+        "cancel_requested_by": run.cancel_requested_by or None,
         "command": run.definition["command"],
         "params": run.params,
         "created_at": _time(run.created_at),
@@ -390,12 +392,16 @@ def test_it_deletes_a_task_and_keeps_its_runs_readable(api, task):
     detail = api.get(f"/api/runs/{run.pk}")
     assert detail.status_code == 200
     body = detail.json()
-    assert (body["task"], body["task_name"], body["command"]) == (
-        None,
+    assert (body["task"], body["task_deleted"], body["task_name"], body["command"]) == (
+        task.pk,
+        True,
         "answer",
         'python3 -c "print(6*7)"',
     )
     assert body == run_body(run, output={})
+    # Its history is still found by the task's id.
+    listed = api.get(f"/api/runs?task={task.pk}").json()["results"]
+    assert [(r["id"], r["task_deleted"]) for r in listed] == [(run.pk, True)]
 
 
 def test_it_answers_404_when_deleting_an_unknown_task(api, task):

@@ -16,7 +16,7 @@ from django.utils import dateformat, timezone
 from django.utils.html import escape
 
 from tasks_app import lifecycle
-from tasks_app.models import ApiToken, Attempt, LogChunk, Run, SchedulerState, Task
+from tasks_app.models import ApiToken, Attempt, DeletedTask, LogChunk, Run, SchedulerState, Task
 from workers_app import registration
 from workers_app.models import EnrollmentToken, Worker
 
@@ -283,7 +283,7 @@ def test_it_deletes_a_task_and_its_run_pages_still_render(bob_client, task):
     assert response["Location"] == "/tasks/"
     assert not Task.objects.filter(pk=task.pk).exists()
     run.refresh_from_db()
-    assert (run.task_id, run.task_name) == (None, "answer")
+    assert (run.task_id, run.task_name) == (task.pk, "answer")
     detail = bob_client.get(f"/runs/{run.pk}/")
     assert detail.status_code == 200
     assert f"Run #{run.pk} · answer" in detail.content.decode()
@@ -698,6 +698,10 @@ def one_of_everything(alice, task, worker):
     ApiToken.objects.create(user=alice, name="admin-token", token_hash="a" * 64)
     EnrollmentToken.mint(note="for the admin", user=alice)
     SchedulerState.current()
+    Task.objects.create(name="gone", command="true").delete()
+
+
+HISTORY = {Run, Attempt, LogChunk, DeletedTask}
 
 
 @pytest.mark.parametrize("model", our_models(), ids=lambda model: model.__name__)
@@ -707,15 +711,48 @@ def test_the_admin_shows_every_model_to_alice(client, alice, one_of_everything, 
 
     changelist = client.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist"))
 
+    # History is shown, never edited: its pages say "view", not "change".
+    verb = "view" if model in HISTORY else "change"
     assert changelist.status_code == 200
-    assert f"Select {meta.verbose_name} to change" in changelist.content.decode()
+    assert f"Select {meta.verbose_name} to {verb}" in changelist.content.decode()
     obj = model.objects.first()
     assert f'href="/admin/{meta.app_label}/{meta.model_name}/{obj.pk}/change/' in (
         changelist.content.decode()
     )
     change = client.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk]))
     assert change.status_code == 200
-    assert f"Change {meta.verbose_name}" in change.content.decode()
+    assert f"{verb.title()} {meta.verbose_name}" in change.content.decode()
+
+
+@pytest.mark.parametrize(
+    "model", sorted(HISTORY, key=lambda m: m.__name__), ids=lambda m: m.__name__
+)
+def test_the_admin_never_adds_or_edits_history(client, alice, one_of_everything, model):
+    client.force_login(alice)
+    meta = model._meta
+    obj = model.objects.first()
+    before = list(model.objects.values())
+
+    changelist = client.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist"))
+    add = client.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_add"))
+    edit = client.post(
+        reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk]),
+        {"status": "succeeded", "task_name": "forged", "name": "forged", "data": "forged"},
+    )
+
+    assert f"Add {meta.verbose_name}" not in changelist.content.decode()
+    assert add.status_code == 403
+    assert edit.status_code == 403
+    assert list(model.objects.values()) == before
+
+
+def test_the_admin_run_filter_offers_only_triggers_that_exist(client, alice, one_of_everything):
+    client.force_login(alice)
+
+    page = client.get("/admin/tasks_app/run/").content.decode()
+
+    assert "?trigger=manual" in page and "?trigger=retry" in page
+    assert "?trigger=schedule" not in page
 
 
 def test_the_admin_keeps_bob_out(bob_client, task):
