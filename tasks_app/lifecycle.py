@@ -300,19 +300,28 @@ def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
     return bool(claim([Claim(worker_id, worker_name, attempt_id, capacity)]))
 
 
-def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, int]:
+def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, tuple]:
     """The pairs whose attempt is that worker's and in one of these states,
-    locked; each with its run id."""
+    locked; each with (run id, assigned_at)."""
     pairs = set(pairs)
     ids = list({a for _, a in pairs})
     if not ids:
         return {}
     rows = select(
-        f"SELECT id, worker_id, run_id FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
+        f"SELECT id, worker_id, run_id, assigned_at FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
         f" AND status IN ({marks(statuses)}){for_update()}",
         [*ids, *statuses],
     )
-    return {(w, a): run_id for a, w, run_id in rows if (w, a) in pairs}
+    return {(w, a): (run_id, aware(at)) for a, w, run_id, at in rows if (w, a) in pairs}
+
+
+def _between(value: dt.datetime | None, low: dt.datetime | None, high: dt.datetime):
+    """An agent's time, held between two of the master's: high when unknown."""
+    if value is None:
+        return high
+    if low is not None and value < low:
+        value = low
+    return min(value, high)
 
 
 def accept_many(pairs: Sequence[Pair]) -> set[Pair]:
@@ -349,8 +358,11 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
         for item in items:
             pair = (item.worker_id, item.attempt_id)
             if pair in owned:
-                started = _from_epoch(item.started_at) or now
-                moves.append((started, item.pid, item.attempt_id, owned.pop(pair)))
+                run_id, assigned_at = owned.pop(pair)
+                # The agent's clock may be off: a start is never before its
+                # assignment nor after the master heard of it.
+                started = _between(_from_epoch(item.started_at), assigned_at, now)
+                moves.append((started, item.pid, item.attempt_id, run_id))
         moves.sort(key=lambda move: (move[0], move[2]))
         update_rows(
             Attempt,
@@ -491,7 +503,7 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
             row[0]: row[1:]
             for row in select(
                 "SELECT id, worker_id, status, closed_by_master, late_reported_at, try_number,"
-                " shard_index, run_id, labels_key, timeout_s"
+                " shard_index, run_id, labels_key, timeout_s, assigned_at, started_at"
                 f" FROM {ATTEMPT} WHERE id IN ({marks(ids)}){for_update()}",
                 ids,
             )
@@ -523,7 +535,7 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
                 "status": "%s",
                 "exit_code": "%s",
                 "reason": "%s",
-                "started_at": "COALESCE(%s, started_at, %s)",
+                "started_at": "%s",
                 "finished_at": "%s",
                 "output_bytes": "%s",
                 "truncated": "(%s OR truncated)",
@@ -533,9 +545,7 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
                     r.status,
                     r.exit_code,
                     r.reason[:500],
-                    _from_epoch(r.started_at),
-                    now,
-                    _from_epoch(r.finished_at) or now,
+                    *_span(r, *rows[i.attempt_id][9:11], now),
                     max(r.output_bytes, 0),
                     r.truncated,
                     i.attempt_id,
@@ -561,8 +571,22 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
             where="closed_by_master AND late_reported_at IS NULL",
         )
         # What _after_final would read back: the new status, and the rest as read.
-        _after_final_rows([(i.result.status, *rows[i.attempt_id][4:]) for i in stored])
+        _after_final_rows([(i.result.status, *rows[i.attempt_id][4:9]) for i in stored])
     return outcomes
+
+
+def _span(result: Result, assigned_at, started_at, now: dt.datetime) -> tuple:
+    """(started, finished) of a result: in order, whoever's clock reported them.
+
+    Instants are held between the master's own (assigned, started, now); the
+    length is the agent's, measured on one clock, so a skewed agent clock
+    moves an attempt but never turns its duration negative.
+    """
+    agent_start, agent_end = _from_epoch(result.started_at), _from_epoch(result.finished_at)
+    started = aware(started_at) or _between(agent_start, aware(assigned_at), now)
+    if agent_start is not None and agent_end is not None:
+        return started, min(started + max(agent_end - agent_start, dt.timedelta(0)), now)
+    return started, _between(agent_end, started, now)
 
 
 def finish(worker_id: int, attempt_id: int, result: Result) -> Outcome:

@@ -83,8 +83,9 @@ def finished_frame(attempt: Attempt, exit_code: int = 0, **overrides) -> dict:
         "status": "succeeded" if exit_code == 0 else "failed",
         "exit_code": exit_code,
         "reason": "" if exit_code == 0 else f"exit code {exit_code}",
-        "started_at": now - 2,
-        "finished_at": now - 1,
+        # Real times: after the assignment, no later than the master's now.
+        "started_at": now,
+        "finished_at": now,
         "output_bytes": 3,
         **overrides,
     }
@@ -510,7 +511,7 @@ async def test_it_never_assigns_more_than_the_agents_capacity(agent, linux_task)
 async def test_it_marks_an_attempt_running_when_it_starts(agent, worker, linux_task):
     attempt = await trigger(linux_task)
     assert await agent.receive_json_from(timeout=TIMEOUT) == assign_for(attempt)
-    started_at = timezone.now().timestamp() - 1
+    started_at = timezone.now().timestamp()
 
     await agent.send_json_to({"type": "accepted", "attempt": attempt.pk})
     await agent.send_json_to(
@@ -571,7 +572,7 @@ async def test_it_stores_batched_output_and_the_result_then_acks(
     # One message of protocol 2, as an agent batches what is ready; the output
     # out of order on purpose: storage orders by seq, not by arrival.
     batch = [
-        {"type": "started", "attempt": attempt.pk, "pid": 99},
+        {"type": "started", "attempt": attempt.pk, "pid": 99, "started_at": frame["started_at"]},
         *(
             {"type": "log", "attempt": attempt.pk, "seq": seq, "stream": stream, "data": data}
             for seq, stream, data in [

@@ -165,15 +165,58 @@ def test_it_lets_only_the_assigned_worker_accept_and_start_an_attempt(task, work
     assert (attempt.status, attempt.accepted_at, attempt.pid) == ("assigned", None, None)
 
     assert lifecycle.mark_accepted(worker.pk, attempt.pk) is True
-    assert lifecycle.mark_started(worker.pk, attempt.pk, 1_700_000_000.5, 321) is True
+    attempt.refresh_from_db()
+    agent_start = attempt.assigned_at + dt.timedelta(milliseconds=3)
+    time.sleep(0.01)  # the start is reported after it happened
+    assert lifecycle.mark_started(worker.pk, attempt.pk, agent_start.timestamp(), 321) is True
     attempt.refresh_from_db()
     assert attempt.status == Attempt.Status.RUNNING
     assert attempt.pid == 321
-    assert attempt.started_at == dt.datetime(2023, 11, 14, 22, 13, 20, 500000, tzinfo=dt.UTC)
+    assert attempt.started_at == agent_start
     run = Run.objects.get(pk=attempt.run_id)
     assert (run.status, run.started_at) == (Run.Status.RUNNING, attempt.started_at)
     # Started is a one-way step: a replayed frame changes nothing.
     assert lifecycle.mark_started(worker.pk, attempt.pk, None, 999) is False
+
+
+@pytest.mark.parametrize("skew_s", [-3600, -0.5, 0, 0.5, 3600], ids=lambda s: f"agent{s:+}s")
+def test_an_attempts_times_stay_in_order_whatever_the_agents_clock(task, worker, skew_s):
+    (attempt,) = queue(task)
+    lifecycle.assign(attempt.pk, worker.pk, worker.name)
+    before = timezone.now()
+    agent_now = time.time() + skew_s
+    assert lifecycle.mark_started(worker.pk, attempt.pk, agent_now, 1)
+    # The command ran 0.25 s by the agent's own clock, and was reported then.
+    time.sleep(0.3)
+    finished = Result("failed", 1, "exit code 1", agent_now, agent_now + 0.25)
+    assert lifecycle.finish(worker.pk, attempt.pk, finished) is Outcome.STORED
+    after = timezone.now()
+
+    attempt.refresh_from_db()
+    run = Run.objects.get(pk=attempt.run_id)
+    assert attempt.queued_at <= attempt.assigned_at <= attempt.started_at
+    assert attempt.started_at <= attempt.finished_at <= after
+    assert run.started_at <= run.finished_at
+    assert attempt.assigned_at >= before - dt.timedelta(seconds=5)
+    # The length is the agent's, unless the master's clock says it cannot be
+    # (an agent ahead of us: its start is held at now, its end too).
+    if skew_s <= 0:
+        assert attempt.duration == dt.timedelta(seconds=0.25)
+    assert attempt.duration >= dt.timedelta(0)
+
+
+def test_a_command_that_never_started_ends_no_earlier_than_it_started(task, worker):
+    """A spawn failure reports no start, and an end by the agent's (here, slow) clock."""
+    (attempt,) = queue(task)
+    lifecycle.assign(attempt.pk, worker.pk, worker.name)
+    spawn_failed = Result("failed", None, "command not found", None, time.time() - 0.003)
+
+    assert lifecycle.finish(worker.pk, attempt.pk, spawn_failed) is Outcome.STORED
+
+    attempt.refresh_from_db()
+    run = Run.objects.get(pk=attempt.run_id)
+    assert attempt.assigned_at <= attempt.started_at <= attempt.finished_at
+    assert run.duration >= dt.timedelta(0)
 
 
 def test_it_requeues_only_assignments_of_that_worker_that_did_not_start(task, worker):
@@ -203,7 +246,7 @@ def test_it_stores_a_result_once_and_reports_a_duplicate(task, worker):
     attempt.refresh_from_db()
     stored = (attempt.status, attempt.exit_code, attempt.reason, attempt.finished_at)
     assert stored[:3] == ("failed", 3, "exit code 3")
-    assert attempt.finished_at.timestamp() == pytest.approx(first.finished_at, abs=1e-3)
+    assert attempt.started_at <= attempt.finished_at <= timezone.now()
 
     assert lifecycle.finish(worker.pk, attempt.pk, result(0)) is Outcome.DUPLICATE
 
