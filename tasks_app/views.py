@@ -14,7 +14,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from tasks_app import history, lifecycle, logs
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import TaskForm
-from tasks_app.models import Attempt, Run, SchedulerState, Task
+from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
 
 
 def _get_task(pk: int) -> Task:
@@ -123,6 +123,8 @@ def run_list(request):
         "newest_url": f"{reverse('tasks:runs')}?{newest_query}" if "before" in filters else None,
         "statuses": Run.Status.values,
         "tasks": Task.objects.order_by("name").only("id", "name"),
+        # Their runs are history too, and stay findable by the task.
+        "deleted_tasks": DeletedTask.objects.order_by("name"),
         # Only the first page follows new runs live; an older page stays put.
         "live": "before" not in filters,
     }
@@ -139,9 +141,11 @@ def run_detail(request, pk: int):
     )
     if run is None:
         raise Http404("No such run.")
+    history.mark_deleted_tasks([run])
+    deleted = DeletedTask.objects.filter(pk=run.task_id).first() if run.task_deleted else None
     rows = [(attempt, logs.output_of(attempt)) for attempt in run.attempts.all()]
     template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
-    return render(request, template, {"run": run, "rows": rows})
+    return render(request, template, {"run": run, "rows": rows, "deleted_task": deleted})
 
 
 @require_POST
@@ -172,7 +176,7 @@ def run_retry(request, pk: int):
 @login_required
 def scheduler_pause(request):
     SchedulerState.set_paused(True, by=request.user.get_username())
-    messages.success(request, "Scheduler paused: nothing new is dispatched; running work finishes.")
+    # No flash: the banner on every page says it, with who and since when.
     return _redirect(request, _back(request))
 
 

@@ -85,6 +85,10 @@ def test_it_fails_a_missing_executable_with_a_reason_and_the_agent_keeps_working
     assert attempt["exit_code"] is None
     assert attempt["reason"].startswith("cannot start:")
     assert "no-such-command-xyz" in attempt["reason"]
+    # It never started, yet its times are in order: it did not finish before it began.
+    assert _time(attempt["assigned_at"]) <= _time(attempt["started_at"])
+    assert _time(attempt["started_at"]) <= _time(attempt["finished_at"])
+    assert _time(run["started_at"]) <= _time(run["finished_at"])
     assert agent.proc.poll() is None
     follow_up = master.wait_final(_create_and_run(master, name="after", command=PRINT_42)["id"])
     assert follow_up["status"] == "succeeded"

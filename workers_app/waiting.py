@@ -1,0 +1,62 @@
+"""Why a queued run has not started yet, said in words for its page.
+
+The dashboard's answer to "what is it waiting for?": the first of these
+that holds is the reason, in the order dispatch itself would meet them.
+"""
+
+from __future__ import annotations
+
+from django.utils import timezone
+
+from tasks_app.models import Attempt, Run, SchedulerState
+from tasks_app.templatetags.sched import seconds_text
+from workers_app.models import Worker
+
+
+def _names(workers: list[Worker], limit: int = 3) -> str:
+    shown = ", ".join(f"{w.name} ({w.state})" for w in workers[:limit])
+    more = len(workers) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def why_waiting(run: Run, attempts: list[Attempt]) -> str:
+    """The reason a run that is not final and not running is still waiting."""
+    live = [a for a in attempts if not a.is_final]
+    assigned = [a for a in live if a.status == Attempt.Status.ASSIGNED]
+    if assigned:
+        first = assigned[0]
+        step = "accepted it" if first.accepted_at else "has not accepted it yet"
+        return f"Assigned to {first.worker_name}, which {step}; waiting for the command to start."
+    state = SchedulerState.objects.filter(pk=1, paused=True).first()
+    if state is not None:
+        by = f" by {state.paused_by}" if state.paused_by else ""
+        return f"The scheduler is paused{by}: nothing new is dispatched until it is resumed."
+    now = timezone.now()
+    waiting = [a for a in live if a.status == Attempt.Status.QUEUED and a.ready_at > now]
+    if waiting and len(waiting) == len(live):
+        wait = seconds_text((min(a.ready_at for a in waiting) - now).total_seconds())
+        return f"Waiting out its retry backoff: eligible again in {wait}."
+    labels = set(run.definition.get("labels") or ())
+    wanted = f"the labels {', '.join(sorted(labels))}" if labels else "no particular labels"
+    workers = [
+        w
+        for w in Worker.objects.filter(revoked_at__isnull=True).with_busy_slots().order_by("name")
+        if labels <= set(w.labels or ())
+    ]
+    if not workers:
+        if labels:
+            return f"No worker has {wanted}: add one with them, or change the task's labels."
+        return "No worker is registered yet: add one on the Workers page."
+    online = [w for w in workers if w.state == Worker.State.ONLINE and not w.drain_requested]
+    if not online:
+        return f"No worker with {wanted} takes new work: {_names(workers)}."
+    busy = sum(min(w.busy, w.capacity) for w in online)
+    slots = sum(w.capacity for w in online)
+    if busy >= slots:
+        count = len(online)
+        return (
+            f"All {count} online worker{'s' if count != 1 else ''} with {wanted} "
+            f"{'are' if count != 1 else 'is'} busy ({busy} of {slots} slots); "
+            "it starts when a slot frees up."
+        )
+    return "Being dispatched to a free slot."
