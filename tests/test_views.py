@@ -579,7 +579,8 @@ def test_it_shows_the_truncation_marker(bob_client, task):
     html = bob_client.get(f"/runs/{run.pk}/").content.decode()
 
     assert re.search(
-        r'<pre class="log stdout" id="out-\d+-stdout"[^>]*>abc\n\[output truncated: kept 3 of 50 bytes\]\n</pre>',
+        r'<pre class="log stdout" id="out-\d+-stdout"[^>]*>'
+        r"abc\n\[output truncated: kept 3 of 50 bytes\]\n</pre>",
         html,
     )
 
