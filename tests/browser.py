@@ -35,10 +35,13 @@ def chromium_page(viewport: dict = DESKTOP, name: str = "browser-last"):
             context = browser.new_context(viewport=viewport)
             page = context.new_page()
             page.set_default_timeout(15_000)
-            yield page
-            screenshots = os.environ.get("SCREENSHOT_DIR")
-            if screenshots:
-                page.screenshot(path=str(Path(screenshots) / f"{name}.png"), full_page=True)
+            try:
+                yield page
+            finally:
+                # Also when the test failed: the picture is what went wrong.
+                screenshots = os.environ.get("SCREENSHOT_DIR")
+                if screenshots:
+                    page.screenshot(path=str(Path(screenshots) / f"{name}.png"), full_page=True)
         finally:
             browser.close()
 

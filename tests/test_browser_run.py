@@ -1,0 +1,128 @@
+"""A real Chromium on the run page and the top bar: controls follow state,
+output can be followed, pausing asks first, and every page fits a phone."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.browser import DESKTOP, PHONE, chromium_page, log_in, page_overflow
+from tests.harness import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+# 400 numbered lines, ten every 0.1 s: a box of output that grows for 4 s.
+TICKER = (
+    f"{sys.executable} -u -c "
+    "\"import time\nfor i in range(400):\n print(f'line {i}')\n i % 10 == 9 and time.sleep(0.1)\""
+)
+
+
+def _run(master, **task) -> int:
+    created = master.create_task(**task)
+    return master.trigger(created["id"])["id"]
+
+
+def test_the_run_pages_buttons_follow_the_run_without_a_reload(master, start_agent):
+    start_agent("agent-1")
+    with chromium_page(DESKTOP, "run-controls") as page:
+        log_in(page, master)
+        sleep = f'{sys.executable} -c "import time; time.sleep(4)"'
+        run_id = _run(master, name="short", command=sleep)
+        page.goto(f"{master.url}/runs/{run_id}/")
+        page.evaluate("window.__no_reload = true")
+        page.locator("#cancel-run").wait_for()
+
+        page.locator("#run-status[data-status=succeeded]").wait_for(timeout=20_000)
+
+        assert page.locator("#cancel-run").count() == 0
+        assert page.locator("#retry-run").is_visible()
+        assert page.evaluate("window.__no_reload") is True
+
+
+def test_the_live_output_follows_its_end_and_keeps_a_readers_place(master, start_agent):
+    start_agent("agent-1")
+    with chromium_page(DESKTOP, "run-output") as page:
+        log_in(page, master)
+        run_id = _run(master, name="ticker", command=TICKER, shell=False)
+        page.goto(f"{master.url}/runs/{run_id}/")
+        box = page.locator("pre.log.stdout")
+
+        def at_end_with_more_than(lines: int):
+            state = box.evaluate(
+                "b => [b.textContent.split('\\n').length,"
+                " b.scrollHeight - b.scrollTop - b.clientHeight, b.scrollHeight > b.clientHeight]"
+            )
+            return state if state[0] > lines and state[2] else None
+
+        # Following: after refreshes with new lines, the newest line is in view.
+        count, from_end, _ = wait_for(lambda: at_end_with_more_than(100), what="output to overflow")
+        assert from_end <= 24
+        count2, from_end2, _ = wait_for(
+            lambda: at_end_with_more_than(count + 30), what="more lines"
+        )
+        assert from_end2 <= 24, "the box did not follow new output"
+
+        # A reader who scrolls up stays there across the next refreshes.
+        box.evaluate("b => { b.scrollTop = 40; }")
+        wait_for(lambda: at_end_with_more_than(count2 + 30), what="more lines after scrolling up")
+        assert box.evaluate("b => b.scrollTop") == 40
+
+        page.locator("#run-status[data-status=succeeded]").wait_for(timeout=20_000)
+        assert "line 399" in box.inner_text()
+
+
+def test_pausing_asks_first_and_says_it_once(master):
+    with chromium_page(DESKTOP, "pause") as page:
+        log_in(page, master)
+        dialogs = []
+
+        page.once("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.click("#pause-scheduler")
+        page.wait_for_timeout(500)
+        assert dialogs and dialogs[0].startswith("Pause the scheduler?")
+        assert master.api("GET", "scheduler").json()["paused"] is False
+
+        page.once("dialog", lambda d: d.accept())
+        page.click("#pause-scheduler")
+        page.locator("#paused-banner").wait_for()
+        assert master.api("GET", "scheduler").json()["paused"] is True
+        assert "paused" not in " ".join(page.locator(".messages li").all_inner_texts()).lower()
+        assert page.locator("text=Scheduler paused").count() == 1
+
+        page.click("#resume-scheduler")
+        page.locator("#pause-scheduler").wait_for()
+        assert master.api("GET", "scheduler").json()["paused"] is False
+
+
+PAGES = ["/tasks/", "/tasks/new/", "/runs/", "/workers/", "/runs/{run}/", "/api/docs"]
+
+
+def test_every_page_fits_a_phone(master, start_agent):
+    start_agent("agent-with-a-rather-long-name-1")
+    run_id = _run(
+        master,
+        name="a-task-with-a-long-name-that-would-push-a-table-wide",
+        command="echo " + "x" * 300,
+        shell=True,
+        labels=[],
+    )
+    master.wait_final(run_id)
+    with chromium_page(PHONE, "phone") as page:
+        log_in(page, master)
+        wide = {}
+        for path in PAGES:
+            response = page.goto(master.url + path.format(run=run_id))
+            if response.status == 404:
+                continue  # a page another part of the dashboard adds
+            page.wait_for_load_state("networkidle")
+            if page_overflow(page) > 0:
+                wide[path] = page_overflow(page)
+            # The top bar spans the whole width; its links stay inside it.
+            bar = page.locator(".topbar").bounding_box()
+            assert bar["width"] >= PHONE["width"] - 1, path
+            for link in page.locator(".topbar nav a").all():
+                box = link.bounding_box()
+                assert box["y"] + box["height"] <= bar["y"] + bar["height"] + 1, path
+        assert wide == {}, f"pages wider than the phone, by px: {wide}"
