@@ -149,7 +149,8 @@ class Run(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     # Who asked (a username; kept as text like task_name, so it outlives the user).
-    cancel_requested_by = models.CharField(max_length=150, blank=True)
+    # db_default: raw inserts (lifecycle's, seedruns') need not name it.
+    cancel_requested_by = models.CharField(max_length=150, blank=True, default="", db_default="")
     reason = models.CharField(max_length=500, blank=True, help_text="Why the run failed.")
     # Given at trigger time ({"env": {...}, "args": [...]}); already applied to
     # the definition, kept to show what this run was asked for.
