@@ -286,10 +286,11 @@ def test_it_deletes_a_task_and_its_run_pages_still_render(bob_client, task):
     assert (run.task_id, run.task_name) == (task.pk, "answer")
     detail = bob_client.get(f"/runs/{run.pk}/")
     assert detail.status_code == 200
-    assert f"Run #{run.pk} · answer" in detail.content.decode()
+    link = f'<a href="/tasks/{task.pk}/">answer</a>'
+    assert f"Run #{run.pk} · {link}" in detail.content.decode()
     assert "Run again" not in detail.content.decode()
     listing = bob_client.get("/runs/").content.decode()
-    assert 'answer <span class="muted">(deleted)</span>' in listing
+    assert f'{link} <span class="muted">(deleted)</span>' in listing
 
 
 def test_it_answers_404_for_deleting_an_unknown_task(bob_client, task):
@@ -485,7 +486,7 @@ def test_it_shows_a_finished_run_as_it_was_run(bob_client, task, worker):
 
     assert response.status_code == 200
     html = response.content.decode()
-    assert f"Run #{run.pk} · answer" in html
+    assert f'Run #{run.pk} · <a href="/tasks/{task.pk}/">answer</a>' in html
     assert "<code>python3 -c &quot;print(6*7)&quot;</code>" in html
     assert "edited-later" not in html
     assert '<span class="badge failed" id="run-status">failed</span>' in html
