@@ -118,3 +118,23 @@ def test_it_answers_an_empty_command_with_its_own_inline_error(bob_client):
     html = response.content.decode()
     assert '<p class="error field-error" data-field="command">This field is required.</p>' in html
     assert not Task.objects.exists()
+
+
+# --- 4. the delete page ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("runs", "sentence"),
+    [
+        (0, "The task definition is removed. It has never run."),
+        (1, "Its 1 run stays in the history, readable as before."),
+        (2, "Its 2 runs stay in the history, readable as before."),
+    ],
+)
+def test_it_counts_the_runs_that_stay_in_plain_english(bob_client, task, runs, sentence):
+    for _ in range(runs):
+        lifecycle.trigger_run(task)
+
+    html = bob_client.get(f"/tasks/{task.pk}/delete/").content.decode()
+
+    assert sentence in html
