@@ -40,7 +40,17 @@ class LabelsField(forms.Field):
         return value
 
 
+COMMAND_HELP = (
+    "Without “shell”, it is split into arguments like a shell would (shlex), and "
+    "newlines count as spaces: several lines make one command line. With “shell”, "
+    "the lines run as one script through /bin/sh -c."
+)
+
+
 class TaskForm(forms.ModelForm):
+    # Shown folded under "Advanced" on the page: most tasks never change them.
+    ADVANCED_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s")
+
     env = EnvField(required=False, label="Environment", help_text="One KEY=VALUE per line.")
     labels = LabelsField(
         required=False, label="Required labels", help_text="Only workers with all of these run it."
@@ -80,12 +90,29 @@ class TaskForm(forms.ModelForm):
         model = Task
         fields = list(TASK_FIELDS)
         widgets = {
-            "command": forms.TextInput(attrs={"placeholder": 'python -c "print(6*7)"'}),
+            "command": forms.Textarea(
+                attrs={"rows": 3, "placeholder": 'python -c "print(6*7)"', "spellcheck": "false"}
+            ),
             "name": forms.TextInput(attrs={"placeholder": "nightly-report"}),
             "working_dir": forms.TextInput(
                 attrs={"placeholder": "/srv/app (empty: the agent's own)"}
             ),
         }
+        help_texts = {"command": COMMAND_HELP}
+
+    def basic_fields(self) -> list[forms.BoundField]:
+        return [field for field in self if field.name not in self.ADVANCED_FIELDS]
+
+    def advanced_fields(self) -> list[forms.BoundField]:
+        return [self[name] for name in self.ADVANCED_FIELDS]
+
+    def advanced_has_errors(self) -> bool:
+        return any(name in self.errors for name in self.ADVANCED_FIELDS)
+
+    def clean_command(self):
+        # A browser sends a textarea's lines with CRLF (HTML's form encoding):
+        # "do\r" is a syntax error for sh, so a script keeps plain newlines.
+        return self.cleaned_data["command"].replace("\r\n", "\n")
 
     def clean_name(self):
         name = self.cleaned_data["name"].strip()

@@ -7,6 +7,7 @@ app_name = "tasks"
 urlpatterns = [
     path("tasks/", views.task_list, name="list"),
     path("tasks/new/", views.task_create, name="create"),
+    path("tasks/<int:pk>/", views.task_detail, name="detail"),
     path("tasks/<int:pk>/edit/", views.task_edit, name="edit"),
     path("tasks/<int:pk>/delete/", views.task_delete, name="delete"),
     path("tasks/<int:pk>/run/", views.task_run, name="run"),

@@ -43,36 +43,60 @@ def clean_labels(value) -> list[str]:
 
 
 def clean_env(value) -> dict[str, str]:
-    """Environment variables from an object or from KEY=VALUE lines."""
+    """Environment variables from an object or from KEY=VALUE lines.
+
+    Every problem is reported, not just the first: a form with three bad
+    lines says so once, in one list of messages (the API's `errors.env`).
+    """
     if value is None or value == "":
         return {}
+    errors: list[str] = []
     if isinstance(value, str):
-        pairs = {}
+        pairs: dict[str, str] = {}
+        seen_on: dict[str, int] = {}
         for number, line in enumerate(value.splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             if "=" not in line:
-                raise ValidationError(f"Line {number}: expected KEY=VALUE, got {line.strip()!r}.")
+                errors.append(f"Line {number}: expected KEY=VALUE, got {line.strip()!r}.")
+                continue
             key, _, val = line.partition("=")
-            pairs[key.strip()] = val
-        value = pairs
+            key = key.strip()
+            problems = _env_item_errors(key, val)
+            if key in seen_on:
+                problems.append(f"{key} is already set on line {seen_on[key]}.")
+            errors.extend(f"Line {number}: {problem}" for problem in problems)
+            if not problems:
+                seen_on[key] = number
+                pairs[key] = val
+        if not errors and len(pairs) > MAX_ENV:
+            errors.append(f"At most {MAX_ENV} environment variables.")
+        if errors:
+            raise ValidationError(errors)
+        return pairs
     if not isinstance(value, dict):
         raise ValidationError("Environment must be an object of string values.")
     if len(value) > MAX_ENV:
         raise ValidationError(f"At most {MAX_ENV} environment variables.")
-    env: dict[str, str] = {}
     for key, val in value.items():
-        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
-            raise ValidationError(
-                f"Invalid variable name {key!r}: "
-                "use letters, digits and '_', not starting with a digit."
-            )
-        if not isinstance(val, str):
-            raise ValidationError(f"The value of {key} must be a string.")
-        if "\x00" in val:
-            raise ValidationError(f"The value of {key} contains a NUL byte.")
-        env[key] = val
-    return env
+        errors.extend(_env_item_errors(key, val))
+    if errors:
+        raise ValidationError(errors)
+    return dict(value)
+
+
+def _env_item_errors(key, val) -> list[str]:
+    """What is wrong with one variable: its name, then its value."""
+    if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+        return [
+            f"Invalid variable name {key!r}: "
+            "use letters, digits and '_', not starting with a digit."
+        ]
+    if not isinstance(val, str):
+        return [f"The value of {key} must be a string."]
+    if "\x00" in val:
+        return [f"The value of {key} contains a NUL byte."]
+    return []
 
 
 def check_command(command: str, shell: bool) -> None:

@@ -3,7 +3,9 @@
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import OuterRef, Prefetch, Subquery
+from django.core.paginator import Paginator
+from django.db.models import F, OuterRef, Prefetch, Q, Subquery
+from django.db.models.functions import Lower
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -11,7 +13,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import history, lifecycle, logs
+from tasks_app import history, lifecycle, logs, task_stats
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
@@ -38,16 +40,86 @@ def _redirect(request: HttpRequest, url: str) -> HttpResponse:
     return redirect(url)
 
 
+# The task list's orders: ?sort=<key>, a leading "-" for descending. The
+# newest run's id stands for "last run": ids grow with time and it is indexed.
+TASK_SORTS = {
+    "name": ("Name A-Z", (Lower("name"), "name")),
+    "-name": ("Name Z-A", (Lower("name").desc(), "-name")),
+    "-last_run": ("Last run, newest first", (F("last_run_id").desc(nulls_last=True), "name")),
+    "last_run": ("Last run, oldest first", (F("last_run_id").asc(nulls_first=True), "name")),
+    "-created": ("Created, newest first", ("-created_at", "-id")),
+    "created": ("Created, oldest first", ("created_at", "id")),
+}
+TASK_PAGE_SIZE = 25
+MAX_SEARCH = 200
+
+
 @require_GET
 @login_required
 def task_list(request):
-    # The newest run per task is one index probe on (task, -id) per task,
-    # not a GROUP BY over the whole run history.
+    query = request.GET.get("q", "").strip()[:MAX_SEARCH]
+    sort = request.GET.get("sort") or "name"
+    if sort not in TASK_SORTS:
+        messages.error(request, f"Unknown order {sort!r} ignored; sorted by name.")
+        sort = "name"
+    tasks = Task.objects.all()
+    if query:
+        tasks = tasks.filter(Q(name__icontains=query) | Q(command__icontains=query))
+    # The newest run per task is one index probe on (task, -id) per task of the
+    # page, in the page's one query, not a GROUP BY over the whole run history.
     newest = Run.objects.filter(task=OuterRef("pk")).order_by("-id").values("id")[:1]
-    tasks = list(Task.objects.order_by("name").annotate(last_run_id=Subquery(newest)))
-    latest = Run.objects.in_bulk([t.last_run_id for t in tasks if t.last_run_id], field_name="id")
-    rows = [(task, latest.get(task.last_run_id)) for task in tasks]
-    return render(request, "tasks/list.html", {"rows": rows})
+    tasks = tasks.annotate(last_run_id=Subquery(newest)).order_by(*TASK_SORTS[sort][1])
+    page = Paginator(tasks, TASK_PAGE_SIZE).get_page(request.GET.get("page"))
+    latest = Run.objects.in_bulk([t.last_run_id for t in page if t.last_run_id], field_name="id")
+    state = {key: value for key, value in (("q", query), ("sort", sort)) if value}
+    if state.get("sort") == "name":
+        del state["sort"]
+
+    def page_url(number: int) -> str:
+        query_string = urlencode({**state, "page": number} if number > 1 else state)
+        return f"{reverse('tasks:list')}?{query_string}" if query_string else reverse("tasks:list")
+
+    context = {
+        "rows": [(task, latest.get(task.last_run_id)) for task in page],
+        "page": page,
+        "query": query,
+        "sort": sort,
+        "sorts": [(key, label) for key, (label, _) in TASK_SORTS.items()],
+        "previous_url": page_url(page.previous_page_number()) if page.has_previous() else None,
+        "next_url": page_url(page.next_page_number()) if page.has_next() else None,
+    }
+    template = "tasks/list.html#task-table" if request.htmx else "tasks/list.html"
+    return render(request, template, context)
+
+
+@require_GET
+@login_required
+def task_detail(request, pk: int):
+    task = Task.objects.filter(pk=pk).first()
+    deleted = None if task else DeletedTask.objects.filter(pk=pk).first()
+    if task is None and deleted is None:
+        raise Http404("No such task.")
+    try:
+        before = history.parse_filters({"before": request.GET.get("before", "")}).get("before")
+    except history.InvalidFilter as exc:
+        messages.error(request, f"Ignored: {exc}.")
+        before = None
+    page = history.runs_page(task=pk, before=before, limit=settings.SCHEDULER_PAGE_SIZE, brief=True)
+    here = reverse("tasks:detail", args=[pk])
+    context = {
+        "task": task,
+        "task_id": pk,
+        "deleted": deleted,
+        "name": task.name if task else deleted.name,
+        "page": page,
+        "stats": task_stats.task_stats(pk),
+        "older_url": f"{here}?{urlencode({'before': page.next_before})}"
+        if page.next_before
+        else None,
+        "newest_url": here if before else None,
+    }
+    template = "tasks/detail.html#task-history" if request.htmx else "tasks/detail.html"
+    return render(request, template, context)
 
 
 @require_http_methods(["GET", "POST"])
@@ -98,7 +170,7 @@ def task_run(request, pk: int):
         run = lifecycle.trigger_run(task, Run.Trigger.MANUAL, user=request.user)
     except (TaskDisabled, RunTooLarge) as exc:
         messages.error(request, str(exc))
-        return _redirect(request, reverse("tasks:list"))
+        return _redirect(request, _back(request))
     return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))
 
 

@@ -23,7 +23,7 @@ def test_a_user_fixes_an_inline_error_runs_the_task_and_reads_its_output(master,
 
     page.click("text=New task")
     page.fill("input[name=name]", "answer")
-    page.fill("input[name=command]", f'{sys.executable} -c "print(6*7)')  # unbalanced quote
+    page.fill("textarea[name=command]", f'{sys.executable} -c "print(6*7)')  # unbalanced quote
     # A marker that a full page load would wipe: the error must arrive by an HTMX swap.
     page.evaluate("window.__no_reload = true")
     page.click("button:has-text('Create task')")
@@ -34,7 +34,7 @@ def test_a_user_fixes_an_inline_error_runs_the_task_and_reads_its_output(master,
     assert page.evaluate("window.__no_reload") is True
     assert page.input_value("input[name=name]") == "answer"
 
-    page.fill("input[name=command]", f'{sys.executable} -c "print(6*7)"')
+    page.fill("textarea[name=command]", f'{sys.executable} -c "print(6*7)"')
     page.click("button:has-text('Create task')")
     page.wait_for_url(f"{master.url}/tasks/")
     row = page.locator("tr", has_text="answer")

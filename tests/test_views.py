@@ -296,10 +296,11 @@ def test_it_deletes_a_task_and_its_run_pages_still_render(bob_client, task):
     assert (run.task_id, run.task_name) == (task.pk, "answer")
     detail = bob_client.get(f"/runs/{run.pk}/")
     assert detail.status_code == 200
-    assert f"Run #{run.pk} · answer" in detail.content.decode()
+    link = f'<a href="/tasks/{task.pk}/">answer</a>'
+    assert f"Run #{run.pk} · {link}" in detail.content.decode()
     assert "Run again" not in detail.content.decode()
     listing = bob_client.get("/runs/").content.decode()
-    assert 'answer <span class="muted">(deleted)</span>' in listing
+    assert f'{link} <span class="muted">(deleted)</span>' in listing
 
 
 def test_it_answers_404_for_deleting_an_unknown_task(bob_client, task):
@@ -497,7 +498,7 @@ def test_it_shows_a_finished_run_as_it_was_run(bob_client, task, worker):
 
     assert response.status_code == 200
     html = response.content.decode()
-    assert f"Run #{run.pk} · answer" in html
+    assert f'Run #{run.pk} · <a href="/tasks/{task.pk}/">answer</a>' in html
     assert "edited-later" not in html
     assert 'id="run-status" data-status="failed">failed</span>' in html
     assert re.search(r'<pre class="log stdout" id="out-\d+-stdout" >42\ndone\n</pre>', html)
