@@ -15,13 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.harness import AGENT, ROOT, wait_for
+from tests.harness import AGENT, ROOT, free_port, wait_for
 from workers_app import enrollment
 from workers_app.models import EnrollmentToken
 
@@ -180,3 +181,141 @@ def test_it_refuses_a_name_the_registration_would_refuse_and_mints_nothing(bob_c
     assert '<p class="field-error" data-field="name">Worker name: Use 1-200 letters, digits' in body
     assert 'id="enroll-command"' not in body
     assert EnrollmentToken.objects.count() == 0
+
+
+# --- 2. README commands work as printed; make token --------------------------------
+
+# A project command that needs the venv's Python: `python manage.py ...`,
+# `python3 tests/bench.py`, or `manage.py ...` run directly.
+NEEDS_VENV = re.compile(r"^(?:python3?\s+)?(?:\./)?manage\.py\s|^python3?\s+tests/")
+# In prose, `manage.py serve` names a process; only a span starting with python is a command.
+NEEDS_VENV_INLINE = re.compile(r"^python3?\s+(?:\./)?manage\.py\s|^python3?\s+tests/")
+FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def _readme_commands(text: str) -> list[tuple[int, str]]:
+    """(line number, command) for each README command that needs the project's venv."""
+
+    def line_of(offset: int) -> int:  # the same in text and prose
+        return text.count("\n", 0, offset) + 1
+
+    def split(piece: str) -> list[str]:
+        # Each command of a chain or substitution: a && b, a; b, a | b, $(a).
+        return [c.strip() for c in re.split(r"&&|;|\||\$\(", piece)]
+
+    found = []
+    for block in FENCED.finditer(text):
+        for number, line in enumerate(block.group(1).splitlines(), line_of(block.start(1))):
+            found += [(number, c) for c in split(line) if NEEDS_VENV.match(c)]
+    # Blocks blanked out character for character, so that offsets stay put.
+    prose = FENCED.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    for span in re.finditer(r"`([^`]+)`", prose):
+        code = " ".join(span.group(1).split())  # a span may wrap onto the next line
+        found += [(line_of(span.start()), c) for c in split(code) if NEEDS_VENV_INLINE.match(c)]
+    return sorted(found)
+
+
+def test_every_readme_command_runs_without_an_activated_venv():
+    bare = [f"README.md:{n}: {c}" for n, c in _readme_commands((ROOT / "README.md").read_text())]
+
+    assert bare == [], "use .venv/bin/python (or a make target):\n" + "\n".join(bare)
+
+
+def test_the_readme_check_sees_commands_in_blocks_chains_and_inline_code():
+    # The scanner itself, on lines like the ones the README had.
+    readme = (
+        "Start `manage.py serve` with\n`python manage.py\nserve`.\n"
+        "```sh\nT=$(python manage.py apitoken admin)\nmake run && manage.py check\n"
+        ".venv/bin/python manage.py seedruns 10\n```\n"
+    )
+
+    assert _readme_commands(readme) == [
+        (2, "python manage.py serve"),
+        (5, "python manage.py apitoken admin)"),
+        (6, "manage.py check"),
+    ]
+
+
+def test_make_token_prints_a_token_that_the_api_accepts(master):
+    env = {**os.environ, "SCHEDULER_DATA_DIR": str(master.data_dir)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+
+    made = subprocess.run(
+        ["make", "-s", "token", "USER=admin"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert re.fullmatch(r"api_[\w-]+", token), made.stdout
+    answer = requests.get(
+        f"{master.url}/api/scheduler", headers={"Authorization": f"Bearer {token}"}, timeout=5
+    )
+    assert answer.status_code == 200
+    assert answer.json()["paused"] is False
+
+
+def test_make_token_names_the_user_it_cannot_find(master):
+    env = {**os.environ, "SCHEDULER_DATA_DIR": str(master.data_dir)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+
+    made = subprocess.run(
+        ["make", "-s", "token", "USER=nobody"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert made.returncode != 0
+    assert "no active user named 'nobody'" in made.stderr
+    assert made.stdout == ""
+
+
+# --- 4. make run's banner comes last, in one piece ---------------------------------
+
+
+@pytest.mark.e2e
+def test_runlocal_prints_the_login_banner_last_and_in_one_piece(tmp_path):
+    port = free_port()
+    env = {**os.environ, "SCHEDULER_DATA_DIR": str(tmp_path)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    lines: list[str] = []
+    runlocal = subprocess.Popen(
+        [sys.executable, "manage.py", "runlocal", "--port", str(port), "--agents", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one terminal, as under `make run`
+        text=True,
+    )
+    reader = threading.Thread(target=lambda: lines.extend(runlocal.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: lines.count("=" * 64 + "\n") == 2, timeout=60, what="the banner")
+    finally:
+        runlocal.send_signal(signal.SIGINT)
+        runlocal.wait(timeout=30)
+        reader.join(timeout=5)
+    output = [line.rstrip("\n") for line in lines]
+
+    password = (tmp_path / "admin-password.txt").read_text().strip()
+    banner = [
+        "=" * 64,
+        f"  Scheduler is ready: http://127.0.0.1:{port}/",
+        f"  Log in:   admin / {password}",
+        f"            (the password is kept in {tmp_path / 'admin-password.txt'})",
+        "  Agents:   local-1, local-2 connected, 4 slots each",
+        "  API:      `make token` prints a token for the JSON API",
+        "  Stop:     Ctrl-C (running commands get 5 s to finish)",
+        "=" * 64,
+    ]
+    top = output.index(banner[0])
+    assert output[top - 1 : top + len(banner) + 1] == ["", *banner, ""], "\n".join(output)
+    assert output.index(f"serving on http://127.0.0.1:{port}/") < top
+    for name in ("local-1", "local-2"):
+        connected = [i for i, line in enumerate(output) if line.endswith(f"({name})")]
+        assert connected and max(connected) < top, f"{name} connected after the banner"
+    assert output[-1] == "stopped."
+    assert runlocal.returncode == 0
+
+
+def test_the_readme_shows_the_command_the_page_shows():
+    shown = enrollment.agent_command("http://MASTER:8000", "enr_X").replace("enr_X", "enr_…")
+
+    assert f"```sh\n{shown}\n```" in (ROOT / "README.md").read_text()
