@@ -267,6 +267,127 @@ def test_make_token_names_the_user_it_cannot_find(master):
     assert made.stdout == ""
 
 
+# --- 3. settings from the environment: set but empty, or malformed -----------------
+
+
+def _check(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """`manage.py check` in a real process with these variables on top of a clean data dir."""
+    full = {**os.environ, "SCHEDULER_DATA_DIR": str(tmp_path / "data"), **env}
+    full.pop("DJANGO_SETTINGS_MODULE", None)
+    return subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=ROOT, env=full, capture_output=True, text=True
+    )
+
+
+def _error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0, result.stdout
+    assert "staticfiles.E002" not in result.stderr
+    return (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .removeprefix("django.core.exceptions.ImproperlyConfigured: ")
+    )
+
+
+def test_an_empty_data_dir_says_so_instead_of_staticfiles_e002(tmp_path):
+    assert _error(_check(tmp_path, SCHEDULER_DATA_DIR="")) == (
+        "SCHEDULER_DATA_DIR is set but empty: unset it to use the default"
+        f" ({ROOT / '.scheduler'}) or give a value"
+    )
+
+
+def test_a_data_dir_that_is_the_project_itself_is_named(tmp_path):
+    assert _error(_check(tmp_path, SCHEDULER_DATA_DIR=str(ROOT))) == (
+        f"SCHEDULER_DATA_DIR: {ROOT} is the project directory; choose a directory of its own,"
+        " e.g. the default .scheduler/"
+    )
+    assert not (ROOT / "secret_key").exists()  # nothing was written into the project
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "plain-file").write_text("")
+
+    assert _error(_check(tmp_path, SCHEDULER_DATA_DIR=str(tmp_path / "plain-file"))) == (
+        f"SCHEDULER_DATA_DIR: {tmp_path / 'plain-file'} exists and is not a directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "SCHEDULER_ALLOWED_HOSTS",
+            "",
+            "SCHEDULER_ALLOWED_HOSTS is set but empty: unset it to use the default"
+            " (127.0.0.1,localhost,[::1]) or give a value",
+        ),
+        (
+            "SCHEDULER_ALLOWED_HOSTS",
+            "localhost,http://sched.example:8000",
+            "SCHEDULER_ALLOWED_HOSTS: 'http://sched.example:8000' is not a host name"
+            " (just sched.example)",
+        ),
+        (
+            "SCHEDULER_DEBUG",
+            " ",
+            "SCHEDULER_DEBUG is set but empty: unset it to use the default (false) or give a value",
+        ),
+        (
+            "SCHEDULER_HEARTBEAT_S",
+            "nan",
+            "SCHEDULER_HEARTBEAT_S must be a number, not 'nan'",
+        ),
+        (
+            "SCHEDULER_PAGE_SIZE",
+            "",
+            "SCHEDULER_PAGE_SIZE is set but empty: unset it to use the default (50)"
+            " or give a value",
+        ),
+        (
+            "SCHEDULER_TIME_ZONE",
+            "Europe/Pariss",
+            "SCHEDULER_TIME_ZONE: unknown time zone 'Europe/Pariss'; use an IANA name such as"
+            " UTC or Europe/Paris",
+        ),
+        (
+            "SCHEDULER_LOG_LEVEL",
+            "verbose",
+            "SCHEDULER_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL,"
+            " not 'VERBOSE'",
+        ),
+        (
+            "SCHEDULER_PUBLIC_URL",
+            "sched.example:8000",
+            "SCHEDULER_PUBLIC_URL must be an http:// or https:// URL such as"
+            " http://master.example:8000, not 'sched.example:8000'",
+        ),
+        (
+            "SECRET_KEY",
+            "",
+            "SECRET_KEY is set but empty: unset it to use the default (a key generated once into"
+            " the data dir) or give a value",
+        ),
+    ],
+)
+def test_a_malformed_or_empty_variable_stops_check_with_its_name(tmp_path, name, value, message):
+    assert _error(_check(tmp_path, **{name: value})) == message
+
+
+def test_an_empty_secret_key_file_is_refused(tmp_path):
+    (tmp_path / "secret").write_text("\n")
+
+    assert _error(_check(tmp_path, SECRET_KEY_FILE=str(tmp_path / "secret"))) == (
+        f"SECRET_KEY_FILE: {tmp_path / 'secret'} is empty"
+    )
+
+
+def test_variables_whose_default_is_empty_may_be_set_empty(tmp_path):
+    result = _check(tmp_path, SCHEDULER_PUBLIC_URL="", SCHEDULER_CSRF_TRUSTED_ORIGINS="")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "System check identified no issues (0 silenced)."
+
+
 # --- 4. make run's banner comes last, in one piece ---------------------------------
 
 
