@@ -592,7 +592,7 @@ def test_it_mints_an_enrollment_token_whose_command_registers_an_agent(bob_clien
     html = response.content.decode()
     raw = re.search(r'<code id="enroll-token">([^<]+)</code>', html).group(1)
     command = re.search(r'<pre class="command" id="enroll-command">([^<]+)</pre>', html).group(1)
-    assert " -o ~/.local/share/scheduler-agent/agent.py http://testserver/agent.py &&" in command
+    assert " -o ~/.local/share/scheduler-agent/agent.py http://testserver/agent.py &amp;" in command
     assert "  --server http://testserver \\\n  --token " + raw + " \\\n" in command
     assert raw not in json.dumps(list(EnrollmentToken.objects.values()), default=str)
 
