@@ -6,7 +6,7 @@ PORT ?= 8000
 AGENTS ?= 1
 export SCHEDULER_DATA_DIR ?= .scheduler
 
-.PHONY: run test install browser lint clean wire
+.PHONY: run test install browser lint clean wire token
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ install: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(PY) manage.py runlocal --port $(PORT) --agents $(AGENTS)
+
+# A new API token, printed once: `make token` (for admin) or `make token USER=alice`;
+# `T=$$(make -s token)` captures it. USER only counts when given on the command
+# line: the environment's USER is the login name. No install here: a fresh
+# venv has no user yet, so point at `make run` instead; migrate is a no-op once done.
+TOKEN_USER := $(if $(filter command line,$(origin USER)),$(USER),admin)
+token:
+	@test -x $(PY) || { echo "no $(VENV) yet: run 'make run' first" >&2; exit 1; }
+	@$(PY) manage.py migrate -v0 && $(PY) manage.py apitoken $(TOKEN_USER)
 
 # Browser tests drive Debian's Chromium; install it when it is missing and we may.
 browser:

@@ -2,31 +2,55 @@
 
 A typo in an environment variable must stop the server at start-up with a
 message naming the variable, not run with a silently different value.
+
+A variable that is set but empty (`SCHEDULER_DATA_DIR=` in a unit file, or
+`SCHEDULER_DATA_DIR=$DIR` with DIR unset) is an error too, except where empty
+is the default anyway: it almost always means a value went missing, and the
+fallbacks are worse (an empty data dir is the current directory, whose
+`static/` then collides with the project's: Django's cryptic staticfiles.E002).
 """
 
+import math
 import os
+import zoneinfo
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def env_str(name: str, default: str = "") -> str:
+def _raw(name: str, default_text: str) -> str | None:
+    """The variable's value, None when unset; set but blank is refused."""
+    raw = os.environ.get(name)
+    if raw is not None and not raw.strip():
+        raise ImproperlyConfigured(
+            f"{name} is set but empty: unset it to use the default ({default_text}) or give a value"
+        )
+    return raw
+
+
+def env_str(name: str, default: str = "", *, default_text: str = "") -> str:
     """The variable, or the content of the file named by NAME_FILE (for secrets)."""
-    file_name = os.environ.get(f"{name}_FILE")
+    file_name = _raw(f"{name}_FILE", f"{name}, or {default_text or repr(default)}")
     if file_name:
         try:
-            return Path(file_name).read_text().strip()
+            value = Path(file_name).read_text().strip()
         except OSError as exc:
             raise ImproperlyConfigured(f"{name}_FILE: cannot read {file_name}: {exc}") from exc
-    return os.environ.get(name, default)
+        if not value:
+            raise ImproperlyConfigured(f"{name}_FILE: {file_name} is empty")
+        return value
+    raw = _raw(name, default_text or repr(default))
+    return default if raw is None else raw
 
 
 def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+    raw = _raw(name, str(default).lower())
+    if raw is None:
         return default
     if raw.lower() in _TRUE:
         return True
@@ -36,21 +60,81 @@ def env_bool(name: str, default: bool) -> bool:
 
 
 def env_number(name: str, default: float, *, minimum: float, integer: bool = False) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+    raw = _raw(name, str(default))
+    if raw is None:
         return default
+    kind = "a whole number" if integer else "a number"
     try:
         value = int(raw) if integer else float(raw)
     except ValueError:
-        kind = "a whole number" if integer else "a number"
         raise ImproperlyConfigured(f"{name} must be {kind}, not {raw!r}") from None
+    if not math.isfinite(value):  # float() takes "nan" and "inf"
+        raise ImproperlyConfigured(f"{name} must be {kind}, not {raw!r}")
     if value < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {raw!r}")
     return value
 
 
 def env_list(name: str, default: list[str]) -> list[str]:
-    raw = os.environ.get(name)
+    raw = _raw(name, ",".join(default)) if default else os.environ.get(name)
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_dir(name: str, default: Path) -> Path:
+    """A directory, created when missing."""
+    raw = _raw(name, str(default))
+    path = (default if raw is None else Path(raw).expanduser()).resolve()
+    if path.exists() and not path.is_dir():
+        raise ImproperlyConfigured(f"{name}: {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImproperlyConfigured(f"{name}: cannot create {path}: {exc.strerror}") from exc
+    return path
+
+
+def env_hosts(name: str, default: list[str]) -> list[str]:
+    """Host names for ALLOWED_HOSTS: a URL there would make every request a 400."""
+    hosts = env_list(name, default)
+    for host in hosts:
+        if "/" in host:
+            bare = urlsplit(host).hostname if "://" in host else None
+            hint = f" (just {bare})" if bare else ""
+            raise ImproperlyConfigured(f"{name}: {host!r} is not a host name{hint}")
+    return hosts
+
+
+def env_url(name: str) -> str:
+    """An http(s) URL with a host, or empty when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImproperlyConfigured(
+            f"{name} must be an http:// or https:// URL such as http://master.example:8000,"
+            f" not {raw!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ImproperlyConfigured(f"{name} takes no query or fragment, not {raw!r}")
+    return raw
+
+
+def env_time_zone(name: str, default: str) -> str:
+    value = env_str(name, default)
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise ImproperlyConfigured(
+            f"{name}: unknown time zone {value!r}; use an IANA name such as UTC or Europe/Paris"
+        ) from None
+    return value
+
+
+def env_log_level(name: str, default: str) -> str:
+    value = env_str(name, default).upper()
+    if value not in LOG_LEVELS:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+    return value

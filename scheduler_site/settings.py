@@ -8,17 +8,36 @@ listed in the README.
 import secrets
 from pathlib import Path
 
-from scheduler_site.envconfig import env_bool, env_list, env_number, env_str
+from django.core.exceptions import ImproperlyConfigured
+
+from scheduler_site.envconfig import (
+    env_bool,
+    env_dir,
+    env_hosts,
+    env_list,
+    env_log_level,
+    env_number,
+    env_str,
+    env_time_zone,
+    env_url,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DATA_DIR = Path(env_str("SCHEDULER_DATA_DIR", str(BASE_DIR / ".scheduler"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR = env_dir("SCHEDULER_DATA_DIR", BASE_DIR / ".scheduler")
+if DATA_DIR == BASE_DIR:
+    # Its static/ (STATIC_ROOT) would be the project's own static files: Django's
+    # staticfiles.E002, which names neither the variable nor the fix. Checked
+    # before anything (the secret key) is written into it.
+    raise ImproperlyConfigured(
+        f"SCHEDULER_DATA_DIR: {DATA_DIR} is the project directory; choose a directory of its"
+        " own, e.g. the default .scheduler/"
+    )
 
 
 def _secret_key() -> str:
     """SECRET_KEY from the environment, else one generated once and kept in the data dir."""
-    configured = env_str("SECRET_KEY")
+    configured = env_str("SECRET_KEY", default_text="a key generated once into the data dir")
     if configured:
         return configured
     key_file = DATA_DIR / "secret_key"
@@ -30,7 +49,7 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("SCHEDULER_DEBUG", False)
-ALLOWED_HOSTS = env_list("SCHEDULER_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+ALLOWED_HOSTS = env_hosts("SCHEDULER_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("SCHEDULER_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
@@ -106,7 +125,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = env_str("SCHEDULER_TIME_ZONE", "UTC")
+TIME_ZONE = env_time_zone("SCHEDULER_TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
 
@@ -125,8 +144,8 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        "tasks_app": {"level": env_str("SCHEDULER_LOG_LEVEL", "INFO")},
-        "workers_app": {"level": env_str("SCHEDULER_LOG_LEVEL", "INFO")},
+        "tasks_app": {"level": env_log_level("SCHEDULER_LOG_LEVEL", "INFO")},
+        "workers_app": {"level": env_log_level("SCHEDULER_LOG_LEVEL", "INFO")},
     },
 }
 
@@ -155,4 +174,4 @@ SCHEDULER_MAX_FRAME_BYTES = int(
 SCHEDULER_ENROLLMENT_TTL_HOURS = env_number("SCHEDULER_ENROLLMENT_TTL_HOURS", 24.0, minimum=0.01)
 SCHEDULER_PAGE_SIZE = int(env_number("SCHEDULER_PAGE_SIZE", 50, minimum=1, integer=True))
 # The address agents are told to use in the "add a worker" command.
-SCHEDULER_PUBLIC_URL = env_str("SCHEDULER_PUBLIC_URL", "")
+SCHEDULER_PUBLIC_URL = env_url("SCHEDULER_PUBLIC_URL")

@@ -623,9 +623,9 @@ def test_it_mints_an_enrollment_token_whose_command_registers_an_agent(bob_clien
     assert (token.created_by, token.note) == (bob, "dashboard, by bob")
     html = response.content.decode()
     raw = re.search(r'<code id="enroll-token">([^<]+)</code>', html).group(1)
-    command = re.search(r'<pre class="log" id="enroll-command">([^<]+)</pre>', html).group(1)
-    assert "curl -fsSO http://testserver/agent.py" in command
-    assert f"python3 agent.py --server http://testserver --token {raw} --capacity 4" in command
+    command = re.search(r'<pre class="command" id="enroll-command">([^<]+)</pre>', html).group(1)
+    assert " -o ~/.local/share/scheduler-agent/agent.py http://testserver/agent.py &amp;" in command
+    assert "  --server http://testserver \\\n  --token " + raw + " \\\n" in command
     assert raw not in json.dumps(list(EnrollmentToken.objects.values()), default=str)
 
     registered = client.post(
@@ -654,8 +654,8 @@ def test_it_uses_the_public_url_in_the_agent_command(bob_client, settings):
 
     html = bob_client.post("/workers/add/").content.decode()
 
-    assert "--server https://sched.example.com --token enr_" in html
-    assert "curl -fsSO https://sched.example.com/agent.py" in html
+    assert "--server https://sched.example.com \\\n" in html
+    assert " https://sched.example.com/agent.py &amp;&amp;" in html
 
 
 def test_it_refuses_to_add_a_worker_with_get(bob_client):

@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
+from django import forms
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from workers_app import delivery, liveness, protocol, registration
-from workers_app.api import ACTIONS
+from workers_app import delivery, enrollment, liveness, protocol, registration
+from workers_app.api import ACTIONS, RegistrationForm
 from workers_app.models import EnrollmentToken, Worker
 
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
@@ -31,20 +32,32 @@ def _render_list(request):
     return render(request, template, {"workers": workers})
 
 
+class AddWorkerForm(forms.Form):
+    # The same rule the registration API applies, so a typed name is never refused later.
+    name = forms.RegexField(
+        regex=RegistrationForm.declared_fields["name"].regex,
+        required=False,
+        strip=True,
+        error_messages={"invalid": "Use 1-200 letters, digits, '.', '_', '@' or '-'."},
+    )
+
+
 @require_POST
 @login_required
 def worker_add(request):
-    raw, token = EnrollmentToken.mint(note=f"dashboard, by {request.user}", user=request.user)
-    server = _server_url(request)
-    context = {
-        "token": raw,
-        "expires_at": token.expires_at,
-        "server": server,
-        "command": (
-            f"curl -fsSO {server}/agent.py && pip install 'websockets>=13' 'requests>=2.31' && "
-            f"python3 agent.py --server {server} --token {raw} --capacity 4"
-        ),
-    }
+    form = AddWorkerForm(request.POST)
+    context = {"form": form}
+    if form.is_valid():
+        raw, token = EnrollmentToken.mint(note=f"dashboard, by {request.user}", user=request.user)
+        server = _server_url(request)
+        name = form.cleaned_data["name"]
+        context |= {
+            "token": raw,
+            "expires_at": token.expires_at,
+            "server": server,
+            "name": name,
+            "command": enrollment.agent_command(server, raw, name=name),
+        }
     if request.htmx:
         return render(request, "workers/list.html#enrollment", context)
     workers = Worker.objects.with_busy_slots().order_by("name")

@@ -3,12 +3,19 @@
 Migrates, makes sure an admin exists, starts `manage.py serve` and N local
 agents as child processes, prints the URL and the login, and stops them all
 on Ctrl-C (SIGINT) or SIGTERM.
+
+The login banner is what a new user needs from this terminal, so it comes
+last, once the server listens and the local agents are connected, in one
+block. The children's output is relayed line by line through this process
+under the same lock as the banner, so no log line can land inside it.
 """
 
 import io
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,11 +23,42 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
 
-from workers_app.models import EnrollmentToken
+from workers_app.models import EnrollmentToken, Worker
 
 AGENT = Path(__file__).resolve().parents[2] / "agent.py"
 DRAIN_TIMEOUT_S = 5
+# How long the banner waits for the local agents before it is shown anyway.
+AGENTS_TIMEOUT_S = 30
+RULE = "=" * 64
+
+
+class Console:
+    """One terminal shared by us and our children: whole lines and blocks, never mixed."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+        self.relays: list[threading.Thread] = []
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def relay(self, child: subprocess.Popen) -> None:
+        def pump() -> None:
+            for line in iter(child.stdout.readline, b""):
+                self.write(line.decode("utf-8", "replace"))
+
+        thread = threading.Thread(target=pump, name=f"relay-{child.pid}", daemon=True)
+        thread.start()
+        self.relays.append(thread)
+
+    def drain(self) -> None:
+        for thread in self.relays:
+            thread.join(timeout=5)
 
 
 class Command(BaseCommand):
@@ -39,9 +77,9 @@ class Command(BaseCommand):
         if not 0 <= agents <= 32:
             raise CommandError(f"--agents must be between 0 and 32, not {agents}")
         call_command("migrate", verbosity=0)
-        login = io.StringIO()
-        call_command("ensureadmin", stdout=login)
+        call_command("ensureadmin", stdout=io.StringIO())  # the banner shows the login
         url = f"http://127.0.0.1:{port}"
+        console = Console(self.stdout._out)
         children: list[subprocess.Popen] = []
         stopping = False
 
@@ -52,22 +90,20 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
         try:
-            server = subprocess.Popen(
+            server = self._spawn(
                 [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=settings.BASE_DIR,
-                # Own process groups: Ctrl-C reaches only us, and we stop the
-                # children in order (agents drain into a live server first).
-                process_group=0,
+                console,
             )
             children.append(server)
             if not self._wait_until_up(url, server):
                 raise CommandError(f"the server did not come up on {url} (is the port in use?)")
             if agents:
                 token, _ = EnrollmentToken.mint(note="make run", ttl_hours=1)
-            for number in range(1, agents + 1):
-                state_dir = settings.DATA_DIR / "agents" / f"local-{number}"
+            names = [f"local-{number}" for number in range(1, agents + 1)]
+            for name in names:
+                state_dir = settings.DATA_DIR / "agents" / name
                 children.append(
-                    subprocess.Popen(
+                    self._spawn(
                         [
                             sys.executable,
                             str(AGENT),
@@ -76,7 +112,7 @@ class Command(BaseCommand):
                             "--token",
                             token,
                             "--name",
-                            f"local-{number}",
+                            name,
                             "--capacity",
                             str(capacity),
                             "--state-dir",
@@ -85,20 +121,81 @@ class Command(BaseCommand):
                             "--drain-timeout",
                             str(DRAIN_TIMEOUT_S),
                         ],
-                        process_group=0,
+                        console,
                     )
                 )
-            self.stdout.write(
-                self.style.SUCCESS(f"\nScheduler running at {url}/  ({agents} local agent(s))")
-            )
-            self.stdout.write(login.getvalue().strip())
-            self.stdout.write("Press Ctrl-C to stop.\n")
+            online = self._wait_for_agents(names, children, lambda: stopping)
+            if not stopping:
+                console.write(self._banner(url, names, online, capacity))
             while not stopping and all(child.poll() is None for child in children):
                 time.sleep(0.2)
         finally:
             self._stop(children)
+            console.drain()
+            console.write("stopped.\n")
         if not stopping:
             raise CommandError("a child process exited; stopped everything")
+
+    def _spawn(self, argv: list[str], console: Console) -> subprocess.Popen:
+        child = subprocess.Popen(
+            argv,
+            cwd=settings.BASE_DIR,
+            # Own process groups: Ctrl-C reaches only us, and we stop the
+            # children in order (agents drain into a live server first).
+            process_group=0,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # lines as they happen, not in blocks
+        )
+        console.relay(child)
+        return child
+
+    def _wait_for_agents(self, names: list[str], children, stopping) -> set[str]:
+        """The local agents that are online, waiting up to AGENTS_TIMEOUT_S for all of them."""
+        deadline = time.monotonic() + AGENTS_TIMEOUT_S
+        online: set[str] = set()
+        try:
+            while names and not stopping() and time.monotonic() < deadline:
+                online = set(
+                    Worker.objects.filter(name__in=names, state=Worker.State.ONLINE).values_list(
+                        "name", flat=True
+                    )
+                )
+                if len(online) == len(names) or any(c.poll() is not None for c in children):
+                    break
+                time.sleep(0.1)
+        finally:
+            connection.close()  # nothing of ours stays open on the database while we wait
+        return online
+
+    def _banner(self, url: str, names: list[str], online: set[str], capacity: int) -> str:
+        password_file = settings.DATA_DIR / "admin-password.txt"
+        if password_file.exists():
+            login = [
+                f"  Log in:   admin / {password_file.read_text().strip()}",
+                f"            (the password is kept in {password_file})",
+            ]
+        else:
+            login = ["  Log in:   with your existing account (no generated password on file)"]
+        if not names:
+            agents = "none started; add workers from the Workers page"
+        elif len(online) == len(names):
+            agents = f"{', '.join(names)} connected, {capacity} slots each"
+        else:
+            missing = ", ".join(name for name in names if name not in online)
+            agents = f"{missing} NOT connected yet (see the lines above)"
+        lines = [
+            "",
+            RULE,
+            f"  Scheduler is ready: {url}/",
+            *login,
+            f"  Agents:   {agents}",
+            "  API:      `make token` prints a token for the JSON API",
+            f"  Stop:     Ctrl-C (running commands get {DRAIN_TIMEOUT_S} s to finish)",
+            RULE,
+            "",
+        ]
+        return "\n".join(lines) + "\n"
 
     def _wait_until_up(self, url: str, server: subprocess.Popen, timeout: float = 30) -> bool:
         deadline = time.monotonic() + timeout
@@ -125,4 +222,3 @@ class Command(BaseCommand):
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
-        self.stdout.write("stopped.")
