@@ -168,7 +168,7 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
     [
         pytest.param(
             {"command": "echo hi"},
-            "invalid task",
+            "invalid fields",
             {"name": ["This field is required."]},
             id="missing-name",
         ),
@@ -192,7 +192,7 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
         ),
         pytest.param(
             {"name": "t", "command": "echo", "timeout": 0},
-            "invalid task",
+            "invalid fields",
             {"timeout": ["Ensure this value is greater than or equal to 1."]},
             id="timeout-0",
         ),
@@ -204,7 +204,7 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
         ),
         pytest.param(
             {"name": "t", "command": "echo", "env": {"1BAD": "x"}},
-            "invalid task",
+            "invalid fields",
             {
                 "env": [
                     "Invalid variable name '1BAD': "
@@ -215,62 +215,66 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
         ),
         pytest.param(
             {"name": "t", "command": "echo", "env": {"PORT": 8080}},
-            "invalid task",
-            {"env": ["The value of PORT must be a string."]},
+            "invalid fields",
+            {"env.PORT": ["Expected a string."]},
             id="env-non-string-value",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "env": ["A=1"]},
             "invalid fields",
-            {"env": ["Expected dict."]},
+            {"env": ["Expected an object."]},
             id="env-not-an-object",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "labels": "linux,gpu"},
             "invalid fields",
-            {"labels": ["Expected list."]},
+            {"labels": ["Expected a list."]},
             id="labels-not-a-list",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "labels": ["linux", "has space"]},
-            "invalid task",
-            {"labels": ["Invalid label 'has space': use 1-64 letters, digits, '.', '_' or '-'."]},
+            "invalid fields",
+            {
+                "labels[1]": [
+                    "Invalid label 'has space': use 1-64 letters, digits, '.', '_' or '-'."
+                ]
+            },
             id="bad-label",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "labels": ["linux", 7]},
-            "invalid task",
-            {"labels": ["Each label must be a string."]},
+            "invalid fields",
+            {"labels[1]": ["Expected a string."]},
             id="label-not-a-string",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "retries": 3, "owner": "bob"},
-            "unknown fields",
+            "invalid fields",
             {"owner": ["Unknown field."], "retries": ["Unknown field."]},
             id="unknown-fields",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "shell": "yes"},
             "invalid fields",
-            {"shell": ["Expected bool."]},
+            {"shell": ["Expected true or false."]},
             id="shell-as-string",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "timeout": "10"},
             "invalid fields",
-            {"timeout": ["Expected int."]},
+            {"timeout": ["Expected an integer or null."]},
             id="timeout-as-string",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "timeout": True},
             "invalid fields",
-            {"timeout": ["Expected int."]},
+            {"timeout": ["Expected an integer or null."]},
             id="timeout-as-bool",
         ),
         pytest.param(
             {"name": 5, "command": ["echo", "hi"]},
             "invalid fields",
-            {"name": ["Expected str."], "command": ["Expected str."]},
+            {"command": ["Expected a string."], "name": ["Expected a string."]},
             id="name-and-command-wrong-types",
         ),
     ],
@@ -328,7 +332,7 @@ def test_it_lists_tasks_in_creation_order(api):
     response = api.get("/api/tasks")
 
     assert response.status_code == 200
-    assert response.json() == {"results": [task_body(second), task_body(first)]}
+    assert response.json() == {"results": [task_body(second), task_body(first)], "next": None}
 
 
 def test_it_returns_one_task(api, task):
@@ -374,7 +378,7 @@ def test_it_leaves_a_task_unchanged_when_a_patch_is_invalid(api, task):
 
     assert response.status_code == 400
     assert response.json() == {
-        "error": "invalid task",
+        "error": "invalid fields",
         "errors": {"timeout": ["Ensure this value is greater than or equal to 1."]},
     }
     task.refresh_from_db()
@@ -508,7 +512,7 @@ def test_it_pages_through_runs_by_following_next_without_gaps_or_duplicates(api,
 
     first = api.get("/api/runs?limit=3").json()
     assert [r["id"] for r in first["results"]] == expected[:3]
-    assert first["next"] == f"/api/runs?before={expected[2]}&limit=3"
+    assert first["next"] == f"http://testserver/api/runs?before={expected[2]}&limit=3"
 
     seen, url, pages = [], "/api/runs?limit=3", 0
     while url:
@@ -533,7 +537,9 @@ def test_it_keeps_the_filters_in_the_next_link(api, task):
     expected = [r.pk for r in reversed(wanted)]
 
     first = api.get(f"/api/runs?task={task.pk}&status=failed&limit=2").json()
-    assert first["next"] == f"/api/runs?status=failed&task={task.pk}&before={expected[1]}&limit=2"
+    assert first["next"] == (
+        f"http://testserver/api/runs?status=failed&task={task.pk}&before={expected[1]}&limit=2"
+    )
 
     seen, url = [], first["next"]
     seen += [r["id"] for r in first["results"]]
@@ -716,7 +722,7 @@ def test_it_accepts_a_logged_in_session_for_reading(bob_client, task):
     response = bob_client.get("/api/tasks")
 
     assert response.status_code == 200
-    assert response.json() == {"results": [task_body(task)]}
+    assert response.json() == {"results": [task_body(task)], "next": None}
 
 
 def test_it_refuses_a_session_post_without_a_csrf_token(bob, task):
@@ -911,24 +917,24 @@ def test_it_refuses_an_unusable_enrollment_token(client, enrollment, how):
             {"capacity": ["Ensure this value is less than or equal to 1024."]},
             id="capacity-too-big",
         ),
-        pytest.param({"capacity": "4"}, {"capacity": ["Expected int."]}, id="capacity-string"),
-        pytest.param({"capacity": True}, {"capacity": ["Expected int."]}, id="capacity-bool"),
+        pytest.param({"capacity": "4"}, {"capacity": ["Expected an integer."]}, id="capacity-string"),
+        pytest.param({"capacity": True}, {"capacity": ["Expected an integer."]}, id="capacity-bool"),
         pytest.param(
             {"labels": "a b"}, {"labels": ["Expected a list of strings."]}, id="labels-string"
         ),
         pytest.param(
             {"labels": ["a b"]},
-            {"labels": ["Invalid label 'a b': use 1-64 letters, digits, '.', '_' or '-'."]},
+            {"labels[0]": ["Invalid label 'a b': use 1-64 letters, digits, '.', '_' or '-'."]},
             id="bad-label",
         ),
-        pytest.param({"name": 7}, {"name": ["Expected str."]}, id="name-not-a-string"),
+        pytest.param({"name": 7}, {"name": ["Expected a string."]}, id="name-not-a-string"),
     ],
 )
 def test_it_rejects_an_invalid_registration(client, enrollment, payload, errors):
     response = register(client, token=enrollment, **payload)
 
     assert response.status_code == 400
-    assert response.json() == {"error": "invalid registration", "errors": errors}
+    assert response.json() == {"error": "invalid fields", "errors": errors}
     assert Worker.objects.count() == 0
     assert EnrollmentToken.objects.get().uses == 0
 
@@ -938,7 +944,7 @@ def test_it_rejects_a_registration_without_a_token(client):
 
     assert response.status_code == 400
     assert response.json() == {
-        "error": "invalid registration",
+        "error": "invalid fields",
         "errors": {"token": ["This field is required."]},
     }
     assert Worker.objects.count() == 0
