@@ -137,6 +137,7 @@ def _operation(pattern: URLPattern, method: str, operation: Operation) -> dict:
         data["parameters"] = parameters
     if operation.body is not None:
         data["requestBody"] = {
+            "description": operation.body.description,
             "required": not operation.body_optional,
             "content": _json(_ref(operation.body.name)),
         }
@@ -171,10 +172,7 @@ def document() -> dict:
         for method, operation in pattern.callback.api_operations.items():
             item[method.lower()] = _operation(pattern, method, operation)
             if operation.body is not None:
-                body = {**operation.body.schema}
-                if operation.body.description:
-                    body["description"] = operation.body.description
-                bodies[operation.body.name] = body
+                bodies[operation.body.name] = operation.body.schema
     components = {name: _with_refs(schema, top=schema) for name, schema in NAMED.items()}
     return {
         "openapi": "3.1.0",

@@ -335,6 +335,71 @@ def test_it_lists_tasks_in_creation_order(api):
     assert response.json() == {"results": [task_body(second), task_body(first)], "next": None}
 
 
+def test_it_pages_through_tasks_by_following_absolute_next_links(api):
+    tasks = [Task.objects.create(name=f"t{i}", command="true") for i in range(5)]
+
+    first = api.get("/api/tasks?limit=2").json()
+    assert [t["id"] for t in first["results"]] == [tasks[0].pk, tasks[1].pk]
+    assert first["next"] == f"http://testserver/api/tasks?after={tasks[1].pk}&limit=2"
+
+    seen, url, pages = [], "/api/tasks?limit=2", 0
+    while url:
+        response = api.get(url)
+        assert response.status_code == 200
+        page = response.json()
+        seen += [t["id"] for t in page["results"]]
+        url = page["next"]
+        pages += 1
+
+    assert seen == [t.pk for t in tasks]
+    assert pages == 3
+
+
+def test_it_pages_tasks_fifty_at_a_time_by_default(api):
+    Task.objects.bulk_create(Task(name=f"t{i:03}", command="true") for i in range(51))
+
+    page = api.get("/api/tasks").json()
+
+    assert len(page["results"]) == 50
+    last = Task.objects.order_by("id")[49]
+    assert page["next"] == f"http://testserver/api/tasks?after={last.pk}&limit=50"
+    assert [t["name"] for t in api.get(page["next"]).json()["results"]] == ["t050"]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("after=abc", "after must be a positive whole number, not 'abc'"),
+        ("after=0", "after must be a positive whole number, not '0'"),
+        ("after=%C2%B2", "after must be a positive whole number, not '²'"),
+        (f"after={'9' * 30}", f"after must be a positive whole number, not '{'9' * 30}'"),
+        ("limit=0", "limit must be between 1 and 200"),
+        ("limit=201", "limit must be between 1 and 200"),
+        ("limit=ten", "limit must be a whole number"),
+        (f"limit={'9' * 5000}", "limit must be a whole number"),
+    ],
+)
+def test_it_rejects_bad_task_page_parameters(api, task, query, message):
+    response = api.get(f"/api/tasks?{query}")
+
+    assert response.status_code == 400
+    assert response.json() == {"error": message}
+
+
+def test_next_links_use_the_host_the_request_came_to(api, task, settings):
+    """Behind a proxy that passes the Host header on, links point at the proxy."""
+    settings.ALLOWED_HOSTS = ["sched.example.com"]
+    make_run(task)
+    make_run(task)
+
+    runs = api.get("/api/runs?limit=1", headers={"Host": "sched.example.com"}).json()
+    Task.objects.create(name="second", command="true")
+    tasks = api.get("/api/tasks?limit=1", headers={"Host": "sched.example.com"}).json()
+
+    assert runs["next"].startswith("http://sched.example.com/api/runs?")
+    assert tasks["next"] == f"http://sched.example.com/api/tasks?after={task.pk}&limit=1"
+
+
 def test_it_returns_one_task(api, task):
     response = api.get(f"/api/tasks/{task.pk}")
 
@@ -917,8 +982,12 @@ def test_it_refuses_an_unusable_enrollment_token(client, enrollment, how):
             {"capacity": ["Ensure this value is less than or equal to 1024."]},
             id="capacity-too-big",
         ),
-        pytest.param({"capacity": "4"}, {"capacity": ["Expected an integer."]}, id="capacity-string"),
-        pytest.param({"capacity": True}, {"capacity": ["Expected an integer."]}, id="capacity-bool"),
+        pytest.param(
+            {"capacity": "4"}, {"capacity": ["Expected an integer."]}, id="capacity-string"
+        ),
+        pytest.param(
+            {"capacity": True}, {"capacity": ["Expected an integer."]}, id="capacity-bool"
+        ),
         pytest.param(
             {"labels": "a b"}, {"labels": ["Expected a list of strings."]}, id="labels-string"
         ),
