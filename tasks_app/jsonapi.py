@@ -15,12 +15,13 @@ from functools import wraps
 
 from django.contrib.auth import get_user_model
 from django.core import signals
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import DisallowedHost, PermissionDenied
 from django.http import Http404, HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import Resolver404, resolve
 from django.utils import timezone
 from django.utils.log import log_response
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
 from tasks_app import tokens
@@ -105,10 +106,6 @@ def user_for_token(raw: str):
 def csrf_passes(request: HttpRequest) -> bool:
     """Django's own CSRF check, for a request authenticated by its session."""
     return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None
-
-
-def json_body(request: HttpRequest) -> dict:
-    return parse_json(request.body)
 
 
 def parse_json(body: bytes) -> dict:
@@ -206,6 +203,17 @@ def server_error(request: HttpRequest) -> JsonResponse:
         exception=sys.exc_info()[1],
     )
     return response
+
+
+WRONG_HOST = "this server does not answer to that Host header"
+
+
+def bad_request(request: HttpRequest, exception: Exception):
+    """handler400: under /api/ a JSON 400 (a Host not in ALLOWED_HOSTS gets here,
+    from CommonMiddleware, before any view); elsewhere Django's own page."""
+    if not request.path.startswith("/api/"):
+        return defaults.bad_request(request, exception)
+    return error(400, WRONG_HOST if isinstance(exception, DisallowedHost) else "bad request")
 
 
 @csrf_exempt

@@ -123,28 +123,29 @@ TASK_FIELD_SCHEMAS = {
     for name, types in TASK_FIELDS.items()
 }
 
+# A task's own JSON sent back as it came (id and times included) is a valid
+# body, to change it or to make a copy: those are read-only and ignored.
+READ_ONLY = {
+    "id": {"type": "integer", "readOnly": True},
+    "created_at": {**TIME, "readOnly": True},
+    "updated_at": {**TIME, "readOnly": True},
+}
 TASK_CREATE = Body(
     "TaskCreate",
     {
         "type": "object",
-        "properties": TASK_FIELD_SCHEMAS,
+        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS},
         "required": ["name", "command"],
         "additionalProperties": False,
     },
-    "A new task: name and command, and any other field (left out: its default).",
+    "A new task: name and command, and any other field (left out: its default). "
+    "A task's own JSON may be sent, to copy it: id and times are ignored.",
 )
 TASK_UPDATE = Body(
     "TaskUpdate",
     {
         "type": "object",
-        # A task's own JSON sent back as it came (id and times included) is a
-        # valid update: those are read-only and ignored.
-        "properties": {
-            "id": {"type": "integer", "readOnly": True},
-            "created_at": {**TIME, "readOnly": True},
-            "updated_at": {**TIME, "readOnly": True},
-            **TASK_FIELD_SCHEMAS,
-        },
+        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS},
         "additionalProperties": False,
     },
     "Fields to change; fields left out keep their value.",

@@ -43,6 +43,7 @@ from tasks_app.jsonapi import (
     MAX_BODY_BYTES,
     NO_CREDENTIAL,
     SERVER_ERROR,
+    WRONG_HOST,
     BadRequest,
     Denied,
     bearer,
@@ -220,7 +221,7 @@ class _TriggerEndpoint(WriterClientMixin, AsyncHttpConsumer):
             status, data, extra = failure(exc)
             headers += [(name.encode(), value.encode()) for name, value in extra]
         except DisallowedHost:
-            status, data = 400, {"error": "this server does not answer to that Host header"}
+            status, data = 400, {"error": WRONG_HOST}
         except Exception:
             # Like a Django API view: a JSON 500, and the traceback in the log.
             log.exception("Internal Server Error: %s", self.scope.get("path"))

@@ -400,6 +400,18 @@ def test_next_links_use_the_host_the_request_came_to(api, task, settings):
     assert tasks["next"] == f"http://sched.example.com/api/tasks?after={task.pk}&limit=1"
 
 
+def test_it_copies_a_task_from_its_own_json_with_another_name(api, task):
+    original = api.get(f"/api/tasks/{task.pk}").json()
+
+    response = post_json(api, "/api/tasks", {**original, "name": "answer-copy"})
+
+    assert response.status_code == 201
+    copy = Task.objects.get(name="answer-copy")
+    assert response.json() == task_body(copy)
+    assert copy.pk != task.pk
+    assert (copy.command, copy.timeout, copy.labels) == (task.command, task.timeout, task.labels)
+
+
 def test_it_returns_one_task(api, task):
     response = api.get(f"/api/tasks/{task.pk}")
 

@@ -102,6 +102,20 @@ def test_the_asgi_app_answers_a_json_404_too(bob_token, method, path, message):
     assert json.loads(body) == {"error": message}
 
 
+def test_it_answers_a_refused_host_header_with_json(api):
+    response = api.get("/api/tasks", headers={"Host": "evil.example"})
+
+    assert response.status_code == 400
+    assert response.json() == {"error": "this server does not answer to that Host header"}
+
+
+def test_pages_outside_the_api_keep_djangos_own_400(client):
+    response = client.get("/tasks/", headers={"Host": "evil.example"})
+
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("text/html")
+
+
 # --- 405 -------------------------------------------------------------------------------
 
 
