@@ -42,7 +42,7 @@ def _limit(params) -> int:
     raw = params.get("limit") or ""
     if not raw:
         return schemas.PAGE_LIMIT_DEFAULT
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4):
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
         raise history.InvalidFilter("limit must be a whole number")
     limit = int(raw)
     if not 1 <= limit <= schemas.PAGE_LIMIT_MAX:
