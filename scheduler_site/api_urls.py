@@ -1,10 +1,14 @@
-from django.urls import path
+from django.urls import path, re_path
 
+from scheduler_site import openapi
 from tasks_app import api as tasks_api
+from tasks_app.jsonapi import no_such_endpoint
 from workers_app import api as workers_api
 
 app_name = "api"
 
+# Each view declares its operations in its api_view; /api/openapi.json is built
+# from this table and those declarations.
 urlpatterns = [
     path("tasks", tasks_api.tasks, name="tasks"),
     path("tasks/<int:pk>", tasks_api.task_detail, name="task"),
@@ -19,4 +23,9 @@ urlpatterns = [
     path("workers/<int:pk>/<str:action>", workers_api.worker_action, name="worker-action"),
     path("workers", workers_api.workers, name="workers"),
     path("workers/register", workers_api.register, name="worker-register"),
+    path("openapi.json", openapi.openapi_json, name="openapi"),
+    path("docs", openapi.docs, name="docs"),
+    # Last: any other URL under /api/ is a JSON 404. It also keeps CommonMiddleware's
+    # APPEND_SLASH from redirecting API URLs (it only redirects paths that match nothing).
+    re_path(r"^.*$", no_such_endpoint, name="no-such-endpoint"),
 ]

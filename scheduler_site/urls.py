@@ -15,3 +15,6 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
 ]
+
+# Under /api/ a refused Host header is answered in JSON too (tasks_app.jsonapi).
+handler400 = "tasks_app.jsonapi.bad_request"

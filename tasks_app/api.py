@@ -1,10 +1,14 @@
-"""JSON API for tasks and runs. Translation only: rules live in lifecycle/forms."""
+"""JSON API for tasks and runs. Translation only: rules live in lifecycle/forms.
+
+Each view declares its operations (tasks_app.apispec.Operation) in its
+`api_view`: they check its requests and make the published document.
+"""
 
 from django.http import HttpResponse, JsonResponse
-from django.urls import reverse
 from django.utils.http import urlencode
 
-from tasks_app import history, lifecycle, serializers, trigger_api
+from tasks_app import history, lifecycle, schemas, serializers, trigger_api
+from tasks_app.apispec import Operation, query_param
 from tasks_app.exceptions import (
     RunNotCancellable,
     RunNotRetryable,
@@ -20,39 +24,116 @@ from tasks_app.jsonapi import (
     authenticate,
     error,
     form_errors,
-    json_body,
-    wrong_types,
 )
-from tasks_app.models import TASK_FIELDS, Run, SchedulerState, Task
+from tasks_app.models import Run, SchedulerState, Task
+from tasks_app.validators import MAX_ID
 from tasks_app.writer import writer
 
 
 def _task_form(payload: dict, instance: Task | None = None) -> TaskForm:
-    unknown = sorted(set(payload) - set(TASK_FIELDS) - {"id"})
-    if unknown:
-        raise BadRequest("unknown fields", {name: ["Unknown field."] for name in unknown})
-    wrong = wrong_types(payload, TASK_FIELDS)
-    if wrong:
-        raise BadRequest("invalid fields", wrong)
     # Fields left out keep their current value (update) or the default (create),
-    # so a script that does not know about a field never resets it.
+    # so a script that does not know about a field never resets it. The id and
+    # times of a task's own JSON sent back are read-only: the form ignores them.
     payload = {**serializers.task_json(instance or Task()), **payload}
     return TaskForm(data=payload, instance=instance)
 
 
-@api_view(["GET", "POST"])
+def _limit(params) -> int:
+    raw = params.get("limit") or ""
+    if not raw:
+        return schemas.PAGE_LIMIT_DEFAULT
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise history.InvalidFilter("limit must be a whole number")
+    limit = int(raw)
+    if not 1 <= limit <= schemas.PAGE_LIMIT_MAX:
+        raise history.InvalidFilter(f"limit must be between 1 and {schemas.PAGE_LIMIT_MAX}")
+    return limit
+
+
+def _next_url(request, query: dict) -> str:
+    """The absolute URL of the next page, so that a script can fetch it as it is
+    (behind a proxy: built from the Host header it passes on)."""
+    return request.build_absolute_uri(f"{request.path}?{urlencode(query)}")
+
+
+def _after(params) -> int | None:
+    raw = params.get("after") or ""
+    if not raw:
+        return None
+    # Strict like history.parse_filters: ASCII digits that fit a database integer.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_ID):
+        raise history.InvalidFilter(f"after must be a positive whole number, not {raw!r}")
+    return int(raw)
+
+
+TASK_NOT_FOUND = (404,)
+
+
+@api_view(
+    {
+        "GET": Operation(
+            "List tasks",
+            {200: schemas.page_of(schemas.TASK, "Tasks in creation order, a page at a time.")},
+            description="Oldest first, keyset-paginated by id: follow `next` until it is null.",
+            query=(
+                schemas.id_param("after", "only tasks with a larger id (what `next` sets)"),
+                schemas.LIMIT,
+            ),
+        ),
+        "POST": Operation(
+            "Create a task",
+            {201: schemas.TASK},
+            body=schemas.TASK_CREATE,
+            description="Fields left out take their defaults. 400 `invalid fields` when the "
+            "body does not match the schema, `invalid task` when the form refuses it "
+            "(a name in use, a command shlex cannot split); nothing is created.",
+        ),
+    }
+)
 def tasks(request):
     if request.method == "POST":
-        form = _task_form(json_body(request))
+        form = _task_form(request.payload)
         if not form.is_valid():
             raise BadRequest("invalid task", form_errors(form))
         return JsonResponse(serializers.task_json(form.save()), status=201)
-    return JsonResponse(
-        {"results": [serializers.task_json(t) for t in Task.objects.order_by("id")]}
-    )
+    try:
+        after, limit = _after(request.GET), _limit(request.GET)
+    except history.InvalidFilter as exc:
+        return error(400, str(exc))
+    rows = Task.objects.order_by("id")
+    if after:
+        rows = rows.filter(pk__gt=after)
+    page = list(rows[: limit + 1])
+    next_url = None
+    if len(page) > limit:
+        page = page[:limit]
+        next_url = _next_url(request, {"after": page[-1].pk, "limit": limit})
+    return JsonResponse({"results": [serializers.task_json(t) for t in page], "next": next_url})
 
 
-@api_view(["GET", "PUT", "PATCH", "DELETE"])
+_UPDATE = Operation(
+    "Change a task",
+    {200: schemas.TASK},
+    body=schemas.TASK_UPDATE,
+    description="Fields left out keep their value (PUT and PATCH alike).",
+    errors=TASK_NOT_FOUND,
+)
+
+
+@api_view(
+    {
+        "GET": Operation("One task", {200: schemas.TASK}, errors=TASK_NOT_FOUND),
+        "PUT": _UPDATE,
+        "PATCH": _UPDATE,
+        "DELETE": Operation(
+            "Delete a task",
+            {204: None},
+            description="Its runs stay readable: they keep the task's id and name, "
+            "with `task_deleted` true.",
+            errors=TASK_NOT_FOUND,
+        ),
+    }
+)
 def task_detail(request, pk: int):
     task = Task.objects.filter(pk=pk).first()
     if task is None:
@@ -62,14 +143,29 @@ def task_detail(request, pk: int):
         task.delete()
         return HttpResponse(status=204)
     if request.method in ("PUT", "PATCH"):
-        form = _task_form(json_body(request), instance=task)
+        form = _task_form(request.payload, instance=task)
         if not form.is_valid():
             raise BadRequest("invalid task", form_errors(form))
         task = form.save()
     return JsonResponse(serializers.task_json(task))
 
 
-@api_view(["POST"], public=True)
+@api_view(
+    {
+        "POST": Operation(
+            "Run a task",
+            {201: schemas.RUN},
+            body=schemas.RUN_PARAMS,
+            body_optional=True,
+            description="Queues one run. Optional run parameters: `env` laid over the "
+            "task's environment, `args` appended to its command line. 409 when the task "
+            "is disabled. The API's hot path: under `manage.py serve` a Channels "
+            "consumer serves it.",
+            errors=(404, 409),
+            served_by_trigger_api=True,
+        )
+    }
+)
 def task_run(request, pk: int):
     return _trigger(request, pk)
 
@@ -89,7 +185,32 @@ def _trigger(request, task_id: int | None) -> JsonResponse:
     return JsonResponse(trigger_api.answer(created, single=task_id is not None), status=201)
 
 
-@api_view(["GET", "POST"], public=True)
+@api_view(
+    {
+        "GET": Operation(
+            "List runs",
+            {200: schemas.page_of(schemas.RUN, "Runs newest first, a page at a time.")},
+            description="Newest first, keyset-paginated by id: follow `next` until it is "
+            "null. Attempts come without their output.",
+            query=(
+                schemas.id_param("task", "only the runs of this task (deleted or not)"),
+                query_param("status", {"enum": list(Run.Status.values)}, "only runs in this state"),
+                schemas.id_param("before", "only runs with a smaller id (what `next` sets)"),
+                schemas.LIMIT,
+            ),
+        ),
+        "POST": Operation(
+            "Start many runs of one task",
+            {201: schemas.results_of(schemas.RUN)},
+            body=schemas.BULK_TRIGGER,
+            description="In one request and one transaction; the runs come back in order, "
+            "each queued. 400 (nothing started) for any bad entry, with errors keyed "
+            "`runs[i].env`; 404 for an unknown task, 409 for a disabled one.",
+            errors=(404, 409),
+            served_by_trigger_api=True,
+        ),
+    }
+)
 def runs(request):
     if request.method == "POST":
         return _trigger(request, None)
@@ -97,15 +218,9 @@ def runs(request):
     if denied is not None:
         return denied
     try:
-        filters = history.parse_filters(request.GET)
-        limit = int(request.GET.get("limit") or 50)
-    except (history.InvalidFilter, ValueError) as exc:
-        return error(
-            400,
-            str(exc) if isinstance(exc, history.InvalidFilter) else "limit must be a whole number",
-        )
-    if not 1 <= limit <= 200:
-        return error(400, "limit must be between 1 and 200")
+        filters, limit = history.parse_filters(request.GET), _limit(request.GET)
+    except history.InvalidFilter as exc:
+        return error(400, str(exc))
     page = history.runs_page(limit=limit, **filters)
     next_url = None
     if page.next_before:
@@ -114,7 +229,7 @@ def runs(request):
             "before": page.next_before,
             "limit": limit,
         }
-        next_url = f"{reverse('api:runs')}?{urlencode(query)}"
+        next_url = _next_url(request, query)
     return JsonResponse(
         {
             "results": [
@@ -126,7 +241,16 @@ def runs(request):
     )
 
 
-@api_view(["GET"])
+@api_view(
+    {
+        "GET": Operation(
+            "One run",
+            {200: schemas.RUN_WITH_OUTPUT},
+            description="Its status and attempts, with their output.",
+            errors=(404,),
+        )
+    }
+)
 def run_detail(request, pk: int):
     run = Run.objects.prefetch_related("attempts").filter(pk=pk).first()
     if run is None:
@@ -146,7 +270,16 @@ def _run_or_404(pk: int):
     return Run.objects.filter(pk=pk).first()
 
 
-@api_view(["POST"])
+@api_view(
+    {
+        "POST": Operation(
+            "Cancel a run",
+            {200: schemas.RUN},
+            description="409 when it has already finished.",
+            errors=(404, 409),
+        )
+    }
+)
 def run_cancel(request, pk: int):
     run = _run_or_404(pk)
     if run is None:
@@ -158,7 +291,17 @@ def run_cancel(request, pk: int):
     return _run_response(run)
 
 
-@api_view(["POST"])
+@api_view(
+    {
+        "POST": Operation(
+            "Retry a run",
+            {201: schemas.RUN},
+            description="A new run of the same snapshot and parameters; 409 unless the "
+            "run has finished.",
+            errors=(404, 409),
+        )
+    }
+)
 def run_retry(request, pk: int):
     run = _run_or_404(pk)
     if run is None:
@@ -170,18 +313,26 @@ def run_retry(request, pk: int):
     return _run_response(retry, status=201)
 
 
-@api_view(["GET"])
+@api_view({"GET": Operation("The scheduler's state", {200: schemas.SCHEDULER})})
 def scheduler(request):
     return JsonResponse(serializers.scheduler_json())
 
 
-@api_view(["POST"])
+@api_view(
+    {
+        "POST": Operation(
+            "Pause the scheduler",
+            {200: schemas.SCHEDULER},
+            description="No new work is dispatched; running work finishes.",
+        )
+    }
+)
 def scheduler_pause(request):
     SchedulerState.set_paused(True, by=request.user.get_username())
     return JsonResponse(serializers.scheduler_json())
 
 
-@api_view(["POST"])
+@api_view({"POST": Operation("Resume the scheduler", {200: schemas.SCHEDULER})})
 def scheduler_resume(request):
     SchedulerState.set_paused(False)
     return JsonResponse(serializers.scheduler_json())

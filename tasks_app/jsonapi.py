@@ -9,16 +9,23 @@ the trigger endpoints, which are Channels HTTP consumers (tasks_app.trigger_api)
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from functools import wraps
 
 from django.contrib.auth import get_user_model
-from django.http import HttpRequest, JsonResponse
+from django.core import signals
+from django.core.exceptions import DisallowedHost, PermissionDenied
+from django.http import Http404, HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
+from django.urls import Resolver404, resolve
 from django.utils import timezone
+from django.utils.log import log_response
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
 from tasks_app import tokens
+from tasks_app.apispec import Body, Operation
 from tasks_app.batchsql import aware, column, marks, select, table
 from tasks_app.models import ApiToken
 
@@ -101,10 +108,6 @@ def csrf_passes(request: HttpRequest) -> bool:
     return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None
 
 
-def json_body(request: HttpRequest) -> dict:
-    return parse_json(request.body)
-
-
 def parse_json(body: bytes) -> dict:
     """A request body as a JSON object (empty: {}); BadRequest if it is not one."""
     if len(body) > MAX_BODY_BYTES:
@@ -125,55 +128,107 @@ def parse_json(body: bytes) -> dict:
     return payload
 
 
-def wrong_types(
-    payload: dict, types: dict[str, tuple[type, ...]], messages: dict[str, str] | None = None
-) -> dict[str, list[str]]:
-    """Field errors for JSON values of the wrong type.
-
-    A form would coerce "4" to 4 (and True to 1): JSON callers must send real
-    types. A boolean counts as a boolean only, never as a number.
-    """
-    errors = {}
-    for name, allowed in types.items():
-        if name not in payload:
-            continue
-        value = payload[name]
-        if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
-            continue
-        names = " or ".join(t.__name__ for t in allowed if t is not type(None))
-        errors[name] = [(messages or {}).get(name, f"Expected {names}.")]
-    return errors
-
-
 def form_errors(form) -> dict[str, list[str]]:
     return {field: [str(m) for m in messages] for field, messages in form.errors.items()}
 
 
-def api_view(methods: list[str], *, public: bool = False) -> Callable:
-    """JSON endpoint: method check, authentication, and BadRequest -> 400."""
+def api_view(operations: dict[str, Operation]) -> Callable:
+    """A JSON endpoint serving these operations (method -> Operation): the method
+    check, authentication, the request body checked against the operation's
+    schema (as `request.payload`), and every failure answered as JSON.
+
+    The operations are kept on the view (`api_operations`): the published
+    OpenAPI document is built from them.
+    """
+    methods = list(operations)
 
     def decorate(view: Callable) -> Callable:
         @csrf_exempt
         @wraps(view)
         def wrapper(request: HttpRequest, *args, **kwargs):
-            if request.method not in methods:
+            operation = operations.get(request.method)
+            if operation is None:
                 response = error(
                     405, f"method {request.method} not allowed; use {', '.join(methods)}"
                 )
                 response["Allow"] = ", ".join(methods)
                 return response
-            if not public:
-                denied = authenticate(request)
-                if denied is not None:
-                    return denied
             try:
+                if not (operation.public or operation.served_by_trigger_api):
+                    denied = authenticate(request)
+                    if denied is not None:
+                        return denied
+                if operation.body is not None and not operation.served_by_trigger_api:
+                    request.payload = checked_body(operation.body, request.body)
                 return view(request, *args, **kwargs)
             except BadRequest as exc:
                 return error(400, exc.message, errors=exc.errors)
+            except Http404 as exc:
+                return error(404, str(exc) or "not found")
+            except PermissionDenied as exc:
+                return error(403, str(exc) or "permission denied")
+            except Exception:
+                return server_error(request)
 
+        wrapper.api_operations = operations
         return wrapper
 
     return decorate
+
+
+INVALID_FIELDS = "invalid fields"
+SERVER_ERROR = "internal server error; it has been logged"
+
+
+def checked_body(body: Body, raw: bytes) -> dict:
+    """The request body as a JSON object that matches the schema; else BadRequest."""
+    payload = parse_json(raw)
+    errors = body.errors(payload)
+    if errors:
+        raise BadRequest(INVALID_FIELDS, errors)
+    return payload
+
+
+def server_error(request: HttpRequest) -> JsonResponse:
+    """A JSON 500 for an exception of an API view, reported as Django reports its own
+    (the got_request_exception signal, the django.request logger with exc_info)."""
+    signals.got_request_exception.send(sender=None, request=request)
+    response = error(500, SERVER_ERROR)
+    log_response(
+        "%s: %s",
+        "Internal Server Error",
+        request.path,
+        response=response,
+        request=request,
+        exception=sys.exc_info()[1],
+    )
+    return response
+
+
+WRONG_HOST = "this server does not answer to that Host header"
+
+
+def bad_request(request: HttpRequest, exception: Exception):
+    """handler400: under /api/ a JSON 400 (a Host not in ALLOWED_HOSTS gets here,
+    from CommonMiddleware, before any view); elsewhere Django's own page."""
+    if not request.path.startswith("/api/"):
+        return defaults.bad_request(request, exception)
+    return error(400, WRONG_HOST if isinstance(exception, DisallowedHost) else "bad request")
+
+
+@csrf_exempt
+def no_such_endpoint(request: HttpRequest, rest: str = "") -> JsonResponse:
+    """Every other URL under /api/: a JSON 404 (never Django's HTML page, never an
+    APPEND_SLASH redirect), naming the endpoint a trailing slash hides."""
+    stripped = request.path_info.rstrip("/")
+    if stripped != request.path_info and stripped != "/api":
+        try:
+            match = resolve(stripped)
+        except Resolver404:
+            match = None
+        if match is not None and match.func is not no_such_endpoint:
+            return error(404, f"no such endpoint; did you mean {request.path.rstrip('/')}?")
+    return error(404, f"no such endpoint: {request.path}; the endpoints are listed at /api/docs")
 
 
 def authenticate(request: HttpRequest) -> JsonResponse | None:

@@ -168,7 +168,7 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
     [
         pytest.param(
             {"command": "echo hi"},
-            "invalid task",
+            "invalid fields",
             {"name": ["This field is required."]},
             id="missing-name",
         ),
@@ -192,7 +192,7 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
         ),
         pytest.param(
             {"name": "t", "command": "echo", "timeout": 0},
-            "invalid task",
+            "invalid fields",
             {"timeout": ["Ensure this value is greater than or equal to 1."]},
             id="timeout-0",
         ),
@@ -204,7 +204,7 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
         ),
         pytest.param(
             {"name": "t", "command": "echo", "env": {"1BAD": "x"}},
-            "invalid task",
+            "invalid fields",
             {
                 "env": [
                     "Invalid variable name '1BAD': "
@@ -215,62 +215,66 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
         ),
         pytest.param(
             {"name": "t", "command": "echo", "env": {"PORT": 8080}},
-            "invalid task",
-            {"env": ["The value of PORT must be a string."]},
+            "invalid fields",
+            {"env.PORT": ["Expected a string."]},
             id="env-non-string-value",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "env": ["A=1"]},
             "invalid fields",
-            {"env": ["Expected dict."]},
+            {"env": ["Expected an object."]},
             id="env-not-an-object",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "labels": "linux,gpu"},
             "invalid fields",
-            {"labels": ["Expected list."]},
+            {"labels": ["Expected a list."]},
             id="labels-not-a-list",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "labels": ["linux", "has space"]},
-            "invalid task",
-            {"labels": ["Invalid label 'has space': use 1-64 letters, digits, '.', '_' or '-'."]},
+            "invalid fields",
+            {
+                "labels[1]": [
+                    "Invalid label 'has space': use 1-64 letters, digits, '.', '_' or '-'."
+                ]
+            },
             id="bad-label",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "labels": ["linux", 7]},
-            "invalid task",
-            {"labels": ["Each label must be a string."]},
+            "invalid fields",
+            {"labels[1]": ["Expected a string."]},
             id="label-not-a-string",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "retries": 3, "owner": "bob"},
-            "unknown fields",
+            "invalid fields",
             {"owner": ["Unknown field."], "retries": ["Unknown field."]},
             id="unknown-fields",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "shell": "yes"},
             "invalid fields",
-            {"shell": ["Expected bool."]},
+            {"shell": ["Expected true or false."]},
             id="shell-as-string",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "timeout": "10"},
             "invalid fields",
-            {"timeout": ["Expected int."]},
+            {"timeout": ["Expected an integer or null."]},
             id="timeout-as-string",
         ),
         pytest.param(
             {"name": "t", "command": "echo", "timeout": True},
             "invalid fields",
-            {"timeout": ["Expected int."]},
+            {"timeout": ["Expected an integer or null."]},
             id="timeout-as-bool",
         ),
         pytest.param(
             {"name": 5, "command": ["echo", "hi"]},
             "invalid fields",
-            {"name": ["Expected str."], "command": ["Expected str."]},
+            {"command": ["Expected a string."], "name": ["Expected a string."]},
             id="name-and-command-wrong-types",
         ),
     ],
@@ -328,7 +332,84 @@ def test_it_lists_tasks_in_creation_order(api):
     response = api.get("/api/tasks")
 
     assert response.status_code == 200
-    assert response.json() == {"results": [task_body(second), task_body(first)]}
+    assert response.json() == {"results": [task_body(second), task_body(first)], "next": None}
+
+
+def test_it_pages_through_tasks_by_following_absolute_next_links(api):
+    tasks = [Task.objects.create(name=f"t{i}", command="true") for i in range(5)]
+
+    first = api.get("/api/tasks?limit=2").json()
+    assert [t["id"] for t in first["results"]] == [tasks[0].pk, tasks[1].pk]
+    assert first["next"] == f"http://testserver/api/tasks?after={tasks[1].pk}&limit=2"
+
+    seen, url, pages = [], "/api/tasks?limit=2", 0
+    while url:
+        response = api.get(url)
+        assert response.status_code == 200
+        page = response.json()
+        seen += [t["id"] for t in page["results"]]
+        url = page["next"]
+        pages += 1
+
+    assert seen == [t.pk for t in tasks]
+    assert pages == 3
+
+
+def test_it_pages_tasks_fifty_at_a_time_by_default(api):
+    Task.objects.bulk_create(Task(name=f"t{i:03}", command="true") for i in range(51))
+
+    page = api.get("/api/tasks").json()
+
+    assert len(page["results"]) == 50
+    last = Task.objects.order_by("id")[49]
+    assert page["next"] == f"http://testserver/api/tasks?after={last.pk}&limit=50"
+    assert [t["name"] for t in api.get(page["next"]).json()["results"]] == ["t050"]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("after=abc", "after must be a positive whole number, not 'abc'"),
+        ("after=0", "after must be a positive whole number, not '0'"),
+        ("after=%C2%B2", "after must be a positive whole number, not '²'"),
+        (f"after={'9' * 30}", f"after must be a positive whole number, not '{'9' * 30}'"),
+        ("limit=0", "limit must be between 1 and 200"),
+        ("limit=201", "limit must be between 1 and 200"),
+        ("limit=ten", "limit must be a whole number"),
+        (f"limit={'9' * 5000}", "limit must be a whole number"),
+    ],
+)
+def test_it_rejects_bad_task_page_parameters(api, task, query, message):
+    response = api.get(f"/api/tasks?{query}")
+
+    assert response.status_code == 400
+    assert response.json() == {"error": message}
+
+
+def test_next_links_use_the_host_the_request_came_to(api, task, settings):
+    """Behind a proxy that passes the Host header on, links point at the proxy."""
+    settings.ALLOWED_HOSTS = ["sched.example.com"]
+    make_run(task)
+    make_run(task)
+
+    runs = api.get("/api/runs?limit=1", headers={"Host": "sched.example.com"}).json()
+    Task.objects.create(name="second", command="true")
+    tasks = api.get("/api/tasks?limit=1", headers={"Host": "sched.example.com"}).json()
+
+    assert runs["next"].startswith("http://sched.example.com/api/runs?")
+    assert tasks["next"] == f"http://sched.example.com/api/tasks?after={task.pk}&limit=1"
+
+
+def test_it_copies_a_task_from_its_own_json_with_another_name(api, task):
+    original = api.get(f"/api/tasks/{task.pk}").json()
+
+    response = post_json(api, "/api/tasks", {**original, "name": "answer-copy"})
+
+    assert response.status_code == 201
+    copy = Task.objects.get(name="answer-copy")
+    assert response.json() == task_body(copy)
+    assert copy.pk != task.pk
+    assert (copy.command, copy.timeout, copy.labels) == (task.command, task.timeout, task.labels)
 
 
 def test_it_returns_one_task(api, task):
@@ -374,7 +455,7 @@ def test_it_leaves_a_task_unchanged_when_a_patch_is_invalid(api, task):
 
     assert response.status_code == 400
     assert response.json() == {
-        "error": "invalid task",
+        "error": "invalid fields",
         "errors": {"timeout": ["Ensure this value is greater than or equal to 1."]},
     }
     task.refresh_from_db()
@@ -508,7 +589,7 @@ def test_it_pages_through_runs_by_following_next_without_gaps_or_duplicates(api,
 
     first = api.get("/api/runs?limit=3").json()
     assert [r["id"] for r in first["results"]] == expected[:3]
-    assert first["next"] == f"/api/runs?before={expected[2]}&limit=3"
+    assert first["next"] == f"http://testserver/api/runs?before={expected[2]}&limit=3"
 
     seen, url, pages = [], "/api/runs?limit=3", 0
     while url:
@@ -533,7 +614,9 @@ def test_it_keeps_the_filters_in_the_next_link(api, task):
     expected = [r.pk for r in reversed(wanted)]
 
     first = api.get(f"/api/runs?task={task.pk}&status=failed&limit=2").json()
-    assert first["next"] == f"/api/runs?status=failed&task={task.pk}&before={expected[1]}&limit=2"
+    assert first["next"] == (
+        f"http://testserver/api/runs?status=failed&task={task.pk}&before={expected[1]}&limit=2"
+    )
 
     seen, url = [], first["next"]
     seen += [r["id"] for r in first["results"]]
@@ -716,7 +799,7 @@ def test_it_accepts_a_logged_in_session_for_reading(bob_client, task):
     response = bob_client.get("/api/tasks")
 
     assert response.status_code == 200
-    assert response.json() == {"results": [task_body(task)]}
+    assert response.json() == {"results": [task_body(task)], "next": None}
 
 
 def test_it_refuses_a_session_post_without_a_csrf_token(bob, task):
@@ -911,24 +994,28 @@ def test_it_refuses_an_unusable_enrollment_token(client, enrollment, how):
             {"capacity": ["Ensure this value is less than or equal to 1024."]},
             id="capacity-too-big",
         ),
-        pytest.param({"capacity": "4"}, {"capacity": ["Expected int."]}, id="capacity-string"),
-        pytest.param({"capacity": True}, {"capacity": ["Expected int."]}, id="capacity-bool"),
+        pytest.param(
+            {"capacity": "4"}, {"capacity": ["Expected an integer."]}, id="capacity-string"
+        ),
+        pytest.param(
+            {"capacity": True}, {"capacity": ["Expected an integer."]}, id="capacity-bool"
+        ),
         pytest.param(
             {"labels": "a b"}, {"labels": ["Expected a list of strings."]}, id="labels-string"
         ),
         pytest.param(
             {"labels": ["a b"]},
-            {"labels": ["Invalid label 'a b': use 1-64 letters, digits, '.', '_' or '-'."]},
+            {"labels[0]": ["Invalid label 'a b': use 1-64 letters, digits, '.', '_' or '-'."]},
             id="bad-label",
         ),
-        pytest.param({"name": 7}, {"name": ["Expected str."]}, id="name-not-a-string"),
+        pytest.param({"name": 7}, {"name": ["Expected a string."]}, id="name-not-a-string"),
     ],
 )
 def test_it_rejects_an_invalid_registration(client, enrollment, payload, errors):
     response = register(client, token=enrollment, **payload)
 
     assert response.status_code == 400
-    assert response.json() == {"error": "invalid registration", "errors": errors}
+    assert response.json() == {"error": "invalid fields", "errors": errors}
     assert Worker.objects.count() == 0
     assert EnrollmentToken.objects.get().uses == 0
 
@@ -938,7 +1025,7 @@ def test_it_rejects_a_registration_without_a_token(client):
 
     assert response.status_code == 400
     assert response.json() == {
-        "error": "invalid registration",
+        "error": "invalid fields",
         "errors": {"token": ["This field is required."]},
     }
     assert Worker.objects.count() == 0

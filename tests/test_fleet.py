@@ -36,7 +36,8 @@ def _all_runs(master, task_id: int) -> list[dict]:
     while url:
         body = master.api("GET", url).json()
         runs += body["results"]
-        url = body["next"] and body["next"].removeprefix("/api/")
+        # next is an absolute URL on the server the request went to.
+        url = body["next"] and body["next"].removeprefix(f"{master.url}/api/")
     return runs
 
 

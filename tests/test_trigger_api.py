@@ -19,7 +19,7 @@ from django.test import Client
 
 from scheduler_site.asgi import application
 from tasks_app.models import Attempt, Run, Task
-from tasks_app.trigger_api import MAX_RUNS_PER_REQUEST
+from tasks_app.schemas import MAX_RUNS_PER_REQUEST
 
 pytestmark = pytest.mark.django_db
 
@@ -128,21 +128,26 @@ def test_run_parameters_stay_words_in_a_shell_command(api):
 @pytest.mark.parametrize(
     ("payload", "error", "errors"),
     [
-        ({"count": 2}, "invalid request", {"task": ["This field is required."]}),
-        ({"task": "1"}, "invalid request", {"task": ["Expected int."]}),
-        ({"task": 1, "count": 0}, "invalid request", {"count": ["Give 1 to 1000."]}),
+        ({"count": 2}, "invalid fields", {"task": ["This field is required."]}),
+        ({"task": "1"}, "invalid fields", {"task": ["Expected an integer."]}),
+        ({"task": 1.0}, "invalid fields", {"task": ["Expected an integer."]}),
+        ({"task": 1, "count": 0}, "invalid fields", {"count": ["Give 1 to 1000."]}),
         (
             {"task": 1, "count": MAX_RUNS_PER_REQUEST + 1},
-            "invalid request",
+            "invalid fields",
             {"count": ["Give 1 to 1000."]},
         ),
-        ({"task": 1, "count": True}, "invalid request", {"count": ["Expected int."]}),
-        ({"task": 1, "runs": []}, "invalid request", {"runs": ["Give 1 to 1000 runs."]}),
-        ({"task": 1, "count": 1, "runs": [{}]}, "give either count or runs, not both", {}),
-        ({"task": 1, "colour": "red"}, "unknown fields", {"colour": ["Unknown field."]}),
+        ({"task": 1, "count": True}, "invalid fields", {"count": ["Expected an integer."]}),
+        ({"task": 1, "runs": []}, "invalid fields", {"runs": ["Give 1 to 1000 runs."]}),
+        (
+            {"task": 1, "count": 1, "runs": [{}]},
+            "invalid fields",
+            {"body": ["Give either count or runs, not both."]},
+        ),
+        ({"task": 1, "colour": "red"}, "invalid fields", {"colour": ["Unknown field."]}),
         (
             {"task": 1, "runs": [{}, {"env": {"1BAD": "x"}}]},
-            "invalid run parameters",
+            "invalid fields",
             {
                 "runs[1].env": [
                     "Invalid variable name '1BAD': use letters, digits and '_', "
@@ -152,8 +157,8 @@ def test_run_parameters_stay_words_in_a_shell_command(api):
         ),
         (
             {"task": 1, "runs": [{"args": ["ok", 3]}]},
-            "invalid run parameters",
-            {"runs[0].args": ["Expected a list of strings."]},
+            "invalid fields",
+            {"runs[0].args[1]": ["Expected a string."]},
         ),
         (
             {"task": 1, "runs": [{"args": ["a\x00b"]}]},
@@ -162,12 +167,12 @@ def test_run_parameters_stay_words_in_a_shell_command(api):
         ),
         (
             {"task": 1, "runs": [{"cwd": "/"}]},
-            "invalid run parameters",
+            "invalid fields",
             {"runs[0].cwd": ["Unknown field."]},
         ),
         (
             {"task": 1, "runs": ["--all"]},
-            "invalid run parameters",
+            "invalid fields",
             {"runs[0]": ["Run parameters must be an object with env and/or args."]},
         ),
     ],
@@ -184,7 +189,7 @@ def test_it_refuses_bad_parameters_of_a_single_run(api, task):
 
     assert (status, body) == (
         400,
-        {"error": "invalid run parameters", "errors": {"args": ["Expected a list of strings."]}},
+        {"error": "invalid fields", "errors": {"args": ["Expected a list of strings."]}},
     )
     assert Run.objects.count() == 0
 
@@ -277,7 +282,7 @@ def test_the_asgi_app_refuses_the_same_way(bob_token, task):
     status, body, _ = asgi("POST", "/api/runs", {"task": task.pk, "count": 0}, token=bob_token)
     assert (status, body) == (
         400,
-        {"error": "invalid request", "errors": {"count": ["Give 1 to 1000."]}},
+        {"error": "invalid fields", "errors": {"count": ["Give 1 to 1000."]}},
     )
 
     status, body, _ = asgi("PUT", f"/api/tasks/{task.pk}/run", token=bob_token)
@@ -326,7 +331,7 @@ def test_it_refuses_to_save_a_task_too_large_to_send_to_an_agent(api):
 def test_it_refuses_run_parameters_of_the_wrong_type_even_when_empty(api, task, params, errors):
     assert post(api, f"/api/tasks/{task.pk}/run", params) == (
         400,
-        {"error": "invalid run parameters", "errors": errors},
+        {"error": "invalid fields", "errors": errors},
     )
     assert Run.objects.count() == 0
 

@@ -3,19 +3,13 @@
 from django import forms
 from django.http import JsonResponse
 
-from tasks_app.jsonapi import BadRequest, api_view, error, form_errors, json_body, wrong_types
+from tasks_app import schemas as task_schemas
+from tasks_app.apispec import Operation
+from tasks_app.jsonapi import BadRequest, api_view, error, form_errors
 from tasks_app.validators import clean_labels
-from workers_app import liveness, registration, serializers
+from workers_app import liveness, registration, schemas, serializers
 from workers_app.exceptions import EnrollmentRefused
 from workers_app.models import Worker
-
-FIELD_TYPES = {
-    "token": (str,),
-    "name": (str,),
-    "hostname": (str,),
-    "capacity": (int,),
-    "labels": (list,),
-}
 
 
 class RegistrationForm(forms.Form):
@@ -25,20 +19,29 @@ class RegistrationForm(forms.Form):
         error_messages={"invalid": "Use 1-200 letters, digits, '.', '_', '@' or '-'."},
     )
     hostname = forms.CharField(max_length=255, required=False)
-    capacity = forms.IntegerField(min_value=1, max_value=1024)
+    capacity = forms.IntegerField(min_value=1, max_value=schemas.MAX_CAPACITY)
     labels = forms.Field(required=False)
 
     def clean_labels(self):
         return clean_labels(self.cleaned_data.get("labels"))
 
 
-@api_view(["POST"], public=True)
+@api_view(
+    {
+        "POST": Operation(
+            "Register a worker",
+            {201: schemas.ENROLLED},
+            body=schemas.REGISTRATION,
+            description="Public, gated by the enrollment token in the body (403 for an "
+            "unknown, expired or revoked one, or a name a connected or revoked worker has). "
+            "The agent does this once; the credential is shown only here.",
+            errors=(403,),
+            public=True,
+        )
+    }
+)
 def register(request):
-    payload = json_body(request)
-    wrong = wrong_types(payload, FIELD_TYPES, {"labels": "Expected a list of strings."})
-    if wrong:
-        raise BadRequest("invalid registration", wrong)
-    form = RegistrationForm(data=payload)
+    form = RegistrationForm(data=request.payload)
     if not form.is_valid():
         raise BadRequest("invalid registration", form_errors(form))
     data = form.cleaned_data
@@ -57,7 +60,7 @@ def register(request):
     )
 
 
-@api_view(["GET"])
+@api_view({"GET": Operation("List workers", {200: task_schemas.results_of(schemas.WORKER)})})
 def workers(request):
     rows = Worker.objects.with_busy_slots()
     return JsonResponse({"results": [serializers.worker_json(w, busy=w.busy) for w in rows]})
@@ -71,7 +74,18 @@ ACTIONS = {
 }
 
 
-@api_view(["POST"])
+@api_view(
+    {
+        "POST": Operation(
+            "Drain, resume, disable or enable a worker",
+            {200: schemas.WORKER},
+            description="drain: it takes no new work, and finishes what it has; resume "
+            "and enable: it takes work again; disable: it takes none until enabled.",
+            path_params={"action": {"enum": list(ACTIONS)}},
+            errors=(404,),
+        )
+    }
+)
 def worker_action(request, pk: int, action: str):
     if action not in ACTIONS:
         return error(404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")

@@ -1,0 +1,371 @@
+"""The JSON shapes of tasks and runs: request bodies (checked) and answers (documented).
+
+A task's JSON types come from TASK_FIELDS (the one list of a task's fields);
+this module adds what JSON Schema can say about each of them, from the same
+limits the form applies. The answers' schemas describe what
+tasks_app.serializers writes; tests hold every answer to them.
+"""
+
+from __future__ import annotations
+
+from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
+from tasks_app.apispec import MESSAGES, Body, query_param
+from tasks_app.forms import MAX_BACKOFF_S, MAX_RETRIES, MAX_TIMEOUT_S
+from tasks_app.models import TASK_FIELDS, Attempt, Run
+from tasks_app.validators import (
+    ENV_NAME_RE,
+    MAX_ARG_CHARS,
+    MAX_ARGS,
+    MAX_ENV,
+    MAX_ID,
+)
+
+MAX_RUNS_PER_REQUEST = 1000
+PAGE_LIMIT_MAX = 200
+PAGE_LIMIT_DEFAULT = 50
+
+_JSON_TYPES = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    dict: "object",
+    list: "array",
+    type(None): "null",
+}
+
+
+def json_type(types: tuple[type, ...]) -> str | list[str]:
+    """The JSON Schema type of a tuple of Python types ((int, float) is a number)."""
+    names = []
+    for kind in types:
+        name = _JSON_TYPES[kind]
+        if name == "number" and "integer" in names:
+            names.remove("integer")
+        if name not in names:
+            names.append(name)
+    return names[0] if len(names) == 1 else names
+
+
+ID = {"type": "integer", "minimum": 1}
+TIME = {"type": "string", "format": "date-time", "description": "ISO 8601 with a UTC offset"}
+NULLABLE_TIME = {**TIME, "type": ["string", "null"]}
+ENV = {
+    "type": "object",
+    "description": f"NAME: value strings, at most {MAX_ENV}",
+    "maxProperties": MAX_ENV,
+    "propertyNames": {
+        "pattern": ENV_NAME_RE.pattern,
+        MESSAGES: {
+            "pattern": "Invalid variable name {value!r}: "
+            "use letters, digits and '_', not starting with a digit."
+        },
+    },
+    "additionalProperties": {"type": "string"},
+    MESSAGES: {"maxProperties": f"At most {MAX_ENV} environment variables."},
+}
+LABELS = {
+    "type": "array",
+    "description": f"labels a worker must all have; at most {MAX_LABELS} distinct ones "
+    "(empty strings and repeats are dropped)",
+    "items": {
+        "type": "string",
+        "pattern": f"^(?:{LABEL_PATTERN})?$",
+        MESSAGES: {
+            "pattern": "Invalid label {value!r}: use 1-64 letters, digits, '.', '_' or '-'."
+        },
+    },
+}
+
+# What JSON Schema can say of each task field, beyond its type (TASK_FIELDS).
+_TASK_FIELD_RULES: dict[str, dict] = {
+    "name": {"minLength": 1, "maxLength": 200, "description": "unique"},
+    "command": {
+        "minLength": 1,
+        "description": "split into argv like a shell would (shlex), unless shell is set",
+    },
+    "shell": {"description": "run the command through /bin/sh -c", "default": False},
+    "env": {**ENV, "default": {}},
+    "working_dir": {
+        "maxLength": 1024,
+        "description": "an absolute path, or empty for the agent's own",
+        "default": "",
+    },
+    "timeout": {
+        "minimum": 1,
+        "maximum": MAX_TIMEOUT_S,
+        "description": "seconds; null for none",
+        "default": None,
+    },
+    "labels": {**LABELS, "default": []},
+    "max_retries": {
+        "minimum": 0,
+        "maximum": MAX_RETRIES,
+        "description": "retries after a failed, timed-out or lost attempt",
+        "default": 0,
+    },
+    "retry_backoff_s": {
+        "minimum": 0,
+        "maximum": MAX_BACKOFF_S,
+        "description": "delay before the first retry; doubles each time, with jitter",
+        "default": 10.0,
+    },
+    "retry_backoff_max_s": {
+        "minimum": 0,
+        "maximum": MAX_BACKOFF_S,
+        "description": "cap on the retry delay",
+        "default": 600.0,
+    },
+    "enabled": {"description": "a disabled task cannot be run", "default": True},
+}
+TASK_FIELD_SCHEMAS = {
+    name: {**_TASK_FIELD_RULES[name], "type": json_type(types)}
+    for name, types in TASK_FIELDS.items()
+}
+
+# A task's own JSON sent back as it came (id and times included) is a valid
+# body, to change it or to make a copy: those are read-only and ignored.
+READ_ONLY = {
+    "id": {"type": "integer", "readOnly": True},
+    "created_at": {**TIME, "readOnly": True},
+    "updated_at": {**TIME, "readOnly": True},
+}
+TASK_CREATE = Body(
+    "TaskCreate",
+    {
+        "type": "object",
+        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS},
+        "required": ["name", "command"],
+        "additionalProperties": False,
+    },
+    "A new task: name and command, and any other field (left out: its default). "
+    "A task's own JSON may be sent, to copy it: id and times are ignored.",
+)
+TASK_UPDATE = Body(
+    "TaskUpdate",
+    {
+        "type": "object",
+        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS},
+        "additionalProperties": False,
+    },
+    "Fields to change; fields left out keep their value.",
+)
+
+RUN_PARAMS_SCHEMA = {
+    "type": "object",
+    "description": "Run parameters: env laid over the task's environment, args appended "
+    "to its command line (quoted with shlex); both optional.",
+    "properties": {
+        "env": {
+            **ENV,
+            MESSAGES: {**ENV[MESSAGES], "type": "Expected an object of NAME: value strings."},
+        },
+        "args": {
+            "type": "array",
+            "maxItems": MAX_ARGS,
+            "items": {"type": "string", "maxLength": MAX_ARG_CHARS},
+            "description": f"at most {MAX_ARGS} words, each up to {MAX_ARG_CHARS} "
+            "characters, no NUL",
+            MESSAGES: {
+                "type": "Expected a list of strings.",
+                "maxItems": f"At most {MAX_ARGS} arguments.",
+            },
+        },
+    },
+    "additionalProperties": False,
+    MESSAGES: {"type": "Run parameters must be an object with env and/or args."},
+}
+RUN_PARAMS = Body("RunParameters", RUN_PARAMS_SCHEMA, "Optional; an empty body runs as it is.")
+BULK_TRIGGER = Body(
+    "BulkTrigger",
+    {
+        "type": "object",
+        "properties": {
+            "task": {"type": "integer", "description": "the task's id"},
+            "count": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_RUNS_PER_REQUEST,
+                "default": 1,
+                "description": "that many runs without parameters",
+                MESSAGES: {
+                    "minimum": f"Give 1 to {MAX_RUNS_PER_REQUEST}.",
+                    "maximum": f"Give 1 to {MAX_RUNS_PER_REQUEST}.",
+                },
+            },
+            "runs": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_RUNS_PER_REQUEST,
+                "items": RUN_PARAMS_SCHEMA,
+                "description": "one run per set of parameters, in order",
+                MESSAGES: {
+                    "minItems": f"Give 1 to {MAX_RUNS_PER_REQUEST} runs.",
+                    "maxItems": f"Give 1 to {MAX_RUNS_PER_REQUEST} runs.",
+                },
+            },
+        },
+        "required": ["task"],
+        "additionalProperties": False,
+        "not": {"required": ["count", "runs"]},
+        MESSAGES: {"not": "Give either count or runs, not both."},
+    },
+    f"Many runs of one task in one transaction: a count or a list of run parameters "
+    f"(1 to {MAX_RUNS_PER_REQUEST}). Nothing is started if any entry is refused.",
+)
+
+
+def answer_object(properties: dict, description: str = "") -> dict:
+    """An answer's object: every property always present."""
+    schema = {"type": "object", "properties": properties, "required": list(properties)}
+    return {**schema, "description": description} if description else schema
+
+
+TASK = answer_object(
+    {
+        "id": ID,
+        **TASK_FIELD_SCHEMAS,
+        "created_at": TIME,
+        "updated_at": TIME,
+    },
+    "A task: what to run and how.",
+)
+
+
+def attempt_schema(*, with_output: bool) -> dict:
+    nullable_int = {"type": ["integer", "null"]}
+    properties = {
+        "id": ID,
+        "shard_index": {"type": "integer", "minimum": 0},
+        "try_number": {"type": "integer", "minimum": 1},
+        "worker": {"type": ["string", "null"], "description": "the worker's name"},
+        "status": {"enum": list(Attempt.Status.values)},
+        "exit_code": nullable_int,
+        "reason": {"type": "string"},
+        "queued_at": TIME,
+        "not_before": {**NULLABLE_TIME, "description": "a retry's backoff"},
+        "assigned_at": NULLABLE_TIME,
+        "accepted_at": NULLABLE_TIME,
+        "started_at": NULLABLE_TIME,
+        "finished_at": NULLABLE_TIME,
+        "output_bytes": {"type": "integer", "minimum": 0, "description": "what it printed"},
+        "truncated": {"type": "boolean"},
+        "superseded": {
+            "type": "boolean",
+            "description": "the master gave up on it and the agent's result came later",
+        },
+        "late_result": {
+            "oneOf": [
+                {"type": "null"},
+                answer_object(
+                    {
+                        "status": {"type": ["string", "null"]},
+                        "exit_code": nullable_int,
+                        "reason": {"type": ["string", "null"]},
+                        "reported_at": NULLABLE_TIME,
+                    }
+                ),
+            ],
+            "description": "the agent's own result of a superseded attempt, kept, never applied",
+        },
+    }
+    if with_output:
+        properties.update(
+            output={"type": "string", "description": "stdout and stderr interleaved in order"},
+            stdout={"type": "string"},
+            stderr={"type": "string"},
+        )
+    return answer_object(properties, "One try of one shard on one worker.")
+
+
+ATTEMPT = attempt_schema(with_output=False)
+ATTEMPT_WITH_OUTPUT = attempt_schema(with_output=True)
+
+
+def run_schema(*, with_output: bool) -> dict:
+    return answer_object(
+        {
+            "id": ID,
+            "task": {
+                "type": ["integer", "null"],
+                "description": "the task's id, kept after it is deleted",
+            },
+            "task_deleted": {"type": "boolean", "description": "the task has been deleted"},
+            "task_name": {"type": "string"},
+            "status": {"enum": list(Run.Status.values)},
+            "reason": {"type": "string", "description": "why it failed"},
+            "trigger": {"enum": list(Run.Trigger.values)},
+            "retry_of": {"type": ["integer", "null"], "description": "the run this one retries"},
+            "cancel_requested_at": NULLABLE_TIME,
+            "cancel_requested_by": {
+                "type": ["string", "null"],
+                "description": "the user who asked to cancel it",
+            },
+            "command": {"type": "string", "description": "as it ran, with its args"},
+            "params": {**RUN_PARAMS_SCHEMA, "description": "the run parameters it was given"},
+            "created_at": TIME,
+            "started_at": NULLABLE_TIME,
+            "finished_at": NULLABLE_TIME,
+            "attempts": {
+                "type": "array",
+                "items": ATTEMPT_WITH_OUTPUT if with_output else ATTEMPT,
+            },
+        },
+        "One triggering of a task, with a snapshot of the task as it was.",
+    )
+
+
+RUN = run_schema(with_output=False)
+RUN_WITH_OUTPUT = run_schema(with_output=True)
+SCHEDULER = answer_object(
+    {
+        "paused": {"type": "boolean"},
+        "paused_at": NULLABLE_TIME,
+        "paused_by": {"type": "string"},
+        "runs_running": {"type": "integer", "minimum": 0},
+        "runs_queued": {"type": "integer", "minimum": 0},
+    }
+)
+ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {"type": "string", "description": "what went wrong, for people"},
+        "errors": {
+            "type": "object",
+            "description": "messages per field, keyed by the path of the value: "
+            "timeout, labels[1], runs[0].env.NAME; 'body' for the body as a whole",
+            "additionalProperties": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "required": ["error"],
+    "description": "Every error of the API, from 400 to 500.",
+}
+
+
+def page_of(schema: dict, description: str) -> dict:
+    return answer_object(
+        {
+            "results": {"type": "array", "items": schema},
+            "next": {
+                "type": ["string", "null"],
+                "format": "uri",
+                "description": "the absolute URL of the next page; null on the last",
+            },
+        },
+        description,
+    )
+
+
+def results_of(schema: dict) -> dict:
+    return answer_object({"results": {"type": "array", "items": schema}})
+
+
+LIMIT = query_param(
+    "limit",
+    {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": PAGE_LIMIT_DEFAULT},
+    "page size",
+)
+
+
+def id_param(name: str, description: str) -> dict:
+    return query_param(name, {"type": "integer", "minimum": 1, "maximum": MAX_ID}, description)
