@@ -77,13 +77,15 @@ def test_it_reports_every_bad_environment_variable_through_the_api(client, bob_t
         headers={"Authorization": f"Bearer {bob_token}"},
     )
 
+    # Both, each keyed by where it is (the API's schema names a value's path).
     assert response.status_code == 400
     assert response.json()["errors"] == {
         "env": [
-            "Invalid variable name '1BAD': use letters, digits and '_', not starting with a digit.",
-            "The value of PORT must be a string.",
-        ]
+            "Invalid variable name '1BAD': use letters, digits and '_', not starting with a digit."
+        ],
+        "env.PORT": ["Expected a string."],
     }
+    assert not Task.objects.exists()
 
 
 def test_it_folds_retries_under_advanced_and_opens_the_fold_on_their_errors(bob_client):
