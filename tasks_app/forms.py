@@ -99,6 +99,10 @@ class TaskForm(forms.ModelForm):
             ),
         }
         help_texts = {"command": COMMAND_HELP}
+        error_messages = {
+            "command": {"required": "Enter the command to run."},
+            "name": {"required": "Give the task a name."},
+        }
 
     def basic_fields(self) -> list[forms.BoundField]:
         return [field for field in self if field.name not in self.ADVANCED_FIELDS]

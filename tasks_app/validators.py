@@ -87,7 +87,7 @@ def clean_env(value) -> dict[str, str]:
 
 def _env_item_errors(key, val) -> list[str]:
     """What is wrong with one variable: its name, then its value."""
-    if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+    if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
         return [
             f"Invalid variable name {key!r}: "
             "use letters, digits and '_', not starting with a digit."
@@ -129,7 +129,7 @@ def clean_run_params(value) -> dict:
     if unknown:
         raise ValidationError(dict.fromkeys(unknown, "Unknown field."))
     params: dict = {}
-    errors: dict[str, str] = {}
+    errors: dict[str, str | list[str]] = {}
     if "env" in value:
         if not isinstance(value["env"], dict):
             errors["env"] = "Expected an object of NAME: value strings."
@@ -137,7 +137,7 @@ def clean_run_params(value) -> dict:
             try:
                 params["env"] = clean_env(value["env"])
             except ValidationError as exc:
-                errors["env"] = exc.messages[0]
+                errors["env"] = exc.messages
     args = value.get("args")
     if "args" in value:
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):

@@ -139,7 +139,8 @@ def _task_form(request, task: Task | None):
     if request.method == "POST" and form.is_valid():
         saved = form.save()
         messages.success(request, f"Task {saved.name!r} {'saved' if task else 'created'}.")
-        return _redirect(request, reverse("tasks:list"))
+        # To the task itself: where it can be run and its history read.
+        return _redirect(request, reverse("tasks:detail", args=[saved.pk]))
     template = "tasks/form.html#task-form" if request.htmx else "tasks/form.html"
     status = 400 if request.method == "POST" else 200
     # htmx does not swap 4xx responses by default; the form is meant to be swapped in.

@@ -187,7 +187,7 @@ def test_it_accepts_a_shell_line_that_shlex_cannot_split_when_shell_is_set(api):
         pytest.param(
             {"name": "t", "command": "   "},
             "invalid task",
-            {"command": ["This field is required."]},
+            {"command": ["Enter the command to run."]},
             id="blank-command",
         ),
         pytest.param(

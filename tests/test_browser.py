@@ -36,7 +36,8 @@ def test_a_user_fixes_an_inline_error_runs_the_task_and_reads_its_output(master,
 
     page.fill("textarea[name=command]", f'{sys.executable} -c "print(6*7)"')
     page.click("button:has-text('Create task')")
-    page.wait_for_url(f"{master.url}/tasks/")
+    page.wait_for_url(f"{master.url}/tasks/*/")  # the new task's own page
+    page.click("nav a:has-text('Tasks')")
     row = page.locator("tr", has_text="answer")
     assert "print(6*7)" in row.inner_text()
 

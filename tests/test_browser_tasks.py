@@ -40,9 +40,7 @@ def test_a_multi_line_script_is_typed_run_from_its_page_and_edited(master, start
         page.fill("textarea[name=command]", SCRIPT)
         page.check("input[name=shell]")
         page.click("button:has-text('Create task')")
-        page.wait_for_url(f"{master.url}/tasks/")
-
-        page.click("a:has-text('two-lines')")
+        # Created, it opens the task's own page.
         page.wait_for_url(f"{master.url}/tasks/*/")
         assert page.locator("#task-command").inner_text() == SCRIPT
         page.click("#run-task")
@@ -67,7 +65,7 @@ def test_an_empty_command_gets_our_inline_error_not_a_browser_bubble(master):
 
         error = page.locator(".field-error[data-field=command]")
         error.wait_for(timeout=5_000)
-        assert error.inner_text() == "This field is required."
+        assert error.inner_text() == "Enter the command to run."
         assert page.evaluate("window.__no_reload") is True
         # The retries fold stays shut: nothing in it is wrong.
         assert page.locator("details#advanced").get_attribute("open") is None

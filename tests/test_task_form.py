@@ -118,7 +118,7 @@ def test_it_answers_an_empty_command_with_its_own_inline_error(bob_client):
     response = bob_client.post("/tasks/new/", {"name": "x", "command": "  \r\n "}, headers=HTMX)
 
     html = response.content.decode()
-    assert '<p class="error field-error" data-field="command">This field is required.</p>' in html
+    assert '<p class="error field-error" data-field="command">Enter the command to run.</p>' in html
     assert not Task.objects.exists()
 
 
@@ -140,3 +140,32 @@ def test_it_counts_the_runs_that_stay_in_plain_english(bob_client, task, runs, s
     html = bob_client.get(f"/tasks/{task.pk}/delete/").content.decode()
 
     assert sentence in html
+
+
+@pytest.mark.parametrize("name", ["PATH\n", "A B", "1X", "É"])
+def test_it_refuses_a_variable_name_that_only_starts_well(client, bob_token, name):
+    """A regex's `$` also matches before a final newline: the whole name must fit."""
+    response = client.post(
+        "/api/tasks",
+        {"name": "t", "command": "true", "env": {name: "x"}},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {bob_token}"},
+    )
+
+    assert response.status_code == 400
+    assert "env" in response.json()["errors"]
+    assert not Task.objects.exists()
+
+
+def test_a_runs_parameters_report_every_bad_variable(client, bob_token, task):
+    response = client.post(
+        f"/api/tasks/{task.pk}/run",
+        {"env": {"1BAD": "x", "OK": "y", "ALSO BAD": "z"}},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {bob_token}"},
+    )
+
+    assert response.status_code == 400
+    messages = " ".join(sum(response.json()["errors"].values(), []))
+    assert "'1BAD'" in messages and "'ALSO BAD'" in messages
+    assert not task.runs.exists()

@@ -168,9 +168,9 @@ def test_it_creates_a_task_from_a_plain_form_post(bob_client):
         },
     )
 
-    assert response.status_code == 302
-    assert response["Location"] == "/tasks/"
     task = Task.objects.get(name="nightly")
+    assert response.status_code == 302
+    assert response["Location"] == f"/tasks/{task.pk}/"
     assert task.env == {"GREETING": "hello world", "LOG_LEVEL": "debug"}
     assert task.labels == ["a", "b"]
     assert (task.command, task.shell, task.working_dir, task.timeout) == (
@@ -192,7 +192,7 @@ def test_it_shows_the_form_partial_with_errors_for_an_invalid_htmx_post(bob_clie
     html = response.content.decode()
     assert html.lstrip().startswith('<form id="task-form"')
     assert "<html" not in html
-    assert '<p class="error field-error" data-field="name">This field is required.</p>' in html
+    assert '<p class="error field-error" data-field="name">Give the task a name.</p>' in html
     assert (
         '<p class="error field-error" data-field="command">'
         "Cannot split the command into arguments: No closing quotation.</p>"
@@ -211,14 +211,15 @@ def test_it_shows_the_whole_page_with_errors_for_an_invalid_plain_post(bob_clien
     assert Task.objects.count() == 1
 
 
-def test_it_tells_htmx_to_go_to_the_list_after_a_valid_post(bob_client):
+def test_it_tells_htmx_to_go_to_the_new_task_after_a_valid_post(bob_client):
     response = bob_client.post(
         "/tasks/new/", {"name": "hx", "command": "echo hi", "labels": "linux"}, headers=HTMX
     )
 
+    task = Task.objects.get(name="hx")
     assert response.status_code == 200
-    assert response["HX-Redirect"] == "/tasks/"
-    assert Task.objects.get(name="hx").labels == ["linux"]
+    assert response["HX-Redirect"] == f"/tasks/{task.pk}/"
+    assert task.labels == ["linux"]
 
 
 def test_it_shows_the_edit_form_with_the_current_values(bob_client):
@@ -242,7 +243,7 @@ def test_it_edits_a_task(bob_client, task):
     )
 
     assert response.status_code == 302
-    assert response["Location"] == "/tasks/"
+    assert response["Location"] == f"/tasks/{task.pk}/"
     task.refresh_from_db()
     assert (task.command, task.shell, task.env, task.timeout, task.labels) == (
         "echo 42",

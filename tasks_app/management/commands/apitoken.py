@@ -15,7 +15,8 @@ class Command(BaseCommand):
     def handle(self, *args, username: str, name: str, **options):
         user = get_user_model().objects.filter(username=username, is_active=True).first()
         if user is None:
-            raise CommandError(f"no active user named {username!r}")
+            hint = " (`make run` creates admin on its first start)" if username == "admin" else ""
+            raise CommandError(f"no active user named {username!r}{hint}")
         raw, digest = tokens.mint("api")
         ApiToken.objects.create(user=user, name=name[:100], token_hash=digest)
         self.stdout.write(raw)
