@@ -98,6 +98,9 @@ def env_dir(name: str, default: Path) -> Path:
 def env_hosts(name: str, default: list[str]) -> list[str]:
     """Host names for ALLOWED_HOSTS: a URL there would make every request a 400."""
     hosts = env_list(name, default)
+    if not hosts:
+        # "," or " , ": set, yet no host at all, so every request would be refused.
+        raise ImproperlyConfigured(f"{name} names no host; unset it for the default")
     for host in hosts:
         if "/" in host:
             bare = urlsplit(host).hostname if "://" in host else None

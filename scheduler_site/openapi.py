@@ -51,7 +51,8 @@ DESCRIPTION = """\
 Tasks, runs and workers of the scheduler, as JSON.
 
 Authenticate with `Authorization: Bearer <token>` (mint one with
-`python manage.py apitoken USERNAME`), or with a logged-in browser session
+`make token USER=USERNAME`, or `.venv/bin/python manage.py apitoken USERNAME`),
+or with a logged-in browser session
 and its CSRF token for writes.
 
 Every answer under /api/ is JSON, errors too: `{"error": "...", "errors":
@@ -187,7 +188,7 @@ def document() -> dict:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "an API token from `manage.py apitoken USERNAME`",
+                    "description": "an API token from `make token USER=USERNAME`",
                 },
                 "session": {
                     "type": "apiKey",

@@ -7,6 +7,7 @@ Each view declares its operations (tasks_app.apispec.Operation) in its
 from django.http import HttpResponse, JsonResponse
 from django.utils.http import urlencode
 
+from scheduler_site.links import absolute_url
 from tasks_app import history, lifecycle, schemas, serializers, trigger_api
 from tasks_app.apispec import Operation, query_param
 from tasks_app.exceptions import (
@@ -52,8 +53,8 @@ def _limit(params) -> int:
 
 def _next_url(request, query: dict) -> str:
     """The absolute URL of the next page, so that a script can fetch it as it is
-    (behind a proxy: built from the Host header it passes on)."""
-    return request.build_absolute_uri(f"{request.path}?{urlencode(query)}")
+    (on SCHEDULER_PUBLIC_URL when set, else the request's scheme and Host)."""
+    return absolute_url(request, f"{request.path}?{urlencode(query)}")
 
 
 def _after(params) -> int | None:

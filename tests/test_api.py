@@ -400,6 +400,18 @@ def test_next_links_use_the_host_the_request_came_to(api, task, settings):
     assert tasks["next"] == f"http://sched.example.com/api/tasks?after={task.pk}&limit=1"
 
 
+def test_next_links_use_the_public_url_behind_a_tls_proxy(api, task, settings):
+    """A proxy that ends TLS talks plain http to us: the public URL says https."""
+    settings.SCHEDULER_PUBLIC_URL = "https://sched.example.com/"
+    make_run(task)
+    make_run(task)
+
+    runs = api.get("/api/runs?limit=1").json()
+
+    assert runs["next"].startswith("https://sched.example.com/api/runs?")
+    assert api.get(runs["next"].removeprefix("https://sched.example.com")).status_code == 200
+
+
 def test_it_copies_a_task_from_its_own_json_with_another_name(api, task):
     original = api.get(f"/api/tasks/{task.pk}").json()
 

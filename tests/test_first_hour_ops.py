@@ -108,18 +108,26 @@ def test_it_runs_the_add_worker_command_as_shown_on_a_stock_node(master, tmp_pat
     named = _run_on_stock_node(
         _shown_command(session, master, name="edge-7"), home, tmp_path / "node-1.log"
     )
-    # Two more "nodes" with the same host name (separate state dirs), the name left empty.
-    twins = [
-        _run_on_stock_node(
-            _shown_command(session, master),
-            home,
-            tmp_path / f"twin-{n}.log",
-            SCHEDULER_AGENT_STATE_DIR=str(tmp_path / f"twin-{n}-state"),
-        )
-        for n in (1, 2)
-    ]
-    procs = [named, *twins]
+    procs = [named]
     try:
+        # The first node builds the venv; the twins start once it is online, so
+        # they reuse it instead of racing it for the same directory.
+        wait_for(
+            lambda: named.poll() is None and master.worker_state("edge-7") == "online",
+            timeout=180,
+            interval=0.5,
+            what="the first node online",
+        )
+        # Two more "nodes" with the same host name (separate state dirs), the name left empty.
+        procs += [
+            _run_on_stock_node(
+                _shown_command(session, master),
+                home,
+                tmp_path / f"twin-{n}.log",
+                SCHEDULER_AGENT_STATE_DIR=str(tmp_path / f"twin-{n}-state"),
+            )
+            for n in (1, 2)
+        ]
 
         def online():
             for proc, log in zip(procs, ["node-1", "twin-1", "twin-2"], strict=True):
@@ -320,6 +328,11 @@ def test_a_data_dir_that_is_a_file_is_named(tmp_path):
             "",
             "SCHEDULER_ALLOWED_HOSTS is set but empty: unset it to use the default"
             " (127.0.0.1,localhost,[::1]) or give a value",
+        ),
+        (
+            "SCHEDULER_ALLOWED_HOSTS",
+            " , ",
+            "SCHEDULER_ALLOWED_HOSTS names no host; unset it for the default",
         ),
         (
             "SCHEDULER_ALLOWED_HOSTS",

@@ -3,12 +3,12 @@
 from pathlib import Path
 
 from django import forms
-from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from scheduler_site.links import absolute_url
 from workers_app import delivery, enrollment, liveness, protocol, registration
 from workers_app.api import ACTIONS, RegistrationForm
 from workers_app.models import EnrollmentToken, Worker
@@ -17,7 +17,7 @@ AGENT_SOURCE = Path(__file__).with_name("agent.py")
 
 
 def _server_url(request) -> str:
-    return settings.SCHEDULER_PUBLIC_URL.rstrip("/") or request.build_absolute_uri("/").rstrip("/")
+    return absolute_url(request, "/").rstrip("/")
 
 
 @require_GET

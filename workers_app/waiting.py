@@ -53,10 +53,13 @@ def why_waiting(run: Run, attempts: list[Attempt]) -> str:
     busy = sum(min(w.busy, w.capacity) for w in online)
     slots = sum(w.capacity for w in online)
     if busy >= slots:
-        count = len(online)
+        if len(online) == 1:
+            return (
+                f"The only online worker with {wanted}, {online[0].name}, is busy "
+                f"({busy} of {slots} slots); it starts when a slot frees up."
+            )
         return (
-            f"All {count} online worker{'s' if count != 1 else ''} with {wanted} "
-            f"{'are' if count != 1 else 'is'} busy ({busy} of {slots} slots); "
-            "it starts when a slot frees up."
+            f"All {len(online)} online workers with {wanted} are busy "
+            f"({busy} of {slots} slots); it starts when a slot frees up."
         )
     return "Being dispatched to a free slot."
