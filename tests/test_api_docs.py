@@ -28,6 +28,9 @@ def test_the_docs_page_shows_every_endpoint_and_schema_without_logging_in():
     for name in doc["components"]["schemas"]:
         assert f'id="schema-{name}"' in html
     assert "task_deleted" in html and "cancel_requested_by" in html
+    # The descriptions' Markdown-style `code` reads as code, not as backticks.
+    assert "<code>Authorization: Bearer &lt;token&gt;</code>" in html
+    assert "`" not in re.sub(r"<pre.*?</pre>", "", html, flags=re.S)
     # Nothing from a CDN: every script and stylesheet is ours.
     for url in re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html):
         assert url.startswith("/static/"), url

@@ -9,11 +9,13 @@ status identifiers as words.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import signal
 
 from django import template
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import escape, format_html
+from django.utils.safestring import mark_safe
 
 register = template.Library()
 
@@ -100,3 +102,23 @@ def plural_verb(count, forms: str = "s,") -> str:
     """The verb for a count: {{ n }} run{{ n|pluralize }} {{ n|plural_verb:'stays,stay' }}."""
     singular, _, plural = forms.partition(",")
     return singular if count == 1 else plural
+
+
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+@register.filter
+def code_spans(text) -> str:
+    """Escaped text whose `backticked` parts are shown as code."""
+    return mark_safe(_CODE_SPAN.sub(r"<code>\1</code>", str(escape(str(text or "")))))
+
+
+@register.filter
+def prose(text) -> str:
+    """Plain text written like Markdown: paragraphs on blank lines, `code` spans.
+
+    The API's descriptions are written once, for the OpenAPI document; this
+    shows them on the docs page without their backticks and hard line breaks.
+    """
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", str(text or "")) if p.strip()]
+    return mark_safe("".join(f"<p>{code_spans(p)}</p>" for p in paragraphs))
