@@ -51,6 +51,8 @@ def clock(value):
 def seconds_text(seconds: float) -> str:
     if seconds < 0:
         seconds = 0.0
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 10:
         return f"{seconds:.2f} s"
     if seconds < 60:
@@ -67,7 +69,7 @@ def seconds_text(seconds: float) -> str:
 
 @register.filter
 def duration(value):
-    """A timedelta or a number of seconds as '0.42 s', '3 min 5 s', '2 h 10 min'."""
+    """A timedelta or a number of seconds as '420 ms', '2.50 s', '3 min 5 s', '2 h 10 min'."""
     if value is None or value == "":
         return "—"
     if isinstance(value, dt.timedelta):
