@@ -20,3 +20,7 @@ class RunNotCancellable(TaskError):
 
 class RunNotRetryable(TaskError):
     """Only a finished run can be retried."""
+
+
+class InvalidSchedule(ValueError):
+    """A cron expression or time zone that cannot be used; the message says why."""
