@@ -114,7 +114,7 @@ def tasks(request):
 
 _UPDATE = Operation(
     "Change a task",
-    {200: schemas.TASK},
+    {200: schemas.TASK_WITH_NEXT_RUNS},
     body=schemas.TASK_UPDATE,
     description="Fields left out keep their value (PUT and PATCH alike).",
     errors=TASK_NOT_FOUND,
@@ -123,7 +123,13 @@ _UPDATE = Operation(
 
 @api_view(
     {
-        "GET": Operation("One task", {200: schemas.TASK}, errors=TASK_NOT_FOUND),
+        "GET": Operation(
+            "One task",
+            {200: schemas.TASK_WITH_NEXT_RUNS},
+            description="With `next_runs`: its next 5 fire times in its time zone, each "
+            "flagged when it falls in a DST gap or a repeated hour.",
+            errors=TASK_NOT_FOUND,
+        ),
         "PUT": _UPDATE,
         "PATCH": _UPDATE,
         "DELETE": Operation(
@@ -148,7 +154,7 @@ def task_detail(request, pk: int):
         if not form.is_valid():
             raise BadRequest("invalid task", form_errors(form))
         task = form.save()
-    return JsonResponse(serializers.task_json(task))
+    return JsonResponse(serializers.task_json(task, with_next_runs=True))
 
 
 @api_view(

@@ -62,13 +62,23 @@ def _same(value: Any) -> Any:
 
 
 def insert_rows(
-    model: type[models.Model], fields: Sequence[str], rows: Sequence[Sequence]
-) -> list[int]:
+    model: type[models.Model],
+    fields: Sequence[str],
+    rows: Sequence[Sequence],
+    *,
+    skip_conflicts_by: str | None = None,
+) -> list[int | None]:
     """INSERT rows holding values of these fields (the others get their
-    defaults, computed once); their primary keys, in order."""
+    defaults, computed once); their primary keys, in order.
+
+    With `skip_conflicts_by` (one of `fields`, whose value is distinct in
+    every row), a row that breaks a unique constraint is not inserted, and
+    its key is None: ON CONFLICT DO NOTHING returns only the rows it
+    inserted, which that field tells apart.
+    """
     if not rows:
         return []
-    sql, adapters, rest = _insert_plan(model, tuple(fields))
+    sql, adapters, rest = _insert_plan(model, tuple(fields), skip_conflicts_by)
     defaults = [adapt(field.get_default()) for field, adapt in rest]
     width = len(adapters) + len(rest)
     # Within SQLite's 32,766 parameters per statement.
@@ -85,21 +95,30 @@ def insert_rows(
             # RETURNING gives the ids in the order of the VALUES, as bulk_create
             # relies on too (SQLite 3.35+, PostgreSQL).
             cursor.execute(sql % ", ".join([f"({', '.join(['%s'] * width)})"] * len(chunk)), params)
-            ids += [row[0] for row in cursor.fetchall()]
+            if skip_conflicts_by is None:
+                ids += [row[0] for row in cursor.fetchall()]
+            else:
+                key = fields.index(skip_conflicts_by)
+                inserted = {value: pk for pk, value in cursor.fetchall()}
+                ids += [inserted.get(row[key]) for row in chunk]
     return ids
 
 
 @functools.cache
-def _insert_plan(model: type[models.Model], fields: tuple[str, ...]):
+def _insert_plan(model: type[models.Model], fields: tuple[str, ...], skip_conflicts_by=None):
     meta = model._meta
     quote = connection.ops.quote_name
     given = [meta.get_field(name) for name in fields]
     rest = [f for f in meta.concrete_fields if not f.primary_key and f not in given]
     columns = ", ".join(quote(f.column) for f in [*given, *rest])
-    # %% survives the one % formatting that puts the rows in.
+    returning = quote(meta.pk.column)
+    conflict = ""
+    if skip_conflicts_by is not None:
+        # Any unique constraint, partial ones included (SQLite 3.24+, PostgreSQL).
+        conflict = " ON CONFLICT DO NOTHING"
+        returning += f", {quote(meta.get_field(skip_conflicts_by).column)}"
     sql = (
-        f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES %s"
-        f" RETURNING {quote(meta.pk.column)}"
+        f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES %s{conflict} RETURNING {returning}"
     )
     return sql, [_adapter(f) for f in given], [(f, _adapter(f)) for f in rest]
 

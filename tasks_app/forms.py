@@ -4,8 +4,9 @@ import shlex
 
 from django import forms
 
-from tasks_app import validators
-from tasks_app.models import TASK_FIELDS, Task
+from tasks_app import cron, validators
+from tasks_app.exceptions import InvalidSchedule
+from tasks_app.models import TASK_FIELDS, MisfirePolicy, Task
 
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_RETRIES = 100
@@ -50,6 +51,8 @@ COMMAND_HELP = (
 class TaskForm(forms.ModelForm):
     # Shown folded under "Advanced" on the page: most tasks never change them.
     ADVANCED_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s")
+    # Shown as their own "Schedule" group.
+    SCHEDULE_FIELDS = ("schedule", "timezone", "misfire_policy", "schedule_paused")
 
     env = EnvField(required=False, label="Environment", help_text="One KEY=VALUE per line.")
     labels = LabelsField(
@@ -86,6 +89,30 @@ class TaskForm(forms.ModelForm):
         label="Longest backoff (s)",
     )
 
+    schedule = forms.CharField(
+        required=False,
+        max_length=cron.MAX_SCHEDULE_CHARS,
+        label="Cron schedule",
+        help_text="Five fields: minute hour day-of-month month day-of-week "
+        "(*/15 * * * *, 0 9 * * 1-5), or @hourly, @daily, @weekly, @monthly, @yearly. "
+        "Empty: no schedule.",
+        widget=forms.TextInput(attrs={"placeholder": "0 3 * * *", "spellcheck": "false"}),
+    )
+    timezone = forms.CharField(
+        required=False,
+        max_length=64,
+        label="Time zone",
+        help_text="IANA name the schedule is read in: UTC, Europe/Berlin, America/New_York.",
+        widget=forms.TextInput(attrs={"placeholder": "UTC", "spellcheck": "false"}),
+    )
+    misfire_policy = forms.ChoiceField(
+        required=False,
+        choices=MisfirePolicy.choices,
+        label="Missed ticks",
+        help_text="A tick missed while the scheduler was down or paused: skip it, or run "
+        "once for the latest one if it is no older than one period and at most 24 hours.",
+    )
+
     class Meta:
         model = Task
         fields = list(TASK_FIELDS)
@@ -105,7 +132,11 @@ class TaskForm(forms.ModelForm):
         }
 
     def basic_fields(self) -> list[forms.BoundField]:
-        return [field for field in self if field.name not in self.ADVANCED_FIELDS]
+        grouped = self.ADVANCED_FIELDS + self.SCHEDULE_FIELDS
+        return [field for field in self if field.name not in grouped]
+
+    def schedule_fields(self) -> list[forms.BoundField]:
+        return [self[name] for name in self.SCHEDULE_FIELDS]
 
     def advanced_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in self.ADVANCED_FIELDS]
@@ -136,6 +167,21 @@ class TaskForm(forms.ModelForm):
 
     def clean_retry_backoff_max_s(self):
         return self._default_if_empty("retry_backoff_max_s")
+
+    def clean_schedule(self):
+        try:
+            return cron.check_schedule(self.cleaned_data["schedule"] or "")
+        except InvalidSchedule as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean_timezone(self):
+        try:
+            return cron.check_timezone(self.cleaned_data["timezone"] or "UTC")
+        except InvalidSchedule as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean_misfire_policy(self):
+        return self.cleaned_data.get("misfire_policy") or MisfirePolicy.SKIP
 
     def clean_working_dir(self):
         working_dir = self.cleaned_data["working_dir"].strip()

@@ -101,6 +101,9 @@ class TriggerRequest:
     count: int = 1
     # Each {"env": {...}, "args": [...]}, already validated (tasks_app.params).
     params: tuple[dict, ...] | None = None
+    # The cron tick this run is for: a tick that has its run already (another
+    # server process fired it) gets none, and its result is an empty list.
+    scheduled_for: dt.datetime | None = None
 
 
 def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskError]:
@@ -144,11 +147,14 @@ def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskErr
                         trigger=request.trigger,
                         created_by_id=request.user_id,
                         params=params,
+                        scheduled_for=request.scheduled_for,
                     )
                 )
             runs += batch
             results.append(batch)
-        _queue(runs)
+        created = _queue(runs)
+    if len(created) < len(runs):
+        results = [r if isinstance(r, TaskError) else [x for x in r if x.pk] for r in results]
     return results
 
 
@@ -197,29 +203,43 @@ def retry_run(run: Run, user=None) -> Run:
     return retry
 
 
-def _queue(runs: list[Run]) -> None:
+def _queue(runs: list[Run]) -> list[Run]:
     """Insert runs and their first attempts (each run's `queued_attempts`);
-    dispatch looks at them after commit."""
+    dispatch looks at them after commit. The runs inserted: a cron tick's run
+    that exists already is left out (see below)."""
     if not runs:
-        return
-    ids = insert_rows(
-        Run,
-        (
-            "task",
-            "task_name",
-            "definition",
-            "trigger",
-            "created_by",
-            "retry_of",
-            "params",
-            "created_at",
-        ),
-        [
-            (r.task_id, r.task_name, r.definition, r.trigger, r.created_by_id, r.retry_of_id)
-            + (r.params, r.created_at)
-            for r in runs
-        ],
+        return []
+    fields = (
+        "task",
+        "task_name",
+        "definition",
+        "trigger",
+        "created_by",
+        "retry_of",
+        "params",
+        "created_at",
+        "scheduled_for",
     )
+    rows = [
+        (r.task_id, r.task_name, r.definition, r.trigger, r.created_by_id, r.retry_of_id)
+        + (r.params, r.created_at, r.scheduled_for)
+        for r in runs
+    ]
+    ticks = [r for r in runs if r.scheduled_for is not None]
+    if ticks:
+        # Race: several server processes fire the same cron tick. The unique
+        # (task, scheduled_for) index lets one insert win; the others insert
+        # nothing and go on. One tick per task per call, so the task tells
+        # the inserted rows apart.
+        if len(ticks) != len(runs) or len({r.task_id for r in runs}) != len(runs):
+            raise ValueError("cron ticks are queued alone, one per task")
+        ids = insert_rows(Run, fields, rows, skip_conflicts_by="task")
+        runs = [run for run, pk in zip(runs, ids, strict=True) if pk is not None]
+        ids = [pk for pk in ids if pk is not None]
+        if not runs:
+            return []
+    else:
+        ids = insert_rows(Run, fields, rows)
     now = timezone.now()
     attempts = []
     for run, pk in zip(runs, ids, strict=True):
@@ -254,6 +274,7 @@ def _queue(runs: list[Run]) -> None:
         # Callers answer with the run and its attempt without reading them back.
         run.queued_attempts = [attempt]
     _wake_dispatch({a.labels_key for a in attempts})
+    return runs
 
 
 # --- assignment handshake ------------------------------------------------------

@@ -22,14 +22,26 @@ TASK_FIELDS: dict[str, tuple[type, ...]] = {
     "retry_backoff_s": (int, float),
     "retry_backoff_max_s": (int, float),
     "enabled": (bool,),
+    "schedule": (str,),
+    "timezone": (str,),
+    "misfire_policy": (str,),
+    "schedule_paused": (bool,),
 }
-# What a run does not keep of its task: who it is and whether it may be triggered.
-NOT_IN_SNAPSHOT = ("name", "enabled")
+# What a run does not keep of its task: who it is, whether it may be
+# triggered, and when (a run is made by its schedule, never runs one).
+NOT_IN_SNAPSHOT = ("name", "enabled", "schedule", "timezone", "misfire_policy", "schedule_paused")
+# The fields that decide when a task fires next (Task.next_fire_at).
+SCHEDULE_FIELDS = ("schedule", "timezone", "schedule_paused", "enabled")
 
 
 def labels_key(labels) -> str:
     """One string per set of required labels: the queue is kept apart by it."""
     return ",".join(sorted(set(labels or ())))
+
+
+class MisfirePolicy(models.TextChoices):
+    SKIP = "skip", "Skip missed ticks"
+    RUN_ONCE = "run_once", "Run once for the latest missed tick"
 
 
 class Task(models.Model):
@@ -58,9 +70,66 @@ class Task(models.Model):
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
+    # (After the two above: the field named timezone hides django.utils.timezone
+    # in the rest of this class body.)
+    schedule = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Five-field cron expression or @hourly/@daily/@weekly/@monthly/@yearly; "
+        "empty for none.",
+    )
+    timezone = models.CharField(
+        max_length=64, default="UTC", help_text="IANA time zone the schedule is read in."
+    )
+    misfire_policy = models.CharField(
+        max_length=16,
+        choices=MisfirePolicy.choices,
+        default=MisfirePolicy.SKIP,
+        help_text="What a tick missed while the scheduler was down or paused does.",
+    )
+    schedule_paused = models.BooleanField(
+        default=False, help_text="The schedule does not fire; the task can still be run."
+    )
+    # When the schedule fires next (UTC), kept by save() and by each firing:
+    # a scheduler pass reads only the due tasks off this index. Null: never
+    # (no schedule, schedule paused, task disabled).
+    next_fire_at = models.DateTimeField(null=True, blank=True, db_index=True, editable=False)
 
     class Meta:
         ordering = ["name"]
+
+    @classmethod
+    def from_db(cls, db, field_names, values):
+        task = super().from_db(db, field_names, values)
+        task._loaded_schedule = task._schedule_key()
+        return task
+
+    def _schedule_key(self) -> tuple:
+        return tuple(self.__dict__.get(name) for name in SCHEDULE_FIELDS)
+
+    def save(self, *args, **kwargs):
+        # A new or changed schedule counts from now: ticks it would have had
+        # before (while paused, disabled or under another expression) are not
+        # misfires to catch up.
+        if self._schedule_key() != getattr(self, "_loaded_schedule", None):
+            self.next_fire_at = self.compute_next_fire()
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "next_fire_at"}
+        super().save(*args, **kwargs)
+        self._loaded_schedule = self._schedule_key()
+
+    def set_schedule_paused(self, paused: bool) -> None:
+        """Pause the schedule (the task can still be run) or resume it from now."""
+        self.schedule_paused = paused
+        self.save(update_fields=["schedule_paused", "updated_at"])
+
+    def compute_next_fire(self, after=None):
+        """The next fire time after `after` (default: the clock's now), or None."""
+        from tasks_app import clock, cron
+
+        if not self.schedule or self.schedule_paused or not self.enabled:
+            return None
+        return cron.next_fire(self.schedule, self.timezone, after or clock.now())
 
     def __str__(self) -> str:
         return self.name
@@ -155,6 +224,8 @@ class Run(models.Model):
     # Given at trigger time ({"env": {...}, "args": [...]}); already applied to
     # the definition, kept to show what this run was asked for.
     params = models.JSONField(default=dict, blank=True)
+    # The cron tick a scheduled run is for (trigger "schedule"), null otherwise.
+    scheduled_for = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -162,6 +233,15 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["status", "-id"], name="run_status_id"),
             models.Index(fields=["task", "-id"], name="run_task_id"),
+        ]
+        constraints = [
+            # A cron tick makes one run, however many server processes fire
+            # it at once: the database, not a flag in memory, decides.
+            models.UniqueConstraint(
+                fields=["task", "scheduled_for"],
+                condition=models.Q(scheduled_for__isnull=False),
+                name="run_task_scheduled_for",
+            )
         ]
 
     def __str__(self) -> str:

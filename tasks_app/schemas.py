@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
 from tasks_app.apispec import MESSAGES, Body, query_param
+from tasks_app.cron import MAX_SCHEDULE_CHARS
 from tasks_app.forms import MAX_BACKOFF_S, MAX_RETRIES, MAX_TIMEOUT_S
-from tasks_app.models import TASK_FIELDS, Attempt, Run
+from tasks_app.models import TASK_FIELDS, Attempt, MisfirePolicy, Run
 from tasks_app.validators import (
     ENV_NAME_RE,
     MAX_ARG_CHARS,
@@ -117,6 +118,28 @@ _TASK_FIELD_RULES: dict[str, dict] = {
         "default": 600.0,
     },
     "enabled": {"description": "a disabled task cannot be run", "default": True},
+    "schedule": {
+        "maxLength": MAX_SCHEDULE_CHARS,
+        "description": "five-field cron expression (minute hour day-of-month month "
+        "day-of-week) or @hourly, @daily, @weekly, @monthly, @yearly; empty for none",
+        "default": "",
+    },
+    "timezone": {
+        "minLength": 1,
+        "maxLength": 64,
+        "description": "IANA time zone the schedule is read in (Europe/Berlin)",
+        "default": "UTC",
+    },
+    "misfire_policy": {
+        "enum": list(MisfirePolicy.values),
+        "description": "a tick missed while the scheduler was down or paused: skip it, "
+        "or run_once for the latest one (within the smaller of 24 h and one period)",
+        "default": MisfirePolicy.SKIP.value,
+    },
+    "schedule_paused": {
+        "description": "the schedule does not fire; the task can still be run",
+        "default": False,
+    },
 }
 TASK_FIELD_SCHEMAS = {
     name: {**_TASK_FIELD_RULES[name], "type": json_type(types)}
@@ -127,6 +150,7 @@ TASK_FIELD_SCHEMAS = {
 # body, to change it or to make a copy: those are read-only and ignored.
 READ_ONLY = {
     "id": {"type": "integer", "readOnly": True},
+    "next_runs": {"type": "array", "readOnly": True},
     "created_at": {**TIME, "readOnly": True},
     "updated_at": {**TIME, "readOnly": True},
 }
@@ -221,6 +245,18 @@ def answer_object(properties: dict, description: str = "") -> dict:
     return {**schema, "description": description} if description else schema
 
 
+FIRE_TIME = answer_object(
+    {
+        "at": {**TIME, "description": "in the task's time zone, with its offset"},
+        "dst": {
+            "enum": ["gap", "repeat", None],
+            "description": "gap: the schedule names a time that does not exist that day; "
+            "repeat: the time happens twice that day",
+        },
+        "note": {"type": "string", "description": "what happens then, for people"},
+    },
+    "One upcoming fire time of a schedule.",
+)
 TASK = answer_object(
     {
         "id": ID,
@@ -229,6 +265,18 @@ TASK = answer_object(
         "updated_at": TIME,
     },
     "A task: what to run and how.",
+)
+TASK_WITH_NEXT_RUNS = answer_object(
+    {
+        **TASK["properties"],
+        "next_runs": {
+            "type": "array",
+            "items": FIRE_TIME,
+            "description": "the next 5 fire times; empty when the task does not fire "
+            "(no schedule, schedule paused, task disabled)",
+        },
+    },
+    "A task, with its next fire times.",
 )
 
 
@@ -303,6 +351,10 @@ def run_schema(*, with_output: bool) -> dict:
             },
             "command": {"type": "string", "description": "as it ran, with its args"},
             "params": {**RUN_PARAMS_SCHEMA, "description": "the run parameters it was given"},
+            "scheduled_for": {
+                **NULLABLE_TIME,
+                "description": "the cron tick a scheduled run is for (trigger schedule)",
+            },
             "created_at": TIME,
             "started_at": NULLABLE_TIME,
             "finished_at": NULLABLE_TIME,

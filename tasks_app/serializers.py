@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasks_app import cron
 from tasks_app.logs import output_of
 from tasks_app.models import TASK_FIELDS, Attempt, Run, SchedulerState, Task
 
@@ -10,13 +11,16 @@ def _time(value):
     return value.isoformat() if value else None
 
 
-def task_json(task: Task) -> dict:
-    return {
+def task_json(task: Task, *, with_next_runs: bool = False) -> dict:
+    data = {
         "id": task.pk,
         **{name: getattr(task, name) for name in TASK_FIELDS},
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }
+    if with_next_runs:
+        data["next_runs"] = [fire.as_json() for fire in cron.next_runs(task)]
+    return data
 
 
 def attempt_json(attempt: Attempt, *, with_output: bool) -> dict:
@@ -71,6 +75,7 @@ def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
         "cancel_requested_by": run.cancel_requested_by or None,
         "command": run.definition.get("command"),
         "params": run.params,
+        "scheduled_for": _time(run.scheduled_for),
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),

@@ -140,8 +140,10 @@ def start_agent(master, tmp_path) -> Iterator[Callable[..., Agent]]:
 def fresh_process_state():
     """A server process keeps a little state in memory (the dispatch board, who
     was heard from, the consumers it serves); each test starts with none."""
+    from tasks_app import clock
     from workers_app import delivery, dispatch, liveness
 
+    clock.set_now(None)
     dispatch.board = dispatch.Board()
     liveness.SEEN.clear()
     liveness._flushed.clear()

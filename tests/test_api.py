@@ -34,9 +34,10 @@ def post_json(client: Client, url: str, payload) -> object:
     return client.post(url, json.dumps(payload), content_type="application/json")
 
 
-def task_body(task: Task) -> dict:
+def task_body(task: Task, *, next_runs: list | None = None) -> dict:
+    """The task as the API shows it; one task's own page adds its next_runs."""
     task.refresh_from_db()
-    return {
+    body = {
         "id": task.pk,
         "name": task.name,
         "command": task.command,
@@ -49,9 +50,16 @@ def task_body(task: Task) -> dict:
         "retry_backoff_s": task.retry_backoff_s,
         "retry_backoff_max_s": task.retry_backoff_max_s,
         "enabled": task.enabled,
+        "schedule": task.schedule,
+        "timezone": task.timezone,
+        "misfire_policy": task.misfire_policy,
+        "schedule_paused": task.schedule_paused,
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }
+    if next_runs is not None:
+        body["next_runs"] = next_runs
+    return body
 
 
 def attempt_body(attempt: Attempt) -> dict:
@@ -100,6 +108,7 @@ def run_body(run: Run, *, output: dict[int, tuple[str, str, str]] | None = None)
         "cancel_requested_by": run.cancel_requested_by or None,
         "command": run.definition["command"],
         "params": run.params,
+        "scheduled_for": _time(run.scheduled_for),
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
@@ -428,7 +437,7 @@ def test_it_returns_one_task(api, task):
     response = api.get(f"/api/tasks/{task.pk}")
 
     assert response.status_code == 200
-    assert response.json() == task_body(task)
+    assert response.json() == task_body(task, next_runs=[])
 
 
 def test_it_answers_404_with_a_json_error_for_an_unknown_task(api, task):
@@ -457,7 +466,7 @@ def test_it_patches_only_the_fields_sent(api, task):
         30,
         ["gpu"],
     )
-    assert response.json() == task_body(task)
+    assert response.json() == task_body(task, next_runs=[])
 
 
 def test_it_leaves_a_task_unchanged_when_a_patch_is_invalid(api, task):

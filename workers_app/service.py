@@ -18,7 +18,7 @@ import time
 from django.conf import settings
 from django.db import DatabaseError
 
-from tasks_app import lifecycle
+from tasks_app import lifecycle, scheduling
 from tasks_app.writer import writer
 from workers_app import dispatch, liveness
 
@@ -62,6 +62,10 @@ class SchedulerService:
             return False
         return bool(lifecycle.time_out_overdue())
 
+    def fire_schedules(self) -> bool:
+        # Real time: nothing in a server moves tasks_app.clock.
+        return bool(scheduling.fire_due())
+
     def dispatch_queued(self) -> bool:
         # The backstop: re-read the board (slots and queued label sets) from the
         # database, which also brings back retries whose backoff has passed.
@@ -74,6 +78,7 @@ class SchedulerService:
             self.reap_lost_workers,
             self.requeue_unaccepted,
             self.time_out_overdue,
+            self.fire_schedules,
             self.dispatch_queued,
         ):
             try:
