@@ -13,7 +13,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import history, lifecycle, logs, task_stats
+from tasks_app import cron, history, lifecycle, logs, task_stats
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
@@ -113,6 +113,7 @@ def task_detail(request, pk: int):
         "name": task.name if task else deleted.name,
         "page": page,
         "stats": task_stats.task_stats(pk),
+        "next_runs": cron.next_runs(task) if task else [],
         "older_url": f"{here}?{urlencode({'before': page.next_before})}"
         if page.next_before
         else None,
@@ -173,6 +174,24 @@ def task_run(request, pk: int):
         messages.error(request, str(exc))
         return _redirect(request, _back(request))
     return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))
+
+
+@require_POST
+@login_required
+def task_schedule_pause(request, pk: int):
+    task = _get_task(pk)
+    task.set_schedule_paused(True)
+    messages.success(request, f"Schedule of {task.name!r} paused; the task can still be run.")
+    return _redirect(request, reverse("tasks:detail", args=[pk]))
+
+
+@require_POST
+@login_required
+def task_schedule_resume(request, pk: int):
+    task = _get_task(pk)
+    task.set_schedule_paused(False)
+    messages.success(request, f"Schedule of {task.name!r} resumed.")
+    return _redirect(request, reverse("tasks:detail", args=[pk]))
 
 
 @require_GET

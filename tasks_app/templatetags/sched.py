@@ -124,3 +124,11 @@ def prose(text) -> str:
     """
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", str(text or "")) if p.strip()]
     return mark_safe("".join(f"<p>{code_spans(p)}</p>" for p in paragraphs))
+
+
+@register.filter
+def cron_words(schedule: str) -> str:
+    """A schedule in words: "At 09:00 on Monday through Friday"."""
+    from tasks_app import cron
+
+    return cron.describe(schedule) if schedule else ""
