@@ -82,6 +82,25 @@ def check_timezone(name: str) -> str:
     return name
 
 
+def validate_schedule(value: str) -> None:
+    """A model field validator (the admin's form): check_schedule's message."""
+    from django.core.exceptions import ValidationError
+
+    try:
+        check_schedule(value)
+    except InvalidSchedule as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def validate_timezone(value: str) -> None:
+    from django.core.exceptions import ValidationError
+
+    try:
+        check_timezone(value)
+    except InvalidSchedule as exc:
+        raise ValidationError(str(exc)) from None
+
+
 def describe(schedule: str) -> str:
     """In words: "At 09:00 on Monday through Friday"."""
     try:

@@ -5,6 +5,7 @@ from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
+from tasks_app import cron
 from tasks_app.signals import work_queued
 
 # A task's fields as people set them, with the JSON types the API takes. The
@@ -75,11 +76,15 @@ class Task(models.Model):
     schedule = models.CharField(
         max_length=200,
         blank=True,
+        validators=[cron.validate_schedule],
         help_text="Five-field cron expression or @hourly/@daily/@weekly/@monthly/@yearly; "
         "empty for none.",
     )
     timezone = models.CharField(
-        max_length=64, default="UTC", help_text="IANA time zone the schedule is read in."
+        max_length=64,
+        default="UTC",
+        validators=[cron.validate_timezone],
+        help_text="IANA time zone the schedule is read in.",
     )
     misfire_policy = models.CharField(
         max_length=16,
@@ -125,7 +130,7 @@ class Task(models.Model):
 
     def compute_next_fire(self, after=None):
         """The next fire time after `after` (default: the clock's now), or None."""
-        from tasks_app import clock, cron
+        from tasks_app import clock
 
         if not self.schedule or self.schedule_paused or not self.enabled:
             return None

@@ -84,7 +84,14 @@ def fire_due(now: dt.datetime | None = None) -> list[Run]:
                 # Changed without save() (a bulk update): it does not fire.
                 moves.append((task, None))
                 continue
-            decision = decide(task, now)
+            try:
+                decision = decide(task, now)
+            except Exception:
+                # One unreadable schedule (written around the checks) must not
+                # stop every other task's ticks: it stops firing, and says so.
+                log.exception("task %s: schedule %r cannot be read", task.pk, task.schedule)
+                moves.append((task, None))
+                continue
             moves.append((task, decision.next_fire_at))
             if decision.fire_at is not None:
                 requests.append(

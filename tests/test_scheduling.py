@@ -260,3 +260,26 @@ def test_the_scheduler_service_fires_schedules_on_real_time():
     service = SchedulerService()
     assert service.fire_schedules() is True
     assert Run.objects.get(task=task).trigger == "schedule"
+
+
+def test_an_unreadable_schedule_stops_only_its_own_task(caplog):
+    broken = make("broken", schedule="* * * * *", at=utc(2026, 6, 1, 12, 0, 30))
+    fine = make("fine", schedule="* * * * *", at=utc(2026, 6, 1, 12, 0, 30))
+    # Written around every check (a raw update): cronsim cannot read it.
+    Task.objects.filter(pk=broken.pk).update(schedule="99 * * * *")
+
+    [run] = scheduling.fire_due(utc(2026, 6, 1, 12, 1, 1))
+
+    assert run.task_id == fine.pk
+    broken.refresh_from_db()
+    assert broken.next_fire_at is None
+    assert "schedule '99 * * * *' cannot be read" in caplog.text
+
+
+def test_the_model_refuses_a_bad_schedule_for_the_admins_form():
+    from django.core.exceptions import ValidationError
+
+    task = Task(name="x", command="true", schedule="* * *", timezone="Atlantis/Capital")
+    with pytest.raises(ValidationError) as caught:
+        task.full_clean()
+    assert set(caught.value.message_dict) == {"schedule", "timezone"}
