@@ -71,6 +71,7 @@ def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
         "cancel_requested_by": run.cancel_requested_by or None,
         "command": run.definition.get("command"),
         "params": run.params,
+        "run_at": _time(run.run_at),
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
