@@ -123,6 +123,13 @@ class DeletedTask(models.Model):
 
 def remember_deleted_task(sender, instance: Task, **kwargs) -> None:
     DeletedTask.objects.update_or_create(pk=instance.pk, defaults={"name": instance.name})
+    # Its runs live on, its limit does not: runs held back by it go now, or
+    # nothing would ever release them.
+    released = Attempt.objects.filter(
+        run__task_id=instance.pk, status=Attempt.Status.QUEUED, ready_at=HELD_UNTIL
+    ).update(ready_at=timezone.now())
+    if released:
+        transaction.on_commit(lambda: work_queued.send(sender=Run, labels_keys=None), robust=True)
 
 
 class Run(models.Model):

@@ -265,3 +265,27 @@ def test_the_task_form_sets_concurrency_and_refuses_a_bad_policy(bob_client):
     ]
     task.refresh_from_db()
     assert (task.concurrency_limit, task.busy_policy) == (1, "skip")
+
+
+def test_deleting_a_task_releases_its_held_runs(task):
+    limited(task, "queue")
+    start(trigger(task))
+    held = trigger(task)
+    assert held.attempts.get().is_held
+
+    task.delete()
+
+    attempt = held.attempts.get()
+    assert not attempt.is_held
+    assert attempt.ready_at <= timezone.now()
+
+
+def test_the_held_notice_survives_a_deleted_task(task):
+    limited(task, "queue")
+    first = trigger(task)
+    start(first)
+    held = trigger(task)
+    attempt = held.attempts.get()
+    Task.objects.filter(pk=task.pk)._raw_delete(Task.objects.db)  # no signal: still held
+
+    assert why_waiting(held, [attempt]) == (f"Waiting for run #{first.pk} of this task to end.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.utils import timezone
 
-from tasks_app.models import HELD_UNTIL, Attempt, Run, SchedulerState
+from tasks_app.models import HELD_UNTIL, Attempt, Run, SchedulerState, Task
 from tasks_app.templatetags.sched import seconds_text
 from workers_app.models import Worker
 
@@ -21,7 +21,7 @@ def _names(workers: list[Worker], limit: int = 3) -> str:
 
 def _held(run: Run) -> str:
     """Behind the task's concurrency limit: name the run it waits for."""
-    limit = run.task.concurrency_limit if run.task_id and run.task else None
+    limit = Task.objects.filter(pk=run.task_id).values_list("concurrency_limit", flat=True).first()
     blocking = (
         Run.objects.filter(task_id=run.task_id, status__in=[Run.Status.RUNNING, Run.Status.QUEUED])
         .exclude(pk=run.pk)
@@ -30,7 +30,7 @@ def _held(run: Run) -> str:
         .first()
     )
     what = f"run #{blocking.pk} of this task" if blocking else "a run of this task"
-    return f"Waiting for {what} to end (limit {limit or '?'})."
+    return f"Waiting for {what} to end" + (f" (limit {limit})." if limit else ".")
 
 
 def why_waiting(run: Run, attempts: list[Attempt]) -> str:
