@@ -3,6 +3,7 @@
 import shlex
 
 from django import forms
+from django.utils import timezone
 
 from tasks_app import cron, validators
 from tasks_app.exceptions import InvalidSchedule
@@ -11,6 +12,7 @@ from tasks_app.models import TASK_FIELDS, MisfirePolicy, Task
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_RETRIES = 100
 MAX_BACKOFF_S = 24 * 3600
+MAX_CONCURRENCY = 10_000
 
 
 class EnvField(forms.Field):
@@ -50,7 +52,13 @@ COMMAND_HELP = (
 
 class TaskForm(forms.ModelForm):
     # Shown folded under "Advanced" on the page: most tasks never change them.
-    ADVANCED_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s")
+    ADVANCED_FIELDS = (
+        "max_retries",
+        "retry_backoff_s",
+        "retry_backoff_max_s",
+        "concurrency_limit",
+        "busy_policy",
+    )
     # Shown as their own "Schedule" group.
     SCHEDULE_FIELDS = ("schedule", "timezone", "misfire_policy", "schedule_paused")
 
@@ -111,6 +119,20 @@ class TaskForm(forms.ModelForm):
         label="Missed ticks",
         help_text="A tick missed while the scheduler was down or paused: skip it, or run "
         "once for the latest one if it is no older than one period and at most 24 hours.",
+    )
+    concurrency_limit = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=MAX_CONCURRENCY,
+        label="Concurrency limit",
+        help_text="Runs of this task at once; empty or 0 for no limit, 1 never overlaps.",
+    )
+    busy_policy = forms.ChoiceField(
+        required=False,
+        choices=Task.BusyPolicy.choices,
+        initial=Task.BusyPolicy.QUEUE,
+        label="When the limit is reached",
+        help_text="What a new run does while the task has that many runs going.",
     )
 
     class Meta:
@@ -183,6 +205,13 @@ class TaskForm(forms.ModelForm):
     def clean_misfire_policy(self):
         return self.cleaned_data.get("misfire_policy") or MisfirePolicy.SKIP
 
+    def clean_concurrency_limit(self):
+        # 0 and empty both mean "no limit": kept as null, one way to say it.
+        return self.cleaned_data.get("concurrency_limit") or None
+
+    def clean_busy_policy(self):
+        return self.cleaned_data.get("busy_policy") or Task.BusyPolicy.QUEUE
+
     def clean_working_dir(self):
         working_dir = self.cleaned_data["working_dir"].strip()
         if working_dir and not working_dir.startswith("/"):
@@ -208,3 +237,48 @@ class TaskForm(forms.ModelForm):
             except forms.ValidationError as exc:
                 self.add_error("command", exc)
         return cleaned
+
+
+class RunForm(forms.Form):
+    """Run now, or at a time, with extra environment and arguments (the task page)."""
+
+    run_at = forms.DateTimeField(
+        required=False,
+        label="Run at",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}),
+        help_text="Empty: now. In the server's time zone; "
+        f"at most {validators.MAX_DELAY_DAYS} days ahead.",
+    )
+    env = EnvField(
+        required=False,
+        label="Extra environment",
+        help_text="One KEY=VALUE per line, laid over the task's own.",
+    )
+    args = forms.CharField(
+        required=False,
+        label="Extra arguments",
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "--date\n2026-01-31"}),
+        help_text="One argument per line, appended to the command as is: "
+        "spaces and quotes stay part of the argument; blank lines are ignored.",
+    )
+
+    def clean_run_at(self):
+        value = self.cleaned_data.get("run_at")
+        return None if value is None else validators.clean_run_at(value, timezone.now())
+
+    def clean_args(self):
+        args = [line for line in self.cleaned_data["args"].splitlines() if line.strip()]
+        try:
+            return validators.clean_run_params({"args": args}).get("args", [])
+        except forms.ValidationError as exc:
+            raise forms.ValidationError(exc.message_dict["args"]) from None
+
+    def params(self) -> dict:
+        """The run parameters as lifecycle takes them ({} when none)."""
+        params = {}
+        if self.cleaned_data.get("env"):
+            params["env"] = self.cleaned_data["env"]
+        if self.cleaned_data.get("args"):
+            params["args"] = self.cleaned_data["args"]
+        return params

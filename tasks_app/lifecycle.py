@@ -14,6 +14,7 @@ names the state it expects, so a row that moved meanwhile is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
 from collections.abc import Iterable, Sequence
@@ -46,7 +47,7 @@ from tasks_app.exceptions import (
     TaskError,
     TaskNotFound,
 )
-from tasks_app.models import TASK_FIELDS, Attempt, Run, Task, labels_key
+from tasks_app.models import HELD_UNTIL, TASK_FIELDS, Attempt, Run, Task, labels_key
 from tasks_app.signals import stop_requested, work_queued
 from tasks_app.validators import check_run_size
 
@@ -104,6 +105,9 @@ class TriggerRequest:
     # The cron tick this run is for: a tick that has its run already (another
     # server process fired it) gets none, and its result is an empty list.
     scheduled_for: dt.datetime | None = None
+    # A delayed run: its first attempt is ready at this time, not before
+    # (validated: tasks_app.validators.clean_run_at).
+    run_at: dt.datetime | None = None
 
 
 def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskError]:
@@ -111,6 +115,7 @@ def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskErr
     runs (each with its first attempt, queued) or the error that refused it."""
     with atomic():
         tasks = _tasks({r.task_id for r in requests})
+        limits = _Limits([t for t in tasks.values() if t.concurrency_limit])
         results: list[list[Run] | TaskError] = []
         runs: list[Run] = []
         for request in requests:
@@ -148,14 +153,162 @@ def trigger_runs(requests: Sequence[TriggerRequest]) -> list[list[Run] | TaskErr
                         created_by_id=request.user_id,
                         params=params,
                         scheduled_for=request.scheduled_for,
+                        run_at=request.run_at,
                     )
                 )
+            for run in batch:
+                limits.admit(task, run)
             runs += batch
             results.append(batch)
         created = _queue(runs)
+        limits.after_insert()
     if len(created) < len(runs):
         results = [r if isinstance(r, TaskError) else [x for x in r if x.pk] for r in results]
     return results
+
+
+class _Limits:
+    """Concurrency limits of the tasks of one trigger batch (tasks with a limit only).
+
+    A run of a task occupies the limit while it runs, or while it is queued
+    and dispatchable (its attempt ready now, or assigned). Delayed runs not
+    yet due and runs held back by the limit do not count.
+
+    Race: two triggers of the same task at once must not both pass the
+    limit. Both are counted and inserted in the writer's one transaction
+    (IMMEDIATE on SQLite, so a second server process waits for it; on
+    PostgreSQL the task rows are locked FOR UPDATE first, as the release path
+    in refresh_runs does), and runs of one batch are counted as they are admitted.
+    """
+
+    def __init__(self, tasks: list[Task]) -> None:
+        self.now = timezone.now()
+        self.occupying: dict[int, list] = {}  # task id -> [Run (or id), ...], oldest first
+        self.held: dict[int, int] = {}  # task id -> runs already held back
+        self.skipped: list[tuple] = []  # (run, the run it met, its status, the limit)
+        self.replaced: list[tuple[Run, list]] = []
+        if tasks:
+            ids = [t.pk for t in tasks]
+            _lock_tasks(ids)
+            for task_id, run_id, status in _occupying(ids, self.now):
+                self.occupying.setdefault(task_id, []).append((run_id, status))
+            self.held = _held_counts(ids)
+
+    def admit(self, task: Task, run: Run) -> None:
+        """Decide the fate of a new run of the task: through, held, skipped or replacing."""
+        limit = task.concurrency_limit
+        if not limit or run.run_at is not None:
+            # A delayed run is not checked when it is due (a known gap, in the README).
+            return
+        busy = self.occupying.setdefault(task.pk, [])
+        waiting = self.held.get(task.pk, 0)
+        policy = task.busy_policy
+        if len(busy) < limit and not (policy == Task.BusyPolicy.QUEUE and waiting):
+            busy.append((run, Run.Status.QUEUED))
+            return
+        if policy == Task.BusyPolicy.SKIP:
+            run.status = Run.Status.SKIPPED
+            run.finished_at = self.now
+            blocker, status = busy[-1]
+            self.skipped.append((run, blocker, status, limit))
+        elif policy == Task.BusyPolicy.REPLACE:
+            self.replaced.append((run, [b for b, _ in busy]))
+            busy[:] = [(run, Run.Status.QUEUED)]
+        else:
+            # FIFO behind those already waiting: held until a run of the task ends.
+            run.held = True
+            self.held[task.pk] = waiting + 1
+
+    def after_insert(self) -> None:
+        """Now that the new runs have ids: the skipped ones' reasons, the replacements' cancels.
+
+        A run without an id was not inserted (a cron tick another process
+        fired first): it skips and replaces nothing.
+        """
+        self.skipped = [entry for entry in self.skipped if entry[0].pk]
+        self.replaced = [entry for entry in self.replaced if entry[0].pk]
+        for run, blocker, status, limit in self.skipped:
+            run.reason = f"skipped: run #{_pk(blocker)} still {status} (limit {limit})"
+        update_rows(Run, {"reason": "%s"}, [(run.reason, run.pk) for run, *_ in self.skipped])
+        for run, victims in self.replaced:
+            for victim in victims:
+                # It may have ended meanwhile: then there is nothing to replace.
+                with contextlib.suppress(RunNotCancellable):
+                    cancel_run(Run(pk=_pk(victim)), by=f"replace by run #{run.pk}")
+
+
+def _pk(run) -> int:
+    return run if isinstance(run, int) else run.pk
+
+
+def _lock_tasks(task_ids: list[int]) -> None:
+    """Hold these tasks' rows until commit where the database has row locks
+    (on SQLite the transaction already holds the write lock)."""
+    if connection.features.has_select_for_update:
+        ids = sorted(task_ids)
+        select(f"SELECT id FROM {table(Task)} WHERE id IN ({marks(ids)}) FOR UPDATE", ids)
+
+
+def _occupying(task_ids: list[int], now: dt.datetime) -> list[tuple[int, int, str]]:
+    """(task id, run id, status) of the runs that count against these tasks'
+    limits, oldest first: running, or queued with an attempt ready or assigned."""
+    ready = connection.ops.adapt_datetimefield_value(now)
+    return select(
+        f"SELECT r.task_id, r.id, r.status FROM {RUN} r WHERE r.task_id IN ({marks(task_ids)})"
+        " AND (r.status = %s OR (r.status = %s AND EXISTS (SELECT 1 FROM"
+        f" {ATTEMPT} a WHERE a.run_id = r.id AND (a.status IN (%s, %s)"
+        " OR (a.status = %s AND a.ready_at <= %s))))) ORDER BY r.id",
+        [*task_ids, Run.Status.RUNNING, Run.Status.QUEUED, *ACTIVE, S.QUEUED, ready],
+    )
+
+
+def _held_counts(task_ids: list[int]) -> dict[int, int]:
+    held = connection.ops.adapt_datetimefield_value(HELD_UNTIL)
+    return dict(
+        select(
+            f"SELECT r.task_id, COUNT(*) FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+            f" WHERE r.task_id IN ({marks(task_ids)}) AND a.status = %s AND a.ready_at = %s"
+            " GROUP BY r.task_id",
+            [*task_ids, S.QUEUED, held],
+        )
+    )
+
+
+def _release_held(run_ids: list[int]) -> None:
+    """Runs of these ended: for their tasks with a limit, let the oldest held
+    runs go, as many as the limit now has room for (in the same transaction
+    that ended them, under the same task lock as a trigger's check)."""
+    rows = select(
+        f"SELECT DISTINCT t.id, t.concurrency_limit FROM {RUN} r JOIN {table(Task)} t"
+        f" ON t.id = r.task_id WHERE r.id IN ({marks(run_ids)}) AND t.concurrency_limit > 0",
+        run_ids,
+    )
+    if not rows:
+        return
+    limits = dict(rows)
+    _lock_tasks(list(limits))
+    now = timezone.now()
+    busy: dict[int, int] = {}
+    for task_id, _, _ in _occupying(list(limits), now):
+        busy[task_id] = busy.get(task_id, 0) + 1
+    released: list[tuple[int, str]] = []
+    held = connection.ops.adapt_datetimefield_value(HELD_UNTIL)
+    for task_id, limit in limits.items():
+        room = limit - busy.get(task_id, 0)
+        if room <= 0:
+            continue
+        released += select(
+            f"SELECT a.id, a.labels_key FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+            " WHERE r.task_id = %s AND a.status = %s AND a.ready_at = %s"
+            " ORDER BY a.run_id, a.id LIMIT %s",
+            [task_id, S.QUEUED, held, room],
+        )
+    if released:
+        # Race: a cancel of a held run at the same moment; only rows still held move.
+        Attempt.objects.filter(
+            pk__in=[pk for pk, _ in released], status=S.QUEUED, ready_at=HELD_UNTIL
+        ).update(ready_at=now)
+        _wake_dispatch({key for _, key in released})
 
 
 def _tasks(ids: set[int]) -> dict[int, Task]:
@@ -219,10 +372,13 @@ def _queue(runs: list[Run]) -> list[Run]:
         "params",
         "created_at",
         "scheduled_for",
+        "run_at",
+        "status",
+        "finished_at",
     )
     rows = [
         (r.task_id, r.task_name, r.definition, r.trigger, r.created_by_id, r.retry_of_id)
-        + (r.params, r.created_at, r.scheduled_for)
+        + (r.params, r.created_at, r.scheduled_for, r.run_at, r.status, r.finished_at)
         for r in runs
     ]
     ticks = [r for r in runs if r.scheduled_for is not None]
@@ -245,13 +401,20 @@ def _queue(runs: list[Run]) -> list[Run]:
     for run, pk in zip(runs, ids, strict=True):
         run.pk = pk
         run._state.adding = False
+        run.queued_attempts = []
+        if run.status == Run.Status.SKIPPED:
+            continue  # never started: no attempt
+        if getattr(run, "held", False):
+            ready = HELD_UNTIL
+        else:
+            ready = run.run_at if run.run_at and run.run_at > now else now
         attempts.append(
             Attempt(
                 run=run,
                 labels_key=labels_key(run.definition.get("labels")),
                 timeout_s=run.definition.get("timeout"),
                 queued_at=now,
-                ready_at=now,
+                ready_at=ready,
             )
         )
     fields = (
@@ -268,12 +431,13 @@ def _queue(runs: list[Run]) -> list[Run]:
         fields,
         [tuple(getattr(a, f.replace("run", "run_id", 1)) for f in fields) for a in attempts],
     )
-    for run, attempt, pk in zip(runs, attempts, attempt_ids, strict=True):
+    for attempt, pk in zip(attempts, attempt_ids, strict=True):
         attempt.pk = pk
         attempt._state.adding = False
         # Callers answer with the run and its attempt without reading them back.
-        run.queued_attempts = [attempt]
-    _wake_dispatch({a.labels_key for a in attempts})
+        attempt.run.queued_attempts = [attempt]
+    if attempts:
+        _wake_dispatch({a.labels_key for a in attempts})
     return runs
 
 
@@ -806,7 +970,7 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
             "started_at": "COALESCE(started_at, %s)",
         },
         finals,
-        where="status NOT IN (%s, %s, %s)",
+        where=f"status NOT IN ({marks(Run.FINAL)})",
         where_params=list(Run.FINAL),
     )
     update_rows(
@@ -816,6 +980,8 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
         where="status = %s",
         where_params=[Run.Status.QUEUED],
     )
+    if finals:
+        _release_held([run_id for *_, run_id in finals])
 
 
 # --- cancelling ----------------------------------------------------------------

@@ -1,5 +1,5 @@
 import shlex
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import models, transaction
@@ -22,15 +22,26 @@ TASK_FIELDS: dict[str, tuple[type, ...]] = {
     "max_retries": (int,),
     "retry_backoff_s": (int, float),
     "retry_backoff_max_s": (int, float),
+    "concurrency_limit": (int, type(None)),
+    "busy_policy": (str,),
     "enabled": (bool,),
     "schedule": (str,),
     "timezone": (str,),
     "misfire_policy": (str,),
     "schedule_paused": (bool,),
 }
-# What a run does not keep of its task: who it is, whether it may be
-# triggered, and when (a run is made by its schedule, never runs one).
-NOT_IN_SNAPSHOT = ("name", "enabled", "schedule", "timezone", "misfire_policy", "schedule_paused")
+# What a run does not keep of its task: who it is, whether, when (a run is made
+# by its schedule, never runs one) and how often at once it may be triggered.
+NOT_IN_SNAPSHOT = (
+    "name",
+    "enabled",
+    "schedule",
+    "timezone",
+    "misfire_policy",
+    "schedule_paused",
+    "concurrency_limit",
+    "busy_policy",
+)
 # The fields that decide when a task fires next (Task.next_fire_at).
 SCHEDULE_FIELDS = ("schedule", "timezone", "schedule_paused", "enabled")
 
@@ -68,6 +79,23 @@ class Task(models.Model):
         default=10.0, help_text="Delay before the first retry; doubles each time, with jitter."
     )
     retry_backoff_max_s = models.FloatField(default=600.0, help_text="Cap on the retry delay.")
+
+    class BusyPolicy(models.TextChoices):
+        QUEUE = "queue", "queue: wait for a running one to end"
+        SKIP = "skip", "skip: record a skipped run"
+        REPLACE = "replace", "replace: cancel the running one(s)"
+
+    concurrency_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Runs of this task at once; empty or 0 for no limit, 1 never overlaps.",
+    )
+    busy_policy = models.CharField(
+        max_length=16,
+        choices=BusyPolicy.choices,
+        default=BusyPolicy.QUEUE,
+        help_text="What a trigger does when the limit is reached.",
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
@@ -177,6 +205,13 @@ class DeletedTask(models.Model):
 
 def remember_deleted_task(sender, instance: Task, **kwargs) -> None:
     DeletedTask.objects.update_or_create(pk=instance.pk, defaults={"name": instance.name})
+    # Its runs live on, its limit does not: runs held back by it go now, or
+    # nothing would ever release them.
+    released = Attempt.objects.filter(
+        run__task_id=instance.pk, status=Attempt.Status.QUEUED, ready_at=HELD_UNTIL
+    ).update(ready_at=timezone.now())
+    if released:
+        transaction.on_commit(lambda: work_queued.send(sender=Run, labels_keys=None), robust=True)
 
 
 class Run(models.Model):
@@ -188,6 +223,8 @@ class Run(models.Model):
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
+        # Never started: the task's concurrency limit was reached (busy policy skip).
+        SKIPPED = "skipped"
 
     class Trigger(models.TextChoices):
         MANUAL = "manual"
@@ -195,7 +232,7 @@ class Run(models.Model):
         SCHEDULE = "schedule"
         RETRY = "retry"
 
-    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.SKIPPED)
 
     # The task's id outlives the task (no constraint, nothing done on delete),
     # so its history stays findable by id; DeletedTask says it is gone. Ids are
@@ -231,6 +268,8 @@ class Run(models.Model):
     params = models.JSONField(default=dict, blank=True)
     # The cron tick a scheduled run is for (trigger "schedule"), null otherwise.
     scheduled_for = models.DateTimeField(null=True, blank=True)
+    # A delayed run ("run at"): its first attempt is not dispatched before this.
+    run_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -261,6 +300,12 @@ class Run(models.Model):
         if self.started_at and self.finished_at:
             return self.finished_at - self.started_at
         return None
+
+
+# The ready_at of an attempt held back by its task's concurrency limit: later
+# than any real time, so dispatch (which takes ready_at <= now) never sees it
+# until lifecycle releases it (sets ready_at to the time a run of the task ended).
+HELD_UNTIL = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class Attempt(models.Model):
@@ -342,8 +387,16 @@ class Attempt(models.Model):
         return self.status in self.FINAL
 
     @property
+    def is_held(self) -> bool:
+        """Queued behind its task's concurrency limit (busy policy queue)."""
+        return self.status == self.Status.QUEUED and self.ready_at == HELD_UNTIL
+
+    @property
     def not_before(self):
-        """When a backoff (a retry's, a refused assignment's) lets it go, if it waits for one."""
+        """When a delay (a delayed run's, a retry's backoff, a refused assignment's)
+        lets it go, if it waits for one; None while held by the concurrency limit."""
+        if self.is_held:
+            return None
         if self.ready_at and self.queued_at and self.ready_at > self.queued_at:
             return self.ready_at
         return None

@@ -11,12 +11,13 @@ from __future__ import annotations
 from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
 from tasks_app.apispec import MESSAGES, Body, query_param
 from tasks_app.cron import MAX_SCHEDULE_CHARS
-from tasks_app.forms import MAX_BACKOFF_S, MAX_RETRIES, MAX_TIMEOUT_S
-from tasks_app.models import TASK_FIELDS, Attempt, MisfirePolicy, Run
+from tasks_app.forms import MAX_BACKOFF_S, MAX_CONCURRENCY, MAX_RETRIES, MAX_TIMEOUT_S
+from tasks_app.models import TASK_FIELDS, Attempt, MisfirePolicy, Run, Task
 from tasks_app.validators import (
     ENV_NAME_RE,
     MAX_ARG_CHARS,
     MAX_ARGS,
+    MAX_DELAY_DAYS,
     MAX_ENV,
     MAX_ID,
 )
@@ -117,6 +118,21 @@ _TASK_FIELD_RULES: dict[str, dict] = {
         "description": "cap on the retry delay",
         "default": 600.0,
     },
+    "concurrency_limit": {
+        "minimum": 0,
+        "maximum": MAX_CONCURRENCY,
+        "description": "runs of this task at once (queued-and-ready or running); "
+        "null or 0 for no limit, 1 never overlaps",
+        "default": None,
+    },
+    "busy_policy": {
+        "enum": list(Task.BusyPolicy.values),
+        "description": "when a trigger finds the limit reached: queue (wait, first in first "
+        "out, until a run of the task ends), skip (record a skipped run with the reason) "
+        "or replace (cancel the running ones, start the new one)",
+        "default": Task.BusyPolicy.QUEUE.value,
+        MESSAGES: {"enum": "Choose queue, skip or replace."},
+    },
     "enabled": {"description": "a disabled task cannot be run", "default": True},
     "schedule": {
         "maxLength": MAX_SCHEDULE_CHARS,
@@ -199,7 +215,22 @@ RUN_PARAMS_SCHEMA = {
     "additionalProperties": False,
     MESSAGES: {"type": "Run parameters must be an object with env and/or args."},
 }
-RUN_PARAMS = Body("RunParameters", RUN_PARAMS_SCHEMA, "Optional; an empty body runs as it is.")
+RUN_AT = {
+    "type": "string",
+    "format": "date-time",
+    "description": "ISO 8601 with a UTC offset: start no earlier than this (a delayed run); "
+    f"not in the past, at most {MAX_DELAY_DAYS} days ahead",
+    MESSAGES: {"type": "Give a time in ISO 8601 with a UTC offset."},
+}
+RUN_PARAMS = Body(
+    "RunParameters",
+    {
+        **RUN_PARAMS_SCHEMA,
+        "description": RUN_PARAMS_SCHEMA["description"] + " run_at delays the run.",
+        "properties": {**RUN_PARAMS_SCHEMA["properties"], "run_at": RUN_AT},
+    },
+    "Optional; an empty body runs as it is, now.",
+)
 BULK_TRIGGER = Body(
     "BulkTrigger",
     {
@@ -354,6 +385,10 @@ def run_schema(*, with_output: bool) -> dict:
             "scheduled_for": {
                 **NULLABLE_TIME,
                 "description": "the cron tick a scheduled run is for (trigger schedule)",
+            },
+            "run_at": {
+                **NULLABLE_TIME,
+                "description": "a delayed run: not started before this; null: at once",
             },
             "created_at": TIME,
             "started_at": NULLABLE_TIME,

@@ -76,6 +76,7 @@ def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
         "command": run.definition.get("command"),
         "params": run.params,
         "scheduled_for": _time(run.scheduled_for),
+        "run_at": _time(run.run_at),
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),

@@ -16,6 +16,7 @@ transaction: {"task": ID, "count": N} or {"task": ID, "runs": [{"env":
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -31,6 +32,7 @@ from django.core.exceptions import DisallowedHost, ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
+from django.utils import timezone
 
 from tasks_app import lifecycle, serializers, tokens
 from tasks_app.apispec import Body
@@ -54,7 +56,7 @@ from tasks_app.jsonapi import (
 from tasks_app.lifecycle import TriggerRequest
 from tasks_app.models import Run
 from tasks_app.schemas import BULK_TRIGGER, RUN_PARAMS
-from tasks_app.validators import MAX_ID, clean_run_params
+from tasks_app.validators import MAX_ID, clean_run_at, clean_run_params
 from tasks_app.writer import WriterClientMixin, writer
 
 log = logging.getLogger("django.request")
@@ -68,6 +70,7 @@ class ApiTrigger:
     task_id: int
     count: int = 1
     params: tuple[dict, ...] | None = None
+    run_at: dt.datetime | None = None
 
 
 def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
@@ -86,7 +89,12 @@ def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
         else:
             requests.append(
                 TriggerRequest(
-                    payload.task_id, Run.Trigger.API, user_id, payload.count, payload.params
+                    payload.task_id,
+                    Run.Trigger.API,
+                    user_id,
+                    payload.count,
+                    payload.params,
+                    payload.run_at,
                 )
             )
             indexes.append(index)
@@ -116,8 +124,10 @@ def trigger_from(request: HttpRequest, body: bytes, task_id: int | None) -> ApiT
         credential, csrf_ok = ("session", session_key), csrf_passes(request)
     payload = _payload(request, body)
     if task_id is not None:
-        params = _params(_checked(RUN_PARAMS, payload)) if payload else {}
-        runs = {"params": (params,) if params else None}
+        payload = _checked(RUN_PARAMS, payload) if payload else {}
+        run_at = _run_at(payload.pop("run_at")) if "run_at" in payload else None
+        params = _params(payload) if payload else {}
+        runs = {"params": (params,) if params else None, "run_at": run_at}
     else:
         task_id, runs = _bulk(_checked(BULK_TRIGGER, payload))
     if not 1 <= task_id <= MAX_ID:
@@ -153,6 +163,13 @@ def _checked(body: Body, payload: dict) -> dict:
     if errors:
         raise BadRequest(INVALID_FIELDS, errors)
     return payload
+
+
+def _run_at(value) -> dt.datetime:
+    try:
+        return clean_run_at(value, timezone.now())
+    except ValidationError as exc:
+        raise BadRequest(INVALID_FIELDS, {"run_at": exc.messages}) from None
 
 
 def _params(value, prefix: str = "") -> dict:
@@ -230,7 +247,7 @@ class _TriggerEndpoint(WriterClientMixin, AsyncHttpConsumer):
 
 
 class TaskRunEndpoint(_TriggerEndpoint):
-    """POST /api/tasks/<id>/run, optionally with {"env": {...}, "args": [...]}."""
+    """POST /api/tasks/<id>/run, optionally with {"env": {...}, "args": [...], "run_at": T}."""
 
 
 class RunsEndpoint(_TriggerEndpoint):

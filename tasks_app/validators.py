@@ -1,5 +1,6 @@
 """Validation shared by the task form, the JSON API and worker registration."""
 
+import datetime as dt
 import json
 import re
 import shlex
@@ -168,3 +169,29 @@ def check_run_size(definition: dict) -> None:
             f"The command, its arguments and environment come to {size:,} bytes; "
             f"at most {MAX_RUN_BYTES:,} (they go to the agent in one message)."
         )
+
+
+# How far ahead a delayed run may be set: further is more likely a typo (a
+# year) than a plan, and a schedule is the tool for that.
+MAX_DELAY_DAYS = 366
+
+
+def clean_run_at(value, now: dt.datetime) -> dt.datetime:
+    """A delayed run's start: ISO 8601 with a UTC offset, not in the past, at most
+    MAX_DELAY_DAYS ahead. An aware datetime (the form's) is taken as it is."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValidationError(
+                f"Not a time in ISO 8601: {value!r} (e.g. 2030-01-31T09:30:00+01:00)."
+            ) from None
+    if not isinstance(value, dt.datetime):
+        raise ValidationError("Give a time in ISO 8601 with a UTC offset.")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError("Give the time with its UTC offset (e.g. +01:00 or Z).")
+    if value < now:
+        raise ValidationError(f"{value.isoformat()} is in the past (it is {now.isoformat()}).")
+    if value > now + dt.timedelta(days=MAX_DELAY_DAYS):
+        raise ValidationError(f"At most {MAX_DELAY_DAYS} days ahead.")
+    return value

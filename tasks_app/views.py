@@ -15,7 +15,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from tasks_app import cron, history, lifecycle, logs, task_stats
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
-from tasks_app.forms import TaskForm
+from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
 
 
@@ -104,9 +104,14 @@ def task_detail(request, pk: int):
     except history.InvalidFilter as exc:
         messages.error(request, f"Ignored: {exc}.")
         before = None
+    template = "tasks/detail.html#task-history" if request.htmx else "tasks/detail.html"
+    return render(request, template, _detail_context(pk, task, deleted, before, RunForm()))
+
+
+def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
     page = history.runs_page(task=pk, before=before, limit=settings.SCHEDULER_PAGE_SIZE, brief=True)
     here = reverse("tasks:detail", args=[pk])
-    context = {
+    return {
         "task": task,
         "task_id": pk,
         "deleted": deleted,
@@ -118,9 +123,8 @@ def task_detail(request, pk: int):
         if page.next_before
         else None,
         "newest_url": here if before else None,
+        "run_form": run_form,
     }
-    template = "tasks/detail.html#task-history" if request.htmx else "tasks/detail.html"
-    return render(request, template, context)
 
 
 @require_http_methods(["GET", "POST"])
@@ -168,12 +172,28 @@ def task_delete(request, pk: int):
 @login_required
 def task_run(request, pk: int):
     task = _get_task(pk)
-    try:
-        run = lifecycle.trigger_run(task, Run.Trigger.MANUAL, user=request.user)
-    except (TaskDisabled, RunTooLarge) as exc:
-        messages.error(request, str(exc))
+    form = RunForm(request.POST)
+    if not form.is_valid():
+        # The form again with its errors, nothing started; htmx swaps only the form.
+        if request.htmx:
+            return render(request, "tasks/detail.html#run-form", {"task": task, "run_form": form})
+        context = _detail_context(pk, task, None, None, form)
+        return render(request, "tasks/detail.html", context, status=400)
+    params = form.params()
+    request_ = lifecycle.TriggerRequest(
+        task.pk,
+        Run.Trigger.MANUAL,
+        request.user.pk,
+        params=(params,) if params else None,
+        run_at=form.cleaned_data["run_at"],
+    )
+    [result] = lifecycle.trigger_runs([request_])
+    if isinstance(result, TaskDisabled | RunTooLarge):
+        messages.error(request, str(result))
         return _redirect(request, _back(request))
-    return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))
+    if isinstance(result, Exception):
+        raise Http404(str(result))
+    return _redirect(request, reverse("tasks:run-detail", args=[result[0].pk]))
 
 
 @require_POST

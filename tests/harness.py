@@ -166,7 +166,7 @@ class Master:
         return response.json()
 
     def wait_final(self, run_id: int, timeout: float = 30) -> dict:
-        final = {"succeeded", "failed", "cancelled"}
+        final = {"succeeded", "failed", "cancelled", "skipped"}
 
         def done():
             run = self.run_of(run_id)

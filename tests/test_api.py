@@ -49,6 +49,8 @@ def task_body(task: Task, *, next_runs: list | None = None) -> dict:
         "max_retries": task.max_retries,
         "retry_backoff_s": task.retry_backoff_s,
         "retry_backoff_max_s": task.retry_backoff_max_s,
+        "concurrency_limit": task.concurrency_limit,
+        "busy_policy": task.busy_policy,
         "enabled": task.enabled,
         "schedule": task.schedule,
         "timezone": task.timezone,
@@ -109,6 +111,7 @@ def run_body(run: Run, *, output: dict[int, tuple[str, str, str]] | None = None)
         "command": run.definition["command"],
         "params": run.params,
         "scheduled_for": _time(run.scheduled_for),
+        "run_at": _time(run.run_at),
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
@@ -663,7 +666,8 @@ def test_it_has_no_next_link_when_the_last_page_is_exactly_full(api, task):
     [
         (
             "status=bogus",
-            "unknown status 'bogus'; use one of queued, running, succeeded, failed, cancelled",
+            "unknown status 'bogus'; use one of queued, running, succeeded, failed, cancelled,"
+            " skipped",
         ),
         ("task=abc", "task must be a positive whole number, not 'abc'"),
         ("task=-1", "task must be a positive whole number, not '-1'"),

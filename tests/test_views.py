@@ -429,7 +429,7 @@ def test_it_keeps_the_filters_in_the_older_link(bob_client, task, settings):
         (
             "status=bogus",
             "Filter ignored: unknown status 'bogus'; "
-            "use one of queued, running, succeeded, failed, cancelled.",
+            "use one of queued, running, succeeded, failed, cancelled, skipped.",
         ),
         ("task=abc", "Filter ignored: task must be a positive whole number, not 'abc'."),
         ("task=%C2%B2", "Filter ignored: task must be a positive whole number, not '²'."),

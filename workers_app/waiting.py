@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.utils import timezone
 
-from tasks_app.models import Attempt, Run, SchedulerState
+from tasks_app.models import HELD_UNTIL, Attempt, Run, SchedulerState, Task
 from tasks_app.templatetags.sched import seconds_text
 from workers_app.models import Worker
 
@@ -17,6 +17,20 @@ def _names(workers: list[Worker], limit: int = 3) -> str:
     shown = ", ".join(f"{w.name} ({w.state})" for w in workers[:limit])
     more = len(workers) - limit
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _held(run: Run) -> str:
+    """Behind the task's concurrency limit: name the run it waits for."""
+    limit = Task.objects.filter(pk=run.task_id).values_list("concurrency_limit", flat=True).first()
+    blocking = (
+        Run.objects.filter(task_id=run.task_id, status__in=[Run.Status.RUNNING, Run.Status.QUEUED])
+        .exclude(pk=run.pk)
+        .exclude(attempts__status=Attempt.Status.QUEUED, attempts__ready_at=HELD_UNTIL)
+        .order_by("pk")
+        .first()
+    )
+    what = f"run #{blocking.pk} of this task" if blocking else "a run of this task"
+    return f"Waiting for {what} to end" + (f" (limit {limit})." if limit else ".")
 
 
 def why_waiting(run: Run, attempts: list[Attempt]) -> str:
@@ -32,8 +46,13 @@ def why_waiting(run: Run, attempts: list[Attempt]) -> str:
         by = f" by {state.paused_by}" if state.paused_by else ""
         return f"The scheduler is paused{by}: nothing new is dispatched until it is resumed."
     now = timezone.now()
+    if live and all(a.is_held for a in live):
+        return _held(run)
     waiting = [a for a in live if a.status == Attempt.Status.QUEUED and a.ready_at > now]
     if waiting and len(waiting) == len(live):
+        if run.run_at and all(a.try_number == 1 and a.ready_at == run.run_at for a in waiting):
+            at = timezone.localtime(run.run_at).strftime("%Y-%m-%d %H:%M:%S %Z")
+            return f"Scheduled to start at {at}."
         wait = seconds_text((min(a.ready_at for a in waiting) - now).total_seconds())
         return f"Waiting out its retry backoff: eligible again in {wait}."
     labels = set(run.definition.get("labels") or ())

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('tasks_app', '0003_deleted_tasks_keep_their_runs'),
+        ('tasks_app', '0004_concurrency_and_delays'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
