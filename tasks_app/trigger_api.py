@@ -94,7 +94,7 @@ def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
                     user_id,
                     payload.count,
                     payload.params,
-                    payload.run_at,
+                    run_at=payload.run_at,
                 )
             )
             indexes.append(index)
