@@ -53,6 +53,14 @@ def bob_token(bob) -> str:
 
 
 @pytest.fixture
+def api(bob_token):
+    """A script's client: bearer token, no session, CSRF enforced like a real browser."""
+    from django.test import Client
+
+    return Client(enforce_csrf_checks=True, headers={"Authorization": f"Bearer {bob_token}"})
+
+
+@pytest.fixture
 def worker_credential() -> str:
     return "wkr_test-credential-of-the-registered-worker"
 

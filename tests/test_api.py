@@ -24,12 +24,6 @@ def _time(value):
     return value.isoformat() if value else None
 
 
-@pytest.fixture
-def api(bob_token) -> Client:
-    """A script's client: bearer token, no session, CSRF enforced like a real browser."""
-    return Client(enforce_csrf_checks=True, headers={"Authorization": f"Bearer {bob_token}"})
-
-
 def post_json(client: Client, url: str, payload) -> object:
     return client.post(url, json.dumps(payload), content_type="application/json")
 

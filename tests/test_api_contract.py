@@ -34,11 +34,6 @@ def doc() -> dict:
     return Client().get("/api/openapi.json").json()
 
 
-@pytest.fixture
-def api(bob_token) -> Client:
-    return Client(headers={"Authorization": f"Bearer {bob_token}"})
-
-
 def strict(schema):
     """A copy in which an object has only the properties it documents: an answer
     with a field the document does not name fails."""

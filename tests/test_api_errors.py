@@ -21,11 +21,6 @@ pytestmark = pytest.mark.django_db
 DOCS_HINT = "the endpoints are listed at /api/docs"
 
 
-@pytest.fixture
-def api(bob_token) -> Client:
-    return Client(enforce_csrf_checks=True, headers={"Authorization": f"Bearer {bob_token}"})
-
-
 def asgi(method: str, path: str, body: bytes = b"", token: str | None = None):
     """A request through the ASGI app that daphne serves: status, headers, raw body."""
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]

@@ -19,11 +19,6 @@ HTMX = {"HX-Request": "true"}
 UTC = dt.UTC
 
 
-@pytest.fixture
-def api(bob_token) -> Client:
-    return Client(enforce_csrf_checks=True, headers={"Authorization": f"Bearer {bob_token}"})
-
-
 def send(api: Client, method: str, url: str, payload: dict):
     return getattr(api, method)(url, json.dumps(payload), content_type="application/json")
 

@@ -24,11 +24,6 @@ from tasks_app.schemas import MAX_RUNS_PER_REQUEST
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def api(bob_token) -> Client:
-    return Client(enforce_csrf_checks=True, headers={"Authorization": f"Bearer {bob_token}"})
-
-
 def post(client: Client, url: str, payload) -> tuple[int, dict]:
     response = client.post(url, json.dumps(payload), content_type="application/json")
     return response.status_code, response.json()
