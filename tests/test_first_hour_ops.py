@@ -118,16 +118,32 @@ def test_it_runs_the_add_worker_command_as_shown_on_a_stock_node(master, tmp_pat
             interval=0.5,
             what="the first node online",
         )
-        # Two more "nodes" with the same host name (separate state dirs), the name left empty.
-        procs += [
-            _run_on_stock_node(
-                _shown_command(session, master),
-                home,
-                tmp_path / f"twin-{n}.log",
-                SCHEDULER_AGENT_STATE_DIR=str(tmp_path / f"twin-{n}-state"),
+        # Two more "nodes" with the same host name (separate state dirs), the name
+        # left empty; one after the other, since they share this fake HOME: the
+        # command's curl rewrites agent.py, which a node starting at that very
+        # moment would read empty (real nodes have a HOME each).
+        for n in (1, 2):
+            procs.append(
+                _run_on_stock_node(
+                    _shown_command(session, master),
+                    home,
+                    tmp_path / f"twin-{n}.log",
+                    SCHEDULER_AGENT_STATE_DIR=str(tmp_path / f"twin-{n}-state"),
+                )
             )
-            for n in (1, 2)
-        ]
+            wait_for(
+                lambda n=n: (
+                    procs[n].poll() is None
+                    and sum(
+                        w["state"] == "online"
+                        for w in master.api("GET", "workers").json()["results"]
+                    )
+                    == n + 1
+                ),
+                timeout=120,
+                interval=0.5,
+                what=f"twin {n} online",
+            )
 
         def online():
             for proc, log in zip(procs, ["node-1", "twin-1", "twin-2"], strict=True):
