@@ -199,18 +199,20 @@ def task_run(request, pk: int):
 @require_POST
 @login_required
 def task_schedule_pause(request, pk: int):
-    task = _get_task(pk)
-    task.set_schedule_paused(True)
-    messages.success(request, f"Schedule of {task.name!r} paused; the task can still be run.")
-    return _redirect(request, reverse("tasks:detail", args=[pk]))
+    return _set_schedule_paused(request, pk, True)
 
 
 @require_POST
 @login_required
 def task_schedule_resume(request, pk: int):
+    return _set_schedule_paused(request, pk, False)
+
+
+def _set_schedule_paused(request, pk: int, paused: bool) -> HttpResponse:
     task = _get_task(pk)
-    task.set_schedule_paused(False)
-    messages.success(request, f"Schedule of {task.name!r} resumed.")
+    task.set_schedule_paused(paused)
+    said = "paused; the task can still be run" if paused else "resumed"
+    messages.success(request, f"Schedule of {task.name!r} {said}.")
     return _redirect(request, reverse("tasks:detail", args=[pk]))
 
 

@@ -20,32 +20,33 @@ from django.utils.safestring import mark_safe
 register = template.Library()
 
 
-@register.filter
-def when(value):
-    """'2026-11-29 01:02:03 UTC' in the server's zone, the exact instant on hover."""
+def _time_tag(value, shown: str, exact: str):
+    """A <time> element: `shown` of the server-zone time as text, `exact` on hover."""
     if not value:
         return "—"
     local = timezone.localtime(value)
     return format_html(
         '<time datetime="{}" title="{}">{}</time>',
         value.isoformat(),
-        value.astimezone(dt.UTC).isoformat(timespec="milliseconds"),
-        local.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        exact(value, local),
+        local.strftime(shown),
+    )
+
+
+@register.filter
+def when(value):
+    """'2026-11-29 01:02:03 UTC' in the server's zone, the exact UTC instant on hover."""
+    return _time_tag(
+        value,
+        "%Y-%m-%d %H:%M:%S %Z",
+        lambda v, _: v.astimezone(dt.UTC).isoformat(timespec="milliseconds"),
     )
 
 
 @register.filter
 def clock(value):
     """'01:02:03' (a time on the same page as its date), the exact instant on hover."""
-    if not value:
-        return "—"
-    local = timezone.localtime(value)
-    return format_html(
-        '<time datetime="{}" title="{}">{}</time>',
-        value.isoformat(),
-        local.strftime("%Y-%m-%d %H:%M:%S.%f %Z"),
-        local.strftime("%H:%M:%S"),
-    )
+    return _time_tag(value, "%H:%M:%S", lambda _, local: local.strftime("%Y-%m-%d %H:%M:%S.%f %Z"))
 
 
 def seconds_text(seconds: float) -> str:
