@@ -91,6 +91,33 @@ def test_it_refuses_a_bad_run_at_and_creates_nothing(api, task, run_at, message)
     assert not Run.objects.exists()
 
 
+def test_a_bulk_request_delays_every_run_to_its_run_at(api, task):
+    at = (timezone.now() + dt.timedelta(minutes=30)).replace(microsecond=0)
+    status, body = post(
+        api,
+        "/api/runs",
+        {"task": task.pk, "runs": [{"args": ["a"]}, {"args": ["b"]}], "run_at": at.isoformat()},
+    )
+
+    assert status == 201, body
+    assert [r["run_at"] for r in body["results"]] == [at.isoformat()] * 2
+    assert sorted(Attempt.objects.values_list("ready_at", flat=True)) == [at, at]
+    status, body = post(api, "/api/runs", {"task": task.pk, "count": 3, "run_at": at.isoformat()})
+    assert status == 201, body
+    assert Run.objects.filter(run_at=at).count() == 5
+
+
+def test_a_bulk_request_with_a_past_run_at_starts_nothing(api, task):
+    status, body = post(
+        api, "/api/runs", {"task": task.pk, "count": 2, "run_at": "2020-01-01T00:00:00+00:00"}
+    )
+
+    assert status == 400
+    assert list(body["errors"]) == ["run_at"]
+    assert "is in the past" in body["errors"]["run_at"][0]
+    assert not Run.objects.exists()
+
+
 # --- the dashboard's run form ------------------------------------------------------
 
 
