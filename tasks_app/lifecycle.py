@@ -24,7 +24,7 @@ from enum import Enum
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from tasks_app.batchsql import (
@@ -47,7 +47,16 @@ from tasks_app.exceptions import (
     TaskError,
     TaskNotFound,
 )
-from tasks_app.models import HELD_UNTIL, TASK_FIELDS, Attempt, Run, Strategy, Task, queue_at
+from tasks_app.models import (
+    HELD_UNTIL,
+    TASK_FIELDS,
+    Attempt,
+    Run,
+    Strategy,
+    Task,
+    pin_label,
+    queue_at,
+)
 from tasks_app.routing import Routes, Unroutable
 from tasks_app.signals import stop_requested, work_queued
 from tasks_app.validators import check_run_size
@@ -855,6 +864,31 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
         )
         _after_final(ids)
     return ids
+
+
+def fail_pinned(worker_id: int, worker_name: str) -> list[int]:
+    """The worker was deleted: queued attempts pinned to it (pinned and
+    broadcast runs, retries of its lost attempts included) can never run, so
+    they fail now, without retries, and their runs fail with the reason."""
+    pin = pin_label(worker_id)
+    on_it = (
+        Q(labels_key=pin)
+        | Q(labels_key__startswith=f"{pin},")
+        | Q(labels_key__endswith=f",{pin}")
+        | Q(labels_key__contains=f",{pin},")
+    )
+    with atomic():
+        rows = list(
+            _locked(Attempt.objects.filter(on_it, status=S.QUEUED)).values_list("pk", "run_id")
+        )
+        # Race: a dispatcher claiming one at this moment; only rows still queued move.
+        Attempt.objects.filter(pk__in=[pk for pk, _ in rows], status=S.QUEUED).update(
+            status=S.FAILED,
+            reason=f"pinned worker {worker_name!r} was deleted"[:500],
+            finished_at=timezone.now(),
+        )
+        refresh_runs({run_id for _, run_id in rows})
+    return [pk for pk, _ in rows]
 
 
 def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
