@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import DESKTOP, chromium_page, log_in
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -205,3 +206,34 @@ def test_the_retry_of_an_attempt_lost_with_its_agent_runs_on_the_other_agent(
     assert final["status"] == "succeeded", final
     tries = [(a["try_number"], a["status"], a["worker"]) for a in final["attempts"]]
     assert tries == [(1, "lost", "agent-1"), (2, "succeeded", "agent-2")]
+
+
+# --- dashboard -----------------------------------------------------------------------
+
+
+def test_the_task_form_pins_a_task_and_its_run_lands_on_that_worker(master, start_agent):
+    start_agent("agent-1", capacity=4)
+    start_agent("agent-2", capacity=1)
+    with chromium_page(DESKTOP, "pinned-form") as page:
+        log_in(page, master, then="/tasks/new/")
+        page.fill("input[name=name]", "pinned")
+        page.fill("textarea[name=command]", "true")
+        page.click("#advanced summary")
+        page.fill("#id_priority", "7")
+        page.select_option("#id_strategy", "pinned")
+        page.fill("#id_pinned_worker", "agent-9")
+        page.click("button:has-text('Create task')")
+        error = page.locator(".field-error[data-field=pinned_worker]")
+        assert error.inner_text() == "No worker is named 'agent-9'."
+
+        page.fill("#id_pinned_worker", "agent-2")
+        page.click("button:has-text('Create task')")
+        page.wait_for_url(f"{master.url}/tasks/*/")
+        assert page.inner_text("#task-priority") == "7"
+        assert page.inner_text("#task-strategy") == "pinned to agent-2"
+
+        page.click("#run-task")
+        page.wait_for_url(f"{master.url}/runs/*/")
+        run_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+        run = master.wait_final(run_id)
+        assert [a["worker"] for a in run["attempts"]] == ["agent-2"]

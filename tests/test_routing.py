@@ -553,3 +553,44 @@ def test_the_api_takes_and_shows_the_routing_fields(api):
     )
     assert response.status_code == 200, response.json()
     assert (response.json()["strategy"], response.json()["pinned_worker"]) == ("round_robin", "")
+
+
+# --- pages ---------------------------------------------------------------------------
+
+
+def test_the_task_page_shows_priority_and_routing(bob_client):
+    make_worker("node")
+    task = make_task("pin", priority=42, strategy="pinned", pinned_worker="node")
+
+    html = bob_client.get(f"/tasks/{task.pk}/").content.decode()
+
+    assert '<dd id="task-priority">42</dd>' in html
+    assert 'id="task-strategy">pinned to <code id="task-pinned-worker">node</code></dd>' in html
+
+
+def test_the_form_refuses_a_pin_to_nobody_inside_the_open_advanced_fold(bob_client):
+    response = bob_client.post(
+        "/tasks/new/",
+        {"name": "x", "command": "true", "strategy": "pinned", "pinned_worker": "nobody"},
+        headers={"HX-Request": "true"},
+    )
+
+    html = response.content.decode()
+    fold = html[html.index('<details class="advanced" id="advanced" open>') :]
+    assert (
+        '<p class="error field-error" data-field="pinned_worker">'
+        "No worker is named &#x27;nobody&#x27;.</p>" in fold
+    )
+    assert not Task.objects.exists()
+
+
+def test_the_run_page_says_a_pinned_run_waits_for_its_worker(bob_client):
+    make_worker("away", state=Worker.State.OFFLINE)
+    run = trigger(make_task("pin", strategy="pinned", pinned_worker="away"))
+
+    html = bob_client.get(f"/runs/{run.pk}/").content.decode()
+
+    assert (
+        '<p class="notice" id="run-waiting">Pinned to away (offline): it starts when that '
+        "worker takes work again (pinned work never goes to another worker).</p>" in html
+    )
