@@ -148,14 +148,21 @@ def test_broadcast_reaches_every_matching_online_worker_once(master, start_agent
     gone.stop()
     wait_for(lambda: master.worker_state("linux-gone") == "offline", what="linux-gone offline")
     task = master.create_task(
-        name="everywhere", command="hostname", strategy="broadcast", labels=["linux"]
+        name="everywhere",
+        command='echo "$SCHEDULER_SHARD_INDEX/$SCHEDULER_SHARD_COUNT"',
+        shell=True,
+        strategy="broadcast",
+        labels=["linux"],
     )
 
-    run = master.wait_final(master.trigger(task["id"])["id"])
+    run_id = master.trigger(task["id"])["id"]
+    run = master.wait_final(run_id)
 
     assert run["status"] == "succeeded", run
     shards = sorted((a["shard_index"], a["worker"]) for a in run["attempts"])
     assert shards == [(0, "linux-1"), (1, "linux-2")]
+    outputs = sorted(a["output"] for a in master.api("GET", f"runs/{run_id}").json()["attempts"])
+    assert outputs == ["0/2\n", "1/2\n"]
 
 
 def test_broadcast_with_no_matching_online_worker_fails_at_once(master, start_agent):
