@@ -276,7 +276,8 @@ def _held_counts(task_ids: list[int]) -> dict[int, int]:
     held = connection.ops.adapt_datetimefield_value(HELD_UNTIL)
     return dict(
         select(
-            f"SELECT r.task_id, COUNT(*) FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+            f"SELECT r.task_id, COUNT(DISTINCT r.id) FROM {ATTEMPT} a"
+            f" JOIN {RUN} r ON r.id = a.run_id"
             f" WHERE r.task_id IN ({marks(task_ids)}) AND a.status = %s AND a.ready_at = %s"
             " GROUP BY r.task_id",
             [*task_ids, S.QUEUED, held],
@@ -307,13 +308,23 @@ def _release_held(run_ids: list[int]) -> None:
         room = limit - busy.get(task_id, 0)
         if room <= 0:
             continue
-        released += select(
-            f"SELECT a.id, a.labels_key, a.priority FROM {ATTEMPT} a"
-            f" JOIN {RUN} r ON r.id = a.run_id"
-            " WHERE r.task_id = %s AND a.status = %s AND a.ready_at = %s"
-            " ORDER BY a.run_id, a.id LIMIT %s",
-            [task_id, S.QUEUED, held, room],
-        )
+        # The limit counts runs: a run held with several attempts (a
+        # broadcast's shards) is released whole.
+        run_ids = [
+            pk
+            for (pk,) in select(
+                f"SELECT DISTINCT a.run_id FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+                " WHERE r.task_id = %s AND a.status = %s AND a.ready_at = %s"
+                " ORDER BY a.run_id LIMIT %s",
+                [task_id, S.QUEUED, held, room],
+            )
+        ]
+        if run_ids:
+            released += select(
+                f"SELECT id, labels_key, priority FROM {ATTEMPT} WHERE run_id IN"
+                f" ({marks(run_ids)}) AND status = %s AND ready_at = %s",
+                [*run_ids, S.QUEUED, held],
+            )
     by_priority: dict[int, list[int]] = {}
     for pk, _, priority in released:
         by_priority.setdefault(priority, []).append(pk)

@@ -594,3 +594,17 @@ def test_the_run_page_says_a_pinned_run_waits_for_its_worker(bob_client):
         '<p class="notice" id="run-waiting">Pinned to away (offline): it starts when that '
         "worker takes work again (pinned work never goes to another worker).</p>" in html
     )
+
+
+def test_a_held_broadcast_run_is_released_whole():
+    a, b = make_worker("a", capacity=2), make_worker("b", capacity=2)
+    task = make_task("everywhere", strategy="broadcast", concurrency_limit=1)
+    first, second = trigger(task), trigger(task)
+    assert [x.ready_at for x in second.attempts.all()] == [HELD_UNTIL, HELD_UNTIL]
+    assert sorted(dispatched(a, b)) == [("a", first.pk), ("b", first.pk)]
+
+    for attempt in first.attempts.all():
+        finish(Worker.objects.get(pk=attempt.worker_id), attempt.pk)
+
+    assert HELD_UNTIL not in [x.ready_at for x in second.attempts.all()]
+    assert sorted(dispatched(a, b)) == [("a", second.pk), ("b", second.pk)]
