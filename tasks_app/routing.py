@@ -25,9 +25,6 @@ from typing import Protocol
 
 from tasks_app.models import Strategy, labels_key, pin_label
 
-# Strategies whose attempts are each bound to one worker when the run is made.
-BOUND = (Strategy.PINNED, Strategy.BROADCAST)
-
 
 @dataclass(frozen=True)
 class OnlineWorker:

@@ -11,14 +11,14 @@ random; pinned work carries its worker's "@<id>" pseudo-label, which only
 that worker has); and claims each worker's share with one conditional
 UPDATE (only rows still queued move; on PostgreSQL the rows were read with
 FOR UPDATE SKIP LOCKED, so two dispatchers never wait on or take the same
-rows).
+rows). A pass therefore costs what the slots it fills cost, whatever the
+queue's length, and a pass with no free slot or no queued work, when nothing
+changed, costs no query at all.
 
 Failover: an attempt re-queued by its agent, or a retry of one lost or
 failed on a worker, names that worker (avoid_worker); it goes to another
 worker with a free slot when there is one, and back to the same one only
-when there is not. A pass therefore costs what the slots it fills cost, whatever the
-queue's length, and a pass with no free slot or no queued work, when nothing
-changed, costs no query at all.
+when there is not.
 
 The board cannot drift for long: a worker whose attempts ended, whose agent
 said hello or went away, or whose state an operator changed is marked stale
