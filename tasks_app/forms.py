@@ -250,20 +250,12 @@ class TaskForm(forms.ModelForm):
         return (self.cleaned_data.get("pinned_worker") or "").strip()
 
     def _check_pin(self, cleaned: dict) -> None:
-        """pinned_worker goes with strategy pinned, and with nothing else."""
         strategy, name = cleaned.get("strategy"), cleaned.get("pinned_worker")
         if strategy is None or name is None:
             return  # already refused field by field
-        if strategy == Strategy.PINNED and not name:
-            self.add_error("pinned_worker", "Name the worker a pinned task runs on.")
-        elif strategy != Strategy.PINNED and name:
-            self.add_error(
-                "pinned_worker",
-                f"Only a pinned task names a worker (strategy is {strategy}): "
-                "choose pinned, or leave it empty.",
-            )
-        elif name and not routing.worker_exists(name):
-            self.add_error("pinned_worker", f"No worker is named {name!r}.")
+        error = routing.pin_error(strategy, name)
+        if error:
+            self.add_error("pinned_worker", error)
 
     def clean_working_dir(self):
         working_dir = self.cleaned_data["working_dir"].strip()

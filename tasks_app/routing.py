@@ -53,6 +53,21 @@ def worker_exists(name: str) -> bool:
     return _directory is not None and name in _directory.ids_by_name([name])
 
 
+def pin_error(strategy: str, name: str) -> str | None:
+    """What is wrong with a task's strategy and pinned worker together, if
+    anything: a name goes with `pinned`, and with nothing else."""
+    if strategy == Strategy.PINNED and not name:
+        return "Name the worker a pinned task runs on."
+    if strategy != Strategy.PINNED and name:
+        return (
+            f"Only a pinned task names a worker (strategy is {strategy}): "
+            "choose pinned, or leave it empty."
+        )
+    if name and not worker_exists(name):
+        return f"No worker is named {name!r}."
+    return None
+
+
 class Unroutable(Exception):
     """A run none of whose attempts can go anywhere (the reason is the message)."""
 

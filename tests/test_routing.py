@@ -608,3 +608,32 @@ def test_a_held_broadcast_run_is_released_whole():
 
     assert HELD_UNTIL not in [x.ready_at for x in second.attempts.all()]
     assert sorted(dispatched(a, b)) == [("a", second.pk), ("b", second.pk)]
+
+
+def test_the_admin_refuses_a_pin_to_nobody(admin_client):
+    response = admin_client.post(
+        "/admin/tasks_app/task/add/",
+        {
+            "name": "x",
+            "command": "true",
+            "env": "{}",
+            "labels": "[]",
+            "max_retries": 0,
+            "retry_backoff_s": 10,
+            "retry_backoff_max_s": 600,
+            "busy_policy": "queue",
+            "priority": 0,
+            "strategy": "pinned",
+            "pinned_worker": "nobody",
+            "enabled": "on",
+            "timezone": "UTC",
+            "misfire_policy": "skip",
+            "created_at_0": "2026-01-01",
+            "created_at_1": "00:00:00",
+        },
+    )
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors == {
+        "pinned_worker": ["No worker is named 'nobody'."]
+    }
+    assert not Task.objects.exists()
