@@ -162,6 +162,10 @@ SCHEDULER_TIMEOUT_GRACE_S = env_number("SCHEDULER_TIMEOUT_GRACE_S", 30.0, minimu
 SCHEDULER_SELF_FENCE = env_bool("SCHEDULER_SELF_FENCE", True)
 # How often the in-process service looks for work (dispatch backstop, lost workers).
 SCHEDULER_TICK_S = env_number("SCHEDULER_TICK_S", 1.0, minimum=0.05)
+# Priority aging: each point of a task's priority (0-100) is worth this much
+# waiting in the queue (tasks_app.models.queue_at): a bigger step makes priorities
+# stronger, 0 turns them off (plain first in, first out).
+SCHEDULER_PRIORITY_AGING_S = env_number("SCHEDULER_PRIORITY_AGING_S", 60.0, minimum=0.0)
 # Output kept per attempt; the rest is counted and dropped, with a marker.
 SCHEDULER_LOG_LIMIT_BYTES = int(
     env_number("SCHEDULER_LOG_LIMIT_BYTES", 4 * 1024 * 1024, minimum=1024, integer=True)

@@ -1,5 +1,7 @@
+from django import forms
 from django.contrib import admin
 
+from tasks_app import routing
 from tasks_app.models import (
     ApiToken,
     Attempt,
@@ -42,8 +44,28 @@ class TriggerFilter(admin.SimpleListFilter):
         return queryset.filter(trigger=self.value()) if self.value() else queryset
 
 
+class TaskAdminForm(forms.ModelForm):
+    """The admin's task form keeps the rule that spans two fields (a pinned
+    worker goes with strategy pinned, and names a worker); each field's own
+    rules are the model's."""
+
+    class Meta:
+        model = Task
+        fields = "__all__"  # the admin shows every field
+
+    def clean(self):
+        cleaned = super().clean()
+        strategy, name = cleaned.get("strategy"), cleaned.get("pinned_worker")
+        if strategy is not None and name is not None:
+            error = routing.pin_error(strategy, name.strip())
+            if error:
+                self.add_error("pinned_worker", error)
+        return cleaned
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
+    form = TaskAdminForm
     list_display = ["name", "command", "shell", "timeout", "enabled", "updated_at"]
     list_filter = ["enabled", "shell"]
     search_fields = ["name", "command"]

@@ -5,14 +5,15 @@ import shlex
 from django import forms
 from django.utils import timezone
 
-from tasks_app import cron, validators
+from tasks_app import cron, routing, validators
 from tasks_app.exceptions import InvalidSchedule
-from tasks_app.models import TASK_FIELDS, MisfirePolicy, Task
+from tasks_app.models import TASK_FIELDS, MisfirePolicy, Strategy, Task
 
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_RETRIES = 100
 MAX_BACKOFF_S = 24 * 3600
 MAX_CONCURRENCY = 10_000
+MAX_PRIORITY = 100
 
 
 class EnvField(forms.Field):
@@ -58,6 +59,9 @@ class TaskForm(forms.ModelForm):
         "retry_backoff_max_s",
         "concurrency_limit",
         "busy_policy",
+        "priority",
+        "strategy",
+        "pinned_worker",
     )
     # Shown as their own "Schedule" group.
     SCHEDULE_FIELDS = ("schedule", "timezone", "misfire_policy", "schedule_paused")
@@ -133,6 +137,30 @@ class TaskForm(forms.ModelForm):
         initial=Task.BusyPolicy.QUEUE,
         label="When the limit is reached",
         help_text="What a new run does while the task has that many runs going.",
+    )
+
+    priority = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=MAX_PRIORITY,
+        initial=0,
+        label="Priority",
+        help_text="0-100, higher first; waiting work gains a point a minute "
+        "(SCHEDULER_PRIORITY_AGING_S), so none waits forever.",
+    )
+    strategy = forms.ChoiceField(
+        required=False,
+        choices=Strategy.choices,
+        initial=Strategy.LEAST_LOADED,
+        label="Routing",
+        help_text="Which of the workers with the required labels runs it.",
+    )
+    pinned_worker = forms.CharField(
+        required=False,
+        max_length=200,
+        label="Pinned worker",
+        help_text="For “pinned” only: the name of the one worker that runs it.",
+        widget=forms.TextInput(attrs={"placeholder": "worker name", "spellcheck": "false"}),
     )
 
     class Meta:
@@ -212,6 +240,23 @@ class TaskForm(forms.ModelForm):
     def clean_busy_policy(self):
         return self.cleaned_data.get("busy_policy") or Task.BusyPolicy.QUEUE
 
+    def clean_priority(self):
+        return self._default_if_empty("priority")
+
+    def clean_strategy(self):
+        return self.cleaned_data.get("strategy") or Strategy.LEAST_LOADED
+
+    def clean_pinned_worker(self):
+        return (self.cleaned_data.get("pinned_worker") or "").strip()
+
+    def _check_pin(self, cleaned: dict) -> None:
+        strategy, name = cleaned.get("strategy"), cleaned.get("pinned_worker")
+        if strategy is None or name is None:
+            return  # already refused field by field
+        error = routing.pin_error(strategy, name)
+        if error:
+            self.add_error("pinned_worker", error)
+
     def clean_working_dir(self):
         working_dir = self.cleaned_data["working_dir"].strip()
         if working_dir and not working_dir.startswith("/"):
@@ -236,6 +281,7 @@ class TaskForm(forms.ModelForm):
                 )
             except forms.ValidationError as exc:
                 self.add_error("command", exc)
+        self._check_pin(cleaned)
         return cleaned
 
 

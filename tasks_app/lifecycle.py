@@ -24,7 +24,7 @@ from enum import Enum
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from tasks_app.batchsql import (
@@ -47,7 +47,17 @@ from tasks_app.exceptions import (
     TaskError,
     TaskNotFound,
 )
-from tasks_app.models import HELD_UNTIL, TASK_FIELDS, Attempt, Run, Task, labels_key
+from tasks_app.models import (
+    HELD_UNTIL,
+    TASK_FIELDS,
+    Attempt,
+    Run,
+    Strategy,
+    Task,
+    pin_label,
+    queue_at,
+)
+from tasks_app.routing import Routes, Unroutable
 from tasks_app.signals import stop_requested, work_queued
 from tasks_app.validators import check_run_size
 
@@ -266,7 +276,8 @@ def _held_counts(task_ids: list[int]) -> dict[int, int]:
     held = connection.ops.adapt_datetimefield_value(HELD_UNTIL)
     return dict(
         select(
-            f"SELECT r.task_id, COUNT(*) FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+            f"SELECT r.task_id, COUNT(DISTINCT r.id) FROM {ATTEMPT} a"
+            f" JOIN {RUN} r ON r.id = a.run_id"
             f" WHERE r.task_id IN ({marks(task_ids)}) AND a.status = %s AND a.ready_at = %s"
             " GROUP BY r.task_id",
             [*task_ids, S.QUEUED, held],
@@ -301,7 +312,7 @@ def release_held_runs(task_id: int) -> None:
         released = list(
             Attempt.objects.filter(
                 run__task_id=task_id, status=S.QUEUED, ready_at=HELD_UNTIL
-            ).values_list("pk", "labels_key")
+            ).values_list("pk", "labels_key", "priority")
         )
         _let_go(released, timezone.now())
 
@@ -314,29 +325,44 @@ def _release_held_of(limits: dict[int, int]) -> None:
     busy: dict[int, int] = {}
     for task_id, _, _ in _occupying(list(limits), now):
         busy[task_id] = busy.get(task_id, 0) + 1
-    released: list[tuple[int, str]] = []
+    released: list[tuple[int, str, int]] = []
     held = connection.ops.adapt_datetimefield_value(HELD_UNTIL)
     for task_id, limit in limits.items():
         room = limit - busy.get(task_id, 0)
         if room <= 0:
             continue
-        released += select(
-            f"SELECT a.id, a.labels_key FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
-            " WHERE r.task_id = %s AND a.status = %s AND a.ready_at = %s"
-            " ORDER BY a.run_id, a.id LIMIT %s",
-            [task_id, S.QUEUED, held, room],
-        )
+        # The limit counts runs: a run held with several attempts (a
+        # broadcast's shards) is released whole.
+        run_ids = [
+            pk
+            for (pk,) in select(
+                f"SELECT DISTINCT a.run_id FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
+                " WHERE r.task_id = %s AND a.status = %s AND a.ready_at = %s"
+                " ORDER BY a.run_id LIMIT %s",
+                [task_id, S.QUEUED, held, room],
+            )
+        ]
+        if run_ids:
+            released += select(
+                f"SELECT id, labels_key, priority FROM {ATTEMPT} WHERE run_id IN"
+                f" ({marks(run_ids)}) AND status = %s AND ready_at = %s",
+                [*run_ids, S.QUEUED, held],
+            )
     _let_go(released, now)
 
 
-def _let_go(released: list[tuple[int, str]], now: dt.datetime) -> None:
-    """These held attempts (id, labels key) are ready now."""
-    if released:
+def _let_go(released: list[tuple[int, str, int]], now: dt.datetime) -> None:
+    """These held attempts (id, labels key, priority) are ready now."""
+    by_priority: dict[int, list[int]] = {}
+    for pk, _, priority in released:
+        by_priority.setdefault(priority, []).append(pk)
+    for priority, ids in by_priority.items():
         # Race: a cancel of a held run at the same moment; only rows still held move.
-        Attempt.objects.filter(
-            pk__in=[pk for pk, _ in released], status=S.QUEUED, ready_at=HELD_UNTIL
-        ).update(ready_at=now)
-        _wake_dispatch({key for _, key in released})
+        Attempt.objects.filter(pk__in=ids, status=S.QUEUED, ready_at=HELD_UNTIL).update(
+            ready_at=now, queue_at=queue_at(now, priority)
+        )
+    if released:
+        _wake_dispatch({key for _, key, _ in released})
 
 
 def _tasks(ids: set[int]) -> dict[int, Task]:
@@ -409,10 +435,12 @@ def _queue(runs: list[Run]) -> list[Run]:
         "run_at",
         "status",
         "finished_at",
+        "reason",
     )
+    _route(runs)
     rows = [
         (r.task_id, r.task_name, r.definition, r.trigger, r.created_by_id, r.retry_of_id)
-        + (r.params, r.created_at, r.scheduled_for, r.run_at, r.status, r.finished_at)
+        + (r.params, r.created_at, r.scheduled_for, r.run_at, r.status, r.finished_at, r.reason)
         for r in runs
     ]
     ticks = [r for r in runs if r.scheduled_for is not None]
@@ -436,21 +464,26 @@ def _queue(runs: list[Run]) -> list[Run]:
         run.pk = pk
         run._state.adding = False
         run.queued_attempts = []
-        if run.status == Run.Status.SKIPPED:
-            continue  # never started: no attempt
+        if run.status != Run.Status.QUEUED:
+            continue  # skipped, or nowhere to go: never started, no attempt
         if getattr(run, "held", False):
             ready = HELD_UNTIL
         else:
             ready = run.run_at if run.run_at and run.run_at > now else now
-        attempts.append(
-            Attempt(
-                run=run,
-                labels_key=labels_key(run.definition.get("labels")),
-                timeout_s=run.definition.get("timeout"),
-                queued_at=now,
-                ready_at=ready,
+        priority = run.definition.get("priority", 0)
+        for shard_index, key in run.routes:
+            attempts.append(
+                Attempt(
+                    run=run,
+                    shard_index=shard_index,
+                    labels_key=key,
+                    timeout_s=run.definition.get("timeout"),
+                    queued_at=now,
+                    ready_at=ready,
+                    queue_at=queue_at(ready, priority),
+                    priority=priority,
+                )
             )
-        )
     fields = (
         "run",
         "shard_index",
@@ -459,6 +492,8 @@ def _queue(runs: list[Run]) -> list[Run]:
         "timeout_s",
         "queued_at",
         "ready_at",
+        "queue_at",
+        "priority",
     )
     attempt_ids = insert_rows(
         Attempt,
@@ -468,11 +503,29 @@ def _queue(runs: list[Run]) -> list[Run]:
     for attempt, pk in zip(attempts, attempt_ids, strict=True):
         attempt.pk = pk
         attempt._state.adding = False
-        # Callers answer with the run and its attempt without reading them back.
-        attempt.run.queued_attempts = [attempt]
+        # Callers answer with the run and its attempts without reading them back.
+        attempt.run.queued_attempts.append(attempt)
     if attempts:
         _wake_dispatch({a.labels_key for a in attempts})
     return runs
+
+
+def _route(runs: list[Run]) -> None:
+    """Give each run about to be queued its `routes`, (shard index, labels
+    key) per first attempt (tasks_app.routing); a run with nowhere to go (its
+    pinned worker was deleted, nobody online to broadcast to) fails at once
+    with the reason instead. A broadcast's snapshot records its shard count."""
+    queued = [r for r in runs if r.status == Run.Status.QUEUED]
+    routes = Routes(r.definition for r in queued)
+    for run in queued:
+        try:
+            run.routes = routes.of(run.definition)
+        except Unroutable as exc:
+            run.status, run.reason, run.finished_at = Run.Status.FAILED, str(exc), timezone.now()
+            continue
+        if run.definition.get("strategy") == Strategy.BROADCAST:
+            # A copy: runs of one trigger share one snapshot dict.
+            run.definition = {**run.definition, "shards": len(run.routes)}
 
 
 # --- assignment handshake ------------------------------------------------------
@@ -621,7 +674,8 @@ def requeue(
     An attempt whose run is being cancelled is cancelled instead: it must not
     be offered to anyone again. With unaccepted=True only attempts the agent
     never accepted move (the accept-timeout path). Without a delay an attempt
-    keeps its place in the queue. Returns the ids moved.
+    keeps its place in the queue. Failover: it avoids this worker next time
+    when another can take it (dispatch._share_out). Returns the ids moved.
     """
     now = timezone.now()
     with atomic():
@@ -634,11 +688,14 @@ def requeue(
             candidates = candidates.filter(accepted_at__isnull=True)
         rows = list(
             _locked(candidates).values_list(
-                "pk", "run_id", "run__cancel_requested_at", "labels_key"
+                "pk", "run_id", "run__cancel_requested_at", "labels_key", "priority"
             )
         )
-        cancelling = [pk for pk, _, cancel, _ in rows if cancel]
-        back = [pk for pk, _, cancel, _ in rows if not cancel]
+        cancelling = [pk for pk, _, cancel, *_ in rows if cancel]
+        back: dict[int, list[int]] = {}  # priority -> attempt ids
+        for pk, _, cancel, _, priority in rows:
+            if not cancel:
+                back.setdefault(priority, []).append(pk)
         Attempt.objects.filter(pk__in=cancelling, status=S.ASSIGNED).update(
             status=S.CANCELLED, reason="cancelled", finished_at=now
         )
@@ -648,15 +705,18 @@ def requeue(
             "worker_name": "",
             "assigned_at": None,
             "accepted_at": None,
+            # Failover: next time, another worker with a free slot if there is one.
+            "avoid_worker": worker_id,
         }
-        if delay_s:
-            ready = now + dt.timedelta(seconds=delay_s)
-            fields["ready_at"] = ready
-        Attempt.objects.filter(pk__in=back, status=S.ASSIGNED).update(**fields)
+        ready = now + dt.timedelta(seconds=delay_s)
+        for priority, ids in back.items():
+            if delay_s:
+                fields |= {"ready_at": ready, "queue_at": queue_at(ready, priority)}
+            Attempt.objects.filter(pk__in=ids, status=S.ASSIGNED).update(**fields)
         if cancelling:
-            refresh_runs({run_id for pk, run_id, cancel, _ in rows if cancel})
+            refresh_runs({run_id for pk, run_id, cancel, *_ in rows if cancel})
         if back:
-            _wake_dispatch({key for _, _, cancel, key in rows if not cancel})
+            _wake_dispatch({key for _, _, cancel, key, _ in rows if not cancel})
     return [pk for pk, *_ in rows]
 
 
@@ -722,7 +782,7 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
             row[0]: row[1:]
             for row in select(
                 "SELECT id, worker_id, status, closed_by_master, late_reported_at, try_number,"
-                " shard_index, run_id, labels_key, timeout_s, assigned_at, started_at"
+                " shard_index, run_id, labels_key, timeout_s, assigned_at, started_at, priority"
                 f" FROM {ATTEMPT} WHERE id IN ({marks(ids)}){for_update()}",
                 ids,
             )
@@ -790,7 +850,12 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
             where="closed_by_master AND late_reported_at IS NULL",
         )
         # What _after_final would read back: the new status, and the rest as read.
-        _after_final_rows([(i.result.status, *rows[i.attempt_id][4:9]) for i in stored])
+        _after_final_rows(
+            [
+                (i.result.status, *rows[i.attempt_id][4:9], i.worker_id, rows[i.attempt_id][11])
+                for i in stored
+            ]
+        )
     return outcomes
 
 
@@ -846,6 +911,31 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
     return ids
 
 
+def fail_pinned(worker_id: int, worker_name: str) -> list[int]:
+    """The worker was deleted: queued attempts pinned to it (pinned and
+    broadcast runs, retries of its lost attempts included) can never run, so
+    they fail now, without retries, and their runs fail with the reason."""
+    pin = pin_label(worker_id)
+    on_it = (
+        Q(labels_key=pin)
+        | Q(labels_key__startswith=f"{pin},")
+        | Q(labels_key__endswith=f",{pin}")
+        | Q(labels_key__contains=f",{pin},")
+    )
+    with atomic():
+        rows = list(
+            _locked(Attempt.objects.filter(on_it, status=S.QUEUED)).values_list("pk", "run_id")
+        )
+        # Race: a dispatcher claiming one at this moment; only rows still queued move.
+        Attempt.objects.filter(pk__in=[pk for pk, _ in rows], status=S.QUEUED).update(
+            status=S.FAILED,
+            reason=f"pinned worker {worker_name!r} was deleted"[:500],
+            finished_at=timezone.now(),
+        )
+        refresh_runs({run_id for _, run_id in rows})
+    return [pk for pk, _ in rows]
+
+
 def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
     """Master backstop: running attempts far past their timeout become timed_out.
 
@@ -892,14 +982,28 @@ def _after_final(attempt_ids: Sequence[int]) -> None:
         list(
             Attempt.objects.filter(pk__in=list(attempt_ids))
             .order_by()
-            .values_list("status", "try_number", "shard_index", "run_id", "labels_key", "timeout_s")
+            .values_list(
+                "status",
+                "try_number",
+                "shard_index",
+                "run_id",
+                "labels_key",
+                "timeout_s",
+                "worker_id",
+                "priority",
+            )
         )
     )
 
 
 def _after_final_rows(rows: list[tuple]) -> None:
-    """_after_final for (status, try, shard, run id, labels key, timeout) rows
-    the caller already holds."""
+    """_after_final for (status, try, shard, run id, labels key, timeout,
+    worker id, priority) rows the caller already holds.
+
+    Failover: a retry avoids the worker its try ended on (lost, failed or
+    timed out there), when another eligible worker has a free slot at
+    dispatch (see dispatch._share_out); a pinned try's key admits no other.
+    """
     if not rows:
         return
     retryable = [row for row in rows if row[0] in RETRYABLE]
@@ -914,7 +1018,7 @@ def _after_final_rows(rows: list[tuple]) -> None:
             .values_list("pk", "definition", "cancel_requested_at")
         }
         now = timezone.now()
-        for _, try_number, shard_index, run_id, key, timeout in retryable:
+        for _, try_number, shard_index, run_id, key, timeout, worker_id, priority in retryable:
             definition, cancelling = runs[run_id]
             if cancelling or try_number > definition.get("max_retries", 0):
                 continue
@@ -933,6 +1037,9 @@ def _after_final_rows(rows: list[tuple]) -> None:
                     timeout_s=timeout,
                     queued_at=now,
                     ready_at=ready,
+                    queue_at=queue_at(ready, priority),
+                    priority=priority,
+                    avoid_worker=worker_id,
                 )
             )
         # Race: two processes retrying the same attempt; the unique (run, shard,

@@ -24,6 +24,9 @@ TASK_FIELDS: dict[str, tuple[type, ...]] = {
     "retry_backoff_max_s": (int, float),
     "concurrency_limit": (int, type(None)),
     "busy_policy": (str,),
+    "priority": (int,),
+    "strategy": (str,),
+    "pinned_worker": (str,),
     "enabled": (bool,),
     "schedule": (str,),
     "timezone": (str,),
@@ -49,6 +52,32 @@ SCHEDULE_FIELDS = ("schedule", "timezone", "schedule_paused", "enabled")
 def labels_key(labels) -> str:
     """One string per set of required labels: the queue is kept apart by it."""
     return ",".join(sorted(set(labels or ())))
+
+
+def pin_label(worker_id: int) -> str:
+    """The pseudo-label of one worker: an attempt that carries it in its labels
+    key can only go to that worker (real labels cannot contain '@')."""
+    return f"@{worker_id}"
+
+
+def queue_at(ready_at: datetime, priority: int) -> datetime:
+    """An attempt's place in the queue: its ready time, moved earlier by a
+    step (SCHEDULER_PRIORITY_AGING_S) per priority point.
+
+    Each point is worth one step of waiting: priority 10 goes ahead of
+    priority-0 work that has waited less than 10 steps, and nothing waits
+    behind newer work for more than 100 steps (the highest priority). A
+    priority is never negative, so a ready attempt's queue_at is <= now.
+    """
+    return ready_at - timedelta(seconds=priority * settings.SCHEDULER_PRIORITY_AGING_S)
+
+
+class Strategy(models.TextChoices):
+    LEAST_LOADED = "least_loaded", "least_loaded: the worker with the smallest share busy"
+    ROUND_ROBIN = "round_robin", "round_robin: successive attempts to successive workers"
+    RANDOM = "random", "random: any worker with a free slot"
+    PINNED = "pinned", "pinned: only the named worker"
+    BROADCAST = "broadcast", "broadcast: once on every matching online worker"
 
 
 class MisfirePolicy(models.TextChoices):
@@ -95,6 +124,23 @@ class Task(models.Model):
         choices=BusyPolicy.choices,
         default=BusyPolicy.QUEUE,
         help_text="What a trigger does when the limit is reached.",
+    )
+    priority = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="0-100; higher is dispatched first, and waiting work ages up "
+        "(one point per SCHEDULER_PRIORITY_AGING_S).",
+    )
+    strategy = models.CharField(
+        max_length=16,
+        choices=Strategy.choices,
+        default=Strategy.LEAST_LOADED,
+        help_text="How an attempt picks among the workers that can take it.",
+    )
+    # A worker's name, not a key: tasks_app does not depend on workers_app,
+    # and a name says what was meant after that worker is deleted (a run
+    # triggered then fails with that reason; see lifecycle._routes).
+    pinned_worker = models.CharField(
+        max_length=200, blank=True, help_text="The worker a pinned task runs on (its name)."
     )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -221,9 +267,16 @@ def remember_deleted_task(sender, instance: Task, **kwargs) -> None:
     DeletedTask.objects.update_or_create(pk=instance.pk, defaults={"name": instance.name})
     # Its runs live on, its limit does not: runs held back by it go now, or
     # nothing would ever release them.
-    released = Attempt.objects.filter(
+    held = Attempt.objects.filter(
         run__task_id=instance.pk, status=Attempt.Status.QUEUED, ready_at=HELD_UNTIL
-    ).update(ready_at=timezone.now())
+    ).values_list("priority", flat=True)
+    released = 0
+    now = timezone.now()
+    # One update per priority among them (there are few), not one per row.
+    for priority in set(held):
+        released += held.filter(priority=priority).update(
+            ready_at=now, queue_at=queue_at(now, priority)
+        )
     if released:
         transaction.on_commit(lambda: work_queued.send(sender=Run, labels_keys=None), robust=True)
 
@@ -355,12 +408,21 @@ class Attempt(models.Model):
     reason = models.CharField(max_length=500, blank=True)
     pid = models.IntegerField(null=True, blank=True)
     queued_at = models.DateTimeField(default=timezone.now)
-    # The queue's order and partition: dispatch takes the oldest ready_at of a
-    # labels_key (the run's required labels) with one index range scan, so its
-    # cost follows the slots it fills, not the queue's length. A retry's
-    # ready_at is when its backoff ends.
+    # The queue's order and partition: dispatch takes the smallest queue_at of
+    # a labels_key (the run's required labels, and a pinned attempt's worker
+    # as "@<id>") with one index range scan, so its cost follows the slots it
+    # fills, not the queue's length. ready_at is when it may go at all (a
+    # retry's backoff, a delayed run's time); queue_at is ready_at less its
+    # priority's head start (models.queue_at), kept with it on every write.
     labels_key = models.CharField(max_length=2200, blank=True, default="")
     ready_at = models.DateTimeField(default=timezone.now)
+    queue_at = models.DateTimeField(default=timezone.now)
+    # The run's priority, copied so that a re-queue can recompute queue_at.
+    priority = models.PositiveSmallIntegerField(default=0, db_default=0)
+    # Failover: the worker the try before this one was lost on, failed on or
+    # was refused by; dispatch gives it to another eligible worker with a free
+    # slot when there is one. A plain id: a hint, not a relation.
+    avoid_worker = models.BigIntegerField(null=True, blank=True)
     # The run's timeout, for the master's backstop without reading the run.
     timeout_s = models.PositiveIntegerField(null=True, blank=True)
     assigned_at = models.DateTimeField(null=True, blank=True)
@@ -383,7 +445,7 @@ class Attempt(models.Model):
         indexes = [
             # Dispatch takes queued attempts of one label set, oldest ready
             # first; slot counts and liveness scan a worker's active attempts.
-            models.Index(fields=["status", "labels_key", "ready_at", "id"], name="attempt_queue"),
+            models.Index(fields=["status", "labels_key", "queue_at", "id"], name="attempt_queue"),
             models.Index(fields=["worker", "status"], name="attempt_worker_status"),
         ]
         # Two processes retrying the same failure create the same try once.

@@ -11,8 +11,14 @@ from __future__ import annotations
 from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
 from tasks_app.apispec import MESSAGES, Body, query_param
 from tasks_app.cron import MAX_SCHEDULE_CHARS
-from tasks_app.forms import MAX_BACKOFF_S, MAX_CONCURRENCY, MAX_RETRIES, MAX_TIMEOUT_S
-from tasks_app.models import TASK_FIELDS, Attempt, MisfirePolicy, Run, Task
+from tasks_app.forms import (
+    MAX_BACKOFF_S,
+    MAX_CONCURRENCY,
+    MAX_PRIORITY,
+    MAX_RETRIES,
+    MAX_TIMEOUT_S,
+)
+from tasks_app.models import TASK_FIELDS, Attempt, MisfirePolicy, Run, Strategy, Task
 from tasks_app.validators import (
     ENV_NAME_RE,
     MAX_ARG_CHARS,
@@ -132,6 +138,28 @@ _TASK_FIELD_RULES: dict[str, dict] = {
         "or replace (cancel the running ones, start the new one)",
         "default": Task.BusyPolicy.QUEUE.value,
         MESSAGES: {"enum": "Choose queue, skip or replace."},
+    },
+    "priority": {
+        "minimum": 0,
+        "maximum": MAX_PRIORITY,
+        "description": "higher is dispatched first, first in first out within a priority; "
+        "each point is worth SCHEDULER_PRIORITY_AGING_S (default 60 s) of waiting, so old "
+        "low-priority work is never starved",
+        "default": 0,
+    },
+    "strategy": {
+        "enum": list(Strategy.values),
+        "description": "which eligible worker takes an attempt: least_loaded (smallest share "
+        "of its slots busy), round_robin (successive attempts to successive workers), "
+        "random, pinned (only pinned_worker; never fails over) or broadcast (one shard per "
+        "matching online worker at trigger time)",
+        "default": Strategy.LEAST_LOADED.value,
+        MESSAGES: {"enum": "Choose least_loaded, round_robin, random, pinned or broadcast."},
+    },
+    "pinned_worker": {
+        "maxLength": 200,
+        "description": "the name of the worker a pinned task runs on; empty otherwise",
+        "default": "",
     },
     "enabled": {"description": "a disabled task cannot be run", "default": True},
     "schedule": {

@@ -959,7 +959,7 @@ async def test_it_requeues_a_rejected_attempt_and_dispatches_it_again(agent, wor
     assert await agent.receive_nothing()
 
     await database_sync_to_async(Attempt.objects.filter(pk=attempt.pk).update)(
-        ready_at=timezone.now()
+        ready_at=timezone.now(), queue_at=timezone.now()
     )
     await database_sync_to_async(Worker.objects.filter(pk=worker.pk).update)(
         state=Worker.State.ONLINE
@@ -985,7 +985,7 @@ async def test_it_moves_a_rejected_attempt_to_another_worker(connect, agent, wor
     await barrier(agent)
     # After its reject backoff (skipped here) the next dispatch pass offers it again.
     await database_sync_to_async(Attempt.objects.filter(pk=rejected.pk).update)(
-        ready_at=timezone.now()
+        ready_at=timezone.now(), queue_at=timezone.now()
     )
     await database_sync_to_async(dispatch.dispatch)()
 

@@ -116,6 +116,9 @@ def test_it_snapshots_the_task_when_a_run_is_triggered(task, bob):
         "max_retries": 0,
         "retry_backoff_s": 10.0,
         "retry_backoff_max_s": 600.0,
+        "priority": 0,
+        "strategy": "least_loaded",
+        "pinned_worker": "",
     }
     assert (run.task_id, run.task_name, run.trigger) == (task.pk, "answer", "api")
     assert (run.status, run.created_by) == (Run.Status.QUEUED, bob)

@@ -8,13 +8,17 @@ class WorkersAppConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_save, pre_delete
 
+        from tasks_app import routing
         from tasks_app.signals import stop_requested, work_queued
         from tasks_app.writer import writer
         from workers_app import dispatch, liveness, reports
+        from workers_app.directory import WorkerDirectory
         from workers_app.models import Worker
 
         work_queued.connect(dispatch.on_work_queued, dispatch_uid="workers_app.dispatch")
         stop_requested.connect(dispatch.on_stop_requested, dispatch_uid="workers_app.stop")
+        # Pinned and broadcast runs name workers: tasks_app asks through this.
+        routing.register(WorkerDirectory())
         pre_delete.connect(
             liveness.on_worker_deleted, sender=Worker, dispatch_uid="workers_app.del"
         )

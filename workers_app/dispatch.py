@@ -3,14 +3,22 @@
 A board in memory (each online worker's capacity, labels and slots in use,
 and the label sets that may have queued work) saves reads; the database
 decides. A pass fetches, for each label set that some worker with a free
-slot can take, the oldest ready attempts with one index range scan LIMITed
-to those free slots; gives them out oldest first to the least-loaded worker
-that can take each; and claims each worker's share with one conditional
+slot can take, the first ready attempts in queue order (queue_at: ready_at
+less the priority's head start, models.queue_at) with one index range scan
+LIMITed to those free slots; gives them out in that order, each to a worker
+that can take it as its task's strategy says (least loaded, in turn, at
+random; pinned work carries its worker's "@<id>" pseudo-label, which only
+that worker has); and claims each worker's share with one conditional
 UPDATE (only rows still queued move; on PostgreSQL the rows were read with
 FOR UPDATE SKIP LOCKED, so two dispatchers never wait on or take the same
 rows). A pass therefore costs what the slots it fills cost, whatever the
 queue's length, and a pass with no free slot or no queued work, when nothing
 changed, costs no query at all.
+
+Failover: an attempt re-queued by its agent, or a retry of one lost or
+failed on a worker, names that worker (avoid_worker); it goes to another
+worker with a free slot when there is one, and back to the same one only
+when there is not.
 
 The board cannot drift for long: a worker whose attempts ended, whose agent
 said hello or went away, or whose state an operator changed is marked stale
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import random
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +41,7 @@ from django.utils import timezone
 
 from tasks_app import lifecycle
 from tasks_app.batchsql import atomic, aware, for_update, json_value, marks, select, table
-from tasks_app.models import Attempt, Run, SchedulerState
+from tasks_app.models import Attempt, Run, SchedulerState, Strategy, pin_label
 from tasks_app.writer import writer
 from workers_app import delivery, protocol
 from workers_app.models import Worker
@@ -70,6 +79,9 @@ class Board:
         self._freed: dict[int, int] = {}
         self._new_classes: set[str] = set()
         self._rebuild = True
+        # round_robin: per task name, the worker its last attempt went to. A
+        # hint kept across rebuilds, per server process; the claim still decides.
+        self.turns: dict[str, int] = {}
 
     def mark(self, worker_ids: Iterable[int | None]) -> None:
         """Recount these workers before the next pass (their state changed: a
@@ -132,7 +144,8 @@ def _load(into: dict[int, Slots], workers) -> None:
     for pk, name, capacity, labels, busy in eligible.with_busy_slots().values_list(
         "pk", "name", "capacity", "labels", "busy"
     ):
-        into[pk] = Slots(name, capacity, frozenset(labels), busy)
+        # Its own pseudo-label: attempts pinned to it (tasks_app.routing) match it alone.
+        into[pk] = Slots(name, capacity, frozenset(labels) | {pin_label(pk)}, busy)
 
 
 def _queued_classes() -> set[str]:
@@ -186,64 +199,130 @@ def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
 
 
 def _candidates(free: dict[int, Slots], now) -> list[tuple]:
-    """(ready_at, attempt id, run id, shard, task name, definition, cancelling,
-    wanted labels) of the oldest ready attempts, as many per label set as the
-    workers that can take it have free slots."""
+    """(queue_at, attempt id, run id, shard, task name, definition, cancelling,
+    wanted labels, worker to avoid) of the first ready attempts in queue
+    order, as many per label set as the workers that can take it have free
+    slots.
+
+    The index range is bounded by queue_at <= now, which every ready row
+    meets (a priority is never negative), so rows held by a concurrency limit
+    or delayed far ahead are never read; ready_at <= now then drops the few
+    that are not ready yet but have a head start (delayed by less than their
+    priority is worth).
+    """
     found = []
+    at = connection.ops.adapt_datetimefield_value(now)
     for key in list(board.classes):
         wanted = frozenset(key.split(",")) if key else frozenset()
         room = sum(slots.free for slots in free.values() if wanted <= slots.labels)
         if not room:
             continue
         rows = [
-            (aware(ready), pk, run_id, shard, name, json_value(definition), cancelling)
-            for ready, pk, run_id, shard, name, definition, cancelling in select(
-                "SELECT a.ready_at, a.id, a.run_id, a.shard_index, r.task_name, r.definition,"
-                f" r.cancel_requested_at FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
-                " WHERE a.status = %s AND a.labels_key = %s AND a.ready_at <= %s"
-                " ORDER BY a.ready_at, a.id LIMIT %s" + for_update(of="a", skip_locked=True),
+            (aware(queued), pk, run_id, shard, name, json_value(definition), cancelling, avoid)
+            for queued, pk, run_id, shard, name, definition, cancelling, avoid in select(
+                "SELECT a.queue_at, a.id, a.run_id, a.shard_index, r.task_name, r.definition,"
+                f" r.cancel_requested_at, a.avoid_worker FROM {ATTEMPT} a"
+                f" JOIN {RUN} r ON r.id = a.run_id"
+                " WHERE a.status = %s AND a.labels_key = %s AND a.queue_at <= %s"
+                " AND a.ready_at <= %s"
+                " ORDER BY a.queue_at, a.id LIMIT %s" + for_update(of="a", skip_locked=True),
                 # Another server dispatching at the same time skips what we hold.
-                [Attempt.Status.QUEUED, key, connection.ops.adapt_datetimefield_value(now), room],
+                [Attempt.Status.QUEUED, key, at, at, room],
             )
         ]
         if len(rows) < room:
             # Nothing more is ready in this label set; triggers and the service's
             # re-read (for retries whose backoff ends) bring it back.
             board.classes.discard(key)
-        found += [(*row, wanted) for row in rows]
+        found += [(*row[:-1], wanted, row[-1]) for row in rows]
     found.sort(key=lambda row: (row[0], row[1]))
     return found
 
 
 def _share_out(free: dict[int, Slots], candidates: list[tuple]) -> dict[int, list[tuple]]:
-    """Oldest first, each to the least-loaded worker (by share of its capacity)
-    that has its labels; a heap per label set, its keys refreshed lazily."""
+    """In queue order, each to a worker that has its labels, chosen by its
+    task's strategy; what finds no worker with a free slot waits for the next pass."""
     heaps: dict[frozenset, list] = {}
+    members: dict[frozenset, list[int]] = {}
     shares: dict[int, list[tuple]] = {}
-    for _, attempt_id, *run, wanted in candidates:
-        heap = heaps.get(wanted)
-        if heap is None:
-            heap = heaps[wanted] = [
-                (slots.load, pk) for pk, slots in free.items() if wanted <= slots.labels
-            ]
-            heapq.heapify(heap)
-        while heap:
-            load, worker_id = heap[0]
-            slots = free[worker_id]
-            if slots.free <= 0:
-                heapq.heappop(heap)
-            elif load != slots.load:  # another label set took a slot meanwhile
-                heapq.heapreplace(heap, (slots.load, worker_id))
-            else:
-                break
-        if not heap:
+    for _, attempt_id, *run, wanted, avoid in candidates:
+        task_name, definition = run[2], run[3]
+        if wanted not in members:
+            members[wanted] = sorted(pk for pk, s in free.items() if wanted <= s.labels)
+        strategy = definition.get("strategy") or Strategy.LEAST_LOADED
+        if strategy == Strategy.ROUND_ROBIN:
+            worker_id = _in_turn(members[wanted], free, avoid, task_name)
+        elif strategy == Strategy.RANDOM:
+            worker_id = _at_random(members[wanted], free, avoid)
+        else:
+            # least_loaded; pinned and broadcast have one member, any rule picks it.
+            heap = heaps.get(wanted)
+            if heap is None:
+                heap = heaps[wanted] = [(free[pk].load, pk) for pk in members[wanted]]
+                heapq.heapify(heap)
+            worker_id = _least_loaded(heap, free, avoid)
+        if worker_id is None:
             continue
-        worker_id = heap[0][1]
-        slots = free[worker_id]
-        slots.busy += 1
-        heapq.heapreplace(heap, (slots.load, worker_id))
+        free[worker_id].busy += 1
         shares.setdefault(worker_id, []).append((attempt_id, *run))
     return shares
+
+
+def _settle(heap: list, free: dict[int, Slots]) -> None:
+    """Drop full workers off the heap's top and refresh stale loads (another
+    label set or strategy took a slot meanwhile), until the top is true."""
+    while heap:
+        load, worker_id = heap[0]
+        slots = free[worker_id]
+        if slots.free <= 0:
+            heapq.heappop(heap)
+        elif load != slots.load:
+            heapq.heapreplace(heap, (slots.load, worker_id))
+        else:
+            break
+
+
+def _least_loaded(heap: list, free: dict[int, Slots], avoid: int | None) -> int | None:
+    """The least-loaded worker (by share of its capacity) with a free slot, not
+    `avoid` unless it is the only one."""
+    _settle(heap, free)
+    if not heap:
+        return None
+    best = heap[0][1]
+    if best != avoid:
+        return best
+    # Failover: the next best, if anyone else has a free slot.
+    top = heapq.heappop(heap)
+    _settle(heap, free)
+    other = heap[0][1] if heap else None
+    heapq.heappush(heap, top)
+    return best if other is None else other
+
+
+def _open(members: list[int], free: dict[int, Slots], avoid: int | None) -> list[int]:
+    """Members with a free slot, without `avoid` unless it is the only one."""
+    open_ = [pk for pk in members if free[pk].free > 0]
+    others = [pk for pk in open_ if pk != avoid]
+    return others or open_
+
+
+def _in_turn(
+    members: list[int], free: dict[int, Slots], avoid: int | None, task_name: str
+) -> int | None:
+    """round_robin: the first worker with a free slot after the one the task's
+    last attempt went to, in id order, wrapping around."""
+    open_ = _open(members, free, avoid)
+    if not open_:
+        return None
+    last = board.turns.get(task_name, 0)
+    worker_id = next((pk for pk in open_ if pk > last), open_[0])
+    board.turns[task_name] = worker_id
+    return worker_id
+
+
+def _at_random(members: list[int], free: dict[int, Slots], avoid: int | None) -> int | None:
+    open_ = _open(members, free, avoid)
+    return random.choice(open_) if open_ else None
 
 
 def _claim(shares: dict[int, list[tuple]], now) -> list[tuple]:

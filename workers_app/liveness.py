@@ -291,8 +291,11 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
 
 def on_worker_deleted(sender, instance: Worker, **kwargs) -> None:
     """A deleted worker reports nothing any more: its attempts are lost now
-    (and retried per policy) instead of staying running with no worker."""
+    (and retried per policy) instead of staying running with no worker; work
+    pinned to it fails, since no other worker may take it."""
     lifecycle.mark_lost(instance.pk, "worker lost: the worker was deleted")
+    # After mark_lost: the retries it queued for pinned attempts fail too.
+    lifecycle.fail_pinned(instance.pk, instance.name)
     dispatch.board.mark([instance.pk])
     delivery.send_close(instance.pk, instance.channel_name, protocol.CLOSE_REVOKED)
 

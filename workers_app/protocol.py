@@ -225,5 +225,5 @@ def assign(
         "cwd": definition["working_dir"] or None,
         "timeout": definition["timeout"],
         "shard_index": shard_index,
-        "shard_count": 1,
+        "shard_count": definition.get("shards", 1),
     }

@@ -33,6 +33,41 @@ def _held(run: Run) -> str:
     return f"Waiting for {what} to end" + (f" (limit {limit})." if limit else ".")
 
 
+def _pins(attempts: list[Attempt]) -> set[int]:
+    """Ids of the workers these attempts are pinned to (tasks_app.routing)."""
+    return {
+        int(label[1:])
+        for a in attempts
+        for label in a.labels_key.split(",")
+        if label.startswith("@") and label[1:].isdigit()
+    }
+
+
+def _pinned(pins: set[int]) -> str:
+    """Pinned (or broadcast) work waits for its own worker and no other."""
+    workers = list(Worker.objects.filter(pk__in=pins).with_busy_slots().order_by("name"))
+    if not workers:
+        return "Pinned to a worker that no longer exists: it cannot run; cancel it."
+    away = [
+        w
+        for w in workers
+        if w.state != Worker.State.ONLINE or w.drain_requested or w.revoked_at is not None
+    ]
+    if away:
+        return (
+            f"Pinned to {_names(away)}: it starts when that worker takes work again "
+            "(pinned work never goes to another worker)."
+        )
+    full = [w for w in workers if w.busy >= w.capacity]
+    if full:
+        w = full[0]
+        return (
+            f"Pinned to {w.name}, which is busy ({min(w.busy, w.capacity)} of {w.capacity} "
+            "slots); it starts when a slot frees up."
+        )
+    return "Being dispatched to a free slot."
+
+
 def why_waiting(run: Run, attempts: list[Attempt]) -> str:
     """The reason a run that is not final and not running is still waiting."""
     live = [a for a in attempts if not a.is_final]
@@ -55,6 +90,9 @@ def why_waiting(run: Run, attempts: list[Attempt]) -> str:
             return f"Scheduled to start at {at}."
         wait = seconds_text((min(a.ready_at for a in waiting) - now).total_seconds())
         return f"Waiting out its retry backoff: eligible again in {wait}."
+    pins = _pins([a for a in live if a.status == Attempt.Status.QUEUED])
+    if pins:
+        return _pinned(pins)
     labels = set(run.definition.get("labels") or ())
     wanted = f"the labels {', '.join(sorted(labels))}" if labels else "no particular labels"
     workers = [

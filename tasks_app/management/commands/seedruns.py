@@ -71,6 +71,7 @@ ATTEMPT_COLUMNS = (
     "queued_at",
     "labels_key",
     "ready_at",
+    "queue_at",
     "timeout_s",
     "assigned_at",
     "accepted_at",
@@ -193,6 +194,7 @@ class Seeder:
             queued,
             task.labels_key,
             queued,  # ready_at: a first try is ready when it is queued
+            queued,  # queue_at: priority 0
             task.timeout,
             assigned,
             accepted,
