@@ -12,7 +12,7 @@ from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
 from tasks_app.apispec import MESSAGES, Body, query_param
 from tasks_app.cron import MAX_SCHEDULE_CHARS
 from tasks_app.forms import MAX_BACKOFF_S, MAX_CONCURRENCY, MAX_RETRIES, MAX_TIMEOUT_S
-from tasks_app.models import TASK_FIELDS, Attempt, MisfirePolicy, Run, Task
+from tasks_app.models import MAX_SHARDS, TASK_FIELDS, Attempt, MisfirePolicy, Run, Task
 from tasks_app.validators import (
     ENV_NAME_RE,
     MAX_ARG_CHARS,
@@ -155,6 +155,19 @@ _TASK_FIELD_RULES: dict[str, dict] = {
     "schedule_paused": {
         "description": "the schedule does not fire; the task can still be run",
         "default": False,
+    },
+    "shards": {
+        "minimum": 1,
+        "maximum": MAX_SHARDS,
+        "description": "attempts per run, each with SCHEDULER_SHARD_INDEX (0..shards-1) "
+        "and SCHEDULER_SHARD_COUNT, retried alone; the run succeeds when all do",
+        "default": 1,
+    },
+    "merge_command": {
+        "description": "run once all shards succeeded, like command (shell or argv), with "
+        "the shards' stdout in shard order as stdin and SCHEDULER_SHARD_OUTPUTS naming a "
+        "directory of one file per shard; its stdout is the run's result; empty for none",
+        "default": "",
     },
 }
 TASK_FIELD_SCHEMAS = {

@@ -50,6 +50,8 @@ def task_body(task: Task, *, next_runs: list | None = None) -> dict:
         "timezone": task.timezone,
         "misfire_policy": task.misfire_policy,
         "schedule_paused": task.schedule_paused,
+        "shards": task.shards,
+        "merge_command": task.merge_command,
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }
