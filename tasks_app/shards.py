@@ -145,3 +145,24 @@ def verdict(definition: dict, latest: dict[int, Latest], cancelling: bool) -> Ve
         why = f"merge failed: {merge.reason or merge.status} (after {_tries(merge.try_number)})"
         return Verdict(Run.Status.FAILED, why)
     return Verdict(None)
+
+
+def merge_input(worker_id: int, attempt_id: int, index: int) -> int | None:
+    """The successful attempt of shard `index`, whose stdout the merge attempt
+    `attempt_id` reads, or None: only the worker holding that merge attempt
+    (assigned or running) may read its run's shard outputs."""
+    row = (
+        Attempt.objects.filter(pk=attempt_id, worker_id=worker_id, status__in=Attempt.ACTIVE)
+        .values_list("run_id", "shard_index", "run__definition")
+        .first()
+    )
+    if row is None:
+        return None
+    run_id, shard_index, definition = row
+    if not is_merge(definition, shard_index) or not 0 <= index < shard_count(definition):
+        return None
+    return (
+        Attempt.objects.filter(run_id=run_id, shard_index=index, status=S.SUCCEEDED)
+        .values_list("pk", flat=True)
+        .first()
+    )
