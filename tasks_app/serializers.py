@@ -61,11 +61,7 @@ def attempt_json(attempt: Attempt, *, with_output: bool) -> dict:
 def shard_summaries(definition: dict, attempts) -> tuple[list[dict], dict | None]:
     """Each shard as its latest attempt says, in shard order, and the merge
     (None without a merge command), from attempts already read."""
-    latest: dict[int, Attempt] = {}
-    for attempt in attempts:
-        current = latest.get(attempt.shard_index)
-        if current is None or attempt.try_number > current.try_number:
-            latest[attempt.shard_index] = attempt
+    latest = shards.latest_by_shard(attempts)
 
     def summary(index: int) -> dict:
         attempt = latest.get(index)

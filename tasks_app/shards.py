@@ -147,6 +147,16 @@ def verdict(definition: dict, latest: dict[int, Latest], cancelling: bool) -> Ve
     return Verdict(None)
 
 
+def latest_by_shard(attempts) -> dict[int, Attempt]:
+    """The latest try of each shard (and of the merge), from attempts already read."""
+    latest: dict[int, Attempt] = {}
+    for attempt in attempts:
+        current = latest.get(attempt.shard_index)
+        if current is None or attempt.try_number > current.try_number:
+            latest[attempt.shard_index] = attempt
+    return latest
+
+
 def merge_input(worker_id: int, attempt_id: int, index: int) -> int | None:
     """The successful attempt of shard `index`, whose stdout the merge attempt
     `attempt_id` reads, or None: only the worker holding that merge attempt
