@@ -17,6 +17,12 @@ urlpatterns = [
     path("runs/<int:pk>", tasks_api.run_detail, name="run"),
     path("runs/<int:pk>/cancel", tasks_api.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/retry", tasks_api.run_retry, name="run-retry"),
+    path("runs/<int:pk>/result", tasks_api.run_result, name="run-result"),
+    path(
+        "agent/attempts/<int:pk>/shards/<int:index>",
+        workers_api.shard_output,
+        name="agent-shard-output",
+    ),
     path("scheduler", tasks_api.scheduler, name="scheduler"),
     path("scheduler/pause", tasks_api.scheduler_pause, name="scheduler-pause"),
     path("scheduler/resume", tasks_api.scheduler_resume, name="scheduler-resume"),

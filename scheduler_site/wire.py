@@ -113,6 +113,12 @@ MASTER_FRAMES = {
         "timeout": (_NUM + _NONE, True),
         "shard_index": (_INT, True),
         "shard_count": (_INT, True),
+        # A merge (fan-in) attempt: argv and shell are both null, so an agent
+        # that predates merges refuses it ("exactly one of argv and shell")
+        # instead of running the command without its inputs. The command is
+        # here ({"argv", "shell"}, one of them set), with "outputs": the path
+        # (on the master) under which shard i's stdout is GET <outputs><i>.
+        "merge": ((dict,) + _NONE, False),
     },
     "cancel": {"attempt": (_INT, True)},
     # The result of this attempt is stored: the agent may forget it.

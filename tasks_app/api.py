@@ -8,7 +8,7 @@ from django.http import HttpResponse, JsonResponse
 from django.utils.http import urlencode
 
 from scheduler_site.links import absolute_url
-from tasks_app import history, lifecycle, schemas, serializers, trigger_api
+from tasks_app import history, lifecycle, results, schemas, serializers, trigger_api
 from tasks_app.apispec import Operation, query_param
 from tasks_app.exceptions import (
     RunNotCancellable,
@@ -318,6 +318,28 @@ def run_retry(request, pk: int):
     except RunNotRetryable as exc:
         return error(409, str(exc))
     return _run_response(retry, status=201)
+
+
+@api_view(
+    {
+        "GET": Operation(
+            "A run's result",
+            {200: None},
+            description="The whole result as text, streamed: the merge command's stdout, "
+            "or the shards' stdout in shard order. 409 until the run has succeeded.",
+            errors=(404, 409),
+            content_type="text/plain",
+        )
+    }
+)
+def run_result(request, pk: int):
+    run = _run_or_404(pk)
+    if run is None:
+        return error(404, f"no run with id {pk}")
+    ids = results.result_attempt_ids(run)
+    if ids is None:
+        return error(409, f"run {pk} is {run.status}; a result exists once it has succeeded")
+    return results.streamed(request, results.iter_stdout(ids), filename=f"run-{pk}-result.txt")
 
 
 @api_view({"GET": Operation("The scheduler's state", {200: schemas.SCHEDULER})})

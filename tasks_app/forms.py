@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from tasks_app import cron, routing, validators
 from tasks_app.exceptions import InvalidSchedule
-from tasks_app.models import TASK_FIELDS, MisfirePolicy, Strategy, Task
+from tasks_app.models import MAX_SHARDS, TASK_FIELDS, MisfirePolicy, Strategy, Task
 
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_RETRIES = 100
@@ -62,6 +62,8 @@ class TaskForm(forms.ModelForm):
         "priority",
         "strategy",
         "pinned_worker",
+        "shards",
+        "merge_command",
     )
     # Shown as their own "Schedule" group.
     SCHEDULE_FIELDS = ("schedule", "timezone", "misfire_policy", "schedule_paused")
@@ -130,6 +132,23 @@ class TaskForm(forms.ModelForm):
         max_value=MAX_CONCURRENCY,
         label="Concurrency limit",
         help_text="Runs of this task at once; empty or 0 for no limit, 1 never overlaps.",
+    )
+    shards = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_SHARDS,
+        initial=1,
+        label="Shards",
+        help_text=f"Split each run into this many attempts (1 to {MAX_SHARDS}), spread over "
+        "the workers; each sees SCHEDULER_SHARD_INDEX and SCHEDULER_SHARD_COUNT.",
+    )
+    merge_command = forms.CharField(
+        required=False,
+        label="Merge command",
+        widget=forms.Textarea(attrs={"rows": 2, "spellcheck": "false"}),
+        help_text="Runs once every shard succeeded, like the command (shell or not), with "
+        "the shards' stdout in shard order as its stdin and SCHEDULER_SHARD_OUTPUTS naming "
+        "a directory of one file per shard; its stdout is the run's result. Empty: none.",
     )
     busy_policy = forms.ChoiceField(
         required=False,
@@ -237,6 +256,12 @@ class TaskForm(forms.ModelForm):
         # 0 and empty both mean "no limit": kept as null, one way to say it.
         return self.cleaned_data.get("concurrency_limit") or None
 
+    def clean_shards(self):
+        return self._default_if_empty("shards")
+
+    def clean_merge_command(self):
+        return (self.cleaned_data.get("merge_command") or "").replace("\r\n", "\n")
+
     def clean_busy_policy(self):
         return self.cleaned_data.get("busy_policy") or Task.BusyPolicy.QUEUE
 
@@ -277,11 +302,20 @@ class TaskForm(forms.ModelForm):
                         "argv": None if cleaned.get("shell") else shlex.split(command),
                         "env": cleaned.get("env") or {},
                         "working_dir": cleaned.get("working_dir") or "",
+                        "merge_command": cleaned.get("merge_command") or "",
                     }
                 )
             except forms.ValidationError as exc:
                 self.add_error("command", exc)
         self._check_pin(cleaned)
+        merge = cleaned.get("merge_command")
+        if merge and merge.strip():
+            try:
+                validators.check_command(merge, cleaned.get("shell", False))
+            except forms.ValidationError as exc:
+                self.add_error("merge_command", exc)
+        elif merge is not None:
+            cleaned["merge_command"] = ""
         return cleaned
 
 

@@ -27,6 +27,7 @@ from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from tasks_app import shards
 from tasks_app.batchsql import (
     atomic,
     aware,
@@ -470,20 +471,8 @@ def _queue(runs: list[Run]) -> list[Run]:
             ready = HELD_UNTIL
         else:
             ready = run.run_at if run.run_at and run.run_at > now else now
-        priority = run.definition.get("priority", 0)
-        for shard_index, key in run.routes:
-            attempts.append(
-                Attempt(
-                    run=run,
-                    shard_index=shard_index,
-                    labels_key=key,
-                    timeout_s=run.definition.get("timeout"),
-                    queued_at=now,
-                    ready_at=ready,
-                    queue_at=queue_at(ready, priority),
-                    priority=priority,
-                )
-            )
+        # One per shard (tasks_app.shards), all inserted below in one batch.
+        attempts += shards.first_attempts(run, run.routes, ready, now)
     fields = (
         "run",
         "shard_index",
@@ -1010,17 +999,19 @@ def _after_final_rows(rows: list[tuple]) -> None:
     retries: list[Attempt] = []
     if retryable:
         runs = {
-            pk: (definition, cancelling)
-            for pk, definition, cancelling in Run.objects.filter(
+            pk: (definition, cancelling or status in Run.FINAL)
+            for pk, definition, cancelling, status in Run.objects.filter(
                 pk__in={row[3] for row in retryable}
             )
             .order_by()
-            .values_list("pk", "definition", "cancel_requested_at")
+            .values_list("pk", "definition", "cancel_requested_at", "status")
         }
         now = timezone.now()
         for _, try_number, shard_index, run_id, key, timeout, worker_id, priority in retryable:
-            definition, cancelling = runs[run_id]
-            if cancelling or try_number > definition.get("max_retries", 0):
+            # Not for a run being cancelled, nor one already over (another of
+            # its shards failed for good: fail fast).
+            definition, over = runs[run_id]
+            if over or try_number > definition.get("max_retries", 0):
                 continue
             delay = backoff_seconds(
                 try_number,
@@ -1061,45 +1052,55 @@ def backoff_seconds(try_number: int, base: float, cap: float) -> float:
 
 
 def refresh_runs(run_ids: Iterable[int]) -> None:
-    """Recompute each run's status from the latest attempt of each shard."""
+    """Recompute each run's status from the latest attempt of each shard.
+
+    Two reads per batch of runs, whatever their shard counts: the runs, then
+    their attempts. A run whose shards all succeeded gets its merge attempt
+    queued here; a run that failed while other shards still go stops them
+    (fail fast, tasks_app.shards.verdict).
+    """
     run_ids = list(run_ids)
     if not run_ids:
         return
-    latest: dict[int, dict[int, tuple]] = {}
-    cancelling = set()
-    for row in select(
-        "SELECT a.run_id, a.shard_index, a.try_number, a.status, a.reason, a.started_at,"
-        f" a.finished_at, r.cancel_requested_at FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
-        f" WHERE a.run_id IN ({marks(run_ids)})",
-        run_ids,
+    runs = {
+        pk: (json_value(definition), bool(cancelling))
+        for pk, definition, cancelling in select(
+            f"SELECT id, definition, cancel_requested_at FROM {RUN}"
+            f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})",
+            [*run_ids, *Run.FINAL],
+        )
+    }
+    if not runs:
+        return
+    ids = list(runs)
+    latest: dict[int, dict[int, shards.Latest]] = {}
+    for run_id, shard, try_number, status, reason, started, finished in select(
+        "SELECT run_id, shard_index, try_number, status, reason, started_at, finished_at"
+        f" FROM {ATTEMPT} WHERE run_id IN ({marks(ids)})",
+        ids,
     ):
-        row = (*row[:5], aware(row[5]), aware(row[6]), row[7])
-        shards = latest.setdefault(row[0], {})
-        current = shards.get(row[1])
-        if current is None or row[2] > current[2]:
-            shards[row[1]] = row
-        if row[7]:
-            cancelling.add(row[0])
-    finals, starts = [], []
+        by_shard = latest.setdefault(run_id, {})
+        current = by_shard.get(shard)
+        if current is None or try_number > current.try_number:
+            by_shard[shard] = shards.Latest(
+                shard, try_number, status, reason, aware(started), aware(finished)
+            )
+    finals, starts, merges, fail_fast = [], [], [], []
     now = timezone.now()
-    for run_id, shards in latest.items():
-        attempts = list(shards.values())
-        statuses = {a[3] for a in attempts}
-        started = min((a[5] for a in attempts if a[5]), default=None)
-        if statuses <= set(FINAL_ATTEMPT):
-            reason = ""
-            if statuses == {S.SUCCEEDED}:
-                status = Run.Status.SUCCEEDED
-            elif S.CANCELLED in statuses or run_id in cancelling:
-                status = Run.Status.CANCELLED
-            else:
-                status = Run.Status.FAILED
-                bad = next(a for a in attempts if a[3] != S.SUCCEEDED)
-                tries = bad[2]
-                reason = f"{bad[4] or bad[3]} (after {tries} attempt{'s' if tries > 1 else ''})"
-            finished = max((a[6] for a in attempts if a[6]), default=now)
-            finals.append((status, reason[:500], finished, started, run_id))
-        elif statuses & {S.RUNNING, *FINAL_ATTEMPT}:
+    for run_id, by_shard in latest.items():
+        definition, cancelling = runs[run_id]
+        attempts = list(by_shard.values())
+        started = min((a.started_at for a in attempts if a.started_at), default=None)
+        verdict = shards.verdict(definition, by_shard, cancelling)
+        if verdict.status is not None:
+            finished = max((a.finished_at for a in attempts if a.finished_at), default=now)
+            finals.append((verdict.status, verdict.reason[:500], finished, started, run_id))
+            if verdict.fail_fast:
+                fail_fast.append(run_id)
+            continue
+        if verdict.queue_merge:
+            merges.append(shards.merge_attempt(run_id, definition, now))
+        if any(a.status == S.RUNNING or a.status in FINAL_ATTEMPT for a in attempts):
             starts.append((Run.Status.RUNNING, started or now, run_id))
     # Race: only a run that is not final yet can be finished, once.
     update_rows(
@@ -1121,8 +1122,34 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
         where="status = %s",
         where_params=[Run.Status.QUEUED],
     )
+    if merges:
+        # Race: two processes storing the last shards' results of one run at
+        # once; the unique (run, shard, try) constraint makes one merge attempt.
+        Attempt.objects.bulk_create(merges, ignore_conflicts=True)
+        _wake_dispatch({a.labels_key for a in merges})
+    if fail_fast:
+        _stop_the_rest(fail_fast, now)
     if finals:
         _release_held([run_id for *_, run_id in finals])
+
+
+def _stop_the_rest(run_ids: list[int], now: dt.datetime) -> None:
+    """Runs that failed while some of their shards were still going: cancel
+    the queued attempts, tell the agents to kill the running ones (they report
+    `cancelled`, which refresh_runs ignores for a run already final)."""
+    # Race: a dispatcher claiming one of these now; only rows still queued move,
+    # and a claimed one is stopped below or, if claimed after this read, is
+    # refused by _after_final_rows' check of the run (no retry for a final run).
+    Attempt.objects.filter(run_id__in=run_ids, status=S.QUEUED).update(
+        status=S.CANCELLED, reason="cancelled: another shard failed", finished_at=now
+    )
+    _stop(
+        list(
+            Attempt.objects.filter(run_id__in=run_ids, status__in=ACTIVE).values_list(
+                "worker_id", "pk"
+            )
+        )
+    )
 
 
 # --- cancelling ----------------------------------------------------------------

@@ -2,6 +2,7 @@ import shlex
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
@@ -32,6 +33,8 @@ TASK_FIELDS: dict[str, tuple[type, ...]] = {
     "timezone": (str,),
     "misfire_policy": (str,),
     "schedule_paused": (bool,),
+    "shards": (int,),
+    "merge_command": (str,),
 }
 # What a run does not keep of its task: who it is, whether, when (a run is made
 # by its schedule, never runs one) and how often at once it may be triggered.
@@ -45,6 +48,9 @@ NOT_IN_SNAPSHOT = (
     "concurrency_limit",
     "busy_policy",
 )
+# Most shards one run may have: each is an attempt row per try, a cell of the
+# run page's grid and an entry of the API's run object (README, "Shards").
+MAX_SHARDS = 1000
 # The fields that decide when a task fires next (Task.next_fire_at).
 SCHEDULE_FIELDS = ("schedule", "timezone", "schedule_paused", "enabled")
 
@@ -141,6 +147,17 @@ class Task(models.Model):
     # triggered then fails with that reason; see lifecycle._routes).
     pinned_worker = models.CharField(
         max_length=200, blank=True, help_text="The worker a pinned task runs on (its name)."
+    )
+    # Fan-out and fan-in: a run makes `shards` attempts (SCHEDULER_SHARD_INDEX
+    # 0..N-1), then, once all succeeded, one of merge_command (see lifecycle).
+    shards = models.PositiveIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_SHARDS)],
+        help_text=f"Attempts per run, each with SCHEDULER_SHARD_INDEX/COUNT; 1 to {MAX_SHARDS}.",
+    )
+    merge_command = models.TextField(
+        blank=True,
+        help_text="Run once all shards succeeded, with their stdout as its stdin; empty for none.",
     )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -246,6 +263,9 @@ class Task(models.Model):
             snapshot["command"] = f"{self.command} {shlex.join(params['args'])}"
         snapshot["env"].update(params.get("env") or {})
         snapshot["argv"] = None if self.shell else shlex.split(snapshot["command"])
+        # Run parameters are the shards' own: the merge runs as written.
+        merge = self.merge_command
+        snapshot["merge_argv"] = shlex.split(merge) if merge and not self.shell else None
         return snapshot
 
 

@@ -18,7 +18,8 @@ from tasks_app.forms import (
     MAX_RETRIES,
     MAX_TIMEOUT_S,
 )
-from tasks_app.models import TASK_FIELDS, Attempt, MisfirePolicy, Run, Strategy, Task
+from tasks_app.models import MAX_SHARDS, TASK_FIELDS, Attempt, MisfirePolicy, Run, Strategy, Task
+from tasks_app.results import RESULT_INLINE_CHARS
 from tasks_app.validators import (
     ENV_NAME_RE,
     MAX_ARG_CHARS,
@@ -183,6 +184,19 @@ _TASK_FIELD_RULES: dict[str, dict] = {
     "schedule_paused": {
         "description": "the schedule does not fire; the task can still be run",
         "default": False,
+    },
+    "shards": {
+        "minimum": 1,
+        "maximum": MAX_SHARDS,
+        "description": "attempts per run, each with SCHEDULER_SHARD_INDEX (0..shards-1) "
+        "and SCHEDULER_SHARD_COUNT, retried alone; the run succeeds when all do",
+        "default": 1,
+    },
+    "merge_command": {
+        "description": "run once all shards succeeded, like command (shell or argv), with "
+        "the shards' stdout in shard order as stdin and SCHEDULER_SHARD_OUTPUTS naming a "
+        "directory of one file per shard; its stdout is the run's result; empty for none",
+        "default": "",
     },
 }
 TASK_FIELD_SCHEMAS = {
@@ -391,7 +405,39 @@ ATTEMPT = attempt_schema(with_output=False)
 ATTEMPT_WITH_OUTPUT = attempt_schema(with_output=True)
 
 
+SHARD = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["index", "status", "worker", "attempts"],
+    "properties": {
+        "index": {"type": "integer", "minimum": 0},
+        "status": {
+            "enum": [*Attempt.Status.values, None],
+            "description": "of its latest attempt; null: none yet (a merge not queued yet)",
+        },
+        "worker": {"type": ["string", "null"], "description": "of its latest attempt"},
+        "attempts": {"type": "integer", "minimum": 0, "description": "tries so far"},
+    },
+}
+
+
 def run_schema(*, with_output: bool) -> dict:
+    output = (
+        {
+            "result": {
+                "type": ["string", "null"],
+                "description": "the merge command's stdout, or the shards' stdout in shard "
+                f"order; its first {RESULT_INLINE_CHARS:,} characters (all of it: GET "
+                "/api/runs/{id}/result); null until the run succeeded",
+            },
+            "result_truncated": {
+                "type": "boolean",
+                "description": "the result is longer than what `result` shows",
+            },
+        }
+        if with_output
+        else {}
+    )
     return answer_object(
         {
             "id": ID,
@@ -423,10 +469,21 @@ def run_schema(*, with_output: bool) -> dict:
             "created_at": TIME,
             "started_at": NULLABLE_TIME,
             "finished_at": NULLABLE_TIME,
+            "shards": {
+                "type": "array",
+                "items": SHARD,
+                "description": "each shard (0..N-1) as its latest attempt says",
+            },
+            "merge": {
+                "oneOf": [{"type": "null"}, SHARD],
+                "description": "the merge (index N) as its latest attempt says; "
+                "null without a merge command",
+            },
             "attempts": {
                 "type": "array",
                 "items": ATTEMPT_WITH_OUTPUT if with_output else ATTEMPT,
             },
+            **output,
         },
         "One triggering of a task, with a snapshot of the task as it was.",
     )

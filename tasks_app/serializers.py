@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks_app import cron
+from tasks_app import cron, results, shards
 from tasks_app.logs import output_of
 from tasks_app.models import TASK_FIELDS, Attempt, Run, SchedulerState, Task
 
@@ -58,11 +58,32 @@ def attempt_json(attempt: Attempt, *, with_output: bool) -> dict:
     return data
 
 
+def shard_summaries(definition: dict, attempts) -> tuple[list[dict], dict | None]:
+    """Each shard as its latest attempt says, in shard order, and the merge
+    (None without a merge command), from attempts already read."""
+    latest = shards.latest_by_shard(attempts)
+
+    def summary(index: int) -> dict:
+        attempt = latest.get(index)
+        return {
+            "index": index,
+            "status": attempt.status if attempt else None,
+            "worker": (attempt.worker_name or None) if attempt else None,
+            "attempts": attempt.try_number if attempt else 0,
+        }
+
+    count = shards.shard_count(definition)
+    merge = summary(count) if shards.has_merge(definition) else None
+    return [summary(i) for i in range(count)], merge
+
+
 def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
-    """A run and its attempts (read from the database unless given)."""
+    """A run and its attempts (read from the database unless given); with
+    output, also its result (null until it succeeded)."""
     if attempts is None:
         attempts = run.attempts.all()
-    return {
+    shard_list, merge = shard_summaries(run.definition, attempts)
+    data = {
         "id": run.pk,
         "task": run.task_id,
         "task_deleted": getattr(run, "task_deleted", False),
@@ -80,8 +101,15 @@ def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
+        "shards": shard_list,
+        "merge": merge,
         "attempts": [attempt_json(a, with_output=with_output) for a in attempts],
     }
+    if with_output:
+        ids = results.result_attempt_ids(run)
+        text, cut = results.head(ids) if ids is not None else (None, False)
+        data.update(result=text, result_truncated=cut)
+    return data
 
 
 def scheduler_json() -> dict:

@@ -17,6 +17,7 @@ urlpatterns = [
     path("runs/<int:pk>/", views.run_detail, name="run-detail"),
     path("runs/<int:pk>/cancel/", views.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/retry/", views.run_retry, name="run-retry"),
+    path("runs/<int:pk>/result/", views.run_result, name="run-result"),
     path("scheduler/pause/", views.scheduler_pause, name="pause"),
     path("scheduler/resume/", views.scheduler_resume, name="resume"),
 ]

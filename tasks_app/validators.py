@@ -162,7 +162,11 @@ MAX_RUN_BYTES = MAX_FRAME_BYTES // 2
 
 def check_run_size(definition: dict) -> None:
     """ValidationError when what an agent is sent for this run would not fit."""
-    what = {key: definition.get(key) for key in ("command", "argv", "env", "working_dir")}
+    keys = ["command", "argv", "env", "working_dir"]
+    if definition.get("merge_command"):
+        # Counted as if one frame carried both (a merge's carries less).
+        keys += ["merge_command", "merge_argv"]
+    what = {key: definition.get(key) for key in keys}
     size = len(json.dumps(what, ensure_ascii=False).encode())
     if size > MAX_RUN_BYTES:
         raise ValidationError(

@@ -13,7 +13,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import cron, history, lifecycle, logs, task_stats
+from tasks_app import cron, history, lifecycle, logs, results, shards, task_stats
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
@@ -246,9 +246,17 @@ def run_list(request):
     return render(request, template, context)
 
 
+# How much of a result the run page shows; the rest is a download away.
+RESULT_ON_PAGE_CHARS = 16 * 1024
+
+
 @require_GET
 @login_required
 def run_detail(request, pk: int):
+    """A run. A sharded one (more than one shard, or a merge) shows a grid of
+    its shards and the attempts and output of the one selected (?shard=N;
+    the merge is shard N) instead of every attempt's: at 1,000 shards the
+    polled partial stays one read of the attempts and no query per shard."""
     attempts = Attempt.objects.order_by("shard_index", "try_number")
     run = (
         Run.objects.prefetch_related(Prefetch("attempts", queryset=attempts)).filter(pk=pk).first()
@@ -257,9 +265,55 @@ def run_detail(request, pk: int):
         raise Http404("No such run.")
     history.mark_deleted_tasks([run])
     deleted = DeletedTask.objects.filter(pk=run.task_id).first() if run.task_deleted else None
-    rows = [(attempt, logs.output_of(attempt)) for attempt in run.attempts.all()]
+    context = {"run": run, "deleted_task": deleted, **_shard_context(request, run)}
+    shown = [a for a in run.attempts.all() if context["selected"] in (None, a.shard_index)]
+    if context["sharded"] and context["selected"] is None:
+        shown = []
+    context["rows"] = [(attempt, logs.output_of(attempt)) for attempt in shown]
+    if run.status == Run.Status.SUCCEEDED:
+        # Only once final: a finished run's page is not polled.
+        ids = results.result_attempt_ids(run)
+        context["result"] = results.head(ids, RESULT_ON_PAGE_CHARS)
     template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
-    return render(request, template, {"run": run, "rows": rows, "deleted_task": deleted})
+    return render(request, template, context)
+
+
+def _shard_context(request, run: Run) -> dict:
+    definition = run.definition
+    count = shards.shard_count(definition)
+    sharded = count > 1 or shards.has_merge(definition)
+    if not sharded:
+        return {"sharded": False, "selected": None}
+    latest = shards.latest_by_shard(run.attempts.all())
+    cells = [(index, latest.get(index)) for index in range(count)]
+    counts: dict[str, int] = {}
+    for _, attempt in cells:
+        state = attempt.status if attempt else "queued"
+        counts[state] = counts.get(state, 0) + 1
+    raw = request.GET.get("shard", "")
+    selected = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 5 else None
+    if selected is not None and selected > count:
+        selected = None
+    return {
+        "sharded": True,
+        "shard_count": count,
+        "cells": cells,
+        "state_counts": sorted(counts.items()),
+        "merge": latest.get(count) if shards.has_merge(definition) else None,
+        "has_merge": shards.has_merge(definition),
+        "selected": selected,
+    }
+
+
+@require_GET
+@login_required
+def run_result(request, pk: int):
+    """The whole result of a run that succeeded, as a text download."""
+    run = _get_run(pk)
+    ids = results.result_attempt_ids(run)
+    if ids is None:
+        raise Http404("This run has no result: it has not succeeded.")
+    return results.streamed(request, results.iter_stdout(ids), filename=f"run-{pk}-result.txt")
 
 
 @require_POST

@@ -1556,3 +1556,142 @@ async def test_it_exits_3_and_stays_away_when_revoked_or_replaced(
 
     # Reconnecting would fight the other agent (or the revocation): one hello only.
     assert len(hellos) == 1
+
+
+# --- merges (fan-in) ----------------------------------------------------------------
+
+MERGE = {"argv": ["sort"], "shell": None, "outputs": "/api/agent/attempts/9/shards/"}
+
+
+def test_a_merge_fetches_its_inputs_before_it_starts() -> None:
+    core = online(make_core())
+
+    out = core.receive(assign(9, argv=None, shard_index=3, shard_count=3, merge=MERGE))
+
+    assert out == [
+        Send({"type": "accepted", "attempt": 9}),
+        agent.FetchShardOutputs(9, "/api/agent/attempts/9/shards/", 3),
+    ]
+    assert core.running_ids == [9]
+    [start] = core.shard_outputs_fetched(9, "/state/merge/9/shards", "/state/merge/9/stdin", 1.0)
+    assert start == StartProcess(
+        9,
+        ["sort"],
+        {
+            "K": "V",
+            "SCHEDULER_RUN_ID": "109",
+            "SCHEDULER_ATTEMPT_ID": "9",
+            "SCHEDULER_TASK_NAME": "answer",
+            "SCHEDULER_SHARD_INDEX": "3",
+            "SCHEDULER_SHARD_COUNT": "3",
+            "SCHEDULER_SHARD_OUTPUTS": "/state/merge/9/shards",
+        },
+        None,
+        None,
+        "/state/merge/9/stdin",
+    )
+
+
+def test_a_merge_whose_inputs_cannot_be_fetched_fails_with_the_reason() -> None:
+    core = online(make_core())
+    core.receive(assign(9, argv=None, shard_count=2, merge=MERGE))
+
+    out = core.shard_outputs_failed(9, "shard 1: HTTP 403", 1_800_000_000.0)
+
+    [spool, send] = out
+    assert isinstance(spool, WriteSpool)
+    assert send.frame["status"] == "failed"
+    assert send.frame["reason"] == "cannot fetch shard outputs: shard 1: HTTP 403"
+    assert core.running_ids == []
+
+
+def test_a_merge_cancelled_while_it_fetches_never_starts() -> None:
+    core = online(make_core())
+    core.receive(assign(9, argv=None, shard_count=2, merge=MERGE))
+    assert core.receive('{"type": "cancel", "attempt": 9}') == [KillProcess(9)]
+
+    out = core.shard_outputs_fetched(9, "/d", "/d/stdin", 1_800_000_000.0)
+
+    assert [type(o) for o in out] == [WriteSpool, Send]
+    assert out[1].frame["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"merge": {**MERGE, "argv": None}}, "merge: exactly one of argv and shell must be set"),
+        ({"merge": {**MERGE, "outputs": "http://elsewhere/"}}, "merge.outputs must be a path"),
+        ({"argv": ["true"], "merge": MERGE}, "a merge carries its command in merge"),
+    ],
+)
+def test_it_rejects_a_bad_merge_assign(overrides: dict, reason: str) -> None:
+    core = online(make_core())
+    out = core.receive(assign(9, **{"argv": None, **overrides}))
+    [send] = out
+    frame = send.frame
+    assert frame["type"] == "rejected"
+    assert frame["reason"].startswith(f"invalid assign: {reason}")
+
+
+def test_an_agent_without_merges_refuses_a_merge_assign_instead_of_running_it() -> None:
+    # What an agent from before merges sees: no command in argv or shell (it
+    # ignores the merge object it does not know), so it refuses.
+    core = online(make_core())
+    frame = json.loads(assign(9, argv=None, merge=MERGE))
+    del frame["merge"]
+    out = core.receive(json.dumps(frame))
+    assert out == [
+        Send(
+            {
+                "type": "rejected",
+                "attempt": 9,
+                "reason": "invalid assign: exactly one of argv and shell must be set",
+            }
+        )
+    ]
+
+
+@pytest.fixture
+def shard_server():
+    """An HTTP server serving /m/<i> as 'out <i>' for i < 2, and 403 beyond;
+    it records the Authorization header it got."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            index = int(self.path.rsplit("/", 1)[1])
+            body = f"out {index}\n".encode() if index < 2 else b'{"error": "no"}'
+            self.send_response(200 if index < 2 else 403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+
+
+def test_fetching_shard_outputs_writes_one_file_each_and_the_joined_stdin(
+    tmp_path: Path, shard_server
+) -> None:
+    url, seen = shard_server
+
+    stdin = agent.fetch_shard_outputs(url, "wkr_x", "/m/", 2, tmp_path / "9")
+
+    assert stdin.read_text() == "out 0\nout 1\n"
+    assert sorted(p.name for p in (tmp_path / "9" / "shards").iterdir()) == ["0", "1"]
+    assert (tmp_path / "9" / "shards" / "1").read_text() == "out 1\n"
+    assert seen == ["Bearer wkr_x", "Bearer wkr_x"]
+
+
+def test_a_refused_shard_output_is_a_fetch_error_naming_the_shard(
+    tmp_path: Path, shard_server
+) -> None:
+    url, _ = shard_server
+    with pytest.raises(agent.ShardFetchError, match=r'^shard 2: HTTP 403 \{"error": "no"\}$'):
+        agent.fetch_shard_outputs(url, "wkr_x", "/m/", 3, tmp_path / "9")

@@ -53,6 +53,8 @@ def task_body(task: Task, *, next_runs: list | None = None) -> dict:
         "timezone": task.timezone,
         "misfire_policy": task.misfire_policy,
         "schedule_paused": task.schedule_paused,
+        "shards": task.shards,
+        "merge_command": task.merge_command,
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }
@@ -94,7 +96,11 @@ def run_body(run: Run, *, output: dict[int, tuple[str, str, str]] | None = None)
             combined, stdout, stderr = output.get(attempt.pk, ("", "", ""))
             data.update(output=combined, stdout=stdout, stderr=stderr)
         attempts.append(data)
-    return {
+    latest = [
+        run.attempts.filter(shard_index=index).order_by("-try_number").first()
+        for index in range(run.definition.get("shards", 1))
+    ]
+    body = {
         "id": run.pk,
         "task": run.task_id,
         "task_deleted": DeletedTask.objects.filter(pk=run.task_id).exists(),
@@ -112,8 +118,23 @@ def run_body(run: Run, *, output: dict[int, tuple[str, str, str]] | None = None)
         "created_at": _time(run.created_at),
         "started_at": _time(run.started_at),
         "finished_at": _time(run.finished_at),
+        "shards": [
+            {
+                "index": a.shard_index,
+                "status": a.status,
+                "worker": a.worker_name or None,
+                "attempts": a.try_number,
+            }
+            for a in latest
+        ],
+        "merge": None,
         "attempts": attempts,
     }
+    if output is not None:
+        succeeded = run.status == "succeeded"
+        stdout = "".join(output.get(a.pk, ("", "", ""))[1] for a in latest)
+        body.update(result=stdout if succeeded else None, result_truncated=False)
+    return body
 
 
 def make_run(task: Task, status: str = Run.Status.QUEUED) -> Run:

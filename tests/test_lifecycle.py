@@ -119,6 +119,9 @@ def test_it_snapshots_the_task_when_a_run_is_triggered(task, bob):
         "priority": 0,
         "strategy": "least_loaded",
         "pinned_worker": "",
+        "shards": 1,
+        "merge_command": "",
+        "merge_argv": None,
     }
     assert (run.task_id, run.task_name, run.trigger) == (task.pk, "answer", "api")
     assert (run.status, run.created_by) == (Run.Status.QUEUED, bob)
@@ -344,7 +347,11 @@ def test_it_computes_backoff_with_jitter_and_a_cap():
     ("attempts", "status", "reason"),
     [
         ([(0, 1, "succeeded"), (1, 1, "succeeded")], "succeeded", ""),
-        ([(0, 1, "succeeded"), (1, 1, "failed")], "failed", "exit code 3 (after 1 attempt)"),
+        (
+            [(0, 1, "succeeded"), (1, 1, "failed")],
+            "failed",
+            "shard 1 of 2 failed: exit code 3 (after 1 attempt)",
+        ),
         ([(0, 1, "succeeded"), (1, 1, "cancelled")], "cancelled", ""),
         ([(0, 1, "lost"), (0, 2, "succeeded")], "succeeded", ""),
         ([(0, 1, "succeeded"), (0, 2, "timed_out")], "failed", "exit code 3 (after 2 attempts)"),
@@ -366,6 +373,8 @@ def test_it_computes_backoff_with_jitter_and_a_cap():
 def test_it_aggregates_a_runs_status_from_the_latest_try_of_each_shard(
     task, attempts, status, reason
 ):
+    task.shards = len({shard for shard, *_ in attempts})
+    task.save()
     run = lifecycle.trigger_run(task)
     run.attempts.all().delete()
     for shard, try_number, attempt_status in attempts:

@@ -9,7 +9,8 @@ Two layers, as in python-websockets:
 - AgentCore is the protocol with no I/O. It takes frames and events (a
   process started, printed bytes, exited) and returns outputs: frames to send
   (Send) and actions for the shell (StartProcess, KillProcess, WriteSpool,
-  RemoveSpool, Welcomed). Unit tests drive it with exact frames.
+  RemoveSpool, Welcomed, FetchShardOutputs). Unit tests drive it with exact
+  frames.
 - Agent is the asyncio shell: the websocket, process groups, pipes, timers
   and the spool file. It decides nothing the core can decide. Its cost per
   command is a fraction of a millisecond: spawned with vfork, no thread or task
@@ -39,6 +40,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,6 +171,12 @@ MASTER_FRAMES = {
         "timeout": (_NUM + _NONE, True),
         "shard_index": (_INT, True),
         "shard_count": (_INT, True),
+        # A merge (fan-in) attempt: argv and shell are both null, so an agent
+        # that predates merges refuses it ("exactly one of argv and shell")
+        # instead of running the command without its inputs. The command is
+        # here ({"argv", "shell"}, one of them set), with "outputs": the path
+        # (on the master) under which shard i's stdout is GET <outputs><i>.
+        "merge": ((dict,) + _NONE, False),
     },
     "cancel": {"attempt": (_INT, True)},
     # The result of this attempt is stored: the agent may forget it.
@@ -307,6 +315,17 @@ class StartProcess:
     env: dict[str, str]  # overlay on top of os.environ
     cwd: str | None
     timeout: float | None
+    stdin: str | None = None  # a file to read as its standard input (a merge's)
+
+
+@dataclass(frozen=True)
+class FetchShardOutputs:
+    """Before a merge starts: download each shard's stdout from the master
+    (GET <path><i> for i in 0..count-1), then tell the core how it went."""
+
+    attempt: int
+    path: str
+    count: int
 
 
 @dataclass(frozen=True)
@@ -331,7 +350,7 @@ class Welcomed:
     heartbeat_s: float
 
 
-Output = Send | StartProcess | KillProcess | WriteSpool | RemoveSpool | Welcomed
+Output = Send | StartProcess | KillProcess | WriteSpool | RemoveSpool | Welcomed | FetchShardOutputs
 
 
 # --------------------------------------------------------------------------
@@ -350,6 +369,8 @@ class _Attempt:
     output_bytes: int = 0  # produced by the process
     kept_bytes: int = 0  # counted against the log limit (sent or queued)
     truncated: bool = False
+    # A merge waiting for its inputs: the process to start once they are here.
+    waiting_start: StartProcess | None = None
     pending: dict[str, bytearray] = field(default_factory=lambda: {s: bytearray() for s in STREAMS})
     decoders: dict[str, codecs.IncrementalDecoder] = field(
         default_factory=lambda: {
@@ -577,8 +598,11 @@ class AgentCore:
             return [self._reject(attempt, "agent is draining")]
         if len(self._running) >= self.capacity:
             return [self._reject(attempt, f"agent at capacity ({self.capacity} running)")]
+        command = frame.get("merge") or frame
         argv = (
-            list(frame["argv"]) if frame["argv"] is not None else ["/bin/sh", "-c", frame["shell"]]
+            list(command["argv"])
+            if command["argv"] is not None
+            else ["/bin/sh", "-c", command["shell"]]
         )
         env = dict(frame["env"])
         env.update(
@@ -589,13 +613,20 @@ class AgentCore:
             SCHEDULER_SHARD_COUNT=str(frame["shard_count"]),
         )
         timeout = frame["timeout"]
-        self._running[attempt] = _Attempt(attempt, timeout, frame["task_name"] or "?")
+        a = _Attempt(attempt, timeout, frame["task_name"] or "?")
+        self._running[attempt] = a
         # One INFO line per attempt, when it ends: a line costs the agent about
         # 50 us, as much as the rest of its work on a short command.
         logger.debug("assigned attempt %s (%s)", attempt, frame["task_name"] or "?")
+        start = StartProcess(attempt, argv, env, frame["cwd"], timeout)
+        if frame.get("merge") is None:
+            return [Send({"type": "accepted", "attempt": attempt}), start]
+        # A merge: its inputs first (the shell downloads them, then calls
+        # shard_outputs_fetched or shard_outputs_failed).
+        a.waiting_start = start
         return [
             Send({"type": "accepted", "attempt": attempt}),
-            StartProcess(attempt, argv, env, frame["cwd"], timeout),
+            FetchShardOutputs(attempt, frame["merge"]["outputs"], frame["shard_count"]),
         ]
 
     def _on_bad_assign(self, attempt: int, problem: str) -> list[Output]:
@@ -666,6 +697,36 @@ class AgentCore:
         return []
 
     # -- process events ------------------------------------------------------
+
+    def shard_outputs_fetched(
+        self, attempt: int, directory: str, stdin: str, now: float
+    ) -> list[Output]:
+        """A merge's inputs are on disk: start it, unless it was killed meanwhile
+        (a cancel while it waited has no process to kill, so it is answered here)."""
+        a = self._running.get(attempt)
+        if a is None or a.waiting_start is None:
+            return []
+        start, a.waiting_start = a.waiting_start, None
+        if a.kill_reason is not None:
+            return self._finish_unstarted(a, now)
+        env = dict(start.env, SCHEDULER_SHARD_OUTPUTS=directory)
+        return [StartProcess(attempt, start.argv, env, start.cwd, start.timeout, stdin)]
+
+    def shard_outputs_failed(self, attempt: int, reason: str, finished_at: float) -> list[Output]:
+        """A merge's inputs could not be fetched: it fails (and is retried per policy)."""
+        a = self._running.get(attempt)
+        if a is None or a.waiting_start is None:
+            return []
+        a.waiting_start = None
+        if a.kill_reason is not None:
+            return self._finish_unstarted(a, finished_at)
+        return self._finish(a, "failed", None, f"cannot fetch shard outputs: {reason}", finished_at)
+
+    def _finish_unstarted(self, a: _Attempt, now: float) -> list[Output]:
+        """Cancelled (or given up: drain, fence) while it waited for its inputs."""
+        if a.kill_reason == "lost":
+            return self._finish(a, "lost", None, a.lost_reason, now)
+        return self._finish(a, "cancelled", None, "cancelled", now)
 
     def process_started(self, attempt: int, pid: int, started_at: float) -> list[Output]:
         a = self._running.get(attempt)
@@ -857,13 +918,22 @@ def _seconds(value: float | None) -> str:
 
 def _assign_problem(frame: dict[str, Any]) -> str | None:
     """What is wrong with an assign frame beyond its field types, or None."""
-    argv, shell = frame["argv"], frame["shell"]
-    if (argv is None) == (shell is None):
-        return "exactly one of argv and shell must be set"
-    if argv is not None and (not argv or not all(isinstance(x, str) for x in argv)):
-        return "argv must be a non-empty list of strings"
-    if shell is not None and not shell.strip():
-        return "shell must be a non-empty string"
+    merge = frame.get("merge")
+    if merge is not None:
+        if frame["argv"] is not None or frame["shell"] is not None:
+            return "a merge carries its command in merge, not in argv or shell"
+        outputs = merge.get("outputs")
+        if not isinstance(outputs, str) or not outputs.startswith("/"):
+            return "merge.outputs must be a path on the master"
+        if not _is_int(frame["shard_count"]) or frame["shard_count"] < 1:
+            return "shard_count must be a positive integer"
+        problem = _command_problem(merge.get("argv"), merge.get("shell"))
+        if problem:
+            return f"merge: {problem}"
+    else:
+        problem = _command_problem(frame["argv"], frame["shell"])
+        if problem:
+            return problem
     if not all(
         isinstance(k, str) and k and "=" not in k and isinstance(v, str)
         for k, v in frame["env"].items()
@@ -872,6 +942,18 @@ def _assign_problem(frame: dict[str, Any]) -> str | None:
     timeout = frame["timeout"]
     if timeout is not None and timeout <= 0:
         return "timeout must be a positive number or null"
+    return None
+
+
+def _command_problem(argv: Any, shell: Any) -> str | None:
+    if (argv is None) == (shell is None):
+        return "exactly one of argv and shell must be set"
+    if argv is not None and (
+        not isinstance(argv, list) or not argv or not all(isinstance(x, str) for x in argv)
+    ):
+        return "argv must be a non-empty list of strings"
+    if shell is not None and (not isinstance(shell, str) or not shell.strip()):
+        return "shell must be a non-empty string"
     return None
 
 
@@ -1119,6 +1201,48 @@ def register(
         save_credential(state_dir, data)
         logger.info("registered as worker %s (%s)", data["worker_id"], data["name"])
         return data
+
+
+# Per HTTP request of a merge's input download: connecting, and silence between bytes.
+FETCH_TIMEOUT_S = 60.0
+FETCH_BLOCK_BYTES = 256 * 1024
+
+
+class ShardFetchError(Exception):
+    """The master refused or failed to serve a shard's output to a merge."""
+
+
+def fetch_shard_outputs(
+    server: str, credential: str, path: str, count: int, directory: Path
+) -> Path:
+    """Blocking (run it in a thread): GET <server><path><i> for each shard into
+    <directory>/shards/<i>, and all of them in shard order into
+    <directory>/stdin, which is returned. Raises ShardFetchError or OSError."""
+    import requests
+
+    shards_dir = directory / "shards"
+    shards_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stdin = directory / "stdin"
+    base = server.rstrip("/")
+    with requests.Session() as session, open(stdin, "wb") as joined:
+        session.headers["Authorization"] = f"Bearer {credential}"
+        session.headers["User-Agent"] = f"scheduler-agent/{AGENT_VERSION}"
+        for index in range(count):
+            try:
+                with session.get(
+                    f"{base}{path}{index}", stream=True, timeout=FETCH_TIMEOUT_S
+                ) as response:
+                    if response.status_code != 200:
+                        raise ShardFetchError(
+                            f"shard {index}: HTTP {response.status_code} {response.text[:200]}"
+                        )
+                    with open(shards_dir / str(index), "wb") as out:
+                        for block in response.iter_content(FETCH_BLOCK_BYTES):
+                            out.write(block)
+                            joined.write(block)
+            except requests.RequestException as exc:
+                raise ShardFetchError(f"shard {index}: {exc}") from None
+    return stdin
 
 
 def websocket_url(server: str) -> str:
@@ -1386,6 +1510,12 @@ class Agent:
         self.backoff = Backoff()
         self.watchdog = Watchdog()
         self._runs: dict[int, _Run] = {}
+        # Merges' downloaded inputs (<state dir>/merge/<attempt>), deleted when
+        # the merge ends; what a crash left behind goes at the next start.
+        self._merge_root = config.state_dir / "merge"
+        shutil.rmtree(self._merge_root, ignore_errors=True)
+        self._fetches: set[asyncio.Task[None]] = set()
+        self._inputs: set[int] = set()  # attempts with a directory there
         # Ended attempts whose leftovers are still inside their SIGTERM grace.
         self._lingering: set[_Run] = set()
         self._devnull: int | None = None
@@ -1428,6 +1558,10 @@ class Agent:
                 self.spool.write(out.attempt, out.frame)
             elif isinstance(out, RemoveSpool):
                 self.spool.remove(out.attempt)
+            elif isinstance(out, FetchShardOutputs):
+                task = asyncio.get_running_loop().create_task(self._fetch_inputs(out))
+                self._fetches.add(task)
+                task.add_done_callback(self._fetches.discard)
             elif isinstance(out, Welcomed):
                 self.backoff.reset()
                 logger.info("connected as worker %s (%s)", out.worker_id, self.config.name)
@@ -1441,12 +1575,46 @@ class Agent:
     # No task or thread per process: the leader's exit and its pipes are file
     # descriptors in the event loop, and the attempt ends when all three are done.
 
+    async def _fetch_inputs(self, fetch: FetchShardOutputs) -> None:
+        """Download a merge's inputs in a thread (never blocking the loop: other
+        commands' output and the heartbeats go on meanwhile)."""
+        directory = self._merge_root / str(fetch.attempt)
+        self._inputs.add(fetch.attempt)
+        try:
+            stdin = await asyncio.to_thread(
+                fetch_shard_outputs,
+                self.config.server,
+                self.credential,
+                fetch.path,
+                fetch.count,
+                directory,
+            )
+        except (ShardFetchError, OSError) as exc:
+            self._drop_inputs(fetch.attempt)
+            self.dispatch(self.core.shard_outputs_failed(fetch.attempt, str(exc), time.time()))
+            return
+        outputs = self.core.shard_outputs_fetched(
+            fetch.attempt, str(directory / "shards"), str(stdin), time.time()
+        )
+        if not any(isinstance(out, StartProcess) for out in outputs):
+            self._drop_inputs(fetch.attempt)  # cancelled while it downloaded
+        self.dispatch(outputs)
+
+    def _drop_inputs(self, attempt: int) -> None:
+        if attempt in self._inputs:
+            self._inputs.discard(attempt)
+            shutil.rmtree(self._merge_root / str(attempt), ignore_errors=True)
+
     def _start(self, start: StartProcess) -> None:
         """Spawn the command as the leader of a new process group, and watch it."""
         if self._devnull is None:
             self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         fds: list[int] = []
+        stdin = self._devnull
         try:
+            if start.stdin is not None:
+                stdin = os.open(start.stdin, os.O_RDONLY | os.O_CLOEXEC)
+                fds.append(stdin)
             # Our own pipes: the attempt's output ends when every holder closed them,
             # which a grandchild like `sleep 1000 &` may delay past the leader's exit.
             out_r, out_w = os.pipe()
@@ -1457,7 +1625,7 @@ class Agent:
             # PR_SET_PDEATHSIG did in a preexec_fn.
             proc = subprocess.Popen(
                 start.argv,
-                stdin=self._devnull,
+                stdin=stdin,
                 stdout=out_w,
                 stderr=err_w,
                 env=self._command_env(start.env),
@@ -1468,11 +1636,15 @@ class Agent:
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             for fd in fds:
                 os.close(fd)
+            if start.stdin is not None:
+                self._drop_inputs(start.attempt)
             reason = _cannot_start(exc, start.argv)
             self.dispatch(self.core.process_failed_to_start(start.attempt, reason, time.time()))
             return
         os.close(out_w)
         os.close(err_w)
+        if start.stdin is not None:
+            os.close(stdin)  # the child has its own copy
         run = _Run(start.attempt, proc, proc.pid, [out_r, err_r])
         self._runs[start.attempt] = run
         self.watchdog.watch(run.pgid)
@@ -1551,6 +1723,7 @@ class Agent:
         if run.returncode is None or run.pipes or self._runs.get(run.attempt) is not run:
             return
         del self._runs[run.attempt]
+        self._drop_inputs(run.attempt)
         # Without a pending escalation the group was empty when the leader exited.
         if run.escalation is None or run.killed or not _killpg(run.pgid, 0):
             self._release(run)

@@ -3,11 +3,13 @@
 from django import forms
 from django.http import JsonResponse
 
+from tasks_app import results, shards
 from tasks_app import schemas as task_schemas
 from tasks_app.apispec import Operation
 from tasks_app.jsonapi import BadRequest, api_view, error, form_errors
 from tasks_app.validators import clean_labels
 from workers_app import liveness, registration, schemas, serializers
+from workers_app.auth import bearer
 from workers_app.exceptions import EnrollmentRefused
 from workers_app.models import Worker
 
@@ -95,3 +97,36 @@ def worker_action(request, pk: int, action: str):
     liveness.apply_state(worker, ACTIONS[action])
     worker = Worker.objects.filter(pk=pk).with_busy_slots().get()
     return JsonResponse(serializers.worker_json(worker, busy=worker.busy))
+
+
+@api_view(
+    {
+        "GET": Operation(
+            "A shard's output, for the merge that reads it",
+            {200: None},
+            description="The stdout of the successful attempt of shard `index` of the run "
+            "whose merge attempt `pk` is. For agents: authenticated with the worker's "
+            "credential (`Authorization: Bearer wkr_…`), and only the worker holding that "
+            "merge attempt (assigned or running) may read it: 401 for a bad credential, "
+            "403 for any other worker, attempt or index.",
+            errors=(401, 403),
+            content_type="text/plain",
+            path_params={"index": {"minimum": 0}},
+            public=True,
+        )
+    }
+)
+def shard_output(request, pk: int, index: int):
+    worker = registration.authenticate(bearer(request.headers.get("Authorization", "")))
+    if worker is None:
+        response = error(401, "a worker's credential is required")
+        response["WWW-Authenticate"] = "Bearer"
+        return response
+    attempt_id = shards.merge_input(worker.pk, pk, index)
+    if attempt_id is None:
+        return error(
+            403, f"worker {worker.name} does not hold merge attempt {pk} (or no shard {index})"
+        )
+    return results.streamed(
+        request, results.iter_stdout([attempt_id]), filename=f"shard-{index}.txt"
+    )

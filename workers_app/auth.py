@@ -6,12 +6,16 @@ from channels.middleware import BaseMiddleware
 from workers_app import registration
 
 
+def bearer(header: str) -> str:
+    """The credential of an `Authorization: Bearer <credential>` header, or ""."""
+    scheme, _, credential = header.partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" else ""
+
+
 def _bearer(scope) -> str:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, credential = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer":
-                return credential.strip()
+            return bearer(value.decode("latin-1"))
     return ""
 
 

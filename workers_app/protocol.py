@@ -2,6 +2,10 @@
 what we send. The vocabulary (version, frame types and fields, close codes,
 streams, labels, sizes) is scheduler_site.wire, which the agent carries too.
 Nothing here touches the database.
+
+A run's shards each get an assign with shard_index/shard_count (the count
+from the run's snapshot, definition["shards"]); its merge attempt (index =
+count) gets null argv and shell plus a `merge` object, see wire.py.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import json
 from typing import Any
 
 from django.core.exceptions import ValidationError
+from django.urls import reverse
 
 from scheduler_site.wire import (
     AGENT_FRAMES,
@@ -29,6 +34,7 @@ from scheduler_site.wire import (
     field_problem,
     pack,
 )
+from tasks_app import shards
 from tasks_app.validators import MAX_ID, clean_labels
 from workers_app.exceptions import ProtocolError
 
@@ -214,7 +220,8 @@ def resume() -> dict[str, Any]:
 def assign(
     attempt_id: int, run_id: int, task_name: str, definition: dict, shard_index: int = 0
 ) -> dict[str, Any]:
-    return {
+    """The assign frame of one attempt: a shard of its run, or its merge."""
+    frame = {
         "type": "assign",
         "attempt": attempt_id,
         "run": run_id,
@@ -225,5 +232,18 @@ def assign(
         "cwd": definition["working_dir"] or None,
         "timeout": definition["timeout"],
         "shard_index": shard_index,
-        "shard_count": definition.get("shards", 1),
+        "shard_count": shards.shard_count(definition),
+    }
+    if shards.is_merge(definition, shard_index):
+        # See wire.py: an older agent refuses this rather than run the wrong thing.
+        frame.update(argv=None, shell=None, merge=merge_command(attempt_id, definition))
+    return frame
+
+
+def merge_command(attempt_id: int, definition: dict) -> dict[str, Any]:
+    shell = definition["shell"]
+    return {
+        "argv": None if shell else definition["merge_argv"],
+        "shell": definition["merge_command"] if shell else None,
+        "outputs": reverse("api:agent-shard-output", args=[attempt_id, 0])[:-1],
     }
