@@ -622,6 +622,7 @@ def test_the_admin_refuses_a_pin_to_nobody(admin_client):
             "retry_backoff_s": 10,
             "retry_backoff_max_s": 600,
             "busy_policy": "queue",
+            "shards": 1,
             "priority": 0,
             "strategy": "pinned",
             "pinned_worker": "nobody",
