@@ -637,3 +637,21 @@ def test_the_admin_refuses_a_pin_to_nobody(admin_client):
         "pinned_worker": ["No worker is named 'nobody'."]
     }
     assert not Task.objects.exists()
+
+
+def test_a_patch_of_other_fields_keeps_the_pin_and_a_vanished_pin_must_be_fixed(api):
+    node = make_worker("node")
+    task = make_task("pin", strategy="pinned", pinned_worker="node")
+
+    response = api.patch(
+        f"/api/tasks/{task.pk}", json.dumps({"priority": 9}), content_type="application/json"
+    )
+    assert response.status_code == 200, response.json()
+    assert (response.json()["priority"], response.json()["pinned_worker"]) == (9, "node")
+
+    node.delete()
+    response = api.patch(
+        f"/api/tasks/{task.pk}", json.dumps({"priority": 1}), content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["errors"] == {"pinned_worker": ["No worker is named 'node'."]}
