@@ -699,3 +699,20 @@ def test_a_pass_over_mixed_priorities_strategies_and_held_work_costs_what_it_fil
         for read in reads:
             plan = " ".join(str(row) for row in cursor.execute(f"EXPLAIN QUERY PLAN {read}"))
             assert "attempt_queue" in plan and "USE TEMP B-TREE" not in plan, plan
+
+
+@pytest.mark.parametrize("new_limit", [2, None])
+def test_held_runs_let_go_by_a_raised_or_cleared_limit_keep_their_head_start(new_limit):
+    node = make_worker("node", capacity=4)
+    task = make_task("busy", priority=30, concurrency_limit=1)
+    first, second = trigger(task), trigger(task)
+    assert dispatched(node) == [("node", first.pk)]
+    assert attempt_of(second).ready_at == HELD_UNTIL
+
+    task.concurrency_limit = new_limit
+    task.save()
+
+    released = attempt_of(second)
+    assert released.ready_at != HELD_UNTIL
+    assert released.ready_at - released.queue_at == 30 * MINUTE
+    assert dispatched(node) == [("node", second.pk)]
