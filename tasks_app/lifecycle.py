@@ -353,7 +353,8 @@ def _release_held_of(limits: dict[int, int]) -> None:
 
 
 def _let_go(released: list[tuple[int, str, int]], now: dt.datetime) -> None:
-    """These held attempts (id, labels key, priority) are ready now."""
+    """These held attempts (id, labels key, priority) are ready now; their
+    queue_at keeps their priority's head start (one UPDATE per priority)."""
     by_priority: dict[int, list[int]] = {}
     for pk, _, priority in released:
         by_priority.setdefault(priority, []).append(pk)

@@ -638,3 +638,82 @@ def test_the_admin_refuses_a_pin_to_nobody(admin_client):
         "pinned_worker": ["No worker is named 'nobody'."]
     }
     assert not Task.objects.exists()
+
+
+def test_a_patch_of_other_fields_keeps_the_pin_and_a_vanished_pin_must_be_fixed(api):
+    node = make_worker("node")
+    task = make_task("pin", strategy="pinned", pinned_worker="node")
+
+    response = api.patch(
+        f"/api/tasks/{task.pk}", json.dumps({"priority": 9}), content_type="application/json"
+    )
+    assert response.status_code == 200, response.json()
+    assert (response.json()["priority"], response.json()["pinned_worker"]) == (9, "node")
+
+    node.delete()
+    response = api.patch(
+        f"/api/tasks/{task.pk}", json.dumps({"priority": 1}), content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["errors"] == {"pinned_worker": ["No worker is named 'node'."]}
+
+
+def _pass_statements() -> list[str]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        dispatch.dispatch(fresh=False)
+    return [q["sql"] for q in captured.captured_queries if "SAVEPOINT" not in q["sql"]]
+
+
+def test_a_pass_over_mixed_priorities_strategies_and_held_work_costs_what_it_fills():
+    from django.db import connection
+
+    make_worker("a", capacity=1), make_worker("b", capacity=1)
+    tasks = [
+        make_task("low"),
+        make_task("high", priority=50, strategy="round_robin"),
+        make_task("dice", priority=5, strategy="random"),
+        make_task("held", priority=100, concurrency_limit=1),
+    ]
+
+    def fill(count: int) -> None:
+        lifecycle.trigger_runs([lifecycle.TriggerRequest(t.pk, count=count) for t in tasks])
+
+    fill(3)
+    dispatch.dispatch()  # builds the board, fills both slots
+    busy = list(Attempt.objects.filter(status="assigned").values_list("pk", "worker_id"))
+    finish(Worker.objects.get(pk=busy[0][1]), busy[0][0])
+    dispatch.board.mark([busy[0][1]])
+    small = _pass_statements()
+
+    fill(2000)  # 8,000 more, 2,000 of them held by the limit
+    finish(Worker.objects.get(pk=busy[1][1]), busy[1][0])
+    dispatch.board.mark([busy[1][1]])
+    large = _pass_statements()
+
+    assert len(large) == len(small)
+    reads = [q for q in large if 'FROM "tasks_app_attempt"' in q and "LIMIT" in q]
+    assert reads
+    with connection.cursor() as cursor:
+        for read in reads:
+            plan = " ".join(str(row) for row in cursor.execute(f"EXPLAIN QUERY PLAN {read}"))
+            assert "attempt_queue" in plan and "USE TEMP B-TREE" not in plan, plan
+
+
+@pytest.mark.parametrize("new_limit", [2, None])
+def test_held_runs_let_go_by_a_raised_or_cleared_limit_keep_their_head_start(new_limit):
+    node = make_worker("node", capacity=4)
+    task = make_task("busy", priority=30, concurrency_limit=1)
+    first, second = trigger(task), trigger(task)
+    assert dispatched(node) == [("node", first.pk)]
+    assert attempt_of(second).ready_at == HELD_UNTIL
+
+    task.concurrency_limit = new_limit
+    task.save()
+
+    released = attempt_of(second)
+    assert released.ready_at != HELD_UNTIL
+    assert released.ready_at - released.queue_at == 30 * MINUTE
+    assert dispatched(node) == [("node", second.pk)]
