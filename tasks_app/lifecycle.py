@@ -285,9 +285,32 @@ def _release_held(run_ids: list[int]) -> None:
         f" ON t.id = r.task_id WHERE r.id IN ({marks(run_ids)}) AND t.concurrency_limit > 0",
         run_ids,
     )
-    if not rows:
-        return
-    limits = dict(rows)
+    if rows:
+        _release_held_of(dict(rows))
+
+
+def release_held_runs(task_id: int) -> None:
+    """The task's limit changed: let held runs go as far as the new limit has
+    room (all of them when it has no limit any more)."""
+    with atomic():
+        limit = Task.objects.filter(pk=task_id).values_list("concurrency_limit", flat=True).first()
+        if limit:
+            _release_held_of({task_id: limit})
+            return
+        # Race: a trigger holding a run at this moment waits for our lock
+        # (the write lock on SQLite, the task's row lock below on PostgreSQL).
+        _lock_tasks([task_id])
+        released = list(
+            Attempt.objects.filter(
+                run__task_id=task_id, status=S.QUEUED, ready_at=HELD_UNTIL
+            ).values_list("pk", "labels_key")
+        )
+        _let_go(released, timezone.now())
+
+
+def _release_held_of(limits: dict[int, int]) -> None:
+    """Let the oldest held runs of these tasks (id -> limit) go, as many as
+    each limit has room for."""
     _lock_tasks(list(limits))
     now = timezone.now()
     busy: dict[int, int] = {}
@@ -307,6 +330,11 @@ def _release_held(run_ids: list[int]) -> None:
             " ORDER BY h.run_id LIMIT %s)",
             [S.QUEUED, held, task_id, S.QUEUED, held, room],
         )
+    _let_go(released, now)
+
+
+def _let_go(released: list[tuple[int, str]], now: dt.datetime) -> None:
+    """These held attempts (id, labels key) are ready now."""
     if released:
         # Race: a cancel of a held run at the same moment; only rows still held move.
         Attempt.objects.filter(
@@ -356,7 +384,13 @@ def retry_run(run: Run, user=None) -> Run:
         created_by=user if user is not None and user.is_authenticated else None,
     )
     with atomic():
+        # A retry is a new run of the task: it meets the task's limit like any other.
+        task = _tasks({run.task_id}).get(run.task_id) if run.task_id else None
+        limits = _Limits([task] if task is not None and task.concurrency_limit else [])
+        if task is not None:
+            limits.admit(task, retry)
         _queue([retry])
+        limits.after_insert()
     return retry
 
 

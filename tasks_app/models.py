@@ -152,6 +152,7 @@ class Task(models.Model):
     def from_db(cls, db, field_names, values):
         task = super().from_db(db, field_names, values)
         task._loaded_schedule = task._schedule_key()
+        task._loaded_limit = task.__dict__.get("concurrency_limit")
         return task
 
     def _schedule_key(self) -> tuple:
@@ -165,8 +166,21 @@ class Task(models.Model):
             self.next_fire_at = self.compute_next_fire()
             if kwargs.get("update_fields") is not None:
                 kwargs["update_fields"] = {*kwargs["update_fields"], "next_fire_at"}
+        raised = self._limit_raised()
         super().save(*args, **kwargs)
         self._loaded_schedule = self._schedule_key()
+        self._loaded_limit = self.concurrency_limit
+        if raised:
+            from tasks_app import lifecycle  # lifecycle builds on these models
+
+            lifecycle.release_held_runs(self.pk)
+
+    def _limit_raised(self) -> bool:
+        """Held runs may go: the limit was lifted or raised since it was loaded."""
+        if "_loaded_limit" not in self.__dict__ or "concurrency_limit" not in self.__dict__:
+            return False
+        old, new = self._loaded_limit, self.concurrency_limit
+        return bool(old) and (not new or new > old)
 
     def set_schedule_paused(self, paused: bool) -> None:
         """Pause the schedule (the task can still be run) or resume it from now."""

@@ -273,6 +273,7 @@ BULK_TRIGGER = Body(
                     "maxItems": f"Give 1 to {MAX_RUNS_PER_REQUEST} runs.",
                 },
             },
+            "run_at": {**RUN_AT, "description": RUN_AT["description"] + "; for every run"},
         },
         "required": ["task"],
         "additionalProperties": False,
@@ -280,7 +281,8 @@ BULK_TRIGGER = Body(
         MESSAGES: {"not": "Give either count or runs, not both."},
     },
     f"Many runs of one task in one transaction: a count or a list of run parameters "
-    f"(1 to {MAX_RUNS_PER_REQUEST}). Nothing is started if any entry is refused.",
+    f"(1 to {MAX_RUNS_PER_REQUEST}), optionally all delayed to run_at. Nothing is started "
+    "if any entry is refused.",
 )
 
 

@@ -11,7 +11,8 @@ are served by the Django API views (GET /api/runs lists runs).
 
 POST /api/runs starts many runs of one task in one request and one
 transaction: {"task": ID, "count": N} or {"task": ID, "runs": [{"env":
-{...}, "args": [...]}, ...]}, at most tasks_app.schemas.MAX_RUNS_PER_REQUEST.
+{...}, "args": [...]}, ...]}, either with an optional "run_at" for all, at
+most tasks_app.schemas.MAX_RUNS_PER_REQUEST.
 """
 
 from __future__ import annotations
@@ -150,10 +151,11 @@ def _payload(request: HttpRequest, body: bytes) -> dict:
 
 def _bulk(payload: dict) -> tuple[int, dict]:
     """The task and runs of a bulk request whose body matched BULK_TRIGGER."""
+    run_at = _run_at(payload["run_at"]) if "run_at" in payload else None
     if "runs" in payload:
         params = tuple(_params(p, f"runs[{i}].") for i, p in enumerate(payload["runs"]))
-        return payload["task"], {"params": params}
-    return payload["task"], {"count": payload.get("count", 1)}
+        return payload["task"], {"params": params, "run_at": run_at}
+    return payload["task"], {"count": payload.get("count", 1), "run_at": run_at}
 
 
 def _checked(body: Body, payload: dict) -> dict:

@@ -91,6 +91,33 @@ def test_it_refuses_a_bad_run_at_and_creates_nothing(api, task, run_at, message)
     assert not Run.objects.exists()
 
 
+def test_a_bulk_request_delays_every_run_to_its_run_at(api, task):
+    at = (timezone.now() + dt.timedelta(minutes=30)).replace(microsecond=0)
+    status, body = post(
+        api,
+        "/api/runs",
+        {"task": task.pk, "runs": [{"args": ["a"]}, {"args": ["b"]}], "run_at": at.isoformat()},
+    )
+
+    assert status == 201, body
+    assert [r["run_at"] for r in body["results"]] == [at.isoformat()] * 2
+    assert sorted(Attempt.objects.values_list("ready_at", flat=True)) == [at, at]
+    status, body = post(api, "/api/runs", {"task": task.pk, "count": 3, "run_at": at.isoformat()})
+    assert status == 201, body
+    assert Run.objects.filter(run_at=at).count() == 5
+
+
+def test_a_bulk_request_with_a_past_run_at_starts_nothing(api, task):
+    status, body = post(
+        api, "/api/runs", {"task": task.pk, "count": 2, "run_at": "2020-01-01T00:00:00+00:00"}
+    )
+
+    assert status == 400
+    assert list(body["errors"]) == ["run_at"]
+    assert "is in the past" in body["errors"]["run_at"][0]
+    assert not Run.objects.exists()
+
+
 # --- the dashboard's run form ------------------------------------------------------
 
 
@@ -284,3 +311,57 @@ def test_the_held_notice_survives_a_deleted_task(task):
     Task.objects.filter(pk=task.pk)._raw_delete(Task.objects.db)  # no signal: still held
 
     assert why_waiting(held, [attempt]) == (f"Waiting for run #{first.pk} of this task to end.")
+
+
+def test_raising_the_limit_releases_as_many_held_runs_as_it_has_room_for(api, task):
+    limited(task, "queue")
+    start(trigger(task))
+    held = [trigger(task) for _ in range(3)]
+    assert all(r.attempts.get().is_held for r in held)
+
+    status, body = api_patch(api, task, {"concurrency_limit": 3})
+
+    assert status == 200, body
+    assert [r.attempts.get().is_held for r in held] == [False, False, True]  # oldest first
+
+    Task.objects.get(pk=task.pk).save()  # saving without a change releases nothing
+    assert held[2].attempts.get().is_held
+
+    status, body = api_patch(api, task, {"concurrency_limit": None})  # no limit any more
+
+    assert status == 200, body
+    assert not held[2].attempts.get().is_held
+
+
+def test_lowering_the_limit_releases_nothing(api, task):
+    limited(task, "queue", limit=2)
+    start(trigger(task))
+    start(trigger(task))
+    held = trigger(task)
+
+    api_patch(api, task, {"concurrency_limit": 1})
+
+    assert held.attempts.get().is_held
+
+
+def test_a_retry_meets_the_tasks_limit_like_any_trigger(api, task):
+    limited(task, "skip")
+    first = trigger(task)
+    start(first)
+    lifecycle.lose([first.attempts.get().pk], "gone")
+    running = trigger(task)
+    start(running)
+
+    status, body = post(api, f"/api/runs/{first.pk}/retry", {})
+
+    assert status == 201, body
+    assert body["status"] == "skipped"
+    assert body["reason"] == f"skipped: run #{running.pk} still running (limit 1)"
+    assert Run.objects.get(pk=body["id"]).retry_of_id == first.pk
+
+
+def api_patch(client: Client, task: Task, payload) -> tuple[int, dict]:
+    response = client.patch(
+        f"/api/tasks/{task.pk}", json.dumps(payload), content_type="application/json"
+    )
+    return response.status_code, response.json()
