@@ -308,3 +308,17 @@ def test_a_runs_api_page_costs_the_same_queries_at_200_shards_as_at_2(
 
     small = queries_for(2)  # first: it also records the API token's use
     assert queries_for(200) == queries_for(2) <= small
+
+
+def test_a_held_sharded_run_is_released_whole_when_the_run_before_it_ends(task, big_worker):
+    task.concurrency_limit = 1
+    first = sharded(task, 3)
+    second = lifecycle.trigger_run(task)
+    assert [a.is_held for a in second.attempts.all()] == [True, True, True]
+
+    for attempt in list(first.attempts.all()):
+        run_shard(big_worker, attempt)
+
+    first.refresh_from_db()
+    assert first.status == Run.Status.SUCCEEDED
+    assert [a.is_held for a in second.attempts.all()] == [False, False, False]
