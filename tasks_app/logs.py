@@ -97,15 +97,28 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
 
 def output_of(attempt: Attempt) -> dict[str, str]:
     """stdout, stderr and both interleaved in order, with a marker when truncated."""
-    parts: dict[str, list[str]] = {"stdout": [], "stderr": [], "combined": []}
-    for stream, data in attempt.log_chunks.order_by("seq").values_list("stream", "data"):
-        parts[stream].append(data)
-        parts["combined"].append(data)
-    text = {key: "".join(value) for key, value in parts.items()}
-    if attempt.truncated:
-        marker = truncation_marker(attempt)
-        text = {key: value + marker for key, value in text.items()}
-    return text
+    return outputs_of([attempt])[attempt.pk]
+
+
+def outputs_of(attempts: Sequence[Attempt]) -> dict[int, dict[str, str]]:
+    """output_of for many attempts (a run's shards) in one query, by attempt id."""
+    parts = {a.pk: {"stdout": [], "stderr": [], "combined": []} for a in attempts}
+    chunks = (
+        LogChunk.objects.filter(attempt_id__in=list(parts))
+        .order_by("attempt_id", "seq")
+        .values_list("attempt_id", "stream", "data")
+    )
+    for attempt_id, stream, data in chunks:
+        parts[attempt_id][stream].append(data)
+        parts[attempt_id]["combined"].append(data)
+    texts = {}
+    for attempt in attempts:
+        text = {key: "".join(value) for key, value in parts[attempt.pk].items()}
+        if attempt.truncated:
+            marker = truncation_marker(attempt)
+            text = {key: value + marker for key, value in text.items()}
+        texts[attempt.pk] = text
+    return texts
 
 
 def truncation_marker(attempt: Attempt) -> str:

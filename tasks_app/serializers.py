@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tasks_app import cron, results, shards
-from tasks_app.logs import output_of
+from tasks_app.logs import outputs_of
 from tasks_app.models import TASK_FIELDS, Attempt, Run, SchedulerState, Task
 
 
@@ -23,7 +23,8 @@ def task_json(task: Task, *, with_next_runs: bool = False) -> dict:
     return data
 
 
-def attempt_json(attempt: Attempt, *, with_output: bool) -> dict:
+def attempt_json(attempt: Attempt, *, with_output: bool, output: dict | None = None) -> dict:
+    """An attempt; with its output (read here unless given, from outputs_of)."""
     data = {
         "id": attempt.pk,
         "shard_index": attempt.shard_index,
@@ -53,7 +54,7 @@ def attempt_json(attempt: Attempt, *, with_output: bool) -> dict:
         else None,
     }
     if with_output:
-        text = output_of(attempt)
+        text = output if output is not None else outputs_of([attempt])[attempt.pk]
         data.update(output=text["combined"], stdout=text["stdout"], stderr=text["stderr"])
     return data
 
@@ -83,6 +84,8 @@ def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
     if attempts is None:
         attempts = run.attempts.all()
     shard_list, merge = shard_summaries(run.definition, attempts)
+    # All attempts' output in one query: a run may have 1,000 shards.
+    outputs = outputs_of(list(attempts)) if with_output else {}
     data = {
         "id": run.pk,
         "task": run.task_id,
@@ -103,7 +106,9 @@ def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
         "finished_at": _time(run.finished_at),
         "shards": shard_list,
         "merge": merge,
-        "attempts": [attempt_json(a, with_output=with_output) for a in attempts],
+        "attempts": [
+            attempt_json(a, with_output=with_output, output=outputs.get(a.pk)) for a in attempts
+        ],
     }
     if with_output:
         ids = results.result_attempt_ids(run)

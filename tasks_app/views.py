@@ -269,7 +269,8 @@ def run_detail(request, pk: int):
     shown = [a for a in run.attempts.all() if context["selected"] in (None, a.shard_index)]
     if context["sharded"] and context["selected"] is None:
         shown = []
-    context["rows"] = [(attempt, logs.output_of(attempt)) for attempt in shown]
+    outputs = logs.outputs_of(shown)
+    context["rows"] = [(attempt, outputs[attempt.pk]) for attempt in shown]
     if run.status == Run.Status.SUCCEEDED:
         # Only once final: a finished run's page is not polled.
         ids = results.result_attempt_ids(run)

@@ -288,3 +288,37 @@ def test_the_shard_outputs_go_only_to_the_worker_holding_the_merge(
     assert client.get(url[:-1] + "2", headers=holder).status_code == 403
     shard = run.attempts.get(shard_index=0)
     assert client.get(f"/api/agent/attempts/{shard.pk}/shards/0", headers=holder).status_code == 403
+
+
+def test_a_runs_api_page_costs_the_same_queries_at_200_shards_as_at_2(
+    task, big_worker, api, monkeypatch
+):
+    # The result is read CHUNKS_PER_READ chunks at a time: one batch for both here.
+    monkeypatch.setattr(results, "CHUNKS_PER_READ", 1000)
+
+    def queries_for(shards: int) -> int:
+        run = sharded(task, shards)
+        for attempt in list(run.attempts.all()):
+            run_shard(big_worker, attempt, stdout=f"{attempt.shard_index}\n")
+        with CaptureQueriesContext(connection) as queries:
+            body = api.get(f"/api/runs/{run.pk}").json()
+        assert body["result"] == "".join(f"{i}\n" for i in range(shards))
+        assert [a["stdout"] for a in body["attempts"]] == [f"{i}\n" for i in range(shards)]
+        return len(queries)
+
+    small = queries_for(2)  # first: it also records the API token's use
+    assert queries_for(200) == queries_for(2) <= small
+
+
+def test_a_held_sharded_run_is_released_whole_when_the_run_before_it_ends(task, big_worker):
+    task.concurrency_limit = 1
+    first = sharded(task, 3)
+    second = lifecycle.trigger_run(task)
+    assert [a.is_held for a in second.attempts.all()] == [True, True, True]
+
+    for attempt in list(first.attempts.all()):
+        run_shard(big_worker, attempt)
+
+    first.refresh_from_db()
+    assert first.status == Run.Status.SUCCEEDED
+    assert [a.is_held for a in second.attempts.all()] == [False, False, False]
