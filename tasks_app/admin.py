@@ -57,9 +57,9 @@ class TaskAdminForm(forms.ModelForm):
         cleaned = super().clean()
         strategy, name = cleaned.get("strategy"), cleaned.get("pinned_worker")
         if strategy is not None and name is not None:
-            error = routing.pin_error(strategy, name.strip())
-            if error:
-                self.add_error("pinned_worker", error)
+            shards = cleaned.get("shards")
+            for field, error in routing.shape_errors(strategy, name.strip(), shards).items():
+                self.add_error(field, error)
         return cleaned
 
 

@@ -278,9 +278,8 @@ class TaskForm(forms.ModelForm):
         strategy, name = cleaned.get("strategy"), cleaned.get("pinned_worker")
         if strategy is None or name is None:
             return  # already refused field by field
-        error = routing.pin_error(strategy, name)
-        if error:
-            self.add_error("pinned_worker", error)
+        for field, error in routing.shape_errors(strategy, name, cleaned.get("shards")).items():
+            self.add_error(field, error)
 
     def clean_working_dir(self):
         working_dir = self.cleaned_data["working_dir"].strip()

@@ -68,6 +68,28 @@ def pin_error(strategy: str, name: str) -> str | None:
     return None
 
 
+def shape_errors(strategy: str, name: str, shards: int | None) -> dict[str, str]:
+    """What is wrong with a task's strategy, pinned worker and shard count
+    together, by field. A pinned task runs one shard on its worker, and a
+    broadcast makes its own shards (one per worker): either with shards > 1
+    would contradict itself, so it is refused rather than guessed at."""
+    errors = {}
+    pin = pin_error(strategy, name)
+    if pin:
+        errors["pinned_worker"] = pin
+    if shards is not None and shards > 1:
+        if strategy == Strategy.PINNED:
+            errors["shards"] = (
+                "A pinned task runs as one shard on its worker: set shards to 1, "
+                "or choose another strategy to spread shards over workers."
+            )
+        elif strategy == Strategy.BROADCAST:
+            errors["shards"] = (
+                "A broadcast makes one shard per matching online worker: set shards to 1."
+            )
+    return errors
+
+
 class Unroutable(Exception):
     """A run none of whose attempts can go anywhere (the reason is the message)."""
 

@@ -525,6 +525,53 @@ def test_the_api_refuses_bad_routing_fields_and_changes_nothing(api, fields, mes
     assert not Task.objects.exists()
 
 
+PIN_SHARDS = (
+    "A pinned task runs as one shard on its worker: set shards to 1, "
+    "or choose another strategy to spread shards over workers."
+)
+BROADCAST_SHARDS = "A broadcast makes one shard per matching online worker: set shards to 1."
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"strategy": "pinned", "pinned_worker": "node", "shards": 4}, PIN_SHARDS),
+        ({"strategy": "broadcast", "shards": 2}, BROADCAST_SHARDS),
+    ],
+)
+def test_a_strategy_that_contradicts_the_shards_is_refused_in_form_and_api(api, fields, error):
+    make_worker("node")
+    form = TaskForm(data={**BASE, **fields})
+    assert not form.is_valid()
+    assert form.errors == {"shards": [error]}
+
+    status, body = api_post(api, {**BASE, **fields})
+
+    assert status == 400, body
+    assert body["errors"] == {"shards": [error]}
+    assert not Task.objects.exists()
+
+
+def test_a_patch_that_shards_a_pinned_task_is_refused_and_changes_nothing(api):
+    make_worker("node")
+    task = make_task("pin", strategy="pinned", pinned_worker="node")
+    response = api.patch(
+        f"/api/tasks/{task.pk}", json.dumps({"shards": 3}), content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["errors"] == {"shards": [PIN_SHARDS]}
+    task.refresh_from_db()
+    assert task.shards == 1
+    # Sharded and round robin together is what spreading means: fine.
+    response = api.patch(
+        f"/api/tasks/{task.pk}",
+        json.dumps({"shards": 3, "strategy": "round_robin", "pinned_worker": ""}),
+        content_type="application/json",
+    )
+    assert response.status_code == 200, response.json()
+    assert (response.json()["shards"], response.json()["strategy"]) == (3, "round_robin")
+
+
 def test_the_api_refuses_a_bad_patch_and_keeps_the_task(api):
     make_worker("node")
     task = make_task("kept", priority=3)
@@ -610,7 +657,14 @@ def test_a_held_broadcast_run_is_released_whole():
     assert sorted(dispatched(a, b)) == [("a", second.pk), ("b", second.pk)]
 
 
-def test_the_admin_refuses_a_pin_to_nobody(admin_client):
+@pytest.mark.parametrize(
+    ("fields", "errors"),
+    [
+        ({"pinned_worker": "nobody"}, {"pinned_worker": ["No worker is named 'nobody'."]}),
+        ({"strategy": "broadcast", "shards": 3}, {"shards": [BROADCAST_SHARDS]}),
+    ],
+)
+def test_the_admin_refuses_what_the_form_and_api_refuse(admin_client, fields, errors):
     response = admin_client.post(
         "/admin/tasks_app/task/add/",
         {
@@ -625,18 +679,17 @@ def test_the_admin_refuses_a_pin_to_nobody(admin_client):
             "shards": 1,
             "priority": 0,
             "strategy": "pinned",
-            "pinned_worker": "nobody",
+            "pinned_worker": "",
             "enabled": "on",
             "timezone": "UTC",
             "misfire_policy": "skip",
             "created_at_0": "2026-01-01",
             "created_at_1": "00:00:00",
+            **fields,
         },
     )
     assert response.status_code == 200
-    assert response.context["adminform"].form.errors == {
-        "pinned_worker": ["No worker is named 'nobody'."]
-    }
+    assert response.context["adminform"].form.errors == errors
     assert not Task.objects.exists()
 
 
