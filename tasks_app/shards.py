@@ -167,6 +167,13 @@ def latest_by_shard(attempts) -> dict[int, Attempt]:
     return latest
 
 
+def failing_index(latest: dict[int, Attempt], count: int) -> int | None:
+    """The first shard (or else the merge, index `count`) whose latest try ended
+    badly, as verdict() names it in a failed run's reason; None if none did."""
+    bad = (S.FAILED, S.TIMED_OUT, S.LOST)
+    return next((i for i in sorted(latest) if i <= count and latest[i].status in bad), None)
+
+
 def merge_input(worker_id: int, attempt_id: int, index: int) -> int | None:
     """The successful attempt of shard `index`, whose stdout the merge attempt
     `attempt_id` reads, or None: only the worker holding that merge attempt

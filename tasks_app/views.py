@@ -295,6 +295,9 @@ def _shard_context(request, run: Run) -> dict:
     selected = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 5 else None
     if selected is not None and selected > count:
         selected = None
+    if not raw and run.status == Run.Status.FAILED:
+        # A failed run opens on what failed it: its output is the first question.
+        selected = shards.failing_index(latest, count)
     return {
         "sharded": True,
         "shard_count": count,

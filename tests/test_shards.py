@@ -322,3 +322,23 @@ def test_a_held_sharded_run_is_released_whole_when_the_run_before_it_ends(task, 
     first.refresh_from_db()
     assert first.status == Run.Status.SUCCEEDED
     assert [a.is_held for a in second.attempts.all()] == [False, False, False]
+
+
+def test_a_failed_sharded_runs_page_opens_on_the_shard_that_failed_it(task, big_worker, bob_client):
+    run = sharded(task, 3)
+    shards = list(run.attempts.order_by("shard_index"))
+    run_shard(big_worker, shards[0])
+    run_shard(big_worker, shards[1], exit_code=3, stdout="bad input on line 7\n")
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+
+    html = bob_client.get(f"/runs/{run.pk}/").content.decode()
+
+    assert 'id="shard-selected">Shard 1: its attempts below' in html
+    assert f'id="attempt-{shards[1].pk}"' in html
+    assert "bad input on line 7" in html
+    assert f'id="attempt-{shards[0].pk}"' not in html
+    # Closed, it shows the grid alone.
+    html = bob_client.get(f"/runs/{run.pk}/?shard=none").content.decode()
+    assert 'id="shard-hint"' in html
+    assert f'id="attempt-{shards[1].pk}"' not in html
