@@ -237,7 +237,11 @@ class _Limits:
         fired first): it skips and replaces nothing.
         """
         self.skipped = [entry for entry in self.skipped if entry[0].pk]
-        self.replaced = [entry for entry in self.replaced if entry[0].pk]
+        # Nor does one that failed at once (nowhere to route it): it never
+        # runs, so it must not stop the run it would have replaced.
+        self.replaced = [
+            entry for entry in self.replaced if entry[0].pk and entry[0].status == Run.Status.QUEUED
+        ]
         for run, blocker, status, limit in self.skipped:
             run.reason = f"skipped: run #{_pk(blocker)} still {status} (limit {limit})"
         update_rows(Run, {"reason": "%s"}, [(run.reason, run.pk) for run, *_ in self.skipped])
@@ -676,11 +680,14 @@ def requeue(
         ).order_by()
         if unaccepted:
             candidates = candidates.filter(accepted_at__isnull=True)
-        rows = list(
-            _locked(candidates).values_list(
-                "pk", "run_id", "run__cancel_requested_at", "labels_key", "priority"
+        # An attempt of a run being cancelled, or already over (another shard
+        # failed for good: fail fast), is cancelled instead of queued again.
+        rows = [
+            (pk, run_id, bool(cancel) or status in Run.FINAL, key, priority)
+            for pk, run_id, cancel, status, key, priority in _locked(candidates).values_list(
+                "pk", "run_id", "run__cancel_requested_at", "run__status", "labels_key", "priority"
             )
-        )
+        ]
         cancelling = [pk for pk, _, cancel, *_ in rows if cancel]
         back: dict[int, list[int]] = {}  # priority -> attempt ids
         for pk, _, cancel, _, priority in rows:
@@ -901,8 +908,8 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
     return ids
 
 
-def fail_pinned(worker_id: int, worker_name: str) -> list[int]:
-    """The worker was deleted: queued attempts pinned to it (pinned and
+def fail_pinned(worker_id: int, worker_name: str, what: str = "deleted") -> list[int]:
+    """The worker was deleted (or revoked): queued attempts pinned to it (pinned and
     broadcast runs, retries of its lost attempts included) can never run, so
     they fail now, without retries, and their runs fail with the reason."""
     pin = pin_label(worker_id)
@@ -919,7 +926,7 @@ def fail_pinned(worker_id: int, worker_name: str) -> list[int]:
         # Race: a dispatcher claiming one at this moment; only rows still queued move.
         Attempt.objects.filter(pk__in=[pk for pk, _ in rows], status=S.QUEUED).update(
             status=S.FAILED,
-            reason=f"pinned worker {worker_name!r} was deleted"[:500],
+            reason=f"pinned worker {worker_name!r} was {what}"[:500],
             finished_at=timezone.now(),
         )
         refresh_runs({run_id for _, run_id in rows})
@@ -996,6 +1003,13 @@ def _after_final_rows(rows: list[tuple]) -> None:
     """
     if not rows:
         return
+    # The runs first, all of them and in id order, as refresh_runs below locks
+    # them again: whether a run is over (fail fast) is read under its lock, so
+    # a shard failing for good elsewhere at this moment cannot slip a retry in.
+    if for_update():
+        run_ids = sorted({row[3] for row in rows})
+        locking = f"SELECT id FROM {RUN} WHERE id IN ({marks(run_ids)}) ORDER BY id FOR UPDATE"
+        select(locking, run_ids)
     retryable = [row for row in rows if row[0] in RETRYABLE]
     retries: list[Attempt] = []
     if retryable:
@@ -1063,11 +1077,17 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
     run_ids = list(run_ids)
     if not run_ids:
         return
+    # Race: the last shards of one run finishing in two server processes at
+    # once. Each locks its attempts, then the run here (ids in order), and
+    # reads the attempts only once it holds the run: the second reads after
+    # the first committed and sees every shard final, so exactly one of them
+    # queues the merge or finishes the run. (SQLite: one writer anyway.)
     runs = {
         pk: (json_value(definition), bool(cancelling))
         for pk, definition, cancelling in select(
             f"SELECT id, definition, cancel_requested_at FROM {RUN}"
-            f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})",
+            f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})"
+            f" ORDER BY id{for_update()}",
             [*run_ids, *Run.FINAL],
         )
     }

@@ -35,7 +35,7 @@ class OnlineWorker:
 
 class Directory(Protocol):
     def ids_by_name(self, names: Iterable[str]) -> dict[str, int]:
-        """Worker ids of those of these names that exist (any state)."""
+        """Worker ids of those of these names that exist and are not revoked."""
 
     def taking_work(self) -> list[OnlineWorker]:
         """Workers online now and taking new work (not draining, disabled or revoked)."""
@@ -118,7 +118,7 @@ class Routes:
         if strategy == Strategy.PINNED:
             name = definition.get("pinned_worker", "")
             if name not in self.ids:
-                raise Unroutable(f"pinned worker {name!r} no longer exists")
+                raise Unroutable(f"pinned worker {name!r} no longer exists or was revoked")
             return [(0, labels_key([*labels, pin_label(self.ids[name])]))]
         if strategy == Strategy.BROADCAST:
             wanted = set(labels)

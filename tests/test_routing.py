@@ -17,7 +17,7 @@ from django.utils import timezone
 from tasks_app import lifecycle, tokens
 from tasks_app.forms import TaskForm
 from tasks_app.models import HELD_UNTIL, Attempt, Run, Task, queue_at
-from workers_app import dispatch
+from workers_app import dispatch, registration
 from workers_app.models import Worker
 from workers_app.waiting import why_waiting
 
@@ -301,7 +301,10 @@ def test_a_run_of_a_task_pinned_to_a_deleted_worker_fails_at_trigger():
     run = trigger(task)
 
     run.refresh_from_db()
-    assert (run.status, run.reason) == (Run.Status.FAILED, "pinned worker 'gone' no longer exists")
+    assert (run.status, run.reason) == (
+        Run.Status.FAILED,
+        "pinned worker 'gone' no longer exists or was revoked",
+    )
     assert run.finished_at is not None
     assert not run.attempts.exists()
 
@@ -320,6 +323,45 @@ def test_deleting_a_worker_fails_the_work_queued_for_it_alone():
     )
     assert attempt_of(plain).status == Attempt.Status.QUEUED
     assert dispatched(other) == [("other", plain.pk)]
+
+
+def test_revoking_a_worker_fails_its_pinned_work_and_later_pins_to_it():
+    revoked, other = make_worker("revoked"), make_worker("other")
+    task = make_task("pin", strategy="pinned", pinned_worker="revoked")
+    queued = trigger(task)
+    plain = trigger(make_task("plain"))
+
+    registration.revoke(revoked)
+
+    queued.refresh_from_db()
+    assert (queued.status, queued.reason) == (
+        Run.Status.FAILED,
+        "pinned worker 'revoked' was revoked (after 1 attempt)",
+    )
+    later = trigger(task)
+    later.refresh_from_db()
+    assert (later.status, later.reason) == (
+        Run.Status.FAILED,
+        "pinned worker 'revoked' no longer exists or was revoked",
+    )
+    assert attempt_of(plain).status == Attempt.Status.QUEUED
+    assert dispatched(other) == [("other", plain.pk)]
+
+
+def test_a_replacing_run_that_cannot_be_routed_replaces_nothing():
+    node = make_worker("node", capacity=2)
+    task = make_task("everywhere", strategy="broadcast", concurrency_limit=1, busy_policy="replace")
+    first = trigger(task)
+    assert dispatched(node) == [("node", first.pk)]
+    Worker.objects.filter(pk=node.pk).update(drain_requested=True)  # nobody takes new work
+
+    second = trigger(task)
+
+    second.refresh_from_db()
+    assert second.status == Run.Status.FAILED
+    assert second.reason == "broadcast: no online worker takes new work"
+    first.refresh_from_db()
+    assert first.cancel_requested_at is None and not first.is_final
 
 
 def test_broadcast_queues_one_pinned_shard_per_matching_online_worker():

@@ -13,7 +13,7 @@ from tasks_app import lifecycle, logs, results
 from tasks_app.lifecycle import Result
 from tasks_app.models import MAX_SHARDS, Attempt, Run
 from tasks_app.signals import stop_requested
-from workers_app import protocol
+from workers_app import dispatch, protocol
 from workers_app.models import Worker
 
 pytestmark = pytest.mark.django_db
@@ -342,3 +342,34 @@ def test_a_failed_sharded_runs_page_opens_on_the_shard_that_failed_it(task, big_
     html = bob_client.get(f"/runs/{run.pk}/?shard=none").content.decode()
     assert 'id="shard-hint"' in html
     assert f'id="attempt-{shards[1].pk}"' not in html
+
+
+def test_an_assignment_handed_back_after_the_run_failed_is_cancelled_not_queued(task, big_worker):
+    run = sharded(task, 2)
+    first, second = run.attempts.order_by("shard_index")
+    assert lifecycle.assign(second.pk, big_worker.pk, big_worker.name)
+    run_shard(big_worker, first, exit_code=1)
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+
+    # Its agent refuses it, or never accepts it: it must not go back to the queue.
+    assert lifecycle.requeue(big_worker.pk, [second.pk]) == [second.pk]
+
+    second.refresh_from_db()
+    assert second.status == Attempt.Status.CANCELLED
+    run.refresh_from_db()
+    assert run.reason == "shard 0 of 2 failed: exit code 1 (after 1 attempt)"
+
+
+def test_dispatch_never_starts_a_queued_shard_of_a_failed_run(task, big_worker):
+    run = sharded(task, 2)
+    first, second = run.attempts.order_by("shard_index")
+    run_shard(big_worker, first, exit_code=1)
+    # As if the fail-fast cancel had missed it (another process queued it meanwhile).
+    Attempt.objects.filter(pk=second.pk).update(status=Attempt.Status.QUEUED)
+    Worker.objects.filter(pk=big_worker.pk).update(state=Worker.State.ONLINE)
+
+    assert dispatch.dispatch() == [(big_worker.pk, second.pk)]
+
+    second.refresh_from_db()
+    assert second.status == Attempt.Status.CANCELLED

@@ -17,7 +17,9 @@ class WorkerDirectory:
         names = [n for n in names if n]
         if not names:
             return {}
-        return dict(Worker.objects.filter(name__in=names).values_list("name", "pk"))
+        # A revoked worker never takes work again: as good as gone for a pin.
+        workers = Worker.objects.filter(name__in=names, revoked_at__isnull=True)
+        return dict(workers.values_list("name", "pk"))
 
     def taking_work(self) -> list[OnlineWorker]:
         """Online, not draining at an operator's request, not revoked: the

@@ -221,13 +221,15 @@ def _candidates(free: dict[int, Slots], now) -> list[tuple]:
             (aware(queued), pk, run_id, shard, name, json_value(definition), cancelling, avoid)
             for queued, pk, run_id, shard, name, definition, cancelling, avoid in select(
                 "SELECT a.queue_at, a.id, a.run_id, a.shard_index, r.task_name, r.definition,"
-                f" r.cancel_requested_at, a.avoid_worker FROM {ATTEMPT} a"
-                f" JOIN {RUN} r ON r.id = a.run_id"
+                # Stopping: the run is being cancelled or is over already (a
+                # shard failed for good); the attempt is claimed, then cancelled.
+                f" (r.cancel_requested_at IS NOT NULL OR r.status IN ({marks(Run.FINAL)})),"
+                f" a.avoid_worker FROM {ATTEMPT} a JOIN {RUN} r ON r.id = a.run_id"
                 " WHERE a.status = %s AND a.labels_key = %s AND a.queue_at <= %s"
                 " AND a.ready_at <= %s"
                 " ORDER BY a.queue_at, a.id LIMIT %s" + for_update(of="a", skip_locked=True),
                 # Another server dispatching at the same time skips what we hold.
-                [Attempt.Status.QUEUED, key, at, at, room],
+                [*Run.FINAL, Attempt.Status.QUEUED, key, at, at, room],
             )
         ]
         if len(rows) < room:
@@ -363,7 +365,8 @@ def _assign_frames(claimed: list[tuple]) -> list[tuple[int, dict]]:
     frames, cancelled = [], {}
     for worker_id, attempt_id, run_id, shard_index, task_name, definition, cancelling in claimed:
         if cancelling:
-            # Race: cancelled between trigger and claim; it must never start.
+            # Race: cancelled (or its run failed) between trigger and claim; it
+            # must never start. requeue() cancels it.
             cancelled.setdefault(worker_id, []).append(attempt_id)
             continue
         frame = protocol.assign(attempt_id, run_id, task_name, definition, shard_index)

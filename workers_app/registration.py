@@ -6,7 +6,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from tasks_app import tokens
+from tasks_app import lifecycle, tokens
 from workers_app import dispatch
 from workers_app.exceptions import EnrollmentRefused
 from workers_app.models import EnrollmentToken, Worker
@@ -52,6 +52,8 @@ def revoke(worker: Worker) -> None:
     Worker.objects.filter(pk=worker.pk).update(
         revoked_at=timezone.now(), state=Worker.State.DISABLED
     )
+    # A revoked worker never takes work again: work pinned to it can never run.
+    lifecycle.fail_pinned(worker.pk, worker.name, "revoked")
     # Nothing new for it from now on, not only once its socket has closed.
     transaction.on_commit(lambda: dispatch.board.mark([worker.pk]), robust=True)
 
