@@ -253,17 +253,30 @@ def runs(request):
         "GET": Operation(
             "One run",
             {200: schemas.RUN_WITH_OUTPUT},
-            description="Its status and attempts, with their output.",
+            description="Its status and attempts, with their output. A sharded run's "
+            "attempts carry output only for the shard `shard` names (the merge is shard "
+            "N), so the answer stays one shard's size at 1,000 shards.",
+            query=(
+                query_param(
+                    "shard",
+                    {"type": "integer", "minimum": 0, "maximum": schemas.MAX_SHARDS},
+                    "a sharded run: the shard whose attempts come with their output",
+                ),
+            ),
             errors=(404,),
         )
     }
 )
 def run_detail(request, pk: int):
+    raw = request.GET.get("shard", "")
+    if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 5):
+        return error(400, f"shard must be a shard's index (a whole number), not {raw[:40]!r}")
     run = Run.objects.prefetch_related("attempts").filter(pk=pk).first()
     if run is None:
         return error(404, f"no run with id {pk}")
     history.mark_deleted_tasks([run])
-    return JsonResponse(serializers.run_json(run, with_output=True))
+    shard = int(raw) if raw else None
+    return JsonResponse(serializers.run_json(run, with_output=True, shard=shard))
 
 
 def _run_response(run: Run, status: int = 200) -> JsonResponse:

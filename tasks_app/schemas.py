@@ -394,9 +394,13 @@ def attempt_schema(*, with_output: bool) -> dict:
     }
     if with_output:
         properties.update(
-            output={"type": "string", "description": "stdout and stderr interleaved in order"},
-            stdout={"type": "string"},
-            stderr={"type": "string"},
+            output={
+                "type": ["string", "null"],
+                "description": "stdout and stderr interleaved in order; null for an attempt "
+                "of a sharded run unless `shard` names its shard",
+            },
+            stdout={"type": ["string", "null"]},
+            stderr={"type": ["string", "null"]},
         )
     return answer_object(properties, "One try of one shard on one worker.")
 

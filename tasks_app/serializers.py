@@ -78,14 +78,26 @@ def shard_summaries(definition: dict, attempts) -> tuple[list[dict], dict | None
     return [summary(i) for i in range(count)], merge
 
 
-def run_json(run: Run, *, with_output: bool, attempts=None) -> dict:
+# What a sharded run's attempt carries instead of its output when its shard
+# was not asked for (GET /api/runs/<id>?shard=N).
+NO_OUTPUT = {"combined": None, "stdout": None, "stderr": None}
+
+
+def run_json(run: Run, *, with_output: bool, attempts=None, shard: int | None = None) -> dict:
     """A run and its attempts (read from the database unless given); with
-    output, also its result (null until it succeeded)."""
+    output, also its result (null until it succeeded). A sharded run's
+    attempts come with output only for `shard`: 1,000 shards' output at once
+    could be gigabytes."""
     if attempts is None:
         attempts = run.attempts.all()
     shard_list, merge = shard_summaries(run.definition, attempts)
-    # All attempts' output in one query: a run may have 1,000 shards.
-    outputs = outputs_of(list(attempts)) if with_output else {}
+    outputs = {}
+    if with_output:
+        definition = run.definition
+        sharded = shards.shard_count(definition) > 1 or shards.has_merge(definition)
+        shown = [a for a in attempts if not sharded or a.shard_index == shard]
+        # In one query, whatever the number of attempts shown.
+        outputs = {a.pk: NO_OUTPUT for a in attempts} | outputs_of(shown)
     data = {
         "id": run.pk,
         "task": run.task_id,

@@ -161,8 +161,8 @@ def test_broadcast_reaches_every_matching_online_worker_once(master, start_agent
     assert run["status"] == "succeeded", run
     shards = sorted((a["shard_index"], a["worker"]) for a in run["attempts"])
     assert shards == [(0, "linux-1"), (1, "linux-2")]
-    outputs = sorted(a["output"] for a in master.api("GET", f"runs/{run_id}").json()["attempts"])
-    assert outputs == ["0/2\n", "1/2\n"]
+    # Its result: each worker's stdout, in shard order.
+    assert master.api("GET", f"runs/{run_id}").json()["result"] == "0/2\n1/2\n"
 
 
 def test_broadcast_with_no_matching_online_worker_fails_at_once(master, start_agent):

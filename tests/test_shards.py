@@ -193,6 +193,12 @@ def test_without_a_merge_the_result_is_the_shards_stdout_in_shard_order(task, bi
 
     body = api.get(f"/api/runs/{run.pk}").json()
     assert body["result"] == "from 0\nfrom 1\nfrom 2\n"
+    # Without ?shard= a sharded run's attempts come without their output.
+    assert {(a["output"], a["stdout"], a["stderr"]) for a in body["attempts"]} == {(None,) * 3}
+    shard_2 = api.get(f"/api/runs/{run.pk}?shard=2").json()["attempts"]
+    assert [(a["shard_index"], a["stdout"]) for a in shard_2 if a["stdout"] is not None] == [
+        (2, "from 2\n")
+    ]
     assert body["result_truncated"] is False
     assert body["shards"] == [
         {"index": i, "status": "succeeded", "worker": "node-1", "attempts": 1} for i in range(3)
@@ -224,6 +230,14 @@ def test_a_run_has_no_result_until_it_succeeded(task, api):
 
 
 # --- bad input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", ["x", "-1", "1.5", "123456", "%C2%B9"])
+def test_the_run_api_refuses_a_bad_shard_with_a_clear_error(task, api, shard):
+    run = sharded(task, 2)
+    answer = api.get(f"/api/runs/{run.pk}?shard={shard}")
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith("shard must be a shard's index (a whole number)")
 
 
 @pytest.mark.parametrize(
@@ -301,9 +315,9 @@ def test_a_runs_api_page_costs_the_same_queries_at_200_shards_as_at_2(
         for attempt in list(run.attempts.all()):
             run_shard(big_worker, attempt, stdout=f"{attempt.shard_index}\n")
         with CaptureQueriesContext(connection) as queries:
-            body = api.get(f"/api/runs/{run.pk}").json()
+            body = api.get(f"/api/runs/{run.pk}?shard=1").json()
         assert body["result"] == "".join(f"{i}\n" for i in range(shards))
-        assert [a["stdout"] for a in body["attempts"]] == [f"{i}\n" for i in range(shards)]
+        assert [a["stdout"] for a in body["attempts"]] == [None, "1\n"] + [None] * (shards - 2)
         return len(queries)
 
     small = queries_for(2)  # first: it also records the API token's use
