@@ -1035,15 +1035,14 @@ def _after_final_rows(rows: list[tuple]) -> None:
             )
             ready = now + dt.timedelta(seconds=delay)
             retries.append(
-                Attempt(
+                Attempt.queued(
                     run_id=run_id,
                     shard_index=shard_index,
                     try_number=try_number + 1,
                     labels_key=key,
                     timeout_s=timeout,
-                    queued_at=now,
-                    ready_at=ready,
-                    queue_at=queue_at(ready, priority),
+                    ready=ready,
+                    now=now,
                     priority=priority,
                     avoid_worker=worker_id,
                 )

@@ -475,6 +475,18 @@ class Attempt(models.Model):
             )
         ]
 
+    @classmethod
+    def queued(cls, *, ready, now, priority: int = 0, **fields) -> "Attempt":
+        """A new try, queued at `now`, dispatchable from `ready`, its place in
+        the queue set by its priority (the one place queue_at is first made)."""
+        return cls(
+            queued_at=now,
+            ready_at=ready,
+            queue_at=queue_at(ready, priority),
+            priority=priority,
+            **fields,
+        )
+
     def __str__(self) -> str:
         return f"attempt {self.pk} (run {self.run_id}, try {self.try_number})"
 

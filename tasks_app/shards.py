@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from tasks_app.models import Attempt, Run, labels_key, queue_at
+from tasks_app.models import Attempt, Run, labels_key
 
 S = Attempt.Status
 
@@ -50,14 +50,13 @@ def first_attempts(
     timeout = definition.get("timeout")
     priority = definition.get("priority", 0)
     return [
-        Attempt(
+        Attempt.queued(
             run=run,
             shard_index=index,
             labels_key=key,
             timeout_s=timeout,
-            queued_at=now,
-            ready_at=ready,
-            queue_at=queue_at(ready, priority),
+            ready=ready,
+            now=now,
             priority=priority,
         )
         for index, key in routes
@@ -67,16 +66,14 @@ def first_attempts(
 def merge_attempt(run_id: int, definition: dict, now: dt.datetime) -> Attempt:
     """The first try of a run's merge (shard_index = the shard count). It goes
     to any worker with the task's labels, also after a broadcast."""
-    priority = definition.get("priority", 0)
-    return Attempt(
+    return Attempt.queued(
         run_id=run_id,
         shard_index=shard_count(definition),
         labels_key=labels_key(definition.get("labels")),
         timeout_s=definition.get("timeout"),
-        queued_at=now,
-        ready_at=now,
-        queue_at=queue_at(now, priority),
-        priority=priority,
+        ready=now,
+        now=now,
+        priority=definition.get("priority", 0),
     )
 
 
