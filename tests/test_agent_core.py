@@ -1695,3 +1695,14 @@ def test_a_refused_shard_output_is_a_fetch_error_naming_the_shard(
     url, _ = shard_server
     with pytest.raises(agent.ShardFetchError, match=r'^shard 2: HTTP 403 \{"error": "no"\}$'):
         agent.fetch_shard_outputs(url, "wkr_x", "/m/", 3, tmp_path / "9")
+
+
+def test_a_stopped_fetch_ends_before_its_next_shard(tmp_path: Path, shard_server) -> None:
+    # A cancel while the merge downloads sets the event; the thread stops at
+    # the next block or shard instead of fetching every shard first.
+    url, seen = shard_server
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(agent.ShardFetchError, match="^stopped before shard 0$"):
+        agent.fetch_shard_outputs(url, "wkr_x", "/m/", 2, tmp_path / "9", stop)
+    assert seen == []

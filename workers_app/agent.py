@@ -1213,11 +1213,17 @@ class ShardFetchError(Exception):
 
 
 def fetch_shard_outputs(
-    server: str, credential: str, path: str, count: int, directory: Path
+    server: str,
+    credential: str,
+    path: str,
+    count: int,
+    directory: Path,
+    stop: threading.Event | None = None,
 ) -> Path:
     """Blocking (run it in a thread): GET <server><path><i> for each shard into
     <directory>/shards/<i>, and all of them in shard order into
-    <directory>/stdin, which is returned. Raises ShardFetchError or OSError."""
+    <directory>/stdin, which is returned. Raises ShardFetchError or OSError;
+    ShardFetchError too as soon as `stop` is set (checked between blocks)."""
     import requests
 
     shards_dir = directory / "shards"
@@ -1228,6 +1234,8 @@ def fetch_shard_outputs(
         session.headers["Authorization"] = f"Bearer {credential}"
         session.headers["User-Agent"] = f"scheduler-agent/{AGENT_VERSION}"
         for index in range(count):
+            if stop is not None and stop.is_set():
+                raise ShardFetchError(f"stopped before shard {index}")
             try:
                 with session.get(
                     f"{base}{path}{index}", stream=True, timeout=FETCH_TIMEOUT_S
@@ -1238,6 +1246,8 @@ def fetch_shard_outputs(
                         )
                     with open(shards_dir / str(index), "wb") as out:
                         for block in response.iter_content(FETCH_BLOCK_BYTES):
+                            if stop is not None and stop.is_set():
+                                raise ShardFetchError("stopped while downloading")
                             out.write(block)
                             joined.write(block)
             except requests.RequestException as exc:
@@ -1515,6 +1525,8 @@ class Agent:
         self._merge_root = config.state_dir / "merge"
         shutil.rmtree(self._merge_root, ignore_errors=True)
         self._fetches: set[asyncio.Task[None]] = set()
+        # A merge's download in progress, by attempt: set to stop it (a cancel).
+        self._fetch_stops: dict[int, threading.Event] = {}
         self._inputs: set[int] = set()  # attempts with a directory there
         # Ended attempts whose leftovers are still inside their SIGTERM grace.
         self._lingering: set[_Run] = set()
@@ -1554,6 +1566,9 @@ class Agent:
                 run = self._runs.get(out.attempt)
                 if run is not None:
                     self._terminate(run)
+                elif out.attempt in self._fetch_stops:
+                    # A merge still downloading its inputs: stop between blocks.
+                    self._fetch_stops[out.attempt].set()
             elif isinstance(out, WriteSpool):
                 self.spool.write(out.attempt, out.frame)
             elif isinstance(out, RemoveSpool):
@@ -1580,6 +1595,7 @@ class Agent:
         commands' output and the heartbeats go on meanwhile)."""
         directory = self._merge_root / str(fetch.attempt)
         self._inputs.add(fetch.attempt)
+        stop = self._fetch_stops[fetch.attempt] = threading.Event()
         try:
             stdin = await asyncio.to_thread(
                 fetch_shard_outputs,
@@ -1588,11 +1604,14 @@ class Agent:
                 fetch.path,
                 fetch.count,
                 directory,
+                stop,
             )
         except (ShardFetchError, OSError) as exc:
             self._drop_inputs(fetch.attempt)
             self.dispatch(self.core.shard_outputs_failed(fetch.attempt, str(exc), time.time()))
             return
+        finally:
+            self._fetch_stops.pop(fetch.attempt, None)
         outputs = self.core.shard_outputs_fetched(
             fetch.attempt, str(directory / "shards"), str(stdin), time.time()
         )
