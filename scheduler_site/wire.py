@@ -117,7 +117,8 @@ MASTER_FRAMES = {
         # that predates merges refuses it ("exactly one of argv and shell")
         # instead of running the command without its inputs. The command is
         # here ({"argv", "shell"}, one of them set), with "outputs": the path
-        # (on the master) under which shard i's stdout is GET <outputs><i>.
+        # (on the master) whose GET streams every shard's stdout in shard
+        # order, each framed as a line "<index> <byte length>" and its bytes.
         "merge": ((dict,) + _NONE, False),
     },
     "cancel": {"attempt": (_INT, True)},

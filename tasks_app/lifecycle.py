@@ -26,6 +26,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from tasks_app import shards
 from tasks_app.batchsql import (
@@ -1092,7 +1093,9 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
     }
     if not runs:
         return
-    ids = list(runs)
+    finals, starts, merges, fail_fast = [], [], [], []
+    now = timezone.now()
+    ids = _to_judge(runs, starts, now)
     latest: dict[int, dict[int, shards.Latest]] = {}
     for run_id, shard, try_number, status, reason, started, finished in select(
         "SELECT run_id, shard_index, try_number, status, reason, started_at, finished_at"
@@ -1105,8 +1108,6 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
             by_shard[shard] = shards.Latest(
                 shard, try_number, status, reason, aware(started), aware(finished)
             )
-    finals, starts, merges, fail_fast = [], [], [], []
-    now = timezone.now()
     for run_id, by_shard in latest.items():
         definition, cancelling = runs[run_id]
         attempts = list(by_shard.values())
@@ -1151,6 +1152,45 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
         _stop_the_rest(fail_fast, now)
     if finals:
         _release_held([run_id for *_, run_id in finals])
+
+
+def _to_judge(runs: dict[int, tuple[dict, bool]], starts: list, now: dt.datetime) -> list[int]:
+    """Of these runs, those whose every shard refresh_runs must read.
+
+    A sharded run can end, or need its merge, only once none of its attempts
+    is still queued or going, or once a shard's latest try ended badly (fail
+    fast), or while it is cancelled; until then one aggregate row per run,
+    counted by the database, says all there is to say (whether it started).
+    Without this, each result of a 1,000-shard run read its 1,000 attempts.
+    One-shard runs are judged at once, as before: nothing to save there.
+    """
+    sharded = [
+        pk
+        for pk, (definition, cancelling) in runs.items()
+        if not cancelling and (shards.shard_count(definition) > 1 or shards.has_merge(definition))
+    ]
+    if not sharded:
+        return list(runs)
+    going = [S.QUEUED, *ACTIVE]
+    bad = [S.FAILED, S.TIMED_OUT, S.LOST, S.CANCELLED]
+    quiet = set()
+    for run_id, active, bad_latest, begun, started in select(
+        f"SELECT a.run_id, SUM(CASE WHEN a.status IN ({marks(going)}) THEN 1 ELSE 0 END),"
+        f" SUM(CASE WHEN a.status IN ({marks(bad)}) AND NOT EXISTS (SELECT 1 FROM {ATTEMPT} b"
+        " WHERE b.run_id = a.run_id AND b.shard_index = a.shard_index"
+        " AND b.try_number > a.try_number) THEN 1 ELSE 0 END),"
+        " SUM(CASE WHEN a.status IN (%s, %s) THEN 0 ELSE 1 END),"
+        f" MIN(a.started_at) FROM {ATTEMPT} a WHERE a.run_id IN ({marks(sharded)})"
+        " GROUP BY a.run_id",
+        [*going, *bad, S.QUEUED, S.ASSIGNED, *sharded],
+    ):
+        if active and not bad_latest:
+            quiet.add(run_id)
+            if begun:  # an attempt runs or ran: the run is running
+                if isinstance(started, str):  # SQLite: an aggregate loses its column's type
+                    started = parse_datetime(started)
+                starts.append((Run.Status.RUNNING, aware(started) or now, run_id))
+    return [pk for pk in runs if pk not in quiet]
 
 
 def _stop_the_rest(run_ids: list[int], now: dt.datetime) -> None:

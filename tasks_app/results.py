@@ -72,6 +72,42 @@ def iter_stdout(attempt_ids: Sequence[int]) -> Iterator[str]:
         yield "".join(text[pk] for pk in batch)
 
 
+def iter_framed_stdout(attempt_ids: Sequence[int]) -> Iterator[bytes]:
+    """The stdout of each of these attempts, in order, each framed as a line
+    "<position> <byte length>\n" and then that many bytes: a merge's agent
+    splits one response into one file per shard. Read like iter_stdout, a
+    batch of chunks at a time; one attempt's stdout is held whole (it is
+    capped by SCHEDULER_LOG_LIMIT_BYTES)."""
+    if not attempt_ids:
+        return
+    position = {pk: n for n, pk in enumerate(attempt_ids)}
+    ids = list(position)
+    order = select(
+        f"SELECT id, attempt_id, seq FROM {CHUNK} WHERE attempt_id IN ({marks(ids)})"
+        " AND stream = %s",
+        [*ids, LogChunk.Stream.STDOUT],
+    )
+    order.sort(key=lambda row: (position[row[1]], row[2]))
+    current, pending = 0, []  # the position being read, and its chunks so far
+    for start in range(0, len(order), CHUNKS_PER_READ):
+        rows = order[start : start + CHUNKS_PER_READ]
+        batch = [row[0] for row in rows]
+        text = dict(select(f"SELECT id, data FROM {CHUNK} WHERE id IN ({marks(batch)})", batch))
+        for pk, attempt_id, _ in rows:
+            while current < position[attempt_id]:  # the ones before it are complete
+                yield _framed(current, pending)
+                current, pending = current + 1, []
+            pending.append(text[pk])
+    while current < len(ids):
+        yield _framed(current, pending)
+        current, pending = current + 1, []
+
+
+def _framed(index: int, parts: list[str]) -> bytes:
+    data = "".join(parts).encode()
+    return f"{index} {len(data)}\n".encode() + data
+
+
 def head(attempt_ids: Sequence[int], limit: int = RESULT_INLINE_CHARS) -> tuple[str, bool]:
     """The first `limit` characters of these attempts' stdout, and whether there was more."""
     parts, size = [], 0
@@ -83,7 +119,7 @@ def head(attempt_ids: Sequence[int], limit: int = RESULT_INLINE_CHARS) -> tuple[
     return "".join(parts), False
 
 
-def streamed(request, chunks: Iterator[str], *, filename: str) -> StreamingHttpResponse:
+def streamed(request, chunks: Iterator[str | bytes], *, filename: str) -> StreamingHttpResponse:
     """A text download of chunks read lazily, a batch at a time.
 
     Under ASGI (daphne) Django would read a synchronous iterator whole into
@@ -91,7 +127,7 @@ def streamed(request, chunks: Iterator[str], *, filename: str) -> StreamingHttpR
     generator, each read in the thread the ORM uses; the test client (WSGI)
     takes the iterator as it is.
     """
-    encoded = (text.encode() for text in chunks)
+    encoded = (text if isinstance(text, bytes) else text.encode() for text in chunks)
     content = _async(encoded) if isinstance(request, ASGIRequest) else encoded
     response = StreamingHttpResponse(content, content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'

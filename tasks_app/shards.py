@@ -171,6 +171,27 @@ def failing_index(latest: dict[int, Attempt], count: int) -> int | None:
     return next((i for i in sorted(latest) if i <= count and latest[i].status in bad), None)
 
 
+def merge_inputs(worker_id: int, attempt_id: int) -> list[int] | None:
+    """The successful attempt of every shard, in shard order, whose stdout the
+    merge attempt `attempt_id` reads; None unless this worker holds that merge
+    attempt (assigned or running) and every shard has succeeded."""
+    row = (
+        Attempt.objects.filter(pk=attempt_id, worker_id=worker_id, status__in=Attempt.ACTIVE)
+        .values_list("run_id", "shard_index", "run__definition")
+        .first()
+    )
+    if row is None:
+        return None
+    run_id, shard_index, definition = row
+    if not is_merge(definition, shard_index):
+        return None
+    from tasks_app.results import succeeded_attempt_ids  # results builds on this module
+
+    count = shard_count(definition)
+    ids = succeeded_attempt_ids(run_id, range(count))
+    return ids if len(ids) == count else None
+
+
 def merge_input(worker_id: int, attempt_id: int, index: int) -> int | None:
     """The successful attempt of shard `index`, whose stdout the merge attempt
     `attempt_id` reads, or None: only the worker holding that merge attempt

@@ -1653,16 +1653,23 @@ def test_an_agent_without_merges_refuses_a_merge_assign_instead_of_running_it() 
 
 @pytest.fixture
 def shard_server():
-    """An HTTP server serving /m/<i> as 'out <i>' for i < 2, and 403 beyond;
-    it records the Authorization header it got."""
+    """An HTTP server answering like the master's merge-input endpoint: /m/ two
+    framed shards ('out 0', then an empty one, then 'é 2'), /short/ an answer
+    cut inside shard 1, /odd/ a wrong frame header, anything else 403; it
+    records the Authorization header it got."""
     seen: list[str] = []
+    frames = b"0 6\nout 0\n1 0\n2 5\n\xc3\xa9 2\n"
+    bodies = {
+        "/m/": (200, frames),
+        "/short/": (200, b"0 6\nout 0\n1 9\nout"),
+        "/odd/": (200, b"0 6\nout 0\nX 1\n"),
+    }
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(self.headers.get("Authorization", ""))
-            index = int(self.path.rsplit("/", 1)[1])
-            body = f"out {index}\n".encode() if index < 2 else b'{"error": "no"}'
-            self.send_response(200 if index < 2 else 403)
+            status, body = bodies.get(self.path, (403, b'{"error": "no"}'))
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -1681,28 +1688,38 @@ def test_fetching_shard_outputs_writes_one_file_each_and_the_joined_stdin(
 ) -> None:
     url, seen = shard_server
 
-    stdin = agent.fetch_shard_outputs(url, "wkr_x", "/m/", 2, tmp_path / "9")
+    stdin = agent.fetch_shard_outputs(url, "wkr_x", "/m/", 3, tmp_path / "9")
 
-    assert stdin.read_text() == "out 0\nout 1\n"
-    assert sorted(p.name for p in (tmp_path / "9" / "shards").iterdir()) == ["0", "1"]
-    assert (tmp_path / "9" / "shards" / "1").read_text() == "out 1\n"
-    assert seen == ["Bearer wkr_x", "Bearer wkr_x"]
+    assert stdin.read_bytes() == "out 0\né 2\n".encode()
+    shards_dir = tmp_path / "9" / "shards"
+    assert sorted(p.name for p in shards_dir.iterdir()) == ["0", "1", "2"]
+    assert (shards_dir / "1").read_bytes() == b""
+    assert (shards_dir / "2").read_text() == "é 2\n"
+    assert seen == ["Bearer wkr_x"]  # one request for every shard
 
 
-def test_a_refused_shard_output_is_a_fetch_error_naming_the_shard(
-    tmp_path: Path, shard_server
+@pytest.mark.parametrize(
+    ("path", "count", "message"),
+    [
+        ("/refused/", 3, r'^HTTP 403 \{"error": "no"\}$'),
+        ("/short/", 2, r"^shard 1: the answer ended early$"),
+        ("/odd/", 2, r"^shard 1: bad frame header b'X 1\\n'$"),
+        ("/m/", 4, r"^shard 3: bad frame header b''$"),
+    ],
+)
+def test_a_refused_or_broken_answer_is_a_fetch_error_naming_the_shard(
+    tmp_path: Path, shard_server, path: str, count: int, message: str
 ) -> None:
     url, _ = shard_server
-    with pytest.raises(agent.ShardFetchError, match=r'^shard 2: HTTP 403 \{"error": "no"\}$'):
-        agent.fetch_shard_outputs(url, "wkr_x", "/m/", 3, tmp_path / "9")
+    with pytest.raises(agent.ShardFetchError, match=message):
+        agent.fetch_shard_outputs(url, "wkr_x", path, count, tmp_path / "9")
 
 
 def test_a_stopped_fetch_ends_before_its_next_shard(tmp_path: Path, shard_server) -> None:
     # A cancel while the merge downloads sets the event; the thread stops at
-    # the next block or shard instead of fetching every shard first.
-    url, seen = shard_server
+    # the next block or shard instead of reading every shard first.
+    url, _ = shard_server
     stop = threading.Event()
     stop.set()
     with pytest.raises(agent.ShardFetchError, match="^stopped before shard 0$"):
-        agent.fetch_shard_outputs(url, "wkr_x", "/m/", 2, tmp_path / "9", stop)
-    assert seen == []
+        agent.fetch_shard_outputs(url, "wkr_x", "/m/", 3, tmp_path / "9", stop)

@@ -304,6 +304,40 @@ def test_the_shard_outputs_go_only_to_the_worker_holding_the_merge(
     assert client.get(f"/api/agent/attempts/{shard.pk}/shards/0", headers=holder).status_code == 403
 
 
+def test_the_merge_gets_every_shards_output_in_one_framed_answer(
+    task, big_worker, worker_credential, client, monkeypatch
+):
+    # Two chunks a read: the frames must come out whole across batches.
+    monkeypatch.setattr(results, "CHUNKS_PER_READ", 2)
+    run = sharded(task, 4, merge="cat")
+    outputs = {0: "a\nb\n", 1: "", 2: "é\n", 3: "d\n"}
+    for attempt in list(run.attempts.order_by("shard_index")):
+        index = attempt.shard_index
+        assert lifecycle.assign(attempt.pk, big_worker.pk, big_worker.name)
+        assert lifecycle.mark_started(big_worker.pk, attempt.pk, None, 1)
+        chunks = [outputs[index][:2], outputs[index][2:]] if outputs[index] else []
+        logs.append_logs(
+            [logs.Chunk(big_worker.pk, attempt.pk, n, "stdout", c) for n, c in enumerate(chunks)]
+            + [logs.Chunk(big_worker.pk, attempt.pk, 9, "stderr", "not this\n")]
+        )
+        assert lifecycle.finish(big_worker.pk, attempt.pk, ok()) is lifecycle.Outcome.STORED
+    merge = run.attempts.get(shard_index=4)
+    url = f"/api/agent/attempts/{merge.pk}/shards/"
+    holder = {"Authorization": f"Bearer {worker_credential}"}
+    assert client.get(url, headers=holder).status_code == 403  # not its attempt yet
+    assert lifecycle.assign(merge.pk, big_worker.pk, big_worker.name)
+
+    served = client.get(url, headers=holder)
+
+    assert served.status_code == 200
+    assert b"".join(served.streaming_content) == "0 4\na\nb\n1 0\n2 3\né\n3 2\nd\n".encode()
+    assert client.get(url).status_code == 401
+    from tasks_app import tokens
+
+    Worker.objects.create(name="node-2", capacity=1, credential_hash=tokens.digest("wkr_two"))
+    assert client.get(url, headers={"Authorization": "Bearer wkr_two"}).status_code == 403
+
+
 def test_a_runs_api_page_costs_the_same_queries_at_200_shards_as_at_2(
     task, big_worker, api, monkeypatch
 ):

@@ -175,7 +175,8 @@ MASTER_FRAMES = {
         # that predates merges refuses it ("exactly one of argv and shell")
         # instead of running the command without its inputs. The command is
         # here ({"argv", "shell"}, one of them set), with "outputs": the path
-        # (on the master) under which shard i's stdout is GET <outputs><i>.
+        # (on the master) whose GET streams every shard's stdout in shard
+        # order, each framed as a line "<index> <byte length>" and its bytes.
         "merge": ((dict,) + _NONE, False),
     },
     "cancel": {"attempt": (_INT, True)},
@@ -1220,8 +1221,8 @@ def fetch_shard_outputs(
     directory: Path,
     stop: threading.Event | None = None,
 ) -> Path:
-    """Blocking (run it in a thread): GET <server><path><i> for each shard into
-    <directory>/shards/<i>, and all of them in shard order into
+    """Blocking (run it in a thread): GET <server><path>, every shard's stdout
+    in one answer, into <directory>/shards/<i> each and, in shard order, into
     <directory>/stdin, which is returned. Raises ShardFetchError or OSError;
     ShardFetchError too as soon as `stop` is set (checked between blocks)."""
     import requests
@@ -1229,30 +1230,46 @@ def fetch_shard_outputs(
     shards_dir = directory / "shards"
     shards_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     stdin = directory / "stdin"
-    base = server.rstrip("/")
-    with requests.Session() as session, open(stdin, "wb") as joined:
-        session.headers["Authorization"] = f"Bearer {credential}"
-        session.headers["User-Agent"] = f"scheduler-agent/{AGENT_VERSION}"
-        for index in range(count):
-            if stop is not None and stop.is_set():
-                raise ShardFetchError(f"stopped before shard {index}")
-            try:
-                with session.get(
-                    f"{base}{path}{index}", stream=True, timeout=FETCH_TIMEOUT_S
-                ) as response:
-                    if response.status_code != 200:
-                        raise ShardFetchError(
-                            f"shard {index}: HTTP {response.status_code} {response.text[:200]}"
-                        )
-                    with open(shards_dir / str(index), "wb") as out:
-                        for block in response.iter_content(FETCH_BLOCK_BYTES):
-                            if stop is not None and stop.is_set():
-                                raise ShardFetchError("stopped while downloading")
-                            out.write(block)
-                            joined.write(block)
-            except requests.RequestException as exc:
-                raise ShardFetchError(f"shard {index}: {exc}") from None
+    headers = {
+        "Authorization": f"Bearer {credential}",
+        "User-Agent": f"scheduler-agent/{AGENT_VERSION}",
+    }
+    try:
+        with requests.get(
+            f"{server.rstrip('/')}{path}", headers=headers, stream=True, timeout=FETCH_TIMEOUT_S
+        ) as response:
+            if response.status_code != 200:
+                raise ShardFetchError(f"HTTP {response.status_code} {response.text[:200]}")
+            with open(stdin, "wb") as joined:
+                _split_shards(response.raw, count, shards_dir, joined, stop)
+    except requests.RequestException as exc:
+        raise ShardFetchError(str(exc)) from None
     return stdin
+
+
+def _split_shards(
+    stream, count: int, shards_dir: Path, joined, stop: threading.Event | None
+) -> None:
+    """Read `count` framed shard outputs ("<index> <length>\n" and the bytes)
+    into one file each and, in order, into `joined`."""
+    for index in range(count):
+        if stop is not None and stop.is_set():
+            raise ShardFetchError(f"stopped before shard {index}")
+        header = stream.readline(64)
+        parts = header.split()
+        if len(parts) != 2 or parts[0] != str(index).encode() or not parts[1].isdigit():
+            raise ShardFetchError(f"shard {index}: bad frame header {header[:64]!r}")
+        left = int(parts[1])
+        with open(shards_dir / str(index), "wb") as out:
+            while left:
+                if stop is not None and stop.is_set():
+                    raise ShardFetchError("stopped while downloading")
+                block = stream.read(min(left, FETCH_BLOCK_BYTES))
+                if not block:
+                    raise ShardFetchError(f"shard {index}: the answer ended early")
+                out.write(block)
+                joined.write(block)
+                left -= len(block)
 
 
 def websocket_url(server: str) -> str:

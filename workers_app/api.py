@@ -102,6 +102,38 @@ def worker_action(request, pk: int, action: str):
 @api_view(
     {
         "GET": Operation(
+            "Every shard's output, for the merge that reads them",
+            {200: None},
+            description="The stdout of the successful attempt of each shard of the run "
+            "whose merge attempt `pk` is, in shard order, each as a line `<index> <byte "
+            "length>` and then that many bytes: what a merge's agent fetches, in one "
+            "request. Authenticated like the one-shard form below; 403 also while a "
+            "shard has not succeeded.",
+            errors=(401, 403),
+            content_type="application/octet-stream",
+            public=True,
+        )
+    }
+)
+def shard_outputs(request, pk: int):
+    worker = registration.authenticate(bearer(request.headers.get("Authorization", "")))
+    if worker is None:
+        response = error(401, "a worker's credential is required")
+        response["WWW-Authenticate"] = "Bearer"
+        return response
+    attempt_ids = shards.merge_inputs(worker.pk, pk)
+    if attempt_ids is None:
+        return error(403, f"worker {worker.name} does not hold merge attempt {pk}")
+    response = results.streamed(
+        request, results.iter_framed_stdout(attempt_ids), filename=f"merge-{pk}-inputs"
+    )
+    response["Content-Type"] = "application/octet-stream"
+    return response
+
+
+@api_view(
+    {
+        "GET": Operation(
             "A shard's output, for the merge that reads it",
             {200: None},
             description="The stdout of the successful attempt of shard `index` of the run "

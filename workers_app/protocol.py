@@ -245,5 +245,5 @@ def merge_command(attempt_id: int, definition: dict) -> dict[str, Any]:
     return {
         "argv": None if shell else definition["merge_argv"],
         "shell": definition["merge_command"] if shell else None,
-        "outputs": reverse("api:agent-shard-output", args=[attempt_id, 0])[:-1],
+        "outputs": reverse("api:agent-shard-outputs", args=[attempt_id]),
     }
