@@ -54,8 +54,10 @@ def succeeded_attempt_ids(run_id: int, shard_indexes: Sequence[int]) -> list[int
     return [done[i] for i in shard_indexes if i in done]
 
 
-def iter_stdout(attempt_ids: Sequence[int]) -> Iterator[str]:
-    """The stdout of these attempts, one after the other, a batch of chunks per item."""
+def _stdout_batches(attempt_ids: Sequence[int]) -> Iterator[list[tuple[int, int, str]]]:
+    """The stdout chunks of these attempts as (position, attempt id, text), in
+    order of attempt then seq: one query for their order (ids only), then
+    their text CHUNKS_PER_READ at a time."""
     if not attempt_ids:
         return
     position = {pk: n for n, pk in enumerate(attempt_ids)}
@@ -67,9 +69,16 @@ def iter_stdout(attempt_ids: Sequence[int]) -> Iterator[str]:
     )
     order.sort(key=lambda row: (position[row[1]], row[2]))
     for start in range(0, len(order), CHUNKS_PER_READ):
-        batch = [row[0] for row in order[start : start + CHUNKS_PER_READ]]
+        rows = order[start : start + CHUNKS_PER_READ]
+        batch = [row[0] for row in rows]
         text = dict(select(f"SELECT id, data FROM {CHUNK} WHERE id IN ({marks(batch)})", batch))
-        yield "".join(text[pk] for pk in batch)
+        yield [(position[attempt_id], attempt_id, text[pk]) for pk, attempt_id, _ in rows]
+
+
+def iter_stdout(attempt_ids: Sequence[int]) -> Iterator[str]:
+    """The stdout of these attempts, one after the other, a batch of chunks per item."""
+    for batch in _stdout_batches(attempt_ids):
+        yield "".join(text for _, _, text in batch)
 
 
 def iter_framed_stdout(attempt_ids: Sequence[int]) -> Iterator[bytes]:
@@ -78,27 +87,14 @@ def iter_framed_stdout(attempt_ids: Sequence[int]) -> Iterator[bytes]:
     splits one response into one file per shard. Read like iter_stdout, a
     batch of chunks at a time; one attempt's stdout is held whole (it is
     capped by SCHEDULER_LOG_LIMIT_BYTES)."""
-    if not attempt_ids:
-        return
-    position = {pk: n for n, pk in enumerate(attempt_ids)}
-    ids = list(position)
-    order = select(
-        f"SELECT id, attempt_id, seq FROM {CHUNK} WHERE attempt_id IN ({marks(ids)})"
-        " AND stream = %s",
-        [*ids, LogChunk.Stream.STDOUT],
-    )
-    order.sort(key=lambda row: (position[row[1]], row[2]))
     current, pending = 0, []  # the position being read, and its chunks so far
-    for start in range(0, len(order), CHUNKS_PER_READ):
-        rows = order[start : start + CHUNKS_PER_READ]
-        batch = [row[0] for row in rows]
-        text = dict(select(f"SELECT id, data FROM {CHUNK} WHERE id IN ({marks(batch)})", batch))
-        for pk, attempt_id, _ in rows:
-            while current < position[attempt_id]:  # the ones before it are complete
+    for batch in _stdout_batches(attempt_ids):
+        for at, _, text in batch:
+            while current < at:  # the ones before it are complete
                 yield _framed(current, pending)
                 current, pending = current + 1, []
-            pending.append(text[pk])
-    while current < len(ids):
+            pending.append(text)
+    while current < len(attempt_ids):
         yield _framed(current, pending)
         current, pending = current + 1, []
 

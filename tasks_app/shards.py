@@ -171,22 +171,30 @@ def failing_index(latest: dict[int, Attempt], count: int) -> int | None:
     return next((i for i in sorted(latest) if i <= count and latest[i].status in bad), None)
 
 
-def merge_inputs(worker_id: int, attempt_id: int) -> list[int] | None:
-    """The successful attempt of every shard, in shard order, whose stdout the
-    merge attempt `attempt_id` reads; None unless this worker holds that merge
-    attempt (assigned or running) and every shard has succeeded."""
+def _held_merge(worker_id: int, attempt_id: int) -> tuple[int, dict] | None:
+    """(run id, definition) of the merge attempt `attempt_id` if this worker
+    holds it (assigned or running); None otherwise: only that worker may read
+    its run's shard outputs."""
     row = (
         Attempt.objects.filter(pk=attempt_id, worker_id=worker_id, status__in=Attempt.ACTIVE)
         .values_list("run_id", "shard_index", "run__definition")
         .first()
     )
-    if row is None:
+    if row is None or not is_merge(row[2], row[1]):
         return None
-    run_id, shard_index, definition = row
-    if not is_merge(definition, shard_index):
+    return row[0], row[2]
+
+
+def merge_inputs(worker_id: int, attempt_id: int) -> list[int] | None:
+    """The successful attempt of every shard, in shard order, whose stdout the
+    merge attempt `attempt_id` reads; None unless this worker holds that merge
+    attempt and every shard has succeeded."""
+    held = _held_merge(worker_id, attempt_id)
+    if held is None:
         return None
     from tasks_app.results import succeeded_attempt_ids  # results builds on this module
 
+    run_id, definition = held
     count = shard_count(definition)
     ids = succeeded_attempt_ids(run_id, range(count))
     return ids if len(ids) == count else None
@@ -194,20 +202,12 @@ def merge_inputs(worker_id: int, attempt_id: int) -> list[int] | None:
 
 def merge_input(worker_id: int, attempt_id: int, index: int) -> int | None:
     """The successful attempt of shard `index`, whose stdout the merge attempt
-    `attempt_id` reads, or None: only the worker holding that merge attempt
-    (assigned or running) may read its run's shard outputs."""
-    row = (
-        Attempt.objects.filter(pk=attempt_id, worker_id=worker_id, status__in=Attempt.ACTIVE)
-        .values_list("run_id", "shard_index", "run__definition")
-        .first()
-    )
-    if row is None:
-        return None
-    run_id, shard_index, definition = row
-    if not is_merge(definition, shard_index) or not 0 <= index < shard_count(definition):
+    `attempt_id` reads, or None unless this worker holds that merge attempt."""
+    held = _held_merge(worker_id, attempt_id)
+    if held is None or not 0 <= index < shard_count(held[1]):
         return None
     return (
-        Attempt.objects.filter(run_id=run_id, shard_index=index, status=S.SUCCEEDED)
+        Attempt.objects.filter(run_id=held[0], shard_index=index, status=S.SUCCEEDED)
         .values_list("pk", flat=True)
         .first()
     )
