@@ -460,7 +460,10 @@ def test_runlocal_prints_the_login_banner_last_and_in_one_piece(tmp_path):
     assert output.index(f"serving on http://127.0.0.1:{port}/") < top
     for name in ("local-1", "local-2"):
         connected = [i for i, line in enumerate(output) if line.endswith(f"({name})")]
-        assert connected and max(connected) < top, f"{name} connected after the banner"
+        # Its first connection: on a loaded machine an agent may also reconnect
+        # later (a missed heartbeat while the test shuts down), which is no
+        # business of the banner's.
+        assert connected and min(connected) < top, f"{name} connected after the banner"
     assert output[-1] == "stopped."
     assert runlocal.returncode == 0
 
