@@ -141,3 +141,48 @@ def env_log_level(name: str, default: str) -> str:
     if value not in LOG_LEVELS:
         raise ImproperlyConfigured(f"{name} must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
     return value
+
+
+def env_database(name: str, *, conn_max_age: float) -> dict | None:
+    """A PostgreSQL database from a URL (dj-database-url), or None when unset
+    (the embedded SQLite). NAME_FILE may hold the URL, which carries a password."""
+    raw = env_str(name, default_text="SQLite in the data dir")
+    if not raw:
+        return None
+    import dj_database_url
+
+    scheme = urlsplit(raw).scheme
+    if scheme not in ("postgres", "postgresql", "pgsql"):
+        raise ImproperlyConfigured(
+            f"{name} must be a postgres:// URL such as postgres://USER:PASSWORD@HOST:5432/NAME"
+            f" (unset it for the embedded SQLite), not a {scheme or 'schemeless'} URL"
+        )
+    try:
+        config = dj_database_url.parse(
+            raw, conn_max_age=int(conn_max_age), conn_health_checks=True
+        )
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from None
+    if not config.get("NAME"):
+        raise ImproperlyConfigured(f"{name} names no database: add /NAME at the end")
+    return config
+
+
+def env_redis(name: str) -> str:
+    """A Redis URL for the channel layer, or empty when unset (the in-memory layer)."""
+    raw = env_str(name, default_text="the in-memory channel layer of one server process")
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ImproperlyConfigured(
+            f"{name} must be a redis://HOST:6379/DB (or rediss://, unix://) URL, not {raw!r}"
+        )
+    try:
+        db = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if db and not db.isdigit():
+            raise ValueError
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}: {raw!r} has an invalid port or db number") from None
+    return raw

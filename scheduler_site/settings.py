@@ -12,11 +12,13 @@ from django.core.exceptions import ImproperlyConfigured
 
 from scheduler_site.envconfig import (
     env_bool,
+    env_database,
     env_dir,
     env_hosts,
     env_list,
     env_log_level,
     env_number,
+    env_redis,
     env_str,
     env_time_zone,
     env_url,
@@ -100,25 +102,52 @@ TEMPLATES = [
     },
 ]
 
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": DATA_DIR / "db.sqlite3",
-        "OPTIONS": {
-            # IMMEDIATE: a transaction takes the write lock when it begins, so two
-            # writers queue on busy_timeout instead of failing with "database is
-            # locked" when a read lock cannot be upgraded.
-            "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
-            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-        },
-        # A file, as in production (WAL: readers never wait for the writer), not
-        # the shared-cache in-memory database, whose table locks fail at once.
-        "TEST": {"NAME": str(DATA_DIR / "test-db.sqlite3")},
-    }
+SQLITE_DATABASE = {
+    "ENGINE": "django.db.backends.sqlite3",
+    "NAME": DATA_DIR / "db.sqlite3",
+    "OPTIONS": {
+        # IMMEDIATE: a transaction takes the write lock when it begins, so two
+        # writers queue on busy_timeout instead of failing with "database is
+        # locked" when a read lock cannot be upgraded.
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    },
+    # A file, as in production (WAL: readers never wait for the writer), not
+    # the shared-cache in-memory database, whose table locks fail at once.
+    "TEST": {"NAME": str(DATA_DIR / "test-db.sqlite3")},
 }
+# DATABASE_URL: PostgreSQL (psycopg 3) for several server processes. Connections
+# are kept for SCHEDULER_DB_CONN_MAX_AGE_S (checked before reuse), not opened per request.
+POSTGRES_DATABASE = env_database(
+    "DATABASE_URL",
+    conn_max_age=env_number("SCHEDULER_DB_CONN_MAX_AGE_S", 60, minimum=0, integer=True),
+)
+DATABASES = {"default": POSTGRES_DATABASE or SQLITE_DATABASE}
 
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# REDIS_URL: channels_redis, so that server processes reach each other's agent
+# sockets; unset, the in-memory layer of one process. SCHEDULER_REDIS_PREFIX
+# keeps installs (or test runs) sharing one Redis apart.
+REDIS_URL = env_redis("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": env_str("SCHEDULER_REDIS_PREFIX", "scheduler"),
+                # A frame for an agent whose server died is dropped after this;
+                # the agent's next hello is reconciled from the database anyway.
+                "expiry": 30,
+                "capacity": 1000,
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Several `serve` processes are only correct on PostgreSQL + Redis
+# (workers_app.servers refuses a second one otherwise).
+SCALE_OUT = bool(POSTGRES_DATABASE and REDIS_URL)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [

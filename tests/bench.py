@@ -293,7 +293,7 @@ def served(work: Path, name: str) -> Iterator[Master]:
     try:
         yield master
     finally:
-        master.stop()
+        master.release()
 
 
 def start_agents(master: Master, count: int, capacity: int) -> list[Agent]:
@@ -347,7 +347,7 @@ def real_system(args, work: Path) -> Iterator[System]:
     finally:
         for agent in agents:
             agent.stop()
-        master.stop()
+        master.release()
 
 
 def warm_up(system: System) -> None:
@@ -744,7 +744,7 @@ def output(args, work: Path) -> dict:
     finally:
         for agent in agents:
             agent.stop()
-        master.stop()
+        master.release()
 
 
 def measure_output(master: Master, agent: Agent, megabytes: int) -> dict:

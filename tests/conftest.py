@@ -96,7 +96,7 @@ def master(request, tmp_path) -> Iterator[Master]:
     overrides = marker.kwargs if marker else {}
     server = Master.launch(tmp_path / "master", **{**FAST_SETTINGS, **overrides})
     yield server
-    server.stop()
+    server.release()
 
 
 @pytest.fixture

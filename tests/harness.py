@@ -22,6 +22,8 @@ from pathlib import Path
 
 import requests
 
+from tests.engines import ScaleOut, create_database, create_prefix, drop_database, drop_prefix
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "workers_app" / "agent.py"
 
@@ -82,19 +84,55 @@ class Master:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     session: requests.Session = field(default_factory=requests.Session)
+    # A database and Redis prefix made for this server alone, dropped by release().
+    owned: ScaleOut | None = None
 
     @classmethod
     def launch(cls, data_dir: Path, **overrides: str) -> Master:
-        """Migrate a fresh data dir, mint an admin API token, start serving."""
+        """Migrate a fresh data dir, mint an admin API token, start serving.
+
+        When the test run itself is on PostgreSQL/Redis (DATABASE_URL or
+        REDIS_URL set: the whole suite run against the real engines), the
+        server gets a database and a key prefix of its own, never the test
+        run's; a caller that passes DATABASE_URL shares that one (several
+        servers of one install).
+        """
         port = free_port()
         env = {**os.environ, "SCHEDULER_DATA_DIR": str(data_dir), **overrides}
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        server = cls(url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, env=env)
-        server.manage("migrate", "-v0")
-        server.manage("ensureadmin")
-        server.token = server.manage("apitoken", "admin")
-        server.start()
+        owned = None
+        if "DATABASE_URL" not in overrides and "REDIS_URL" not in overrides:
+            if env.get("DATABASE_URL") or env.get("REDIS_URL"):
+                owned = ScaleOut(
+                    create_database() if env.get("DATABASE_URL") else "",
+                    create_prefix() if env.get("REDIS_URL") else "",
+                )
+                if owned.database_url:
+                    env["DATABASE_URL"] = owned.database_url
+                if owned.prefix:
+                    env["SCHEDULER_REDIS_PREFIX"] = owned.prefix
+        server = cls(
+            url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, env=env, owned=owned
+        )
+        try:
+            server.manage("migrate", "-v0")
+            server.manage("ensureadmin")
+            server.token = server.manage("apitoken", "admin")
+            server.start()
+        except BaseException:
+            server.release()
+            raise
         return server
+
+    def release(self) -> None:
+        """Stop, and drop what was made for this server alone."""
+        self.stop()
+        if self.owned is not None:
+            if self.owned.database_url:
+                drop_database(self.owned.database_url)
+            if self.owned.prefix:
+                drop_prefix(self.owned.prefix)
+            self.owned = None
 
     def manage(self, *args: str) -> str:
         result = subprocess.run(

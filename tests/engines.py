@@ -1,0 +1,113 @@
+"""The real PostgreSQL and Redis for the scale-out tests, and a database and a
+key prefix of each test's own.
+
+The services are those of the development and CI machines (127.0.0.1:5432,
+user postgres, trust auth; 127.0.0.1:6379); SCHEDULER_TEST_POSTGRES and
+SCHEDULER_TEST_REDIS point elsewhere. When they cannot be reached the tests
+that need them skip on a laptop, but fail under CI (CI set): a scale-out
+test that silently skipped would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+ADMIN_URL = os.environ.get(
+    "SCHEDULER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("SCHEDULER_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def _unreachable(what: str, exc: Exception) -> None:
+    message = f"{what} is unreachable ({exc}); the scale-out tests need it"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI is set: failing instead of skipping)", pytrace=False)
+    pytest.skip(message)
+
+
+def _admin():
+    import psycopg
+
+    # autocommit: CREATE/DROP DATABASE cannot run inside a transaction.
+    return psycopg.connect(_libpq(ADMIN_URL), autocommit=True, connect_timeout=5)
+
+
+def _libpq(url: str) -> str:
+    """psycopg takes postgresql:// but not dj-database-url's postgres:// alias."""
+    parts = urlsplit(url)
+    return urlunsplit(("postgresql", *parts[1:]))
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
+
+
+def create_database() -> str:
+    """A new empty database; its URL (postgres://...)."""
+    name = f"sched_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with _admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # psycopg.OperationalError, or psycopg missing
+        _unreachable(f"PostgreSQL at {ADMIN_URL}", exc)
+    return with_database(ADMIN_URL, name)
+
+
+def drop_database(url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with _admin() as conn:
+        # FORCE (PostgreSQL 13+): a server process killed mid-test leaves sessions behind.
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def redis_client():
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+
+
+def create_prefix() -> str:
+    """A Redis key prefix of our own for channels_redis."""
+    try:
+        redis_client().ping()
+    except Exception as exc:
+        _unreachable(f"Redis at {REDIS_URL}", exc)
+    return f"sched-test-{uuid.uuid4().hex[:12]}"
+
+
+def drop_prefix(prefix: str) -> None:
+    client = redis_client()
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@dataclass
+class ScaleOut:
+    """The environment of servers that share one PostgreSQL database and one
+    Redis prefix (several `serve` processes of one install)."""
+
+    database_url: str
+    prefix: str
+
+    @classmethod
+    def create(cls) -> ScaleOut:
+        return cls(create_database(), create_prefix())
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": REDIS_URL,
+            "SCHEDULER_REDIS_PREFIX": self.prefix,
+        }
+
+    def drop(self) -> None:
+        drop_database(self.database_url)
+        drop_prefix(self.prefix)
