@@ -101,16 +101,16 @@ class Master:
         env = {**os.environ, "SCHEDULER_DATA_DIR": str(data_dir), **overrides}
         env.pop("DJANGO_SETTINGS_MODULE", None)
         owned = None
-        if "DATABASE_URL" not in overrides and "REDIS_URL" not in overrides:
-            if env.get("DATABASE_URL") or env.get("REDIS_URL"):
-                owned = ScaleOut(
-                    create_database() if env.get("DATABASE_URL") else "",
-                    create_prefix() if env.get("REDIS_URL") else "",
-                )
-                if owned.database_url:
-                    env["DATABASE_URL"] = owned.database_url
-                if owned.prefix:
-                    env["SCHEDULER_REDIS_PREFIX"] = owned.prefix
+        inherited = "DATABASE_URL" not in overrides and "REDIS_URL" not in overrides
+        if inherited and (env.get("DATABASE_URL") or env.get("REDIS_URL")):
+            owned = ScaleOut(
+                create_database() if env.get("DATABASE_URL") else "",
+                create_prefix() if env.get("REDIS_URL") else "",
+            )
+            if owned.database_url:
+                env["DATABASE_URL"] = owned.database_url
+            if owned.prefix:
+                env["SCHEDULER_REDIS_PREFIX"] = owned.prefix
         server = cls(
             url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, env=env, owned=owned
         )
