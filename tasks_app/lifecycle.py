@@ -662,7 +662,12 @@ def mark_started(
 
 
 def requeue(
-    worker_id: int, attempt_ids: Iterable[int], delay_s: float = 0.0, *, unaccepted: bool = False
+    worker_id: int,
+    attempt_ids: Iterable[int],
+    delay_s: float = 0.0,
+    *,
+    unaccepted: bool = False,
+    assigned_before: dt.datetime | None = None,
 ) -> list[int]:
     """assigned -> queued, for assignments an agent refused or never received.
 
@@ -678,9 +683,14 @@ def requeue(
         # still assigned (and unaccepted, when asked) move.
         candidates = Attempt.objects.filter(
             pk__in=list(attempt_ids), worker_id=worker_id, status=S.ASSIGNED
-        ).order_by()
+        ).order_by("pk")  # locked in id order: see lose()
         if unaccepted:
             candidates = candidates.filter(accepted_at__isnull=True)
+        if assigned_before is not None:
+            # Race: another server handed it back first and it was assigned
+            # again since (to this worker, its only taker): that is a new
+            # assignment, not the stale one this server saw.
+            candidates = candidates.filter(assigned_at__lt=assigned_before)
         # An attempt of a run being cancelled, or already over (another shard
         # failed for good: fail fast), is cancelled instead of queued again.
         rows = [
@@ -730,7 +740,7 @@ def requeue_unaccepted(now: dt.datetime | None = None) -> list[int]:
     moved: list[int] = []
     with atomic():
         for worker_id, ids in stale.items():
-            done = requeue(worker_id, ids, unaccepted=True)
+            done = requeue(worker_id, ids, unaccepted=True, assigned_before=cutoff)
             moved += done
             # The agent may still get the old assign frame late: tell it to drop it.
             _stop([(worker_id, pk) for pk in done])
@@ -894,9 +904,11 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
         return []
     with atomic():
         # Race: a finished report arriving now; only rows still active move.
+        # In id order: two servers losing overlapping sets (both reaping one
+        # worker) queue on the first row instead of deadlocking.
         ids = list(
             _locked(
-                Attempt.objects.filter(pk__in=list(attempt_ids), status__in=ACTIVE)
+                Attempt.objects.filter(pk__in=list(attempt_ids), status__in=ACTIVE).order_by("pk")
             ).values_list("pk", flat=True)
         )
         Attempt.objects.filter(pk__in=ids, status__in=ACTIVE).update(

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from workers_app.models import EnrollmentToken, Worker
+from workers_app.models import EnrollmentToken, Server, Worker
 
 
 @admin.register(Worker)
@@ -16,10 +16,30 @@ class WorkerAdmin(admin.ModelAdmin):
     ]
     list_filter = ["state"]
     search_fields = ["name", "hostname"]
-    readonly_fields = ["credential_hash", "channel_name", "last_heartbeat", "connected_at"]
+    readonly_fields = [
+        "credential_hash",
+        "channel_name",
+        "server",
+        "last_heartbeat",
+        "connected_at",
+    ]
 
 
 @admin.register(EnrollmentToken)
 class EnrollmentTokenAdmin(admin.ModelAdmin):
     list_display = ["id", "note", "created_by", "created_at", "expires_at", "revoked_at", "uses"]
     readonly_fields = ["token_hash", "uses"]
+
+
+@admin.register(Server)
+class ServerAdmin(admin.ModelAdmin):
+    """Live server processes: written by the servers themselves, read-only here
+    (deleting a dead one's row is allowed; a live one writes it back)."""
+
+    list_display = ["name", "address", "database", "channel_layer", "started_at", "last_seen"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

@@ -11,11 +11,13 @@ class WorkersAppConfig(AppConfig):
         from tasks_app import routing
         from tasks_app.signals import stop_requested, work_queued
         from tasks_app.writer import writer
-        from workers_app import dispatch, liveness, reports
+        from workers_app import dispatch, liveness, peers, reports
         from workers_app.directory import WorkerDirectory
         from workers_app.models import Worker
 
         work_queued.connect(dispatch.on_work_queued, dispatch_uid="workers_app.dispatch")
+        # Other server processes may have agents with free slots for it.
+        work_queued.connect(peers.on_work_queued, dispatch_uid="workers_app.peers")
         stop_requested.connect(dispatch.on_stop_requested, dispatch_uid="workers_app.stop")
         # Pinned and broadcast runs name workers: tasks_app asks through this.
         routing.register(WorkerDirectory())

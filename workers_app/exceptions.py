@@ -13,3 +13,7 @@ class ProtocolError(WorkerError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ServerRefused(WorkerError):
+    """This server process may not start beside the live ones (SQLite or the in-memory layer)."""

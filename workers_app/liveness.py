@@ -22,9 +22,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tasks_app import lifecycle
-from tasks_app.batchsql import atomic, table, update_rows
+from tasks_app.batchsql import atomic, marks, select, table, update_rows
 from tasks_app.models import Attempt
-from workers_app import delivery, dispatch, protocol
+from workers_app import delivery, dispatch, protocol, servers
 from workers_app.models import Worker
 
 # worker id -> epoch seconds of the last message received from it here.
@@ -103,6 +103,7 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                 draining = frame.get("draining") or worker.drain_requested
                 worker.state = Worker.State.DRAINING if draining else Worker.State.ONLINE
             worker.channel_name = hello.channel_name
+            worker.server = servers.ME
             worker.last_heartbeat = now
             worker.connected_at = now
         update_rows(
@@ -115,6 +116,7 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                     "labels",
                     "state",
                     "channel_name",
+                    "server",
                     "last_heartbeat",
                     "connected_at",
                 ),
@@ -128,6 +130,7 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                     w.labels,
                     w.state,
                     w.channel_name,
+                    w.server,
                     w.last_heartbeat,
                     w.connected_at,
                     w.pk,
@@ -245,7 +248,7 @@ def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
     # operator's drain is kept in drain_requested and restored by the next hello.
     with connection.cursor() as cursor:
         cursor.executemany(
-            f"UPDATE {table(Worker)} SET channel_name = '',"
+            f"UPDATE {table(Worker)} SET channel_name = '', server = '',"
             " state = CASE WHEN state = %s THEN state ELSE %s END"
             " WHERE id = %s AND channel_name = %s",
             [[Worker.State.DISABLED, Worker.State.OFFLINE, w, c] for w, c in sockets],
@@ -254,7 +257,12 @@ def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
 
 
 def reap_lost(now: dt.datetime | None = None) -> list[int]:
-    """Workers silent for longer than SCHEDULER_LOST_AFTER_S: offline, attempts lost."""
+    """Workers silent for longer than SCHEDULER_LOST_AFTER_S: offline, attempts lost.
+
+    A few statements for any number of them. Every server process runs this
+    (workers_app.service): a worker reaped by two at once has its attempts
+    lost once, as lose() moves only rows still active.
+    """
     flush_heartbeats()
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.SCHEDULER_LOST_AFTER_S)
@@ -263,25 +271,48 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
     has_work = Q(state__in=[Worker.State.ONLINE, Worker.State.DRAINING]) | Q(
         attempts__status__in=Attempt.ACTIVE
     )
-    reaped = []
-    seconds = int(settings.SCHEDULER_LOST_AFTER_S)
-    for worker in Worker.objects.filter(silent).filter(has_work).distinct():
-        if SEEN.get(worker.pk, 0) >= cutoff.timestamp():
-            continue  # heard from here since; the flush above will have written it
-        # Race: a heartbeat landing now; the UPDATE only matches if it did not.
-        unchanged = Worker.objects.filter(pk=worker.pk, last_heartbeat=worker.last_heartbeat)
-        if worker.state == Worker.State.DISABLED:
-            still_silent = unchanged.exists()
-        else:
-            still_silent = unchanged.update(state=Worker.State.OFFLINE)
-        if not still_silent:
-            continue
-        lifecycle.mark_lost(worker.pk, f"worker lost: no heartbeat for {seconds}s")
-        reaped.append(worker.pk)
-        if worker.channel_name:
+    # Heard from here since: the flush above has written it (it is no longer silent).
+    candidates = [
+        pk
+        for pk in Worker.objects.filter(silent)
+        .filter(has_work)
+        .distinct()
+        .values_list("pk", flat=True)
+        if SEEN.get(pk, 0) < cutoff.timestamp()
+    ]
+    if not candidates:
+        lifecycle.mark_lost(None, "worker lost: the worker was deleted")
+        return []
+    with atomic():
+        # Race: a heartbeat landing now (written by this or another server);
+        # only workers still silent move, re-checked under the row lock.
+        rows = select(
+            f"UPDATE {table(Worker)} SET state = CASE WHEN state = %s THEN state ELSE %s END"
+            f" WHERE id IN ({marks(candidates)})"
+            " AND (last_heartbeat < %s OR (last_heartbeat IS NULL AND created_at < %s))"
+            " RETURNING id, channel_name",
+            [
+                Worker.State.DISABLED,
+                Worker.State.OFFLINE,
+                *candidates,
+                *[connection.ops.adapt_datetimefield_value(cutoff)] * 2,
+            ],
+        )
+        reaped = sorted(pk for pk, _ in rows)
+        seconds = int(settings.SCHEDULER_LOST_AFTER_S)
+        lifecycle.lose(
+            list(
+                Attempt.objects.filter(worker_id__in=reaped, status__in=Attempt.ACTIVE)
+                .order_by("pk")
+                .values_list("pk", flat=True)
+            ),
+            f"worker lost: no heartbeat for {seconds}s",
+        )
+    for pk, channel in rows:
+        if channel:
             # A socket that is open but silent (a hung agent): close it, so the
             # agent must say hello again and be reconciled.
-            delivery.send_close(worker.pk, worker.channel_name, protocol.CLOSE_SILENT)
+            delivery.send_close(pk, channel, protocol.CLOSE_SILENT)
     # Active attempts whose worker row is gone (deleted past the signal, e.g.
     # with raw SQL) would otherwise stay running forever.
     lifecycle.mark_lost(None, "worker lost: the worker was deleted")

@@ -41,6 +41,8 @@ class Worker(models.Model):
     # it alone, and a stale one must not mark the worker offline when a newer
     # connection has taken over.
     channel_name = models.CharField(max_length=200, blank=True)
+    # The server process (Server.name) that connection is on, for operators.
+    server = models.CharField(max_length=255, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -88,3 +90,29 @@ class EnrollmentToken(models.Model):
     @property
     def is_usable(self) -> bool:
         return self.revoked_at is None and self.expires_at > timezone.now()
+
+
+class Server(models.Model):
+    """A live `serve` process of this install (workers_app.servers).
+
+    Servers know each other through this table: each heartbeats its row every
+    tick and deletes it when it stops; one that is silent for
+    servers.SILENT_AFTER_S (or whose process is gone, on the same host) is
+    dead. A second server is refused unless the install runs on PostgreSQL
+    and Redis.
+    """
+
+    name = models.CharField(max_length=255, unique=True)  # hostname:pid
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    address = models.CharField(max_length=255, blank=True)  # where it listens
+    database = models.CharField(max_length=50)
+    channel_layer = models.CharField(max_length=100)
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["started_at", "id"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -6,6 +6,19 @@ tests call them directly; the database is the source of truth, so a duty
 that misses a beat (or a lost channel message) is caught up on the next.
 The duties run on the writer's thread, between its batches, so they never
 contend with the hot paths for SQLite's write lock.
+
+Several servers (PostgreSQL + Redis): every server runs every duty, and
+none is led through a lease. Each duty decides by conditional UPDATEs and
+row locks, re-checked by PostgreSQL after a lock wait, so two servers
+sweeping at once cannot both win: an attempt is declared lost once (its row
+is locked, then moves only if still active), retried once (unique run,
+shard, try), handed back once (only if still assigned and unaccepted), and a
+cron tick fires once (unique task, scheduled time). A lease would add a gap
+after its holder dies (its time to live, during which no worker is reaped
+and no timeout enforced) and a second code path for one server and many;
+running everywhere costs each server a few indexed reads a tick. A race
+lost to another server's transaction (a deadlock or lock timeout) is
+retried on the next tick, and is not taken for a database outage.
 """
 
 from __future__ import annotations
@@ -20,7 +33,8 @@ from django.db import DatabaseError
 
 from tasks_app import lifecycle, scheduling
 from tasks_app.writer import writer
-from workers_app import dispatch, liveness
+from workers_app import dispatch, liveness, servers
+from workers_app.peers import peers
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +59,11 @@ class SchedulerService:
         result could arrive: give them a full grace period before judging any.
         """
         return time.monotonic() - self.alive_since < settings.SCHEDULER_LOST_AFTER_S
+
+    def touch_server(self) -> bool:
+        # Our row in the live-servers table: the others know we are alive.
+        servers.heartbeat()
+        return False
 
     def reap_lost_workers(self) -> bool:
         if self.recovering():
@@ -75,6 +94,7 @@ class SchedulerService:
         found = False
         failed = False
         for duty in (
+            self.touch_server,
             self.reap_lost_workers,
             self.requeue_unaccepted,
             self.time_out_overdue,
@@ -83,7 +103,13 @@ class SchedulerService:
         ):
             try:
                 found = duty() or found
-            except DatabaseError:
+            except DatabaseError as exc:
+                if _conflict(exc):
+                    # Another server's transaction on the same rows won (every
+                    # server runs these duties): nothing is wrong with the
+                    # database, the next tick tries again.
+                    log.warning("scheduler duty %s lost a race: %s", duty.__name__, exc)
+                    continue
                 failed = True
                 log.exception("scheduler duty %s: database error", duty.__name__)
             except Exception:
@@ -113,6 +139,8 @@ class SchedulerService:
         log.info("scheduler service started (tick %.2fs)", settings.SCHEDULER_TICK_S)
         loop = asyncio.get_running_loop()
         writer.start()
+        # Kept: the loop holds tasks only weakly.
+        self.listening = loop.create_task(peers.run(self.stopping))
         while not self.stopping.is_set():
             started = loop.time()
             try:
@@ -129,6 +157,15 @@ class SchedulerService:
                 await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             # A loop busy elsewhere wakes us late; frames may be waiting unread meanwhile.
             self.note_lag(loop.time() - due)
+
+
+# PostgreSQL's deadlock_detected, serialization_failure, lock_not_available.
+CONFLICTS = {"40P01", "40001", "55P03"}
+
+
+def _conflict(exc: DatabaseError) -> bool:
+    """A transaction that lost to a concurrent one, as opposed to a database out of reach."""
+    return getattr(exc.__cause__, "sqlstate", None) in CONFLICTS
 
 
 def _nothing() -> None:

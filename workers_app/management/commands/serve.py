@@ -29,8 +29,14 @@ class Command(BaseCommand):
         from daphne.server import Server
 
         from scheduler_site.asgi import application
+        from workers_app import servers
+        from workers_app.exceptions import ServerRefused
         from workers_app.service import SchedulerService
 
+        try:
+            servers.register(f"{host}:{port}")
+        except ServerRefused as exc:
+            raise CommandError(str(exc)) from None
         service = SchedulerService()
 
         def ready() -> None:
@@ -52,3 +58,7 @@ class Command(BaseCommand):
             verbosity=0,
         ).run()
         service.stopping.set()
+        # A graceful stop leaves the table at once; a killed server is dead
+        # to the others once silent (servers.SILENT_AFTER_S) or, on this
+        # host, once its pid is gone.
+        servers.unregister()
