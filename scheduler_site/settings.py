@@ -134,7 +134,17 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        # Above channels_redis's 5 s blocking pop: redis-py 8 made
+                        # 5 s the default read timeout, which would fail every idle
+                        # receive (django/channels_redis#422), yet a dead Redis
+                        # must still be noticed.
+                        "socket_timeout": 15,
+                        "socket_connect_timeout": 5,
+                    }
+                ],
                 "prefix": env_str("SCHEDULER_REDIS_PREFIX", "scheduler"),
                 # A frame for an agent whose server died is dropped after this;
                 # the agent's next hello is reconciled from the database anyway.

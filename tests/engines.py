@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-ADMIN_URL = os.environ.get(
-    "SCHEDULER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres"
-)
+ADMIN_URL = os.environ.get("SCHEDULER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SCHEDULER_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
@@ -95,6 +93,9 @@ class ScaleOut:
 
     database_url: str
     prefix: str
+    # One install: the same SECRET_KEY on every server, so a login on one is
+    # valid on the others (README, deployment).
+    secret_key: str = field(default_factory=lambda: uuid.uuid4().hex * 2)
 
     @classmethod
     def create(cls) -> ScaleOut:
@@ -106,8 +107,17 @@ class ScaleOut:
             "DATABASE_URL": self.database_url,
             "REDIS_URL": REDIS_URL,
             "SCHEDULER_REDIS_PREFIX": self.prefix,
+            "SECRET_KEY": self.secret_key,
         }
 
     def drop(self) -> None:
         drop_database(self.database_url)
         drop_prefix(self.prefix)
+
+
+def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of a query on that database (what the servers stored)."""
+    import psycopg
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()

@@ -12,6 +12,7 @@ server's own backlog is never taken for an agent's silence.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from tasks_app.batchsql import atomic, marks, select, table, update_rows
 from tasks_app.models import Attempt
 from workers_app import delivery, dispatch, protocol, servers
 from workers_app.models import Worker
+
+log = logging.getLogger(__name__)
 
 # worker id -> epoch seconds of the last message received from it here.
 SEEN: dict[int, float] = {}
@@ -300,13 +303,19 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
         )
         reaped = sorted(pk for pk, _ in rows)
         seconds = int(settings.SCHEDULER_LOST_AFTER_S)
-        lifecycle.lose(
+        declared = lifecycle.lose(
             list(
                 Attempt.objects.filter(worker_id__in=reaped, status__in=Attempt.ACTIVE)
                 .order_by("pk")
                 .values_list("pk", flat=True)
             ),
             f"worker lost: no heartbeat for {seconds}s",
+        )
+    if reaped:
+        # What this server's statements moved (another server reaping at the
+        # same moment declares none of these).
+        log.warning(
+            "workers %s silent for %ss: declared lost: attempts %s", reaped, seconds, declared
         )
     for pk, channel in rows:
         if channel:

@@ -74,7 +74,14 @@ class SchedulerService:
     def requeue_unaccepted(self) -> bool:
         if self.recovering():
             return False
-        return bool(lifecycle.requeue_unaccepted())
+        moved = lifecycle.requeue_unaccepted()
+        if moved:
+            log.warning(
+                "not accepted within %ss, handed back unaccepted: attempts %s",
+                settings.SCHEDULER_ACCEPT_TIMEOUT_S,
+                moved,
+            )
+        return bool(moved)
 
     def time_out_overdue(self) -> bool:
         if self.recovering():

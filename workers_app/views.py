@@ -9,7 +9,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from scheduler_site.links import absolute_url
-from workers_app import delivery, enrollment, liveness, protocol, registration
+from workers_app import delivery, enrollment, liveness, protocol, registration, servers
 from workers_app.api import ACTIONS, RegistrationForm
 from workers_app.models import EnrollmentToken, Worker
 
@@ -27,9 +27,18 @@ def worker_list(request):
 
 
 def _render_list(request):
-    workers = Worker.objects.with_busy_slots().order_by("name")
+    workers = list(Worker.objects.with_busy_slots().order_by("name"))
     template = "workers/list.html#worker-table" if request.htmx else "workers/list.html"
-    return render(request, template, {"workers": workers})
+    return render(request, template, {"workers": workers, "servers": _servers(workers)})
+
+
+def _servers(workers: list[Worker]) -> list[tuple]:
+    """The live server processes, each with the workers whose sockets it serves."""
+    connected: dict[str, int] = {}
+    for worker in workers:
+        if worker.server and worker.channel_name:
+            connected[worker.server] = connected.get(worker.server, 0) + 1
+    return [(server, connected.get(server.name, 0)) for server in servers.alive()]
 
 
 class AddWorkerForm(forms.Form):
