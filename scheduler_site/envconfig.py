@@ -158,9 +158,7 @@ def env_database(name: str, *, conn_max_age: float) -> dict | None:
             f" (unset it for the embedded SQLite), not a {scheme or 'schemeless'} URL"
         )
     try:
-        config = dj_database_url.parse(
-            raw, conn_max_age=int(conn_max_age), conn_health_checks=True
-        )
+        config = dj_database_url.parse(raw, conn_max_age=int(conn_max_age), conn_health_checks=True)
     except ValueError as exc:
         raise ImproperlyConfigured(f"{name}: {exc}") from None
     if not config.get("NAME"):
