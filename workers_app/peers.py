@@ -33,23 +33,33 @@ REJOIN_S = 600.0
 
 
 class Peers:
-    def __init__(self) -> None:
+    def __init__(self, layer=None) -> None:
+        self._layer = layer  # None: the configured channel layer
         self.channel: str | None = None
         self.heard = 0  # messages received from other servers, for tests
 
-    async def run(self, stopping: asyncio.Event) -> None:
+    @property
+    def layer(self):
+        return self._layer or get_channel_layer()
+
+    def active(self) -> bool:
+        return self._layer is not None or settings.SCALE_OUT
+
+    async def run(self, stopping: asyncio.Event, joined: asyncio.Event | None = None) -> None:
         """Listen for the other servers until stopping is set."""
-        if not settings.SCALE_OUT:
+        if not self.active():
             return
-        layer = get_channel_layer()
+        layer = self.layer
         self.channel = await layer.new_channel("server.")
         loop = asyncio.get_running_loop()
-        joined = -REJOIN_S
+        last_join = None
         try:
             while not stopping.is_set():
-                if loop.time() - joined >= REJOIN_S:
+                if last_join is None or loop.time() - last_join >= REJOIN_S:
                     await layer.group_add(GROUP, self.channel)
-                    joined = loop.time()
+                    last_join = loop.time()
+                    if joined is not None:
+                        joined.set()
                 try:
                     message = await asyncio.wait_for(layer.receive(self.channel), REJOIN_S)
                 except TimeoutError:
@@ -61,6 +71,8 @@ class Peers:
                     log.exception("listening to the other servers failed; retrying in 1s")
                     await asyncio.sleep(1.0)
                     continue
+                if message.get("from") == self.channel:
+                    continue  # our own, back from the group
                 self.heard += 1
                 self.on_message(message)
         finally:
@@ -75,20 +87,20 @@ class Peers:
             keys = message.get("keys")
             dispatch.wake(None if keys is None else [str(k) for k in keys])
 
-    def tell_work_queued(self, keys) -> None:
-        channel = self.channel
-        if channel is None:
+    async def send_work_queued(self, keys) -> None:
+        if self.channel is None:
             return
         message = {
             "type": "servers.work_queued",
             "keys": None if keys is None else sorted(keys),
-            "from": channel,
+            "from": self.channel,
         }
-        # Our own copy comes back too (we are in the group): harmless, a pass
-        # that finds nothing new costs no query.
-        writer.spawn(
-            lambda: get_channel_layer().group_send(GROUP, message), "telling the other servers"
-        )
+        await self.layer.group_send(GROUP, message)
+
+    def tell_work_queued(self, keys) -> None:
+        """From any thread, after a commit: a message to every other server."""
+        if self.channel is not None:
+            writer.spawn(lambda: self.send_work_queued(keys), "telling the other servers")
 
 
 peers = Peers()
