@@ -66,7 +66,7 @@ SECTIONS = ("throughput_api", "throughput_bulk", "latency", "fleet", "history", 
 FINAL = ("succeeded", "failed", "cancelled")
 BULK_MAX = 1000  # runs per POST /api/runs (the API's cap)
 HISTORY_TASKS = 20
-WAIT_NOTE = "read-only SQLite reads of the server's db.sqlite3, every {} ms"
+WAIT_NOTE = "reads of the server's database beside it (its SQLite file read-only), every {} ms"
 
 
 def log(*parts) -> None:
@@ -173,11 +173,13 @@ def git_revision() -> str:
 # --- reading the server's database, read-only -----------------------------------------
 
 
-def epoch(text: str | None) -> float | None:
-    """A DateTimeField as SQLite keeps it (naive UTC text) -> epoch seconds."""
-    if text is None:
+def epoch(value: str | dt.datetime | None) -> float | None:
+    """A DateTimeField as SQLite keeps it (naive UTC text) or psycopg reads it -> epoch seconds."""
+    if value is None:
         return None
-    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC).timestamp()
 
 
 @dataclass
@@ -191,15 +193,38 @@ class RunRow:
 
 
 class Db:
-    """The server's SQLite file, opened read-only: reading it costs the server nothing."""
+    """The server's database, read beside it: the SQLite file opened read-only
+    (reading it costs the server nothing), or its PostgreSQL database."""
 
-    def __init__(self, data_dir: Path) -> None:
-        uri = f"file:{data_dir / 'db.sqlite3'}?mode=ro"
-        # Autocommit: no read transaction stays open between polls.
-        self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    def __init__(self, data_dir: Path, database_url: str = "") -> None:
+        self.postgres = bool(database_url)
+        if self.postgres:
+            import psycopg
+
+            from tests.engines import libpq
+
+            self.conn = psycopg.connect(libpq(database_url), autocommit=True)
+        else:
+            uri = f"file:{data_dir / 'db.sqlite3'}?mode=ro"
+            # Autocommit: no read transaction stays open between polls.
+            self.conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False
+            )
+        self.lock = threading.Lock()  # a psycopg connection serves one thread at a time
+
+    @classmethod
+    def of(cls, master: Master) -> Db:
+        return cls(master.data_dir, master.env.get("DATABASE_URL", ""))
+
+    def all(self, sql: str, *params) -> list[tuple]:
+        if self.postgres:
+            sql = sql.replace("?", "%s")
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
 
     def one(self, sql: str, *params):
-        return self.conn.execute(sql, params).fetchone()
+        rows = self.all(sql, *params)
+        return rows[0] if rows else None
 
     def active(self, task_id: int) -> int:
         sql = "SELECT count(*) FROM tasks_app_run WHERE status IN ('queued', 'running')"
@@ -210,11 +235,11 @@ class Db:
 
     def runs(self, task_id: int) -> list[RunRow]:
         """Every run of a task with the times of its latest attempt."""
-        rows = self.conn.execute(
+        rows = self.all(
             "SELECT r.id, r.status, r.created_at, a.assigned_at, a.started_at, a.finished_at"
             " FROM tasks_app_run r LEFT JOIN tasks_app_attempt a ON a.run_id = r.id"
             " WHERE r.task_id = ? ORDER BY r.id, a.try_number",
-            (task_id,),
+            task_id,
         )
         latest = {row[0]: row for row in rows}
         return [
@@ -296,13 +321,26 @@ def served(work: Path, name: str) -> Iterator[Master]:
         master.release()
 
 
-def start_agents(master: Master, count: int, capacity: int) -> list[Agent]:
-    """Real agents of this server, their state dirs and logs beside its data."""
+def start_agents(servers: list[Master], count: int, capacity: int) -> list[Agent]:
+    """Real agents, their state dirs and logs beside the first server's data; agent
+    i starts on server i (mod their number) and is given the others' URLs too."""
+    master = servers[0]
     enrollment = master.manage("enrollment-token")
-    agents = [
-        spawn_agent(master.url, enrollment, master.data_dir, name=f"bench-{i}", capacity=capacity)
-        for i in range(count)
-    ]
+    agents = []
+    for i in range(count):
+        own = servers[i % len(servers)]
+        others = [s for s in servers if s is not own]
+        extra = tuple(arg for s in others for arg in ("--server", s.url))
+        agents.append(
+            spawn_agent(
+                own.url,
+                enrollment,
+                master.data_dir,
+                name=f"bench-{i}",
+                capacity=capacity,
+                extra=extra,
+            )
+        )
     for agent in agents:
         try:
             wait_for(
@@ -327,27 +365,45 @@ def _tails(master: Master, agent: Agent, lines: int = 20) -> str:
 
 @dataclass
 class System:
-    """A server with real agents, shared by the throughput and latency sections."""
+    """Servers (one, or several of one install) with real agents, shared by the
+    throughput and latency sections."""
 
-    master: Master
+    servers: list[Master]
     agents: list[Agent]
     db: Db
     capacity: int
 
+    @property
+    def master(self) -> Master:
+        return self.servers[0]
+
 
 @contextlib.contextmanager
 def real_system(args, work: Path) -> Iterator[System]:
-    master = launch(work, "real")
+    servers: list[Master] = []
     agents: list[Agent] = []
+    install = None
     try:
-        agents = start_agents(master, args.agents, args.capacity)
-        system = System(master, agents, Db(master.data_dir), args.agents * args.capacity)
+        if args.servers == 1:
+            servers.append(launch(work, "real"))
+        else:
+            from tests.engines import ScaleOut
+
+            install = ScaleOut.create()
+            for i in range(args.servers):
+                log(f"starting server {i + 1} of {args.servers} of one install")
+                servers.append(Master.launch(work / f"real-{i}", **install.env))
+        agents = start_agents(servers, args.agents, args.capacity)
+        system = System(servers, agents, Db.of(servers[0]), args.agents * args.capacity)
         warm_up(system)
         yield system
     finally:
         for agent in agents:
             agent.stop()
-        master.release()
+        for server in servers:
+            server.release()
+        if install is not None:
+            install.drop()
 
 
 def warm_up(system: System) -> None:
@@ -366,18 +422,22 @@ def warm_up(system: System) -> None:
 # --- throughput ------------------------------------------------------------------------
 
 
-def trigger_by_clients(master: Master, task_id: int, runs: int, clients: int) -> list[int]:
-    """POST /api/tasks/<id>/run `runs` times from `clients` threads; the statuses."""
+def trigger_by_clients(servers: list[Master], task_id: int, runs: int, clients: int) -> list[int]:
+    """POST /api/tasks/<id>/run `runs` times from `clients` threads (client i to
+    server i, mod their number); the statuses."""
     statuses: list[int] = []
     shares = [runs // clients + (i < runs % clients) for i in range(clients)]
 
-    def client_loop(share: int) -> None:
-        client = Client(master)
+    def client_loop(share: int, index: int) -> None:
+        client = Client(servers[index % len(servers)])
         mine = [client.call("POST", f"/api/tasks/{task_id}/run")[0] for _ in range(share)]
         client.close()
         statuses.extend(mine)
 
-    threads = [threading.Thread(target=client_loop, args=(share,)) for share in shares]
+    threads = [
+        threading.Thread(target=client_loop, args=(share, index))
+        for index, share in enumerate(shares)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -385,14 +445,17 @@ def trigger_by_clients(master: Master, task_id: int, runs: int, clients: int) ->
     return statuses
 
 
-def trigger_in_bulk(master: Master, task_id: int, runs: int) -> list[int]:
-    """POST /api/runs with count <= 1000 until `runs` are asked for; the statuses."""
-    client = Client(master)
+def trigger_in_bulk(servers: list[Master], task_id: int, runs: int) -> list[int]:
+    """POST /api/runs with count <= 1000 until `runs` are asked for, to each
+    server in turn; the statuses."""
+    clients = [Client(server) for server in servers]
     statuses = []
-    for done in range(0, runs, BULK_MAX):
+    for index, done in enumerate(range(0, runs, BULK_MAX)):
         count = min(BULK_MAX, runs - done)
+        client = clients[index % len(clients)]
         statuses += [client.call("POST", "/api/runs", {"task": task_id, "count": count})[0]]
-    client.close()
+    for client in clients:
+        client.close()
     return statuses
 
 
@@ -443,7 +506,7 @@ def cpu_of(system: System) -> dict[str, float]:
     """CPU seconds so far of the server, the agents, the commands they ran, and this bench."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "server": proc_cpu_s(system.master.proc.pid),
+        "server": sum(proc_cpu_s(server.proc.pid) for server in system.servers),
         "agents": sum(proc_cpu_s(a.proc.pid) for a in system.agents),
         "commands": sum(proc_cpu_s(a.proc.pid, children=True) for a in system.agents),
         "bench_client": usage.ru_utime + usage.ru_stime,
@@ -466,7 +529,7 @@ def throughput_api(system: System, args) -> dict:
         system,
         "true-api",
         args.runs,
-        lambda task_id: trigger_by_clients(system.master, task_id, args.runs, args.clients),
+        lambda task_id: trigger_by_clients(system.servers, task_id, args.runs, args.clients),
     )
     return {"clients": args.clients, "agents": args.agents, "capacity": args.capacity, **figures}
 
@@ -477,7 +540,7 @@ def throughput_bulk(system: System, args) -> dict:
         system,
         "true-bulk",
         args.runs,
-        lambda task_id: trigger_in_bulk(system.master, task_id, args.runs),
+        lambda task_id: trigger_in_bulk(system.servers, task_id, args.runs),
     )
     return {"per_request": BULK_MAX, "agents": args.agents, "capacity": args.capacity, **figures}
 
@@ -488,11 +551,15 @@ def throughput_bulk(system: System, args) -> dict:
 def latency(system: System, args) -> dict:
     log(f"latency: {args.latency_runs} runs one at a time")
     task = system.master.create_task(name="true-latency", command="true")
-    client = Client(system.master)
-    for _ in range(args.latency_runs):
+    # Through each server in turn: with several, half the runs cross to an agent
+    # connected to another server.
+    clients = [Client(server) for server in system.servers]
+    for index in range(args.latency_runs):
+        client = clients[index % len(clients)]
         run = client.json("POST", f"/api/tasks/{task['id']}/run", expect=201)
         wait_for(lambda r=run: system.db.status(r["id"]) in FINAL, 30, 0.001, "a run to finish")
-    client.close()
+    for client in clients:
+        client.close()
     rows = system.db.runs(task["id"])
     statuses = Counter(row.status for row in rows)
     figures = {
@@ -532,9 +599,7 @@ class StateWatcher:
 
     def _watch(self) -> None:
         while not self.stop.wait(0.5):
-            for worker_id, state in self.db.conn.execute(
-                "SELECT id, state FROM workers_app_worker"
-            ).fetchall():
+            for worker_id, state in self.db.all("SELECT id, state FROM workers_app_worker"):
                 if state == "online":
                     self.online.add(worker_id)
                 elif worker_id in self.online:
@@ -559,7 +624,7 @@ def measure_fleet(master: Master, args) -> dict:
     sim.register()
     registered = time.monotonic() - began
     log(f"fleet: {n} agents registered in {registered:.1f}s; connecting all at once")
-    db = Db(master.data_dir)
+    db = Db.of(master)
     watcher = StateWatcher(db)
     with sim:
         connected = sim.wait_welcomed(timeout=120 + n / 10)
@@ -633,7 +698,7 @@ def dispatch_steady(master: Master, db: Db, runs: int, rate: float) -> dict:
 def dispatch_across(master: Master, db: Db, runs: int) -> dict:
     """One bulk request for `runs` runs, as many as there are agents."""
     task = master.create_task(name="true-fleet", command="true")
-    statuses = trigger_in_bulk(master, task["id"], runs)
+    statuses = trigger_in_bulk([master], task["id"], runs)
     return _dispatched(master, db, task["id"], runs, statuses)
 
 
@@ -666,7 +731,7 @@ def measure_history(master: Master, args) -> dict:
     master.manage("seedruns", str(args.history), "--tasks", str(HISTORY_TASKS))
     seeded = time.monotonic() - began
     log(f"  seeded in {seeded:.1f}s; timing the runs API and page")
-    db = Db(master.data_dir)
+    db = Db.of(master)
     oldest, count = db.one("SELECT MIN(id), COUNT(*) FROM tasks_app_run")
     task_id = db.one("SELECT id FROM tasks_app_task WHERE name = 'seed-01'")[0]
     db.close()
@@ -739,7 +804,7 @@ def output(args, work: Path) -> dict:
     master = launch(work, "output")
     agents: list[Agent] = []
     try:
-        agents = start_agents(master, 1, 1)
+        agents = start_agents([master], 1, 1)
         return measure_output(master, agents[0], args.output_mb)
     finally:
         for agent in agents:
@@ -755,7 +820,7 @@ def measure_output(master: Master, agent: Agent, megabytes: int) -> dict:
     )
     pids = {"server": master.proc.pid, "agent": agent.proc.pid}
     before = {name: proc_kb(pid, "VmHWM") for name, pid in pids.items()}
-    db = Db(master.data_dir)
+    db = Db.of(master)
     run = master.trigger(task["id"])
     db.wait_all_final(master, task["id"], timeout=600, every=0.05)
     # Peaks first: reading the output back through the API would grow the server.
@@ -831,8 +896,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--samples", type=_whole(1, 10_000), default=20, help="requests per history figure (20)")
     add("--output-mb", type=_whole(1, 100_000), default=100, help="MB the command prints (100)")
     add("--only", type=_sections, default=list(SECTIONS), help="SECTION[,SECTION...] (all)")
-    add("--keep", action="store_true", help="keep the work dir (databases, logs)")
+    add(
+        "--engine",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="sqlite: the embedded default; postgres: PostgreSQL + Redis (127.0.0.1, or"
+        " SCHEDULER_TEST_POSTGRES / SCHEDULER_TEST_REDIS), a database of its own per server"
+        " or install, dropped after",
+    )
+    add(
+        "--servers",
+        type=_whole(1, 8),
+        default=1,
+        help="server processes of one install for throughput/latency (1; more needs"
+        " --engine postgres); agents and API clients are spread over them",
+    )
+    add("--keep", action="store_true", help="keep the work dir (logs; databases are dropped)")
     return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    if args.servers > 1 and args.engine != "postgres":
+        parser.error(
+            f"--servers {args.servers}: several servers of one install need --engine postgres"
+            " (SQLite and the in-memory layer serve one process)"
+        )
 
 
 def run_sections(args, work: Path) -> dict:
@@ -857,7 +945,16 @@ def run_sections(args, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.engine == "postgres":
+        from tests import engines
+
+        # Each server started below (harness.Master) makes a database and a Redis
+        # prefix of its own from these; several servers share one (real_system).
+        os.environ["DATABASE_URL"] = engines.ADMIN_URL
+        os.environ["REDIS_URL"] = engines.REDIS_URL
     began = time.monotonic()
     report = {
         "harness": "tests/bench.py",
@@ -865,7 +962,11 @@ def main(argv: list[str] | None = None) -> int:
         "revision": git_revision(),
         "machine": machine_info(),
         "config": {k: v for k, v in vars(args).items() if k != "keep"},
-        "server": "manage.py serve, embedded default (SQLite WAL + in-memory channel layer)",
+        "server": (
+            "manage.py serve, embedded default (SQLite WAL + in-memory channel layer)"
+            if args.engine == "sqlite"
+            else f"manage.py serve x {args.servers} (throughput/latency), PostgreSQL + Redis"
+        ),
     }
     work = Path(tempfile.mkdtemp(prefix="scheduler-bench-"))
     try:

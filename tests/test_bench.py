@@ -115,6 +115,47 @@ def test_it_refuses_a_count_out_of_range_and_an_unknown_section():
     assert result.returncode == 2
     assert "unknown section speed" in result.stderr
 
+    result = _bench("--servers", "2", timeout=30)
+    assert result.returncode == 2
+    assert (
+        "--servers 2: several servers of one install need --engine postgres (SQLite and the"
+        " in-memory layer serve one process)" in result.stderr
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.scale_out
+def test_it_measures_two_servers_of_one_install_on_postgresql_and_redis():
+    result = _bench(
+        "--engine",
+        "postgres",
+        "--servers",
+        "2",
+        "--agents",
+        "2",
+        "--runs",
+        "40",
+        "--clients",
+        "4",
+        "--latency-runs",
+        "6",
+        "--only",
+        "throughput_api,throughput_bulk,latency",
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["server"] == "manage.py serve x 2 (throughput/latency), PostgreSQL + Redis"
+    for name in ("throughput_api", "throughput_bulk"):
+        _all_succeeded(report[name], 40)
+        assert report[name]["runs_found"] == 40
+    # Four clients over two servers; two bulk requests of 1,000 at most: one.
+    assert report["throughput_api"]["trigger_responses"] == {"201": 40}
+    _all_succeeded(report["latency"], 6)
+    assert report["latency"]["created_to_started_ms"]["n"] == 6
+    # The databases and prefixes it made are gone.
+    assert "sched_test_" not in json.dumps(report)
+
 
 # --- manage.py seedruns ----------------------------------------------------------------
 
