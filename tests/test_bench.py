@@ -153,8 +153,6 @@ def test_it_measures_two_servers_of_one_install_on_postgresql_and_redis():
     assert report["throughput_api"]["trigger_responses"] == {"201": 40}
     _all_succeeded(report["latency"], 6)
     assert report["latency"]["created_to_started_ms"]["n"] == 6
-    # The databases and prefixes it made are gone.
-    assert "sched_test_" not in json.dumps(report)
 
 
 # --- manage.py seedruns ----------------------------------------------------------------
