@@ -26,7 +26,7 @@ from tasks_app import lifecycle
 from tasks_app.batchsql import atomic, marks, select, table, update_rows
 from tasks_app.models import Attempt
 from workers_app import delivery, dispatch, protocol, servers
-from workers_app.models import Worker
+from workers_app.models import Server, Worker
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +274,24 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
     has_work = Q(state__in=[Worker.State.ONLINE, Worker.State.DRAINING]) | Q(
         attempts__status__in=Attempt.ACTIVE
     )
-    # Heard from here since: the flush above has written it (it is no longer silent).
+    # A worker connected to another server that is alive is that server's to
+    # judge: only it knows what it heard and whether it fell behind (a server
+    # that lags flushes late, and its agents would look silent to us while
+    # their commands run on). Ours, unconnected ones, and those of a server
+    # silent for as long (dead, or stalled past any agent's patience) are ours.
+    others_alive = set(
+        Server.objects.filter(last_seen__gte=cutoff)
+        .exclude(name=servers.ME)
+        .values_list("name", flat=True)
+    )
     candidates = [
         pk
-        for pk in Worker.objects.filter(silent)
+        for pk, server in Worker.objects.filter(silent)
         .filter(has_work)
         .distinct()
-        .values_list("pk", flat=True)
-        if SEEN.get(pk, 0) < cutoff.timestamp()
+        .values_list("pk", "server")
+        # Heard from here since: the flush above has written it (no longer silent).
+        if SEEN.get(pk, 0) < cutoff.timestamp() and server not in others_alive
     ]
     if not candidates:
         lifecycle.mark_lost(None, "worker lost: the worker was deleted")
