@@ -41,7 +41,10 @@ def servers(install, tmp_path):
 
     def start(count: int = 1, **overrides: str) -> list[Master]:
         for _ in range(count):
-            env = {**FAST_SETTINGS, **install.env, **overrides}
+            # Lost after 10 s rather than 3: two servers, four agents, their
+            # commands, PostgreSQL and Redis share two cores, and a server that
+            # falls 3 s behind would look dead to the other.
+            env = {**FAST_SETTINGS, "SCHEDULER_LOST_AFTER_S": "10", **install.env, **overrides}
             started.append(Master.launch(tmp_path / f"server-{len(started)}", **env))
         return started
 
