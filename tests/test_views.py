@@ -19,8 +19,8 @@ from django.utils.html import escape
 
 from tasks_app import lifecycle
 from tasks_app.models import ApiToken, Attempt, DeletedTask, LogChunk, Run, SchedulerState, Task
-from workers_app import registration
-from workers_app.models import EnrollmentToken, Worker
+from workers_app import registration, servers
+from workers_app.models import EnrollmentToken, Server, Worker
 
 pytestmark = pytest.mark.django_db
 
@@ -732,9 +732,11 @@ def one_of_everything(alice, task, worker):
     EnrollmentToken.mint(note="for the admin", user=alice)
     SchedulerState.current()
     Task.objects.create(name="gone", command="true").delete()
+    servers.register("127.0.0.1:8000")
 
 
-HISTORY = {Run, Attempt, LogChunk, DeletedTask}
+# Written by the system, shown read-only in the admin.
+HISTORY = {Run, Attempt, LogChunk, DeletedTask, Server}
 
 
 @pytest.mark.parametrize("model", our_models(), ids=lambda model: model.__name__)
