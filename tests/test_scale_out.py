@@ -513,3 +513,41 @@ def test_the_sweeps_on_both_servers_at_once_lose_and_retry_each_attempt_once(ins
     ]
     assert len(declared) == len(set(declared)) == lost_total
     assert len(handed) == len(set(handed)) == unaccepted
+
+
+def test_a_rolling_restart_of_both_servers_kills_no_running_command(
+    install, servers, agents, tmp_path
+):
+    a, b = servers(2)
+    enrollment = a.manage("enrollment-token")
+    agents([a.url, b.url], enrollment, "node-1", capacity=2)
+    agents([b.url, a.url], enrollment, "node-2", capacity=2)
+    wait_for(lambda: len(_online(install)) == 2, what="both agents online")
+    task = a.create_task(
+        name="through-upgrades",
+        command='sleep 12; echo "survived $SCHEDULER_RUN_ID"',
+        shell=True,
+    )
+    runs = [a.trigger(task["id"]) for _ in range(4)]
+    wait_for(lambda: all(_running_on(install, run["id"]) for run in runs), what="all four running")
+
+    # One server at a time, as an upgrade does: stop, start the new code, next.
+    for server in (a, b):
+        server.stop()
+        wait_for(
+            lambda s=server: _server_name_or_none(s) is None, what="the stopped server to leave"
+        )
+        server.start()
+        wait_for(lambda: len(_online(install)) == 2, timeout=30, what="both agents back online")
+
+    for run in runs:
+        final = a.wait_final(run["id"], timeout=60)
+        assert final["status"] == "succeeded", final
+        assert len(final["attempts"]) == 1, final["attempts"]
+        result = a.api("GET", f"runs/{run['id']}/result")
+        assert result.text == f"survived {run['id']}\n"
+
+
+def _server_name_or_none(server: Master) -> str | None:
+    rows = query_servers(server)
+    return rows[0][0] if rows else None
