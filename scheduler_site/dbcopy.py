@@ -58,11 +58,14 @@ def open_source(path: Path) -> None:
 
 
 def copied_models() -> list[type[models.Model]]:
-    """Every table of the install, the many-to-many tables included."""
+    """Every table of the install, the many-to-many tables included, but the
+    live-servers table: its rows are running processes, which enter themselves."""
     return [
         model
         for model in apps.get_models(include_auto_created=True)
-        if model._meta.managed and not model._meta.proxy
+        if model._meta.managed
+        and not model._meta.proxy
+        and model._meta.label != "workers_app.Server"
     ]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engines import _libpq, create_database, drop_database
+from tests.engines import create_database, drop_database, libpq
 from tests.harness import FAST_SETTINGS, ROOT, Master, free_port, spawn_agent, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -177,7 +177,7 @@ def test_it_moves_every_run_task_worker_and_token_to_postgresql(tmp_path, databa
         # Every sequence is past the highest id it gave out on SQLite.
         import psycopg
 
-        with psycopg.connect(_libpq(database_url)) as conn:
+        with psycopg.connect(libpq(database_url)) as conn:
             tables = conn.execute(
                 "SELECT table_name FROM information_schema.columns"
                 " WHERE table_schema = 'public' AND column_name = 'id'"
