@@ -87,6 +87,8 @@ def test_an_agent_moves_to_the_other_server_when_its_own_dies_and_the_run_is_not
         task = a.create_task(name="spanning", command=SLEEP_THEN_DONE, shell=True, max_retries=2)
         run_id = a.trigger(task["id"])["id"]
         wait_for(lambda: running(a, run_id), what="the command running")
+        before = connections(agent)
+        assert set(before) == {f"ws://127.0.0.1:{a.port}/ws/agent/"}
 
         a.stop(signal.SIGKILL)
         run = b.wait_final(run_id, timeout=60)
@@ -100,10 +102,7 @@ def test_an_agent_moves_to_the_other_server_when_its_own_dies_and_the_run_is_not
         )
         assert attempt["output"] == "done\n"
         assert f"server {a.url} failed 2 times in a row; moving to {b.url}" in agent.log()
-        assert connections(agent) == [
-            f"ws://127.0.0.1:{a.port}/ws/agent/",
-            f"ws://127.0.0.1:{b.port}/ws/agent/",
-        ]
+        assert connections(agent)[len(before) :] == [f"ws://127.0.0.1:{b.port}/ws/agent/"]
     finally:
         agent.stop()
 
@@ -121,11 +120,12 @@ def test_a_command_survives_a_30_s_master_outage_with_the_default_liveness_setti
     run_id = master.trigger(task["id"])["id"]
     wait_for(lambda: running(master, run_id), what="the command running")
 
+    welcomed = welcomes(agent)
     master.stop(signal.SIGKILL)
     time.sleep(30)  # the outage itself: an upgrade with migrations
     master.start()
     back = time.monotonic()
-    wait_for(lambda: welcomes(agent) == 2, timeout=15, what="the agent back")
+    wait_for(lambda: welcomes(agent) > welcomed, timeout=15, what="the agent back")
     reconnected_after = time.monotonic() - back
     run = master.wait_final(run_id, timeout=60)
 

@@ -1156,7 +1156,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Backoff:
-    """Exponential backoff with jitter: 0.5 s doubling to a 15 s cap."""
+    """Exponential backoff with jitter: 0.5 s doubling to a 15 s cap (lower
+    while work is at stake: see reconnect_cap)."""
 
     def __init__(
         self,
