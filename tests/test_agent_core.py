@@ -1921,3 +1921,28 @@ def test_a_stopped_fetch_ends_before_its_next_shard(tmp_path: Path, shard_server
     stop.set()
     with pytest.raises(agent.ShardFetchError, match="^stopped before shard 0$"):
         agent.fetch_shard_outputs(url, "wkr_x", "/m/", 3, tmp_path / "9", stop)
+
+
+@pytest.mark.asyncio
+async def test_a_merge_downloads_its_inputs_from_the_server_it_is_connected_to(
+    tmp_path: Path, shard_server
+) -> None:
+    url, seen = shard_server
+    config = AgentConfig(servers=("http://first.invalid", url), name="node-1", state_dir=tmp_path)
+    worker = Agent(config, "wkr_x", hostname="host-1")
+    worker.rotation.failed()
+    worker.rotation.failed()  # the first server is down: connected to the second
+    ws = FakeSocket()
+    task = asyncio.create_task(worker.serve(ws))
+    try:
+        ws.push(WELCOME)
+        merge = {"argv": ["cat"], "shell": None, "outputs": "/m/"}
+        ws.push(json.loads(assign(9, argv=None, shard_index=3, shard_count=3, merge=merge)))
+        [result] = await wait_until(lambda: ws.of("finished", 9))
+    finally:
+        await ws.close()
+        await asyncio.wait_for(task, 5)
+        worker.close()
+
+    assert (result["status"], ws.output(9)) == ("succeeded", "out 0\né 2\n")
+    assert seen == ["Bearer wkr_x"]
