@@ -195,7 +195,11 @@ LOGGING = {
 # --- Scheduler ---------------------------------------------------------------
 # How often agents heartbeat, and how long a silent worker stays online.
 SCHEDULER_HEARTBEAT_S = env_number("SCHEDULER_HEARTBEAT_S", 5.0, minimum=0.1)
-SCHEDULER_LOST_AFTER_S = env_number("SCHEDULER_LOST_AFTER_S", 15.0, minimum=0.3)
+# 60 s so that a master restart of up to 30 s (an upgrade with migrations)
+# kills no running command: agents self-fence after max(60 - 2*5, 60/2) = 50 s
+# and, while commands run, try to reconnect at least every 50/10 = 5 s. The
+# price: the work of a node that really died waits ~60 s for its retry.
+SCHEDULER_LOST_AFTER_S = env_number("SCHEDULER_LOST_AFTER_S", 60.0, minimum=0.3)
 # An assignment the agent has not accepted by then goes back to the queue.
 SCHEDULER_ACCEPT_TIMEOUT_S = env_number("SCHEDULER_ACCEPT_TIMEOUT_S", 10.0, minimum=0.1)
 # The master's own timeout backstop fires this long after a task's timeout.

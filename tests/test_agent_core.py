@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import free_port
 from workers_app import agent
 from workers_app.agent import (
     Agent,
@@ -951,6 +952,52 @@ def test_backoff_doubles_from_half_a_second_to_a_cap_and_resets() -> None:
     )
 
 
+def test_while_work_is_at_stake_the_reconnect_cap_is_a_tenth_of_the_fence() -> None:
+    # The default settings: fence_after_s = max(60 - 2 * 5, 60 / 2) = 50 s.
+    assert agent.reconnect_cap(50.0, busy=True) == 5.0
+    assert agent.reconnect_cap(2.0, busy=True) == 0.2
+    # Never above the normal cap, and the normal cap when idle or without a fence.
+    assert agent.reconnect_cap(600.0, busy=True) == 15.0
+    assert agent.reconnect_cap(50.0, busy=False) == 15.0
+    assert agent.reconnect_cap(None, busy=True) == 15.0
+    assert agent.reconnect_cap(50.0, busy=True, cap=3.0) == 3.0
+
+
+def test_a_lowered_cap_bounds_every_delay_jitter_included() -> None:
+    steady = Backoff(rng=lambda: 0.5)  # no jitter
+    high = Backoff(rng=lambda: 0.99)  # +19.6%
+
+    assert [steady.next_delay(5.0) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert [round(high.next_delay(5.0), 3) for _ in range(4)] == [0.598, 1.196, 2.392, 4.784]
+    assert high.next_delay(5.0) == 5.0
+    # The lowered cap holds for that delay only, and never raises the Backoff's own.
+    assert high.next_delay() == 15.0
+    assert high.next_delay(40.0) == 15.0
+
+
+def test_the_cores_backoff_cap_follows_running_attempts_and_unacked_results() -> None:
+    core = online(make_core(), fence_after_s=50)
+    assert core.backoff_cap == 15.0
+
+    core.receive(assign(1))
+    assert core.backoff_cap == 5.0
+    core.process_started(1, pid=4242, started_at=1.0)
+    core.process_exited(1, returncode=0, finished_at=2.0)
+    assert (core.running_ids, core.unacked_ids) == ([], [1])
+    assert core.backoff_cap == 5.0  # the result still has to reach the master
+
+    core.receive(json.dumps({"type": "ack", "attempt": 1}))
+    assert core.backoff_cap == 15.0
+
+
+def test_without_a_fence_the_core_keeps_the_normal_cap_while_busy() -> None:
+    core = online(make_core(), fence_after_s=None)
+    core.receive(assign(1))
+
+    assert core.running_ids == [1]
+    assert core.backoff_cap == 15.0
+
+
 def test_the_websocket_url_follows_the_server_scheme() -> None:
     assert agent.websocket_url("http://m:8000") == "ws://m:8000/ws/agent/"
     assert agent.websocket_url("https://m.example/sched") == "wss://m.example/sched/ws/agent/"
@@ -983,7 +1030,95 @@ def test_bad_flags_exit_2_with_a_message(
 def test_labels_drop_empty_items() -> None:
     args = agent.build_parser().parse_args(["--server", "http://m/", "--labels", "gpu,,linux,"])
 
-    assert (args.server, args.labels) == ("http://m", ("gpu", "linux"))
+    assert (args.servers, args.labels) == (("http://m",), ("gpu", "linux"))
+
+
+def test_several_servers_come_from_repeats_and_commas_in_order() -> None:
+    argv = ["--server", "http://a:8000/, https://b", "--server", "http://c:8000"]
+
+    args = agent.build_parser().parse_args(argv)
+
+    assert args.servers == ("http://a:8000", "https://b", "http://c:8000")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--server", "http://a", "--server", "http://a/"],
+            "argument --server: 'http://a' is given more than once",
+        ),
+        (
+            ["--server", "http://a:8000,http://b:8000,http://a:8000"],
+            "argument --server: 'http://a:8000' is given more than once",
+        ),
+        (
+            ["--server", "http://a,ftp://b"],
+            "argument --server: 'ftp://b' is not an http:// or https:// URL",
+        ),
+        (
+            ["--server", "http://a", "--server", "http://b:port"],
+            "argument --server: 'http://b:port' has an invalid port",
+        ),
+        (["--server", " , "], "argument --server: ' , ' names no server"),
+    ],
+)
+def test_bad_server_lists_exit_2_with_the_exact_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        agent.main(argv)
+
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"scheduler-agent: error: {message}"
+
+
+def test_the_rotation_moves_round_robin_after_two_failures_in_a_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rotation = agent.ServerRotation(["http://a", "http://b", "http://c"])
+
+    with caplog.at_level("WARNING", logger="scheduler_agent"):
+        seen = [rotation.current]
+        for _ in range(6):
+            moved = rotation.failed()
+            seen.append(rotation.current)
+            assert moved == (rotation.current if len(seen) % 2 else None)
+
+    assert seen == [
+        "http://a",
+        "http://a",
+        "http://b",
+        "http://b",
+        "http://c",
+        "http://c",
+        "http://a",
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "server http://a failed 2 times in a row; moving to http://b",
+        "server http://b failed 2 times in a row; moving to http://c",
+        "server http://c failed 2 times in a row; moving to http://a",
+    ]
+
+
+def test_a_welcome_between_two_failures_keeps_the_server() -> None:
+    rotation = agent.ServerRotation(["http://a", "http://b"])
+
+    assert rotation.failed() is None  # a dropped connection
+    rotation.welcomed()  # the reconnect to the same server worked
+    assert rotation.failed() is None
+    assert rotation.current == "http://a"
+    assert rotation.failed() == "http://b"
+
+
+def test_one_server_is_never_left(caplog: pytest.LogCaptureFixture) -> None:
+    rotation = agent.ServerRotation(["http://lb"])
+
+    with caplog.at_level("WARNING", logger="scheduler_agent"):
+        assert [rotation.failed() for _ in range(5)] == [None] * 5
+
+    assert rotation.current == "http://lb"
+    assert caplog.records == []
 
 
 def test_a_token_is_required_without_a_stored_credential(
@@ -997,18 +1132,27 @@ def test_a_token_is_required_without_a_stored_credential(
 
 
 class _Master:
-    """A one-route HTTP master answering registration with a canned response."""
+    """A one-route HTTP master answering registration (and a websocket
+    handshake) with a canned response."""
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         self.requests: list[dict[str, Any]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # websockets refuses a 1.0 answer to its handshake
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 length = int(self.headers["Content-Length"])
                 outer.requests.append(
                     {"path": self.path, "json": json.loads(self.rfile.read(length))}
                 )
+                self._answer()
+
+            def do_GET(self) -> None:  # noqa: N802 - the websocket handshake, refused
+                self._answer()
+
+            def _answer(self) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -1037,7 +1181,7 @@ def test_it_registers_and_stores_the_credential_privately(tmp_path: Path) -> Non
     state = tmp_path / "state"
     with _Master(201, body) as master:
         data = agent.register(
-            master.url, "enroll-me", name="node-1", capacity=2, labels=("gpu",), state_dir=state
+            [master.url], "enroll-me", name="node-1", capacity=2, labels=("gpu",), state_dir=state
         )
 
     assert master.requests[0]["path"] == "/api/workers/register"
@@ -1075,6 +1219,60 @@ def test_a_refused_registration_exits_2_with_the_masters_message(
     assert code == 2
     assert "registration refused: invalid enrollment token" in capsys.readouterr().err
     assert not (tmp_path / "s" / "credential.json").exists()
+
+
+def test_registration_moves_to_the_next_server_when_one_is_unreachable(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    body = {"worker": {"id": 3, "name": "node-1"}, "credential": "s3cret"}
+    waits: list[float] = []
+    with _Master(201, body) as master:
+        data = agent.register(
+            [dead, master.url],
+            "enroll-me",
+            name="node-1",
+            capacity=2,
+            labels=(),
+            state_dir=tmp_path,
+            backoff=Backoff(rng=lambda: 0.5),
+            sleep=waits.append,
+        )
+
+    assert waits == [0.5, 1.0]  # two tries of the dead one, then the live one
+    assert len(master.requests) == 1
+    assert data["server"] == master.url
+    assert json.loads((tmp_path / "credential.json").read_text())["server"] == master.url
+
+
+@pytest.mark.parametrize(
+    ("issued_by_another", "warnings"),
+    [
+        (False, []),
+        (
+            True,
+            ["credential in {state} was issued by http://old.example, which is not among --server"],
+        ),
+    ],
+)
+def test_it_warns_only_when_the_credential_comes_from_a_server_not_given(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, issued_by_another: bool, warnings: list[str]
+) -> None:
+    state = tmp_path / "state"
+    # The websocket handshake is refused with 401: the agent exits 3 right after the check.
+    with _Master(401, {"error": "bad credential"}) as master:
+        issuer = "http://old.example" if issued_by_another else master.url
+        agent.save_credential(
+            state, {"server": issuer, "worker_id": 3, "name": "node-1", "credential": "s3cret"}
+        )
+        other = f"http://127.0.0.1:{free_port()}"
+        with caplog.at_level("WARNING", logger="scheduler_agent"):
+            code = agent.main(
+                ["--server", f"{master.url},{other}", "--state-dir", str(state), "--name", "n"]
+            )
+
+    assert code == 3
+    assert [r.getMessage() for r in caplog.records if "credential in" in r.getMessage()] == [
+        w.format(state=state) for w in warnings
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -1142,7 +1340,7 @@ class Session:
     """An Agent serving a FakeSocket, welcomed by the 'master'."""
 
     def __init__(self, state_dir: Path, **welcome: Any) -> None:
-        config = AgentConfig(server="http://master.invalid", name="node-1", state_dir=state_dir)
+        config = AgentConfig(servers=("http://master.invalid",), name="node-1", state_dir=state_dir)
         self.agent = Agent(config, "credential", hostname="host-1")
         self.ws = FakeSocket()
         self.welcome = {**WELCOME, **welcome}
@@ -1390,7 +1588,7 @@ class WsMaster:
 
 def start_agent(url: str, state_dir: Path, drain_timeout: float) -> tuple[Agent, asyncio.Task]:
     config = AgentConfig(
-        server=url, name="node-1", capacity=2, state_dir=state_dir, drain_timeout=drain_timeout
+        servers=(url,), name="node-1", capacity=2, state_dir=state_dir, drain_timeout=drain_timeout
     )
     worker = Agent(config, "credential", hostname="host-1")
     return worker, asyncio.create_task(worker.run())
@@ -1723,3 +1921,28 @@ def test_a_stopped_fetch_ends_before_its_next_shard(tmp_path: Path, shard_server
     stop.set()
     with pytest.raises(agent.ShardFetchError, match="^stopped before shard 0$"):
         agent.fetch_shard_outputs(url, "wkr_x", "/m/", 3, tmp_path / "9", stop)
+
+
+@pytest.mark.asyncio
+async def test_a_merge_downloads_its_inputs_from_the_server_it_is_connected_to(
+    tmp_path: Path, shard_server
+) -> None:
+    url, seen = shard_server
+    config = AgentConfig(servers=("http://first.invalid", url), name="node-1", state_dir=tmp_path)
+    worker = Agent(config, "wkr_x", hostname="host-1")
+    worker.rotation.failed()
+    worker.rotation.failed()  # the first server is down: connected to the second
+    ws = FakeSocket()
+    task = asyncio.create_task(worker.serve(ws))
+    try:
+        ws.push(WELCOME)
+        merge = {"argv": ["cat"], "shell": None, "outputs": "/m/"}
+        ws.push(json.loads(assign(9, argv=None, shard_index=3, shard_count=3, merge=merge)))
+        [result] = await wait_until(lambda: ws.of("finished", 9))
+    finally:
+        await ws.close()
+        await asyncio.wait_for(task, 5)
+        worker.close()
+
+    assert (result["status"], ws.output(9)) == ("succeeded", "out 0\né 2\n")
+    assert seen == ["Bearer wkr_x"]

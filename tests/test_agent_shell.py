@@ -171,7 +171,7 @@ class BreakingSocket(FakeSocket):
 async def test_frames_of_a_batch_that_did_not_leave_go_after_the_next_welcome(
     tmp_path: Path,
 ) -> None:
-    config = AgentConfig(server="http://master.invalid", name="node-1", state_dir=tmp_path)
+    config = AgentConfig(servers=("http://master.invalid",), name="node-1", state_dir=tmp_path)
     worker = Agent(config, "credential", hostname="host-1")
     broken = BreakingSocket()
     await asyncio.wait_for(worker.serve(broken), 5)  # ends when [accepted, started] fails

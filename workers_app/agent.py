@@ -24,7 +24,15 @@ running commands are killed (self-fencing) so a retry elsewhere never overlaps
 them. If the agent itself dies, even by SIGKILL, a small watchdog process it
 started kills every command's process group (see Watchdog).
 
-Usage: scheduler-agent --server http://HOST:PORT --token TOKEN [--capacity 4]
+Several servers of one install (`serve` processes sharing PostgreSQL and
+Redis): give --server more than once or as a comma-separated list. The agent
+connects to the first and, when it fails twice in a row, moves on to the next,
+round-robin (ServerRotation); enrollment does the same. HTTP to the master (a
+merge's inputs) goes to the server it is connected to. While work is at stake,
+reconnect attempts come at least every tenth of the fence (reconnect_cap), so a
+master restarted within the fence finds its commands still running.
+
+Usage: scheduler-agent --server http://HOST:PORT [--server ...] --token TOKEN [--capacity 4]
 """
 
 from __future__ import annotations
@@ -283,6 +291,12 @@ FENCE_POLL_S = 1.0
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_CAP_S = 15.0
+# While attempts run or results wait for an ack, at least this many reconnect
+# attempts fit in the self-fence (see reconnect_cap).
+FENCE_ATTEMPTS = 10
+# With several --server URLs, a server is given up for the next one after this
+# many failed connections to it in a row (see ServerRotation).
+SWITCH_AFTER_FAILURES = 2
 
 LABEL_RE = re.compile(LABEL_PATTERN)
 
@@ -384,6 +398,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def reconnect_cap(fence_after_s: float | None, busy: bool, cap: float = BACKOFF_CAP_S) -> float:
+    """The longest wait between two reconnect attempts.
+
+    While attempts run or results wait for an ack (`busy`), a tenth of the
+    self-fence: a master back before the fence expires (a restart, an upgrade)
+    finds the agent back well before it kills anything, where one wait of the
+    normal cap could outlast what is left of the fence. Idle, or without a
+    fence, nothing is at stake and the normal cap spares the master a crowd of
+    reconnects.
+    """
+    if not busy or fence_after_s is None:
+        return cap
+    return min(cap, fence_after_s / FENCE_ATTEMPTS)
+
+
 class AgentCore:
     """The agent's side of the protocol as a state machine without I/O."""
 
@@ -460,6 +489,11 @@ class AgentCore:
         if not any(a.kill_reason is None for a in self._running.values()):
             return None
         return self._offline_since + self.fence_after_s
+
+    @property
+    def backoff_cap(self) -> float:
+        """The longest wait before the next reconnect attempt, by reconnect_cap()."""
+        return reconnect_cap(self.fence_after_s, busy=not self.drained)
 
     @property
     def has_pending_logs(self) -> bool:
@@ -1122,7 +1156,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Backoff:
-    """Exponential backoff with jitter: 0.5 s doubling to a 15 s cap."""
+    """Exponential backoff with jitter: 0.5 s doubling to a 15 s cap (lower
+    while work is at stake: see reconnect_cap)."""
 
     def __init__(
         self,
@@ -1133,18 +1168,64 @@ class Backoff:
         self.initial, self.cap, self.rng = initial, cap, rng
         self.failures = 0
 
-    def next_delay(self) -> float:
-        base = min(self.cap, self.initial * 2**self.failures)
+    def next_delay(self, cap: float | None = None) -> float:
+        """The next wait; `cap` lowers the cap for this one (see reconnect_cap)."""
+        cap = self.cap if cap is None else min(self.cap, cap)
+        base = min(cap, self.initial * 2**self.failures)
         self.failures = min(self.failures + 1, 32)
         # +-20% so a master restart is not met by every agent in the same millisecond.
-        return min(self.cap, base * (0.8 + 0.4 * self.rng()))
+        return min(cap, base * (0.8 + 0.4 * self.rng()))
 
     def reset(self) -> None:
         self.failures = 0
 
 
+class ServerRotation:
+    """Which of the agent's servers (several `serve` processes of one install)
+    to connect to: the first, until it fails SWITCH_AFTER_FAILURES times in a
+    row, then the next, round-robin.
+
+    A failure is a connection that could not be opened, a handshake refused
+    (401/403 aside: those end the agent), a connection closed before the
+    welcome, and the end of a welcomed one. One failure alone may be a blip (a
+    dropped socket, a service manager's quick restart) that the same server
+    answers on the next try; a second one in a row means it is down, and
+    moving costs only that one extra attempt, a second or so with the backoff.
+    With one server (or one URL behind a load balancer) nothing ever moves.
+    """
+
+    def __init__(self, servers: Sequence[str], switch_after: int = SWITCH_AFTER_FAILURES) -> None:
+        if not servers:
+            raise ValueError("at least one server is needed")
+        self.servers = tuple(servers)
+        self.switch_after = switch_after
+        self.index = 0
+        self.failures = 0  # in a row, on the current server
+
+    @property
+    def current(self) -> str:
+        return self.servers[self.index]
+
+    def welcomed(self) -> None:
+        self.failures = 0
+
+    def failed(self) -> str | None:
+        """Count a failure of the current server; the next server if it is time
+        to move to it, else None."""
+        self.failures += 1
+        if self.failures < self.switch_after or len(self.servers) == 1:
+            return None
+        previous, count = self.current, self.failures
+        self.index = (self.index + 1) % len(self.servers)
+        self.failures = 0
+        logger.warning(
+            "server %s failed %d times in a row; moving to %s", previous, count, self.current
+        )
+        return self.current
+
+
 def register(
-    server: str,
+    servers: Sequence[str],
     token: str,
     *,
     name: str,
@@ -1154,10 +1235,12 @@ def register(
     backoff: Backoff | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """Enroll with the master and store the credential; retries while it is unreachable."""
+    """Enroll with the master and store the credential; retries while it is
+    unreachable, moving through `servers` as ServerRotation says."""
     import requests  # only needed once per node, keeps `--help` fast
 
     backoff = backoff or Backoff()
+    rotation = ServerRotation(servers)
     body = {
         "token": token,
         "name": name,
@@ -1165,20 +1248,26 @@ def register(
         "capacity": capacity,
         "labels": list(labels),
     }
-    url = server + "/api/workers/register"
     while True:
+        server = rotation.current
+        url = server + "/api/workers/register"
         try:
             response = requests.post(url, json=body, timeout=30)
         except requests.RequestException as exc:
             delay = backoff.next_delay()
             logger.warning("cannot reach %s (%s); retrying in %.1fs", url, exc, delay)
+            rotation.failed()
             sleep(delay)
             continue
         if response.status_code >= 500:
             delay = backoff.next_delay()
             logger.warning(
-                "registration failed: HTTP %s; retrying in %.1fs", response.status_code, delay
+                "registration at %s failed: HTTP %s; retrying in %.1fs",
+                url,
+                response.status_code,
+                delay,
             )
+            rotation.failed()
             sleep(delay)
             continue
         try:
@@ -1490,7 +1579,7 @@ class _Run:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    server: str
+    servers: tuple[str, ...]  # several `serve` processes of one install, tried in turn
     name: str
     capacity: int = 4
     labels: tuple[str, ...] = ()
@@ -1535,6 +1624,7 @@ class Agent:
             spooled=self.spool.open(),
         )
         self.backoff = Backoff()
+        self.rotation = ServerRotation(config.servers)
         self.watchdog = Watchdog()
         self._runs: dict[int, _Run] = {}
         # Merges' downloaded inputs (<state dir>/merge/<attempt>), deleted when
@@ -1596,6 +1686,7 @@ class Agent:
                 task.add_done_callback(self._fetches.discard)
             elif isinstance(out, Welcomed):
                 self.backoff.reset()
+                self.rotation.welcomed()
                 logger.info("connected as worker %s (%s)", out.worker_id, self.config.name)
                 if self._heartbeat is not None:
                     self._heartbeat.cancel()
@@ -1616,7 +1707,8 @@ class Agent:
         try:
             stdin = await asyncio.to_thread(
                 fetch_shard_outputs,
-                self.config.server,
+                # The server this assign came from: the one we are connected to.
+                self.rotation.current,
                 self.credential,
                 fetch.path,
                 fetch.count,
@@ -1899,8 +1991,8 @@ class Agent:
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidStatus
 
-        url = websocket_url(self.config.server)
         while True:
+            url = websocket_url(self.rotation.current)
             try:
                 async with connect(
                     url,
@@ -1942,8 +2034,10 @@ class Agent:
             # only the end of the drain stops it.
             if self._closing:
                 return 0
-            delay = self.backoff.next_delay()
-            logger.info("reconnecting in %.1fs", delay)
+            # Whatever ended this connection, the server failed us once.
+            self.rotation.failed()
+            delay = self.backoff.next_delay(self.core.backoff_cap)
+            logger.info("reconnecting to %s in %.1fs", self.rotation.current, delay)
             await asyncio.sleep(delay)
 
     async def _fence_watch(self) -> None:
@@ -2081,6 +2175,33 @@ def _server(value: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
+def _servers(value: str) -> tuple[str, ...]:
+    """One --server value: a URL, or several separated by commas."""
+    urls = tuple(_server(item) for item in value.split(",") if item.strip())
+    if not urls:
+        raise argparse.ArgumentTypeError(f"{value!r} names no server")
+    return urls
+
+
+class _ServerList(argparse.Action):
+    """--server may be repeated: every URL given, in order, each once."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        servers = list(getattr(namespace, self.dest) or ())
+        for url in values:
+            # Compared after _server's normalisation: http://m/ is http://m.
+            if url in servers:
+                raise argparse.ArgumentError(self, f"{url!r} is given more than once")
+            servers.append(url)
+        setattr(namespace, self.dest, tuple(servers))
+
+
 def _capacity(value: str) -> int:
     try:
         number = int(value)
@@ -2127,7 +2248,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scheduler-agent", description="Run the scheduler master's tasks on this node."
     )
     parser.add_argument(
-        "--server", required=True, type=_server, help="master URL, http(s)://HOST:PORT"
+        "--server",
+        dest="servers",
+        metavar="URL",
+        required=True,
+        type=_servers,
+        action=_ServerList,
+        help="master URL, http(s)://HOST:PORT; repeat it or separate URLs with commas for"
+        " several servers of one install, tried in turn when one is unreachable",
     )
     parser.add_argument("--token", help="enrollment token (only needed the first time)")
     parser.add_argument("--name", type=_name, default=None, help="worker name (default: hostname)")
@@ -2169,7 +2297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--token is required to enroll (no credential in {state_dir})")
         try:
             stored = register(
-                args.server,
+                args.servers,
                 args.token,
                 name=name,
                 capacity=args.capacity,
@@ -2181,10 +2309,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 0
-    elif stored.get("server") and stored["server"] != args.server:
-        logger.warning("credential in %s was issued by %s", state_dir, stored["server"])
+    elif stored.get("server") and stored["server"] not in args.servers:
+        # Any server of the install accepts the credential; one from elsewhere
+        # is refused (exit 3), and this says why.
+        logger.warning(
+            "credential in %s was issued by %s, which is not among --server",
+            state_dir,
+            stored["server"],
+        )
     config = AgentConfig(
-        server=args.server,
+        servers=args.servers,
         name=name,
         capacity=args.capacity,
         labels=args.labels,
