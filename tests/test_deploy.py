@@ -76,7 +76,7 @@ def test_it_starts_the_agent_with_flags_the_agent_accepts():
 
     args = build_parser().parse_args(agent_args(exec_argv(read_unit(AGENT_UNIT))))
 
-    assert args.server == "https://scheduler.example.com"
+    assert args.servers == ("https://scheduler.example.com",)
     assert args.state_dir == "/var/lib/scheduler-agent"
     assert args.token == ""  # the line removed from the EnvironmentFile after enrollment
 
