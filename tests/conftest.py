@@ -21,6 +21,36 @@ from tests.harness import (
     wait_for,
 )
 
+# --- the engines of the run -----------------------------------------------------
+
+
+def pytest_sessionstart(session):
+    """A run on PostgreSQL/Redis (`make test-postgres`) stops at once, saying
+    which service is unreachable: each test erroring on its own connection (or
+    the pytest-django test database failing to be made) hides the one cause."""
+    from django.conf import settings
+
+    from tests import engines
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.postgresql":
+        import psycopg
+
+        # The maintenance database: the one in DATABASE_URL is made by pytest-django.
+        url = engines.with_database(engines.ADMIN_URL, "postgres")
+        try:
+            psycopg.connect(engines._libpq(url), connect_timeout=5).close()
+        except psycopg.Error as exc:
+            pytest.exit(f"PostgreSQL at {url} is unreachable ({exc}); DATABASE_URL needs it", 1)
+    if settings.REDIS_URL:
+        try:
+            engines.redis_client().ping()
+        except Exception as exc:  # redis.ConnectionError, TimeoutError
+            pytest.exit(
+                f"Redis at {engines.REDIS_URL} is unreachable ({exc}); REDIS_URL needs it", 1
+            )
+
+
 # --- personas ------------------------------------------------------------------
 
 

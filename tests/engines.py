@@ -17,10 +17,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-ADMIN_URL = os.environ.get(
-    "SCHEDULER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres"
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
+
+
+# A run of the whole suite on the real engines (`make test-postgres`: DATABASE_URL
+# and REDIS_URL set) makes its servers' databases and prefixes on those same services.
+ADMIN_URL = os.environ.get("SCHEDULER_TEST_POSTGRES") or with_database(
+    os.environ.get("DATABASE_URL") or "postgres://postgres@127.0.0.1:5432", "postgres"
 )
-REDIS_URL = os.environ.get("SCHEDULER_TEST_REDIS", "redis://127.0.0.1:6379/0")
+REDIS_URL = (
+    os.environ.get("SCHEDULER_TEST_REDIS")
+    or os.environ.get("REDIS_URL")
+    or "redis://127.0.0.1:6379/0"
+)
 
 
 def _unreachable(what: str, exc: Exception) -> None:
