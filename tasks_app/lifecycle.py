@@ -773,6 +773,10 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
     a no-op; a report for an attempt the master already ended is kept beside
     it as a late result; each run's state is derived in the same transaction.
     """
+    if not items:
+        # A report batch without a result. Not a read of nothing: PostgreSQL
+        # rejects the empty "IN ()" that SQLite takes.
+        return []
     now = timezone.now()
     with atomic():
         ids = list({i.attempt_id for i in items})
@@ -1097,7 +1101,8 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
     now = timezone.now()
     ids = _to_judge(runs, starts, now)
     latest: dict[int, dict[int, shards.Latest]] = {}
-    for run_id, shard, try_number, status, reason, started, finished in select(
+    # Every run may be quiet (nothing to read): PostgreSQL rejects an empty "IN ()".
+    for run_id, shard, try_number, status, reason, started, finished in ids and select(
         "SELECT run_id, shard_index, try_number, status, reason, started_at, finished_at"
         f" FROM {ATTEMPT} WHERE run_id IN ({marks(ids)})",
         ids,
