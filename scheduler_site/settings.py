@@ -134,7 +134,17 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        # redis-py 8 reads with a 5 s socket timeout by default,
+                        # which a consumer's 5 s blocking BZPOPMIN on an idle
+                        # channel races: the read fails and the socket closes
+                        # (redis/redis-py#4091, django/channels_redis#422). Longer
+                        # than that wait, but a Redis gone silent still fails.
+                        "socket_timeout": 15,
+                    }
+                ],
                 "prefix": env_str("SCHEDULER_REDIS_PREFIX", "scheduler"),
                 # A frame for an agent whose server died is dropped after this;
                 # the agent's next hello is reconciled from the database anyway.
