@@ -55,11 +55,6 @@ def _libpq(url: str) -> str:
     return urlunsplit(("postgresql", *parts[1:]))
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
-
-
 def create_database() -> str:
     """A new empty database; its URL (postgres://...)."""
     name = f"sched_test_{uuid.uuid4().hex[:12]}"
@@ -123,3 +118,21 @@ class ScaleOut:
     def drop(self) -> None:
         drop_database(self.database_url)
         drop_prefix(self.prefix)
+
+
+def query_plan(cursor, sql: str) -> str:
+    """The plan of a query, as one line of text (SQLite's EXPLAIN QUERY PLAN,
+    PostgreSQL's EXPLAIN)."""
+    explain = "EXPLAIN QUERY PLAN" if cursor.db.vendor == "sqlite" else "EXPLAIN"
+    cursor.execute(f"{explain} {sql}")
+    return " ".join(str(row) for row in cursor.fetchall())
+
+
+# The step of a plan that sorts rows instead of reading them in an index's order.
+SORT_STEP = {"sqlite": "USE TEMP B-TREE", "postgresql": "Sort"}
+
+
+def sqlite_only(reason: str) -> pytest.MarkDecorator:
+    """For a test about the SQLite install itself: the run on PostgreSQL
+    (DATABASE_URL set) skips it, saying why. Keep these few."""
+    return pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason=f"SQLite only: {reason}")
