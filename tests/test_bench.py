@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 from django.core.management import CommandError, call_command
 
+from tests import engines
 from tests.harness import ROOT
 
 BENCH = ROOT / "tests" / "bench.py"
@@ -55,6 +56,9 @@ def _all_succeeded(section: dict, runs: int) -> None:
 
 
 @pytest.mark.e2e
+@engines.sqlite_only(
+    "the benchmark measures the default install and reads its servers' db.sqlite3 directly"
+)
 def test_it_runs_every_section_of_the_benchmark_with_tiny_counts():
     args = [str(a) for pair in TINY.items() for a in pair]
     result = _bench(*args)
