@@ -516,7 +516,10 @@ def _route(runs: list[Run]) -> None:
         try:
             run.routes = routes.of(run.definition)
         except Unroutable as exc:
-            run.status, run.reason, run.finished_at = Run.Status.FAILED, str(exc), timezone.now()
+            # Cut to the column: a broadcast's reason names up to 32 labels, and
+            # PostgreSQL refuses what does not fit (SQLite kept it whole).
+            reason = str(exc)[:500]
+            run.status, run.reason, run.finished_at = Run.Status.FAILED, reason, timezone.now()
             continue
         if run.definition.get("strategy") == Strategy.BROADCAST:
             # A copy: runs of one trigger share one snapshot dict.

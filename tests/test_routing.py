@@ -397,6 +397,15 @@ def test_broadcast_with_no_matching_online_worker_fails_at_once():
     assert not run.attempts.exists()
 
 
+def test_a_broadcast_with_many_long_labels_fails_with_its_reason_cut_to_the_column():
+    labels = [f"{i:02d}-{'x' * 61}" for i in range(32)]  # the most a task may have
+    run = trigger(make_task("everywhere", strategy="broadcast", labels=labels))
+
+    run.refresh_from_db()
+    whole = f"broadcast: no online worker with the labels {', '.join(labels)} takes new work"
+    assert (run.status, run.reason) == (Run.Status.FAILED, whole[:500])
+
+
 # --- failover ------------------------------------------------------------------------
 
 
