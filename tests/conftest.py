@@ -51,6 +51,24 @@ def pytest_sessionstart(session):
             )
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django's, and on PostgreSQL the test database's other sessions
+    ended before it is dropped: the writer's thread and the sync_to_async
+    threads keep connections of their own to the end of the run, and DROP
+    DATABASE refuses while anyone is connected (the database stayed behind)."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
 # --- personas ------------------------------------------------------------------
 
 
