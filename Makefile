@@ -6,7 +6,7 @@ PORT ?= 8000
 AGENTS ?= 1
 export SCHEDULER_DATA_DIR ?= .scheduler
 
-.PHONY: run test install browser lint clean wire token
+.PHONY: run test test-postgres install browser lint clean wire token
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ browser:
 
 test: $(VENV)/.installed browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same suite on PostgreSQL and Redis (CI's second stage). pytest-django makes
+# and drops test_<database of PG_URL>; each e2e server gets a database and a Redis
+# prefix of its own (tests/harness.py). Unreachable engines fail the run at once
+# (tests/conftest.py), they never skip it.
+PG_URL ?= postgres://postgres@127.0.0.1:5432/scheduler_suite
+REDIS ?= redis://127.0.0.1:6379/0
+# The scale-out tests make databases of their own and ran in `make test` already.
+test-postgres: $(VENV)/.installed browser
+	DATABASE_URL=$(PG_URL) REDIS_URL=$(REDIS) $(PY) -m pytest -m "not scale_out" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

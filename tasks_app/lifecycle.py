@@ -516,7 +516,10 @@ def _route(runs: list[Run]) -> None:
         try:
             run.routes = routes.of(run.definition)
         except Unroutable as exc:
-            run.status, run.reason, run.finished_at = Run.Status.FAILED, str(exc), timezone.now()
+            # Cut to the column: a broadcast's reason names up to 32 labels, and
+            # PostgreSQL refuses what does not fit (SQLite kept it whole).
+            reason = str(exc)[:500]
+            run.status, run.reason, run.finished_at = Run.Status.FAILED, reason, timezone.now()
             continue
         if run.definition.get("strategy") == Strategy.BROADCAST:
             # A copy: runs of one trigger share one snapshot dict.
@@ -783,6 +786,10 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
     a no-op; a report for an attempt the master already ended is kept beside
     it as a late result; each run's state is derived in the same transaction.
     """
+    if not items:
+        # A report batch without a result. Not a read of nothing: PostgreSQL
+        # rejects the empty "IN ()" that SQLite takes.
+        return []
     now = timezone.now()
     with atomic():
         ids = list({i.attempt_id for i in items})
@@ -1109,7 +1116,8 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
     now = timezone.now()
     ids = _to_judge(runs, starts, now)
     latest: dict[int, dict[int, shards.Latest]] = {}
-    for run_id, shard, try_number, status, reason, started, finished in select(
+    # Every run may be quiet (nothing to read): PostgreSQL rejects an empty "IN ()".
+    for run_id, shard, try_number, status, reason, started, finished in ids and select(
         "SELECT run_id, shard_index, try_number, status, reason, started_at, finished_at"
         f" FROM {ATTEMPT} WHERE run_id IN ({marks(ids)})",
         ids,

@@ -21,6 +21,54 @@ from tests.harness import (
     wait_for,
 )
 
+# --- the engines of the run -----------------------------------------------------
+
+
+def pytest_sessionstart(session):
+    """A run on PostgreSQL/Redis (`make test-postgres`) stops at once, saying
+    which service is unreachable: each test erroring on its own connection (or
+    the pytest-django test database failing to be made) hides the one cause."""
+    from django.conf import settings
+
+    from tests import engines
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.postgresql":
+        import psycopg
+
+        # The maintenance database: the one in DATABASE_URL is made by pytest-django.
+        url = engines.with_database(engines.ADMIN_URL, "postgres")
+        try:
+            psycopg.connect(engines._libpq(url), connect_timeout=5).close()
+        except psycopg.Error as exc:
+            pytest.exit(f"PostgreSQL at {url} is unreachable ({exc}); DATABASE_URL needs it", 1)
+    if settings.REDIS_URL:
+        try:
+            engines.redis_client().ping()
+        except Exception as exc:  # redis.ConnectionError, TimeoutError
+            pytest.exit(
+                f"Redis at {engines.REDIS_URL} is unreachable ({exc}); REDIS_URL needs it", 1
+            )
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django's, and on PostgreSQL the test database's other sessions
+    ended before it is dropped: the writer's thread and the sync_to_async
+    threads keep connections of their own to the end of the run, and DROP
+    DATABASE refuses while anyone is connected (the database stayed behind)."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
 # --- personas ------------------------------------------------------------------
 
 

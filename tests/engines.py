@@ -17,8 +17,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-ADMIN_URL = os.environ.get("SCHEDULER_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("SCHEDULER_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
+
+
+# A run of the whole suite on the real engines (`make test-postgres`: DATABASE_URL
+# and REDIS_URL set) makes its servers' databases and prefixes on those same services.
+ADMIN_URL = os.environ.get("SCHEDULER_TEST_POSTGRES") or with_database(
+    os.environ.get("DATABASE_URL") or "postgres://postgres@127.0.0.1:5432", "postgres"
+)
+REDIS_URL = (
+    os.environ.get("SCHEDULER_TEST_REDIS")
+    or os.environ.get("REDIS_URL")
+    or "redis://127.0.0.1:6379/0"
+)
 
 
 def _unreachable(what: str, exc: Exception) -> None:
@@ -41,11 +55,6 @@ def libpq(url: str) -> str:
     """psycopg takes postgresql:// but not dj-database-url's postgres:// alias."""
     parts = urlsplit(url)
     return urlunsplit(("postgresql", *parts[1:]))
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
 
 
 def create_database() -> str:
@@ -123,3 +132,21 @@ def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
 
     with psycopg.connect(libpq(url), autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def query_plan(cursor, sql: str) -> str:
+    """The plan of a query, as one line of text (SQLite's EXPLAIN QUERY PLAN,
+    PostgreSQL's EXPLAIN)."""
+    explain = "EXPLAIN QUERY PLAN" if cursor.db.vendor == "sqlite" else "EXPLAIN"
+    cursor.execute(f"{explain} {sql}")
+    return " ".join(str(row) for row in cursor.fetchall())
+
+
+# The step of a plan that sorts rows instead of reading them in an index's order.
+SORT_STEP = {"sqlite": "USE TEMP B-TREE", "postgresql": "Sort"}
+
+
+def sqlite_only(reason: str) -> pytest.MarkDecorator:
+    """For a test about the SQLite install itself: the run on PostgreSQL
+    (DATABASE_URL set) skips it, saying why. Keep these few."""
+    return pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason=f"SQLite only: {reason}")

@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 from django.core.management import CommandError, call_command
 
+from tests import engines
 from tests.harness import ROOT
 
 BENCH = ROOT / "tests" / "bench.py"
@@ -55,6 +56,10 @@ def _all_succeeded(section: dict, runs: int) -> None:
 
 
 @pytest.mark.e2e
+@engines.sqlite_only(
+    "every section on the default install; on PostgreSQL + Redis the benchmark is"
+    " test_it_measures_two_servers_of_one_install_on_postgresql_and_redis"
+)
 def test_it_runs_every_section_of_the_benchmark_with_tiny_counts():
     args = [str(a) for pair in TINY.items() for a in pair]
     result = _bench(*args)

@@ -76,6 +76,7 @@ def two_servers(tmp_path: Path) -> Iterator[tuple[Master, Master]]:
         scale.drop()
 
 
+@pytest.mark.scale_out
 def test_an_agent_moves_to_the_other_server_when_its_own_dies_and_the_run_is_not_retried(
     two_servers, tmp_path: Path
 ):

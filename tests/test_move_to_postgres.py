@@ -23,7 +23,7 @@ import pytest
 from tests.engines import create_database, drop_database, libpq
 from tests.harness import FAST_SETTINGS, ROOT, Master, free_port, spawn_agent, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.scale_out]
 
 README = ROOT / "README.md"
 EXAMPLE_URL = "postgres://scheduler:PASSWORD@db.example.com:5432/scheduler"

@@ -17,6 +17,7 @@ from django.utils import timezone
 from tasks_app import lifecycle, tokens
 from tasks_app.forms import TaskForm
 from tasks_app.models import HELD_UNTIL, Attempt, Run, Task, queue_at
+from tests import engines
 from workers_app import dispatch, registration
 from workers_app.models import Worker
 from workers_app.waiting import why_waiting
@@ -394,6 +395,15 @@ def test_broadcast_with_no_matching_online_worker_fails_at_once():
         "broadcast: no online worker with the labels linux takes new work",
     )
     assert not run.attempts.exists()
+
+
+def test_a_broadcast_with_many_long_labels_fails_with_its_reason_cut_to_the_column():
+    labels = [f"{i:02d}-{'x' * 61}" for i in range(32)]  # the most a task may have
+    run = trigger(make_task("everywhere", strategy="broadcast", labels=labels))
+
+    run.refresh_from_db()
+    whole = f"broadcast: no online worker with the labels {', '.join(labels)} takes new work"
+    assert (run.status, run.reason) == (Run.Status.FAILED, whole[:500])
 
 
 # --- failover ------------------------------------------------------------------------
@@ -791,10 +801,11 @@ def test_a_pass_over_mixed_priorities_strategies_and_held_work_costs_what_it_fil
     assert len(large) == len(small)
     reads = [q for q in large if 'FROM "tasks_app_attempt"' in q and "LIMIT" in q]
     assert reads
+    sort = engines.SORT_STEP[connection.vendor]
     with connection.cursor() as cursor:
         for read in reads:
-            plan = " ".join(str(row) for row in cursor.execute(f"EXPLAIN QUERY PLAN {read}"))
-            assert "attempt_queue" in plan and "USE TEMP B-TREE" not in plan, plan
+            plan = engines.query_plan(cursor, read)
+            assert "attempt_queue" in plan and sort not in plan, plan
 
 
 @pytest.mark.parametrize("new_limit", [2, None])
