@@ -469,7 +469,7 @@ def test_the_sweeps_on_both_servers_at_once_lose_and_retry_each_attempt_once(ins
         .replace("LOST", "3")
         .replace("ACCEPT", "3")
     )
-    assert a.manage("shell", "-c", script) == "ok"
+    assert a.manage("shell", "-v", "0", "-c", script) == "ok"
 
     lost_total = workers * per_worker
     wait_for(

@@ -50,7 +50,10 @@ class Peers:
         if not self.active():
             return
         layer = self.layer
-        self.channel = await layer.new_channel("server.")
+        # The layer's default prefix: channels_redis has one receive loop per
+        # process, on the "specific.<process>!" list; a channel under another
+        # prefix would hold that loop on a list no agent's frames come to.
+        self.channel = await layer.new_channel()
         loop = asyncio.get_running_loop()
         last_join = None
         try:
