@@ -26,11 +26,12 @@ from django.db import DEFAULT_DB_ALIAS, connections, models, transaction
 from django.db.migrations.recorder import MigrationRecorder
 
 from scheduler_site.exceptions import CopyRefused
+from tasks_app import logs
 
 SOURCE = "sqlite_source"
-# What a NUL character becomes (PostgreSQL text and jsonb cannot hold one): the
-# character the agent already shows for bytes that are not UTF-8.
-NUL_REPLACEMENT = "\ufffd"
+# What a NUL character becomes (PostgreSQL text and jsonb cannot hold one), as
+# in output stored on PostgreSQL in the first place.
+NUL_REPLACEMENT = logs.NUL_REPLACEMENT
 # PostgreSQL takes at most 65,535 parameters in one statement.
 MAX_PARAMETERS = 60_000
 READ_CHUNK = 2_000

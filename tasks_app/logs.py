@@ -6,9 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import connection
 
 from tasks_app.batchsql import atomic, update_rows
 from tasks_app.models import Attempt, LogChunk
+
+# What a NUL character in output becomes on PostgreSQL, whose text cannot hold
+# one: the character the agent already shows for bytes that are not UTF-8.
+# SQLite keeps NUL as printed.
+NUL_REPLACEMENT = "\ufffd"
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
                 continue  # a replay after a reconnect: stored already
             known.add((chunk.attempt_id, chunk.seq))
             data = chunk.data
+            if "\x00" in data and connection.vendor == "postgresql":
+                # Else the whole batch fails, and every frame in it with it.
+                data = data.replace("\x00", NUL_REPLACEMENT)
             encoded = data.encode()
             room = limit - stored[chunk.attempt_id]
             if len(encoded) > room:

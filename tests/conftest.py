@@ -39,7 +39,7 @@ def pytest_sessionstart(session):
         # The maintenance database: the one in DATABASE_URL is made by pytest-django.
         url = engines.with_database(engines.ADMIN_URL, "postgres")
         try:
-            psycopg.connect(engines._libpq(url), connect_timeout=5).close()
+            psycopg.connect(engines.libpq(url), connect_timeout=5).close()
         except psycopg.Error as exc:
             pytest.exit(f"PostgreSQL at {url} is unreachable ({exc}); DATABASE_URL needs it", 1)
     if settings.REDIS_URL:

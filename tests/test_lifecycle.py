@@ -11,7 +11,7 @@ import datetime as dt
 import time
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks_app import lifecycle, logs, tokens
@@ -429,6 +429,26 @@ def test_it_stores_output_in_seq_order_and_acks_the_highest_seq(task, worker):
         "stderr": "oops\n",
         "combined": "42\noops\ndone\n",
     }
+
+
+def test_a_nul_in_output_is_kept_on_sqlite_and_replaced_on_postgresql(task, worker):
+    # PostgreSQL text cannot hold NUL: storing it as printed would fail the whole
+    # batch, the frames of other attempts in it included.
+    attempt = running_on(worker, task)
+    other = running_on(worker, task)
+
+    assert append(
+        worker, [chunk(attempt.pk, 0, "stdout", "a\x00b\n"), chunk(other.pk, 0, "stdout", "ok\n")]
+    ) == (
+        {attempt.pk: 0, other.pk: 0},
+        set(),
+    )
+
+    attempt.refresh_from_db()
+    expected = "a\x00b\n" if connection.vendor == "sqlite" else "a\ufffdb\n"
+    assert logs.output_of(attempt)["stdout"] == expected
+    assert attempt.stored_bytes == len(expected.encode())
+    assert logs.output_of(Attempt.objects.get(pk=other.pk))["stdout"] == "ok\n"
 
 
 def test_it_ignores_replayed_output(task, worker):
