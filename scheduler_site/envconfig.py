@@ -143,7 +143,7 @@ def env_log_level(name: str, default: str) -> str:
     return value
 
 
-def env_database(name: str, *, conn_max_age: float) -> dict | None:
+def env_database(name: str, *, pool_size: int) -> dict | None:
     """A PostgreSQL database from a URL (dj-database-url), or None when unset
     (the embedded SQLite). NAME_FILE may hold the URL, which carries a password."""
     raw = env_str(name, default_text="SQLite in the data dir")
@@ -158,11 +158,21 @@ def env_database(name: str, *, conn_max_age: float) -> dict | None:
             f" (unset it for the embedded SQLite), not a {scheme or 'schemeless'} URL"
         )
     try:
-        config = dj_database_url.parse(raw, conn_max_age=int(conn_max_age), conn_health_checks=True)
+        config = dj_database_url.parse(raw)
     except ValueError as exc:
         raise ImproperlyConfigured(f"{name}: {exc}") from None
     if not config.get("NAME"):
         raise ImproperlyConfigured(f"{name} names no database: add /NAME at the end")
+    if pool_size:
+        # psycopg's pool (Django 5.1+): under daphne every request runs in a
+        # thread of its own, so a connection kept per thread (CONN_MAX_AGE)
+        # would never be reused nor closed; a pool hands each request one of a
+        # few open connections and takes it back when the request ends.
+        config.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": pool_size,
+            "timeout": 10,
+        }
     return config
 
 

@@ -117,15 +117,13 @@ SQLITE_DATABASE = {
     # the shared-cache in-memory database, whose table locks fail at once.
     "TEST": {"NAME": str(DATA_DIR / "test-db.sqlite3")},
 }
-# DATABASE_URL: PostgreSQL (psycopg 3) for several server processes. A request
-# opens its connection and closes it at its end (SCHEDULER_DB_CONN_MAX_AGE_S=0);
-# the writer's thread keeps its own. Under ASGI every request runs in a new
-# thread, so a kept connection is never reused and never closed: with 60 s, one
-# server held 39 idle connections after 400 requests from 8 clients, still 70 s
-# later (Django's docs: "When using ASGI, persistent connections should be disabled").
+# DATABASE_URL: PostgreSQL (psycopg 3) for several server processes. Requests
+# take a connection from a pool of at most SCHEDULER_DB_POOL_SIZE per server
+# process and give it back when they end; 0 opens and closes one per request.
+# The writer's thread keeps one of its own for the server's life.
 POSTGRES_DATABASE = env_database(
     "DATABASE_URL",
-    conn_max_age=env_number("SCHEDULER_DB_CONN_MAX_AGE_S", 0, minimum=0, integer=True),
+    pool_size=int(env_number("SCHEDULER_DB_POOL_SIZE", 8, minimum=0, integer=True)),
 )
 DATABASES = {"default": POSTGRES_DATABASE or SQLITE_DATABASE}
 
