@@ -537,27 +537,38 @@ class Claim:
     capacity: int  # the worker's slots: it is never given more
 
 
-def claim(claims: Sequence[Claim], now=None) -> int:
+def claim(claims: Sequence[Claim], now=None, *, worker_state: str | None = None) -> int:
     """queued -> assigned for every claim, as one prepared statement; how many moved.
 
     Each claim moves only if its attempt is still queued (race: another
     dispatcher claiming the same rows) and its worker, counted in the database
     as the statement runs, still has a free slot (race: a dispatcher of another
     server process with its own view of the slots). The caller holds the
-    workers' rows locked where the database has row locks.
+    workers' rows locked where the database has row locks. With worker_state,
+    the worker must also be in that state and not revoked, as the database
+    says now (race: another server reaped, drained or revoked it since this
+    one's view of the workers was read).
     """
     if not claims:
         return 0
     now = connection.ops.adapt_datetimefield_value(now or timezone.now())
+    eligible = ""
+    if worker_state is not None:
+        workers = table(Attempt._meta.get_field("worker").related_model)
+        eligible = (
+            f" AND EXISTS (SELECT 1 FROM {workers} w WHERE w.id = %s AND w.state = %s"
+            " AND w.revoked_at IS NULL)"
+        )
     with connection.cursor() as cursor:
         cursor.executemany(
             f"UPDATE {ATTEMPT} SET status = %s, worker_id = %s, worker_name = %s,"
             " assigned_at = %s, accepted_at = NULL WHERE id = %s AND status = %s"
             f" AND (SELECT COUNT(*) FROM {ATTEMPT} busy WHERE busy.worker_id = %s"
-            " AND busy.status IN (%s, %s)) < %s",
+            f" AND busy.status IN (%s, %s)) < %s{eligible}",
             [
                 [S.ASSIGNED, c.worker_id, c.worker_name, now, c.attempt_id, S.QUEUED]
                 + [c.worker_id, *ACTIVE, c.capacity]
+                + ([c.worker_id, worker_state] if eligible else [])
                 for c in claims
             ],
         )

@@ -367,7 +367,7 @@ def test_a_second_server_on_the_same_sqlite_file_is_refused(tmp_path):
         second = _serve(first, first.port + 1)
         assert second.returncode == 1
         assert re.search(
-            r"another server process of this install is alive: server \S+:\d+ \(serving"
+            r"another server process of this install is alive: server \S+ \(serving"
             rf" 127\.0\.0\.1:{first.port}, last seen \d+s ago\)\. This one cannot start beside"
             r" it: it runs on the SQLite file .*db\.sqlite3, which only one server process may"
             r" use\. Stop the other one, or run every server with DATABASE_URL \(PostgreSQL\)"

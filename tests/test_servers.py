@@ -8,10 +8,11 @@ import socket
 import subprocess
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
-from tests.test_lifecycle import make_worker, running_on
-from workers_app import liveness, servers
+from tests.test_lifecycle import make_worker, queue, running_on
+from workers_app import dispatch, liveness, servers
 from workers_app.exceptions import ServerRefused
 from workers_app.models import Server, Worker
 from workers_app.service import SchedulerService
@@ -26,7 +27,7 @@ def _other(name: str = "elsewhere:4242", seen_ago: float = 0.0, **fields) -> Ser
         pid=fields.pop("pid", 4242),
         address="10.0.0.2:8000",
         database="postgresql",
-        channel_layer="redis",
+        channel_layer=fields.pop("channel_layer", "redis 127.0.0.1:6379/0 prefix scheduler"),
         last_seen=timezone.now() - dt.timedelta(seconds=seen_ago),
         **fields,
     )
@@ -42,11 +43,13 @@ def _dead_pid() -> int:
 def test_it_enters_this_process_and_leaves_on_unregister():
     server = servers.register("127.0.0.1:8000")
 
-    assert (server.name, server.pid, server.address) == (
-        f"{socket.gethostname()}:{os.getpid()}",
+    assert server.name.startswith(f"{socket.gethostname()}:{os.getpid()}:")
+    assert (server.pid, server.address, server.host_key) == (
         os.getpid(),
         "127.0.0.1:8000",
+        servers.HOST_KEY,
     )
+    assert servers.HOST_KEY.count("/") >= 1
     assert (server.database, server.channel_layer) == ("sqlite", "in-memory")
     assert servers.alive() == [server]
     servers.unregister()
@@ -68,24 +71,68 @@ def test_a_second_server_on_sqlite_is_refused_and_nothing_is_written(settings):
     assert list(Server.objects.all()) == [other]
 
 
-def test_with_postgresql_and_redis_servers_start_side_by_side(settings):
+def _on_redis(settings, prefix: str = "scheduler") -> str:
+    """Settings as with REDIS_URL (nothing connects to it here); the layer's name."""
     settings.SCALE_OUT = True
-    other = _other()
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": "redis://10.0.0.9:6379/2"}], "prefix": prefix},
+        }
+    }
+    return servers.layer_name()
+
+
+def test_with_postgresql_and_redis_servers_start_side_by_side(settings):
+    layer = _on_redis(settings)
+    assert layer == "redis 10.0.0.9:6379/2 prefix scheduler"
+    other = _other(channel_layer=layer)
 
     mine = servers.register("127.0.0.1:8001")
 
     assert set(servers.alive()) == {other, mine}
+    assert mine.channel_layer == layer
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    ["in-memory", "redis 10.0.0.9:6379/2 prefix other", "redis 10.0.0.8:6379/2 prefix scheduler"],
+)
+def test_a_server_on_another_layer_than_the_live_ones_is_refused(settings, theirs):
+    # One started without REDIS_URL (alone, so allowed), then one with it; or two
+    # Redis setups apart: neither would reach the other's agents.
+    _on_redis(settings)
+    other = _other(channel_layer=theirs)
+
+    with pytest.raises(ServerRefused) as refused:
+        servers.register("127.0.0.1:8001")
+
+    assert (
+        "This one cannot start beside it: it uses the channel layer 'redis 10.0.0.9:6379/2"
+        f" prefix scheduler', and elsewhere:4242 uses {theirs!r}: servers of one install must"
+        " share one Redis, database number and SCHEDULER_REDIS_PREFIX."
+    ) in str(refused.value)
+    assert list(Server.objects.all()) == [other]
 
 
 def test_a_silent_server_or_a_gone_process_on_this_host_is_dead_and_cleared(settings):
-    settings.SCALE_OUT = False
-    _other("silent:1", seen_ago=servers.SILENT_AFTER_S + 1)
+    layer = _on_redis(settings)
+    _other("silent:1", seen_ago=servers.SILENT_AFTER_S + 1, channel_layer=layer)
     # Killed with SIGKILL a moment ago on this host: fresh row, no process.
-    _other("ghost:2", hostname=socket.gethostname(), pid=_dead_pid())
+    _other("ghost:2", host_key=servers.HOST_KEY, pid=_dead_pid(), channel_layer=layer)
+    # The same host name, another pid namespace (a container): its pid means
+    # nothing here, so its fresh row keeps it alive.
+    _other(
+        "container:3",
+        hostname=socket.gethostname(),
+        host_key="another-boot/pid:[4026531836]",
+        pid=_dead_pid(),
+        channel_layer=layer,
+    )
 
-    mine = servers.register("127.0.0.1:8000")  # not refused
+    mine = servers.register("127.0.0.1:8000")
 
-    assert list(Server.objects.all()) == [mine]
+    assert sorted(s.name for s in Server.objects.all()) == sorted(["container:3", mine.name])
 
 
 def test_the_service_touches_its_row_every_tick_and_puts_it_back_if_removed():
@@ -142,3 +189,24 @@ def test_a_worker_whose_server_is_not_another_live_one_is_reaped(long_silent, se
     assert liveness.reap_lost() == [worker.pk]
     attempt.refresh_from_db()
     assert (attempt.status, attempt.reason) == ("lost", "worker lost: no heartbeat for 15s")
+
+
+def test_a_claim_needs_the_worker_online_as_the_database_says_at_that_moment(task):
+    # This server's board read the worker online; another server has since reaped
+    # it (or an operator drained it there): no assignment may go to it.
+    worker = make_worker("elsewhere-reaped", capacity=2)
+    [attempt] = queue(task)
+    dispatch.board.invalidate()
+    with transaction.atomic():
+        dispatch.board.refresh()
+    assert worker.pk in dispatch.board.workers
+    Worker.objects.filter(pk=worker.pk).update(state=Worker.State.OFFLINE)
+    dispatch.board.add_classes([attempt.labels_key])
+
+    assert dispatch.dispatch(fresh=False) == []
+
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.worker_id) == ("queued", None)
+    # Its board recounts that worker before the next pass, and then leaves it out.
+    assert dispatch.dispatch(fresh=False) == []
+    assert worker.pk not in dispatch.board.workers

@@ -334,7 +334,8 @@ def _claim(shares: dict[int, list[tuple]], now) -> list[tuple]:
         # Two server processes claiming for one worker wait for each other here,
         # so that each counts the other's claims.
         ids = sorted(shares)
-        select(f"SELECT id FROM {WORKER} WHERE id IN ({marks(ids)}) FOR UPDATE", ids)
+        # In id order, so that two claimers never each hold a row the other waits for.
+        select(f"SELECT id FROM {WORKER} WHERE id IN ({marks(ids)}) ORDER BY id FOR UPDATE", ids)
     claims = [
         lifecycle.Claim(
             worker_id, board.workers[worker_id].name, row[0], board.workers[worker_id].capacity
@@ -342,7 +343,9 @@ def _claim(shares: dict[int, list[tuple]], now) -> list[tuple]:
         for worker_id, share in shares.items()
         for row in share
     ]
-    moved = lifecycle.claim(claims, now)
+    # Only to workers still online as the database says now: another server may
+    # have reaped, drained or revoked one since our board read it.
+    moved = lifecycle.claim(claims, now, worker_state=Worker.State.ONLINE)
     if moved != len(claims):
         # Someone else took some (another server process): see which, and
         # recount those workers before the next pass.

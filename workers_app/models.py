@@ -102,12 +102,17 @@ class Server(models.Model):
     and Redis.
     """
 
-    name = models.CharField(max_length=255, unique=True)  # hostname:pid
+    name = models.CharField(max_length=255, unique=True)  # hostname:pid:random
     hostname = models.CharField(max_length=255)
+    # Which kernel and pid namespace `pid` is in (boot id / namespace): only
+    # there may a missing process be taken for a dead server.
+    host_key = models.CharField(max_length=100, blank=True)
     pid = models.PositiveIntegerField()
     address = models.CharField(max_length=255, blank=True)  # where it listens
     database = models.CharField(max_length=50)
-    channel_layer = models.CharField(max_length=100)
+    # "in-memory", or "redis <host:port/db> prefix <prefix>": servers of one
+    # install must all name the same one.
+    channel_layer = models.CharField(max_length=300)
     started_at = models.DateTimeField(default=timezone.now)
     last_seen = models.DateTimeField(default=timezone.now)
 
