@@ -73,3 +73,43 @@ async def test_a_server_without_a_shared_layer_tells_nobody():
     await alone.run(asyncio.Event())  # returns at once
     assert alone.channel is None
     alone.tell_work_queued({"x"})  # nothing to send, nothing raised
+
+
+async def test_a_server_that_cannot_reach_redis_keeps_trying_and_joins_once_it_can(prefix):
+    class Flaky:
+        """A layer whose Redis is out of reach for the first two calls."""
+
+        def __init__(self, real) -> None:
+            self.real, self.failures = real, 2
+
+        async def new_channel(self):
+            return await self.real.new_channel()
+
+        async def group_add(self, group, channel):
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("Redis is down")
+            await self.real.group_add(group, channel)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    listening = Recording(Flaky(_layer(prefix)))
+    teller = Recording(_layer(prefix))
+    stopping = asyncio.Event()
+    joined = [asyncio.Event(), asyncio.Event()]
+    tasks = [
+        asyncio.create_task(peer.run(stopping, ready))
+        for peer, ready in zip((listening, teller), joined, strict=True)
+    ]
+    try:
+        # Two failed joins, a second apart each, then it is in the group.
+        await asyncio.wait_for(asyncio.gather(*(j.wait() for j in joined)), 10)
+        await teller.send_work_queued({"gpu"})
+        await asyncio.wait_for(listening.arrived.wait(), 10)
+        assert listening.received[0]["keys"] == ["gpu"]
+    finally:
+        stopping.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -551,3 +551,30 @@ def test_a_rolling_restart_of_both_servers_kills_no_running_command(
 def _server_name_or_none(server: Master) -> str | None:
     rows = query_servers(server)
     return rows[0][0] if rows else None
+
+
+def test_work_queued_through_one_server_starts_at_once_on_an_agent_of_another(
+    install, servers, agents
+):
+    # Ticks 30 s apart: only the servers' messages to each other can make this fast.
+    # Server A's board never saw the agent (it connected to B after A's last
+    # tick), so B must hear of the work from A.
+    a, b = servers(2, SCHEDULER_TICK_S="30", SCHEDULER_LOST_AFTER_S="120")
+    enrollment = a.manage("enrollment-token")
+    agents([b.url], enrollment, "only-on-b", capacity=1)
+    wait_for(lambda: _online(install).get("only-on-b") == _server_name(b), what="online via B")
+    task = a.create_task(name="quick", command="true")
+
+    began = time.monotonic()
+    run = a.trigger(task["id"])
+    final = a.wait_final(run["id"], timeout=25)
+
+    assert final["status"] == "succeeded"
+    assert time.monotonic() - began < 10, "waited for a tick instead of being told"
+    [(started_after_ms,)] = query(
+        install.database_url,
+        "SELECT EXTRACT(EPOCH FROM (a.started_at - r.created_at)) * 1000"
+        " FROM tasks_app_attempt a JOIN tasks_app_run r ON r.id = a.run_id WHERE r.id = %s",
+        (run["id"],),
+    )
+    assert started_after_ms < 5000, started_after_ms

@@ -58,20 +58,22 @@ class Peers:
         last_join = None
         try:
             while not stopping.is_set():
-                if last_join is None or loop.time() - last_join >= REJOIN_S:
-                    await layer.group_add(GROUP, self.channel)
-                    last_join = loop.time()
-                    if joined is not None:
-                        joined.set()
                 try:
+                    if last_join is None or loop.time() - last_join >= REJOIN_S:
+                        await layer.group_add(GROUP, self.channel)
+                        last_join = loop.time()
+                        if joined is not None:
+                            joined.set()
                     message = await asyncio.wait_for(layer.receive(self.channel), REJOIN_S)
                 except TimeoutError:
                     continue
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    # Redis out of reach: the ticks keep dispatch going meanwhile.
+                    # Redis out of reach (at start, or later): the ticks keep
+                    # dispatch going meanwhile, and we join again once it is back.
                     log.exception("listening to the other servers failed; retrying in 1s")
+                    last_join = None
                     await asyncio.sleep(1.0)
                     continue
                 if message.get("from") == self.channel:
