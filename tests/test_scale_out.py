@@ -9,6 +9,8 @@ processes, and the commands real shell commands.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import signal
 import subprocess
@@ -233,7 +235,8 @@ def test_a_server_killed_midway_loses_nothing_and_no_run_overlaps(
     assert all(agent.proc.poll() is None for agent in fleet)
     # No run on two agents at once: the spans of one run's attempts never overlap.
     for run_id, attempts in _spans(ran).items():
-        ordered = sorted(span for span in attempts.values() if span[1])
+        # A command that never wrote its end (killed) counts as running forever.
+        ordered = sorted((start, end or math.inf) for start, end in attempts.values())
         for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False):
             assert end <= start, f"run {run_id} overlapped: {attempts}"
     # Every run's succeeded attempt is the one whose command ended last.
@@ -578,3 +581,73 @@ def test_work_queued_through_one_server_starts_at_once_on_an_agent_of_another(
         (run["id"],),
     )
     assert started_after_ms < 5000, started_after_ms
+
+
+SWEEP_AT_ONCE = """
+import json, time
+from tasks_app import lifecycle
+from workers_app import liveness
+
+moved = []
+lose = lifecycle.lose
+def recording(ids, reason):
+    done = lose(ids, reason)
+    moved.extend(done)
+    return done
+lifecycle.lose = recording
+time.sleep(max(0.0, START - time.time()))
+liveness.reap_lost()
+handed = lifecycle.requeue_unaccepted()
+print(json.dumps({"lost": moved, "handed": handed}))
+"""
+
+
+def test_two_processes_sweeping_at_the_same_instant_move_each_attempt_once(
+    install, servers, tmp_path
+):
+    # The servers' own ticks may or may not overlap; here two processes run the
+    # same sweeps over the same rows from the same instant, each on its own
+    # connection, and the database must let each row move once.
+    [server] = servers(1, SCHEDULER_LOST_AFTER_S="3", SCHEDULER_ACCEPT_TIMEOUT_S="3")
+    assert server.api("POST", "scheduler/pause").status_code == 200
+    server.stop()  # its own ticks are not part of this
+    workers, per_worker, unaccepted = 40, 5, 200
+    setup = (
+        SWEEP_SETUP.replace("WORKERS", str(workers))
+        .replace("PER_WORKER", str(per_worker))
+        .replace("UNACCEPTED", str(unaccepted))
+        .replace("LOST", "13")  # silent 12 s already: due at once for both
+        .replace("ACCEPT", "13")
+    )
+    assert server.manage("shell", "-v", "0", "-c", setup) == "ok"
+    script = SWEEP_AT_ONCE.replace("START", repr(time.time() + 4.0))
+    sweepers = [
+        subprocess.Popen(
+            [sys.executable, "manage.py", "shell", "-v", "0", "-c", script],
+            cwd=ROOT,
+            env={**server.env, "SCHEDULER_DATA_DIR": str(tmp_path / f"sweeper-{i}")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for sweeper in sweepers:
+        out, err = sweeper.communicate(timeout=120)
+        assert sweeper.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+
+    lost = [pk for r in results for pk in r["lost"]]
+    handed = [pk for r in results for pk in r["handed"]]
+    assert len(lost) == len(set(lost)) == workers * per_worker
+    assert len(handed) == len(set(handed)) == unaccepted
+    rows = query(
+        install.database_url,
+        "SELECT try_number, status, COUNT(*) FROM tasks_app_attempt GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    assert rows == [
+        (1, "lost", workers * per_worker),
+        (1, "queued", unaccepted),
+        (2, "queued", workers * per_worker),
+    ]
