@@ -120,7 +120,7 @@ SQLITE_DATABASE = {
 # DATABASE_URL: PostgreSQL (psycopg 3) for several server processes. Requests
 # take a connection from a pool of at most SCHEDULER_DB_POOL_SIZE per server
 # process and give it back when they end; 0 opens and closes one per request.
-# The writer's thread keeps one of its own for the server's life.
+# The writer's thread keeps one of the pool's for the server's life.
 POSTGRES_DATABASE = env_database(
     "DATABASE_URL",
     pool_size=int(env_number("SCHEDULER_DB_POOL_SIZE", 8, minimum=0, integer=True)),

@@ -289,6 +289,8 @@ DRAIN_ACK_WAIT_S = 5.0
 # Upper bound between two self-fence checks while no deadline is known.
 FENCE_POLL_S = 1.0
 
+# Longest wait for a connection and its handshake (websockets' default).
+OPEN_TIMEOUT_S = 10.0
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_CAP_S = 15.0
 # While attempts run or results wait for an ack, at least this many reconnect
@@ -2000,6 +2002,10 @@ class Agent:
                     max_size=MAX_FRAME_BYTES,
                     ping_interval=PING_INTERVAL_S,
                     ping_timeout=PING_TIMEOUT_S,
+                    # A host gone silent must not hold one attempt much longer
+                    # than the wait between two (a tenth of the fence while
+                    # work is at stake), within 2-10 s for a slow handshake.
+                    open_timeout=min(OPEN_TIMEOUT_S, max(2.0, self.core.backoff_cap)),
                     user_agent_header=f"scheduler-agent/{AGENT_VERSION}",
                 ) as ws:
                     logger.info("connected to %s", url)
