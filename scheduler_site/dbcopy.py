@@ -24,9 +24,12 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.management.color import no_style
 from django.db import DEFAULT_DB_ALIAS, connections, models, transaction
 from django.db.migrations.recorder import MigrationRecorder
+from django.utils import timezone
 
 from scheduler_site.exceptions import CopyRefused
 from tasks_app import logs
+from workers_app import servers
+from workers_app.models import Server
 
 SOURCE = "sqlite_source"
 # What a NUL character becomes (PostgreSQL text and jsonb cannot hold one), as
@@ -43,6 +46,9 @@ class Copied:
 
     rows: dict[str, int] = field(default_factory=dict)
     nul_rows: dict[str, int] = field(default_factory=dict)
+    # Rows with a text longer than its column allows (SQLite does not enforce
+    # the length; older versions stored some reasons whole), cut to fit.
+    cut_rows: dict[str, int] = field(default_factory=dict)
 
 
 def open_source(path: Path) -> None:
@@ -68,6 +74,20 @@ def copied_models() -> list[type[models.Model]]:
         and not model._meta.proxy
         and model._meta.label != "workers_app.Server"
     ]
+
+
+def check_source() -> None:
+    """No server may be running on the SQLite file: what it wrote after the
+    copy's snapshot would be lost."""
+    now = timezone.now()
+    live = [
+        server for server in Server.objects.using(SOURCE).all() if servers.is_alive(server, now)
+    ]
+    if live:
+        raise CopyRefused(
+            f"a server is still running on the SQLite file ({live[0].name}, serving"
+            f" {live[0].address or '?'}); pause the scheduler, stop the server, then copy"
+        )
 
 
 def check_target() -> None:
@@ -116,13 +136,17 @@ def _scrub(value: object) -> tuple[object, bool]:
     return value, False
 
 
-def _batches(model: type[models.Model], size: int) -> Iterator[tuple[list[models.Model], int]]:
-    """The source's rows in id order, in lists of `size`, with how many had a NUL."""
+def _batches(model: type[models.Model], size: int) -> Iterator[tuple[list[models.Model], int, int]]:
+    """The source's rows in id order, in lists of `size`, with how many had a
+    NUL and how many a text too long for its column."""
     fields = [
         f for f in model._meta.concrete_fields if isinstance(f, models.CharField | models.TextField)
     ] + [f for f in model._meta.concrete_fields if isinstance(f, models.JSONField)]
+    bounded = [
+        f for f in model._meta.concrete_fields if isinstance(f, models.CharField) and f.max_length
+    ]
     batch: list[models.Model] = []
-    scrubbed = 0
+    scrubbed = cut = 0
     rows = model._base_manager.using(SOURCE).order_by("pk").iterator(chunk_size=READ_CHUNK)
     for row in rows:
         touched = False
@@ -132,12 +156,26 @@ def _batches(model: type[models.Model], size: int) -> Iterator[tuple[list[models
                 setattr(row, f.attname, value)
                 touched = True
         scrubbed += touched
+        long = [f for f in bounded if len(getattr(row, f.attname) or "") > f.max_length]
+        for f in long:
+            setattr(row, f.attname, getattr(row, f.attname)[: f.max_length])
+        cut += bool(long)
+        if model._meta.label == "workers_app.Worker":
+            _disconnected(row)
         batch.append(row)
         if len(batch) == size:
-            yield batch, scrubbed
-            batch, scrubbed = [], 0
+            yield batch, scrubbed, cut
+            batch, scrubbed, cut = [], 0, 0
     if batch:
-        yield batch, scrubbed
+        yield batch, scrubbed, cut
+
+
+def _disconnected(worker) -> None:
+    """A worker as its agent's next hello will find it: no socket (the old
+    server's channels mean nothing to the new one), offline until then."""
+    worker.channel_name = worker.server = ""
+    if worker.state in ("online", "draining"):
+        worker.state = "offline"
 
 
 @contextmanager
@@ -179,11 +217,12 @@ def copy_all(progress: Callable[[str, int], None] = lambda label, rows: None) ->
         for model in everything:
             size = max(1, MAX_PARAMETERS // len(model._meta.concrete_fields))
             label = model._meta.label
-            copied.rows[label] = copied.nul_rows[label] = 0
-            for batch, scrubbed in _batches(model, size):
+            copied.rows[label] = copied.nul_rows[label] = copied.cut_rows[label] = 0
+            for batch, scrubbed, cut in _batches(model, size):
                 model._base_manager.using(DEFAULT_DB_ALIAS).bulk_create(batch, batch_size=size)
                 copied.rows[label] += len(batch)
                 copied.nul_rows[label] += scrubbed
+                copied.cut_rows[label] += cut
             progress(label, copied.rows[label])
         # New rows must not take ids the copied ones hold (loaddata does the same).
         target = connections[DEFAULT_DB_ALIAS]

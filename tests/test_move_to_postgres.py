@@ -171,6 +171,12 @@ def test_it_moves_every_run_task_worker_and_token_to_postgresql(tmp_path, databa
             if r["model"] == "tasks_app.logchunk" and "\x00" in r["fields"]["data"]
         )
         nul_chunk["fields"]["data"] = nul_chunk["fields"]["data"].replace("\x00", "\ufffd")
+        # Workers arrive disconnected: the old server's sockets mean nothing to the
+        # new one, and each agent's next hello brings its worker back online.
+        for row in on_sqlite:
+            if row["model"] == "workers_app.worker":
+                assert row["fields"]["channel_name"] and row["fields"]["state"] == "online"
+                row["fields"] |= {"channel_name": "", "server": "", "state": "offline"}
         assert len(on_postgres) == len(on_sqlite)
         assert on_postgres == on_sqlite
 
@@ -278,3 +284,71 @@ def test_it_refuses_to_copy_into_sqlite(tmp_path):
     assert result.returncode == 1
     assert "the target is not PostgreSQL: set DATABASE_URL" in result.stderr
     assert Path(tmp_path / "data" / "db.sqlite3").exists()
+
+
+def test_it_refuses_while_a_server_runs_on_the_sqlite_file(tmp_path, database_url):
+    old = Master.launch(tmp_path / "old")  # on SQLite: this file runs in `make test` only
+    try:
+        env = {k: v for k, v in old.env.items() if k not in ENGINE_VARIABLES}
+        on_postgres = {**env, "DATABASE_URL": database_url}
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=on_postgres)
+
+        result = subprocess.run(
+            [sys.executable, "manage.py", "copy-from-sqlite"],
+            cwd=ROOT,
+            env=on_postgres,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        old.release()
+
+    assert result.returncode == 1
+    assert re.fullmatch(
+        r"CommandError: nothing copied: a server is still running on the SQLite file \(\S+,"
+        rf" serving 127\.0\.0\.1:{old.port}\); pause the scheduler, stop the server, then copy",
+        result.stderr.strip(),
+    ), result.stderr
+
+
+def test_it_cuts_a_text_longer_than_its_column_and_says_so(tmp_path, database_url):
+    env = {k: v for k, v in os.environ.items() if k not in ENGINE_VARIABLES}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.update(SCHEDULER_DATA_DIR=str(tmp_path / "data"))
+    on_postgres = {**env, "DATABASE_URL": database_url}
+    for environment in (env, on_postgres):
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=environment)
+    # What an older version stored: a failed broadcast's reason naming many labels
+    # (SQLite does not enforce a column's length).
+    long_reason = "broadcast: no online worker with the labels " + ",".join(["x" * 60] * 20)
+    script = (
+        "from tasks_app.models import Run, Task\n"
+        "t = Task.objects.create(name='wide', command='true')\n"
+        f"Run.objects.create(task=t, task_name=t.name, definition=t.definition(),"
+        f" status='failed', reason={long_reason!r})\n"
+    )
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-v", "0", "-c", script],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "copy-from-sqlite"],
+        cwd=ROOT,
+        env=on_postgres,
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        "tasks_app.Run: 1 rows held a text longer than its column allows, cut to fit"
+        " (SQLite does not enforce the length)"
+    ) in result.stdout
+    import psycopg
+
+    with psycopg.connect(libpq(database_url)) as conn:
+        [(reason,)] = conn.execute("SELECT reason FROM tasks_app_run").fetchall()
+    assert reason == long_reason[:500]

@@ -65,7 +65,7 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _is_alive(server: Server, now: dt.datetime) -> bool:
+def is_alive(server: Server, now: dt.datetime) -> bool:
     if HOST_KEY and server.host_key == HOST_KEY and not _process_exists(server.pid):
         return False  # killed on this very host (and namespace): gone, whatever its row says
     return now - server.last_seen < dt.timedelta(seconds=SILENT_AFTER_S)
@@ -74,7 +74,7 @@ def _is_alive(server: Server, now: dt.datetime) -> bool:
 def alive(now: dt.datetime | None = None) -> list[Server]:
     """The live server processes, this one included once registered."""
     now = now or timezone.now()
-    return [s for s in Server.objects.all() if _is_alive(s, now)]
+    return [s for s in Server.objects.all() if is_alive(s, now)]
 
 
 def layer_name() -> str:
@@ -143,7 +143,7 @@ def register(address: str) -> Server:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_START_LOCK])
         rows = list(Server.objects.exclude(name=ME))
-        dead = [s.pk for s in rows if not _is_alive(s, now)]
+        dead = [s.pk for s in rows if not is_alive(s, now)]
         Server.objects.filter(pk__in=dead).delete()
         refusal = _refusal([s for s in rows if s.pk not in dead])
         if refusal:

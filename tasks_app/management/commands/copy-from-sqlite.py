@@ -30,6 +30,7 @@ class Command(BaseCommand):
 
         try:
             dbcopy.open_source(sqlite.expanduser().resolve())
+            dbcopy.check_source()
             dbcopy.check_target()
             copied = dbcopy.copy_all(progress)
         except CopyRefused as exc:
@@ -41,4 +42,10 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"{label}: {rows:,} rows held NUL characters, stored as U+FFFD"
                     " (PostgreSQL text cannot hold NUL)"
+                )
+        for label, rows in copied.cut_rows.items():
+            if rows:
+                self.stdout.write(
+                    f"{label}: {rows:,} rows held a text longer than its column allows,"
+                    " cut to fit (SQLite does not enforce the length)"
                 )
