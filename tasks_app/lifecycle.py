@@ -590,7 +590,8 @@ def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, tuple]:
         return {}
     rows = select(
         f"SELECT id, worker_id, run_id, assigned_at FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
-        f" AND status IN ({marks(statuses)}){for_update()}",
+        # In id order, as every lock on attempts: see lose().
+        f" AND status IN ({marks(statuses)}) ORDER BY id{for_update()}",
         [*ids, *statuses],
     )
     return {(w, a): (run_id, aware(at)) for a, w, run_id, at in rows if (w, a) in pairs}
@@ -809,7 +810,7 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
             for row in select(
                 "SELECT id, worker_id, status, closed_by_master, late_reported_at, try_number,"
                 " shard_index, run_id, labels_key, timeout_s, assigned_at, started_at, priority"
-                f" FROM {ATTEMPT} WHERE id IN ({marks(ids)}){for_update()}",
+                f" FROM {ATTEMPT} WHERE id IN ({marks(ids)}) ORDER BY id{for_update()}",
                 ids,
             )
         }
@@ -952,7 +953,9 @@ def fail_pinned(worker_id: int, worker_name: str, what: str = "deleted") -> list
     )
     with atomic():
         rows = list(
-            _locked(Attempt.objects.filter(on_it, status=S.QUEUED)).values_list("pk", "run_id")
+            _locked(Attempt.objects.filter(on_it, status=S.QUEUED).order_by("pk")).values_list(
+                "pk", "run_id"
+            )
         )
         # Race: a dispatcher claiming one at this moment; only rows still queued move.
         Attempt.objects.filter(pk__in=[pk for pk, _ in rows], status=S.QUEUED).update(
@@ -986,9 +989,9 @@ def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
             ids = [pk for _, pk in pairs]
             # Race: the agent's own result arriving now; only rows still running move.
             moving = set(
-                _locked(Attempt.objects.filter(pk__in=ids, status=S.RUNNING)).values_list(
-                    "pk", flat=True
-                )
+                _locked(
+                    Attempt.objects.filter(pk__in=ids, status=S.RUNNING).order_by("pk")
+                ).values_list("pk", flat=True)
             )
             Attempt.objects.filter(pk__in=moving, status=S.RUNNING).update(
                 status=S.TIMED_OUT,

@@ -85,7 +85,8 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
     with atomic():
         workers = Worker.objects.filter(pk__in=ids, revoked_at__isnull=True)
         if connection.features.has_select_for_update:
-            workers = workers.select_for_update()
+            # In id order, as dispatch locks workers: no deadlock between them.
+            workers = workers.select_for_update().order_by("pk")
         workers = {w.pk: w for w in workers}
         replaced = []
         for hello in hellos:
