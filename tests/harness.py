@@ -184,6 +184,23 @@ class Master:
             method, f"{self.url}/api/{path}", headers=headers, timeout=10, **kwargs
         )
 
+    def logged_in(self, password_from: Master | None = None) -> requests.Session:
+        """A session logged in to the dashboard as admin, whose password the
+        install's first server wrote (another server of the install shares it)."""
+        session = requests.Session()
+        session.get(f"{self.url}/login/")
+        password = ((password_from or self).data_dir / "admin-password.txt").read_text().strip()
+        landed = session.post(
+            f"{self.url}/login/",
+            data={
+                "username": "admin",
+                "password": password,
+                "csrfmiddlewaretoken": session.cookies["csrftoken"],
+            },
+        )
+        assert landed.url.endswith("/tasks/"), landed.text
+        return session
+
     def run_of(self, run_id: int) -> dict:
         response = self.api("GET", f"runs/{run_id}")
         assert response.status_code == 200, response.text

@@ -48,22 +48,6 @@ def _shown_command(session: requests.Session, master, name: str = "") -> str:
     return html.unescape(shown.group(1))
 
 
-def _logged_in(master) -> requests.Session:
-    session = requests.Session()
-    session.get(f"{master.url}/login/")
-    password = (master.data_dir / "admin-password.txt").read_text().strip()
-    landed = session.post(
-        f"{master.url}/login/",
-        data={
-            "username": "admin",
-            "password": password,
-            "csrfmiddlewaretoken": session.cookies["csrftoken"],
-        },
-    )
-    assert landed.url.endswith("/tasks/"), landed.text
-    return session
-
-
 def _run_on_stock_node(command: str, home: Path, log: Path, **env: str) -> subprocess.Popen:
     """Paste the command into bash on a "node": its own HOME, a stock PATH."""
     home.mkdir(parents=True, exist_ok=True)
@@ -103,7 +87,7 @@ def test_it_runs_the_add_worker_command_as_shown_on_a_stock_node(master, tmp_pat
     exactly what broke on Debian. The venv and pip cache live in the fake
     HOME, so the second and third nodes reuse them.
     """
-    session = _logged_in(master)
+    session = master.logged_in()
     home = tmp_path / "node-home"
     named = _run_on_stock_node(
         _shown_command(session, master, name="edge-7"), home, tmp_path / "node-1.log"

@@ -243,22 +243,28 @@ def test_it_moves_every_run_task_worker_and_token_to_postgresql(tmp_path, databa
         old.stop()
 
 
-def test_it_refuses_a_database_that_is_not_empty(tmp_path, database_url):
+def sqlite_env(tmp_path: Path) -> dict[str, str]:
+    """An install on SQLite in a data dir of its own, whatever the test run uses."""
     env = {k: v for k, v in os.environ.items() if k not in ENGINE_VARIABLES}
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env.update(SCHEDULER_DATA_DIR=str(tmp_path / "data"))
+    return env
+
+
+def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+def test_it_refuses_a_database_that_is_not_empty(tmp_path, database_url):
+    env = sqlite_env(tmp_path)
     on_postgres = {**env, "DATABASE_URL": database_url}
     for environment in (env, on_postgres):
-        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=environment)
-    subprocess.run([sys.executable, "manage.py", "ensureadmin"], cwd=ROOT, env=on_postgres)
+        manage(environment, "migrate", "-v0")
+    manage(on_postgres, "ensureadmin")
 
-    result = subprocess.run(
-        [sys.executable, "manage.py", "copy-from-sqlite"],
-        cwd=ROOT,
-        env=on_postgres,
-        capture_output=True,
-        text=True,
-    )
+    result = manage(on_postgres, "copy-from-sqlite")
 
     assert result.returncode == 1
     assert result.stderr.strip() == (
@@ -268,18 +274,10 @@ def test_it_refuses_a_database_that_is_not_empty(tmp_path, database_url):
 
 
 def test_it_refuses_to_copy_into_sqlite(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ENGINE_VARIABLES}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(SCHEDULER_DATA_DIR=str(tmp_path / "data"))
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env)
+    env = sqlite_env(tmp_path)
+    manage(env, "migrate", "-v0")
 
-    result = subprocess.run(
-        [sys.executable, "manage.py", "copy-from-sqlite"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    result = manage(env, "copy-from-sqlite")
 
     assert result.returncode == 1
     assert "the target is not PostgreSQL: set DATABASE_URL" in result.stderr
@@ -289,17 +287,10 @@ def test_it_refuses_to_copy_into_sqlite(tmp_path):
 def test_it_refuses_while_a_server_runs_on_the_sqlite_file(tmp_path, database_url):
     old = Master.launch(tmp_path / "old")  # on SQLite: this file runs in `make test` only
     try:
-        env = {k: v for k, v in old.env.items() if k not in ENGINE_VARIABLES}
-        on_postgres = {**env, "DATABASE_URL": database_url}
-        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=on_postgres)
+        on_postgres = {**old.env, "DATABASE_URL": database_url}
+        manage(on_postgres, "migrate", "-v0")
 
-        result = subprocess.run(
-            [sys.executable, "manage.py", "copy-from-sqlite"],
-            cwd=ROOT,
-            env=on_postgres,
-            capture_output=True,
-            text=True,
-        )
+        result = manage(on_postgres, "copy-from-sqlite")
     finally:
         old.release()
 
@@ -312,12 +303,10 @@ def test_it_refuses_while_a_server_runs_on_the_sqlite_file(tmp_path, database_ur
 
 
 def test_it_cuts_a_text_longer_than_its_column_and_says_so(tmp_path, database_url):
-    env = {k: v for k, v in os.environ.items() if k not in ENGINE_VARIABLES}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(SCHEDULER_DATA_DIR=str(tmp_path / "data"))
+    env = sqlite_env(tmp_path)
     on_postgres = {**env, "DATABASE_URL": database_url}
     for environment in (env, on_postgres):
-        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=environment)
+        manage(environment, "migrate", "-v0")
     # What an older version stored: a failed broadcast's reason naming many labels
     # (SQLite does not enforce a column's length).
     long_reason = "broadcast: no online worker with the labels " + ",".join(["x" * 60] * 20)
@@ -327,20 +316,9 @@ def test_it_cuts_a_text_longer_than_its_column_and_says_so(tmp_path, database_ur
         f"Run.objects.create(task=t, task_name=t.name, definition=t.definition(),"
         f" status='failed', reason={long_reason!r})\n"
     )
-    subprocess.run(
-        [sys.executable, "manage.py", "shell", "-v", "0", "-c", script],
-        cwd=ROOT,
-        env=env,
-        check=True,
-    )
+    assert manage(env, "shell", "-v", "0", "-c", script).returncode == 0
 
-    result = subprocess.run(
-        [sys.executable, "manage.py", "copy-from-sqlite"],
-        cwd=ROOT,
-        env=on_postgres,
-        capture_output=True,
-        text=True,
-    )
+    result = manage(on_postgres, "copy-from-sqlite")
 
     assert result.returncode == 0, result.stderr
     assert (

@@ -20,7 +20,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.engines import ScaleOut, query
 from tests.harness import FAST_SETTINGS, ROOT, Master, spawn_agent, wait_for
@@ -281,22 +280,6 @@ def test_a_cancel_through_one_server_stops_the_command_on_an_agent_of_the_other(
     assert not marker.exists()
 
 
-def _logged_in(server: Master, password_from: Master) -> requests.Session:
-    session = requests.Session()
-    session.get(f"{server.url}/login/")
-    password = (password_from.data_dir / "admin-password.txt").read_text().strip()
-    landed = session.post(
-        f"{server.url}/login/",
-        data={
-            "username": "admin",
-            "password": password,
-            "csrfmiddlewaretoken": session.cookies["csrftoken"],
-        },
-    )
-    assert landed.url.endswith("/tasks/"), landed.text
-    return session
-
-
 def test_a_revoke_and_a_drain_through_one_server_reach_an_agent_of_the_other(
     install, servers, agents
 ):
@@ -314,7 +297,7 @@ def test_a_revoke_and_a_drain_through_one_server_reach_an_agent_of_the_other(
         lambda: "draining: new assignments will be rejected" in drained.log(),
         what="the agent on B to hear the drain",
     )
-    session = _logged_in(a, password_from=a)
+    session = a.logged_in()
     page = session.post(
         f"{a.url}/workers/{workers['revoked-on-b']['id']}/revoke/",
         data={"csrfmiddlewaretoken": session.cookies["csrftoken"]},
@@ -343,7 +326,7 @@ def test_every_server_shows_the_same_state(install, servers, agents):
         names = sorted(w["name"] for w in server.api("GET", "workers").json()["results"])
         assert names == ["node-a", "node-b"]
         # The dashboard, logged in on the other server (one SECRET_KEY per install).
-        session = _logged_in(server, password_from=a)
+        session = server.logged_in(password_from=a)
         page = session.get(f"{server.url}/workers/").text
         assert "node-a" in page and "node-b" in page
         assert page.count('class="server-name"') == 2, "both live servers are listed"
