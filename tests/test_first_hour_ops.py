@@ -261,8 +261,7 @@ def test_the_readme_check_sees_commands_in_blocks_chains_and_inline_code():
 
 
 def test_make_token_prints_a_token_that_the_api_accepts(master):
-    env = {**os.environ, "SCHEDULER_DATA_DIR": str(master.data_dir)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = master.env  # its data dir, and its own database on PostgreSQL
 
     made = subprocess.run(
         ["make", "-s", "token", "USER=admin"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -279,8 +278,7 @@ def test_make_token_prints_a_token_that_the_api_accepts(master):
 
 
 def test_make_token_names_the_user_it_cannot_find(master):
-    env = {**os.environ, "SCHEDULER_DATA_DIR": str(master.data_dir)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = master.env
 
     made = subprocess.run(
         ["make", "-s", "token", "USER=nobody"], cwd=ROOT, env=env, capture_output=True, text=True
