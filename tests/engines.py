@@ -116,8 +116,10 @@ class ScaleOut:
         }
 
     def drop(self) -> None:
-        drop_database(self.database_url)
-        drop_prefix(self.prefix)
+        if self.database_url:
+            drop_database(self.database_url)
+        if self.prefix:
+            drop_prefix(self.prefix)
 
 
 def query_plan(cursor, sql: str) -> str:

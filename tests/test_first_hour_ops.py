@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import AGENT, ROOT, free_port, wait_for
+from tests.harness import AGENT, ROOT, free_port, own_engines, wait_for
 from workers_app import enrollment
 from workers_app.models import EnrollmentToken
 
@@ -419,10 +419,13 @@ def test_variables_whose_default_is_empty_may_be_set_empty(tmp_path):
 
 
 @pytest.mark.e2e
-def test_runlocal_prints_the_login_banner_last_and_in_one_piece(tmp_path):
+def test_runlocal_prints_the_login_banner_last_and_in_one_piece(tmp_path, request):
     port = free_port()
     env = {**os.environ, "SCHEDULER_DATA_DIR": str(tmp_path)}
     env.pop("DJANGO_SETTINGS_MODULE", None)
+    owned = own_engines(env)  # on PostgreSQL, a database of its own as for any server
+    if owned is not None:
+        request.addfinalizer(owned.drop)
     lines: list[str] = []
     runlocal = subprocess.Popen(
         [sys.executable, "manage.py", "runlocal", "--port", str(port), "--agents", "2"],
