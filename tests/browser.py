@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,3 +63,10 @@ def page_overflow(page) -> int:
         "Math.max(document.documentElement.scrollWidth, document.body.scrollWidth)"
         " - window.innerWidth"
     )
+
+
+def task_page(master) -> re.Pattern:
+    """The URL of a task's own page. Not the glob /tasks/*/: it matches the
+    form at /tasks/new/ as well, so a wait for it returned before the save
+    redirected, and the test's next click was lost to that redirect."""
+    return re.compile(re.escape(master.url) + r"/tasks/\d+/")

@@ -8,10 +8,12 @@ free port with its own data dir) and `start_agent` (real agent processes).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests import engines
 from tests.harness import (
     FAST_SETTINGS,
     Agent,
@@ -29,8 +31,6 @@ def pytest_sessionstart(session):
     which service is unreachable: each test erroring on its own connection (or
     the pytest-django test database failing to be made) hides the one cause."""
     from django.conf import settings
-
-    from tests import engines
 
     database = settings.DATABASES["default"]
     if database["ENGINE"] == "django.db.backends.postgresql":
@@ -67,6 +67,26 @@ def django_db_setup(django_db_setup, django_db_blocker):
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_prefix_of_this_run():
+    """On Redis, this run's channel layer keys under a prefix of its own: two
+    runs on one machine (or one Redis) would otherwise share groups, and a
+    test's consumer receive the other run's group messages."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    if not settings.REDIS_URL:
+        yield
+        return
+    prefix = engines.create_prefix()
+    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
+    layers["default"]["CONFIG"]["prefix"] = prefix
+    # Channels drops the layers it built when CHANNEL_LAYERS changes.
+    with override_settings(CHANNEL_LAYERS=layers):
+        yield
+    engines.drop_prefix(prefix)
 
 
 # --- personas ------------------------------------------------------------------

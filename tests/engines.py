@@ -122,8 +122,10 @@ class ScaleOut:
         }
 
     def drop(self) -> None:
-        drop_database(self.database_url)
-        drop_prefix(self.prefix)
+        if self.database_url:
+            drop_database(self.database_url)
+        if self.prefix:
+            drop_prefix(self.prefix)
 
 
 def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:

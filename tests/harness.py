@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from tests.engines import ScaleOut, create_database, create_prefix, drop_database, drop_prefix
+from tests.engines import ScaleOut, create_database, create_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "workers_app" / "agent.py"
@@ -74,6 +74,23 @@ def wait_for(
         time.sleep(interval)
 
 
+def own_engines(env: dict[str, str]) -> ScaleOut | None:
+    """When env is on PostgreSQL/Redis (DATABASE_URL or REDIS_URL: the test run
+    itself is), a database and a key prefix made for one install alone, put in
+    env; the caller drops them. None on SQLite and the in-memory layer."""
+    if not (env.get("DATABASE_URL") or env.get("REDIS_URL")):
+        return None
+    owned = ScaleOut(
+        create_database() if env.get("DATABASE_URL") else "",
+        create_prefix() if env.get("REDIS_URL") else "",
+    )
+    if owned.database_url:
+        env["DATABASE_URL"] = owned.database_url
+    if owned.prefix:
+        env["SCHEDULER_REDIS_PREFIX"] = owned.prefix
+    return owned
+
+
 @dataclass
 class Master:
     url: str
@@ -100,17 +117,8 @@ class Master:
         port = free_port()
         env = {**os.environ, "SCHEDULER_DATA_DIR": str(data_dir), **overrides}
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        owned = None
         inherited = "DATABASE_URL" not in overrides and "REDIS_URL" not in overrides
-        if inherited and (env.get("DATABASE_URL") or env.get("REDIS_URL")):
-            owned = ScaleOut(
-                create_database() if env.get("DATABASE_URL") else "",
-                create_prefix() if env.get("REDIS_URL") else "",
-            )
-            if owned.database_url:
-                env["DATABASE_URL"] = owned.database_url
-            if owned.prefix:
-                env["SCHEDULER_REDIS_PREFIX"] = owned.prefix
+        owned = own_engines(env) if inherited else None
         server = cls(
             url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir, env=env, owned=owned
         )
@@ -128,10 +136,7 @@ class Master:
         """Stop, and drop what was made for this server alone."""
         self.stop()
         if self.owned is not None:
-            if self.owned.database_url:
-                drop_database(self.owned.database_url)
-            if self.owned.prefix:
-                drop_prefix(self.owned.prefix)
+            self.owned.drop()
             self.owned = None
 
     def manage(self, *args: str) -> str:

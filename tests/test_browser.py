@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.browser import chromium_page, log_in
+from tests.browser import chromium_page, log_in, task_page
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -36,7 +36,7 @@ def test_a_user_fixes_an_inline_error_runs_the_task_and_reads_its_output(master,
 
     page.fill("textarea[name=command]", f'{sys.executable} -c "print(6*7)"')
     page.click("button:has-text('Create task')")
-    page.wait_for_url(f"{master.url}/tasks/*/")  # the new task's own page
+    page.wait_for_url(task_page(master))  # the new task's own page
     page.click("nav a:has-text('Tasks')")
     row = page.locator("tr", has_text="answer")
     assert "print(6*7)" in row.inner_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import DESKTOP, PHONE, chromium_page, log_in
+from tests.browser import DESKTOP, PHONE, chromium_page, log_in, task_page
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -41,7 +41,7 @@ def test_a_multi_line_script_is_typed_run_from_its_page_and_edited(master, start
         page.check("input[name=shell]")
         page.click("button:has-text('Create task')")
         # Created, it opens the task's own page.
-        page.wait_for_url(f"{master.url}/tasks/*/")
+        page.wait_for_url(task_page(master))
         assert page.locator("#task-command").inner_text() == SCRIPT
         page.click("#run-task")
         page.wait_for_url(f"{master.url}/runs/*/")

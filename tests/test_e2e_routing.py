@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import DESKTOP, chromium_page, log_in
+from tests.browser import DESKTOP, chromium_page, log_in, task_page
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -235,7 +235,7 @@ def test_the_task_form_pins_a_task_and_its_run_lands_on_that_worker(master, star
 
         page.fill("#id_pinned_worker", "agent-2")
         page.click("button:has-text('Create task')")
-        page.wait_for_url(f"{master.url}/tasks/*/")
+        page.wait_for_url(task_page(master))
         assert page.inner_text("#task-priority") == "7"
         assert page.inner_text("#task-strategy") == "pinned to agent-2"
 

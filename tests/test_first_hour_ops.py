@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import AGENT, ROOT, free_port, wait_for
+from tests.harness import AGENT, ROOT, free_port, own_engines, wait_for
 from workers_app import enrollment
 from workers_app.models import EnrollmentToken
 
@@ -245,8 +245,7 @@ def test_the_readme_check_sees_commands_in_blocks_chains_and_inline_code():
 
 
 def test_make_token_prints_a_token_that_the_api_accepts(master):
-    env = {**os.environ, "SCHEDULER_DATA_DIR": str(master.data_dir)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = master.env  # its data dir, and its own database on PostgreSQL
 
     made = subprocess.run(
         ["make", "-s", "token", "USER=admin"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -263,8 +262,7 @@ def test_make_token_prints_a_token_that_the_api_accepts(master):
 
 
 def test_make_token_names_the_user_it_cannot_find(master):
-    env = {**os.environ, "SCHEDULER_DATA_DIR": str(master.data_dir)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = master.env
 
     made = subprocess.run(
         ["make", "-s", "token", "USER=nobody"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -405,10 +403,13 @@ def test_variables_whose_default_is_empty_may_be_set_empty(tmp_path):
 
 
 @pytest.mark.e2e
-def test_runlocal_prints_the_login_banner_last_and_in_one_piece(tmp_path):
+def test_runlocal_prints_the_login_banner_last_and_in_one_piece(tmp_path, request):
     port = free_port()
     env = {**os.environ, "SCHEDULER_DATA_DIR": str(tmp_path)}
     env.pop("DJANGO_SETTINGS_MODULE", None)
+    owned = own_engines(env)  # on PostgreSQL, a database of its own as for any server
+    if owned is not None:
+        request.addfinalizer(owned.drop)
     lines: list[str] = []
     runlocal = subprocess.Popen(
         [sys.executable, "manage.py", "runlocal", "--port", str(port), "--agents", "2"],
