@@ -378,6 +378,40 @@ def test_a_data_dir_that_is_a_file_is_named(tmp_path):
             "SECRET_KEY is set but empty: unset it to use the default (a key generated once into"
             " the data dir) or give a value",
         ),
+        (
+            "DATABASE_URL",
+            "",
+            "DATABASE_URL is set but empty: unset it to use the default (SQLite in the data dir)"
+            " or give a value",
+        ),
+        (
+            "DATABASE_URL",
+            "mysql://scheduler@db.example/scheduler",
+            "DATABASE_URL must be a postgres:// URL such as"
+            " postgres://USER:PASSWORD@HOST:5432/NAME (unset it for the embedded SQLite),"
+            " not a mysql URL",
+        ),
+        (
+            "DATABASE_URL",
+            "postgres://scheduler@db.example:5432",
+            "DATABASE_URL names no database: add /NAME at the end",
+        ),
+        (
+            "REDIS_URL",
+            "http://127.0.0.1:6379",
+            "REDIS_URL must be a redis://HOST:6379/DB (or rediss://, unix://) URL,"
+            " not 'http://127.0.0.1:6379'",
+        ),
+        (
+            "REDIS_URL",
+            "redis://127.0.0.1:6379/first",
+            "REDIS_URL: 'redis://127.0.0.1:6379/first' has an invalid port or db number",
+        ),
+        (
+            "SCHEDULER_DB_POOL_SIZE",
+            "-1",
+            "SCHEDULER_DB_POOL_SIZE must be at least 0, not '-1'",
+        ),
     ],
 )
 def test_a_malformed_or_empty_variable_stops_check_with_its_name(tmp_path, name, value, message):
