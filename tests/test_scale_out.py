@@ -357,7 +357,7 @@ def test_a_second_server_on_the_same_sqlite_file_is_refused(tmp_path):
             rf" 127\.0\.0\.1:{first.port}, last seen \d+s ago\)\. This one cannot start beside"
             r" it: it runs on the SQLite file .*db\.sqlite3, which only one server process may"
             r" use\. Stop the other one, or run every server with DATABASE_URL \(PostgreSQL\)"
-            r" and REDIS_URL \(Redis\)\.",
+            r" and the same REDIS_URL \(Redis\)\.",
             second.stderr,
         ), second.stderr
         # The first one is unharmed.
@@ -395,7 +395,8 @@ def test_servers_of_one_install_list_each_other_and_leave_on_stop(install, serve
         install.database_url,
         "SELECT address, database, channel_layer FROM workers_app_server ORDER BY address",
     )
-    assert sorted(rows) == sorted([(f"127.0.0.1:{s.port}", "postgresql", "redis") for s in (a, b)])
+    layer = f"redis 127.0.0.1:6379/0 prefix {install.prefix}"
+    assert sorted(rows) == sorted([(f"127.0.0.1:{s.port}", "postgresql", layer) for s in (a, b)])
     b.stop()  # SIGTERM: a graceful stop leaves the table
     assert query(install.database_url, "SELECT address FROM workers_app_server") == [
         (f"127.0.0.1:{a.port}",)
