@@ -117,13 +117,15 @@ SQLITE_DATABASE = {
     # the shared-cache in-memory database, whose table locks fail at once.
     "TEST": {"NAME": str(DATA_DIR / "test-db.sqlite3")},
 }
-# DATABASE_URL: PostgreSQL (psycopg 3) for several server processes. Requests
-# take a connection from a pool of at most SCHEDULER_DB_POOL_SIZE per server
-# process and give it back when they end; 0 opens and closes one per request.
+# DATABASE_URL: PostgreSQL (psycopg 3) for several server processes. A request
+# opens a connection and closes it at its end; SCHEDULER_DB_POOL_SIZE > 0 opts in
+# to psycopg's pool instead (faster, but every thread that touched the database
+# holds one of its connections until it closes it: the test suite's threads
+# exhausted a pool of 8, so it is off by default).
 # The writer's thread keeps one of the pool's for the server's life.
 POSTGRES_DATABASE = env_database(
     "DATABASE_URL",
-    pool_size=int(env_number("SCHEDULER_DB_POOL_SIZE", 8, minimum=0, integer=True)),
+    pool_size=int(env_number("SCHEDULER_DB_POOL_SIZE", 0, minimum=0, integer=True)),
 )
 DATABASES = {"default": POSTGRES_DATABASE or SQLITE_DATABASE}
 

@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from tests.test_lifecycle import make_worker, queue, running_on
@@ -50,7 +50,7 @@ def test_it_enters_this_process_and_leaves_on_unregister():
         servers.HOST_KEY,
     )
     assert servers.HOST_KEY.count("/") >= 1
-    assert (server.database, server.channel_layer) == ("sqlite", "in-memory")
+    assert (server.database, server.channel_layer) == (connection.vendor, servers.layer_name())
     assert servers.alive() == [server]
     servers.unregister()
     assert not Server.objects.exists()
@@ -63,10 +63,14 @@ def test_a_second_server_on_sqlite_is_refused_and_nothing_is_written(settings):
     with pytest.raises(ServerRefused) as refused:
         servers.register("127.0.0.1:8001")
 
+    why = (
+        "it runs on the SQLite file "
+        if connection.vendor == "sqlite"
+        else "it uses the in-memory channel layer (REDIS_URL is unset)"
+    )
     assert str(refused.value).startswith(
         "another server process of this install is alive: server elsewhere:4242 (serving"
-        " 10.0.0.2:8000, last seen 2s ago). This one cannot start beside it: it runs on the"
-        " SQLite file "
+        f" 10.0.0.2:8000, last seen 2s ago). This one cannot start beside it: {why}"
     )
     assert list(Server.objects.all()) == [other]
 
