@@ -3,6 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from tasks_app import token_views
 from workers_app.views import agent_download
 
 urlpatterns = [
@@ -11,6 +12,8 @@ urlpatterns = [
     path("workers/", include("workers_app.urls")),
     path("api/", include("scheduler_site.api_urls")),
     path("agent.py", agent_download, name="agent-download"),
+    path("account/tokens/", token_views.tokens, name="tokens"),
+    path("account/tokens/<int:pk>/revoke/", token_views.token_revoke, name="token-revoke"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

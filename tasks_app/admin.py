@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin
 
-from tasks_app import routing
+from tasks_app import roles, routing
 from tasks_app.models import (
     ApiToken,
     Attempt,
@@ -27,7 +27,7 @@ class HistoryAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None):
-        return request.user.is_superuser
+        return roles.allows(request.user, roles.ADMIN)
 
 
 class TriggerFilter(admin.SimpleListFilter):

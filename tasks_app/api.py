@@ -22,11 +22,11 @@ from tasks_app.jsonapi import (
     BadRequest,
     Denied,
     api_view,
-    authenticate,
     error,
     form_errors,
 )
 from tasks_app.models import Run, SchedulerState, Task
+from tasks_app.roles import ADMIN, OPERATOR, VIEWER
 from tasks_app.validators import MAX_ID
 from tasks_app.writer import writer
 
@@ -80,6 +80,7 @@ TASK_NOT_FOUND = (404,)
                 schemas.id_param("after", "only tasks with a larger id (what `next` sets)"),
                 schemas.LIMIT,
             ),
+            role=VIEWER,
         ),
         "POST": Operation(
             "Create a task",
@@ -88,6 +89,7 @@ TASK_NOT_FOUND = (404,)
             description="Fields left out take their defaults. 400 `invalid fields` when the "
             "body does not match the schema, `invalid task` when the form refuses it "
             "(a name in use, a command shlex cannot split); nothing is created.",
+            role=OPERATOR,
         ),
     }
 )
@@ -118,6 +120,7 @@ _UPDATE = Operation(
     body=schemas.TASK_UPDATE,
     description="Fields left out keep their value (PUT and PATCH alike).",
     errors=TASK_NOT_FOUND,
+    role=OPERATOR,
 )
 
 
@@ -129,6 +132,7 @@ _UPDATE = Operation(
             description="With `next_runs`: its next 5 fire times in its time zone, each "
             "flagged when it falls in a DST gap or a repeated hour.",
             errors=TASK_NOT_FOUND,
+            role=VIEWER,
         ),
         "PUT": _UPDATE,
         "PATCH": _UPDATE,
@@ -138,6 +142,7 @@ _UPDATE = Operation(
             description="Its runs stay readable: they keep the task's id and name, "
             "with `task_deleted` true.",
             errors=TASK_NOT_FOUND,
+            role=OPERATOR,
         ),
     }
 )
@@ -170,6 +175,7 @@ def task_detail(request, pk: int):
             "consumer serves it.",
             errors=(404, 409),
             served_by_trigger_api=True,
+            role=OPERATOR,
         )
     }
 )
@@ -205,6 +211,7 @@ def _trigger(request, task_id: int | None) -> JsonResponse:
                 schemas.id_param("before", "only runs with a smaller id (what `next` sets)"),
                 schemas.LIMIT,
             ),
+            role=VIEWER,
         ),
         "POST": Operation(
             "Start many runs of one task",
@@ -215,15 +222,13 @@ def _trigger(request, task_id: int | None) -> JsonResponse:
             "`runs[i].env`; 404 for an unknown task, 409 for a disabled one.",
             errors=(404, 409),
             served_by_trigger_api=True,
+            role=OPERATOR,
         ),
     }
 )
 def runs(request):
     if request.method == "POST":
         return _trigger(request, None)
-    denied = authenticate(request)
-    if denied is not None:
-        return denied
     try:
         filters, limit = history.parse_filters(request.GET), _limit(request.GET)
     except history.InvalidFilter as exc:
@@ -264,6 +269,7 @@ def runs(request):
                 ),
             ),
             errors=(404,),
+            role=VIEWER,
         )
     }
 )
@@ -297,6 +303,7 @@ def _run_or_404(pk: int):
             {200: schemas.RUN},
             description="409 when it has already finished.",
             errors=(404, 409),
+            role=OPERATOR,
         )
     }
 )
@@ -319,6 +326,7 @@ def run_cancel(request, pk: int):
             description="A new run of the same snapshot and parameters; 409 unless the "
             "run has finished.",
             errors=(404, 409),
+            role=OPERATOR,
         )
     }
 )
@@ -342,6 +350,7 @@ def run_retry(request, pk: int):
             "or the shards' stdout in shard order. 409 until the run has succeeded.",
             errors=(404, 409),
             content_type="text/plain",
+            role=VIEWER,
         )
     }
 )
@@ -355,7 +364,7 @@ def run_result(request, pk: int):
     return results.streamed(request, results.iter_stdout(ids), filename=f"run-{pk}-result.txt")
 
 
-@api_view({"GET": Operation("The scheduler's state", {200: schemas.SCHEDULER})})
+@api_view({"GET": Operation("The scheduler's state", {200: schemas.SCHEDULER}, role=VIEWER)})
 def scheduler(request):
     return JsonResponse(serializers.scheduler_json())
 
@@ -366,6 +375,7 @@ def scheduler(request):
             "Pause the scheduler",
             {200: schemas.SCHEDULER},
             description="No new work is dispatched; running work finishes.",
+            role=ADMIN,
         )
     }
 )
@@ -374,7 +384,7 @@ def scheduler_pause(request):
     return JsonResponse(serializers.scheduler_json())
 
 
-@api_view({"POST": Operation("Resume the scheduler", {200: schemas.SCHEDULER})})
+@api_view({"POST": Operation("Resume the scheduler", {200: schemas.SCHEDULER}, role=ADMIN)})
 def scheduler_resume(request):
     SchedulerState.set_paused(False)
     return JsonResponse(serializers.scheduler_json())

@@ -132,12 +132,20 @@ class Operation:
     query: tuple[dict, ...] = ()
     path_params: dict[str, dict] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
+    # The role it needs (tasks_app.roles); every operation that is not public names one.
+    role: str = ""
     # No credentials at all (worker enrollment is gated by a token in its body).
     public: bool = False
     # The trigger endpoints: their body and credentials are read by
     # tasks_app.trigger_api, shared with the ASGI consumers that serve them.
     served_by_trigger_api: bool = False
     content_type: str = "application/json"
+
+    def __post_init__(self) -> None:
+        from tasks_app.roles import ROLES
+
+        if self.public == bool(self.role) or (self.role and self.role not in ROLES):
+            raise ValueError(f"{self.summary!r}: give a role of {ROLES}, or public=True")
 
 
 def query_param(name: str, schema: dict, description: str) -> dict:

@@ -6,7 +6,19 @@ class TasksAppConfig(AppConfig):
     verbose_name = "Tasks and runs"
 
     def ready(self) -> None:
-        from django.db.models.signals import pre_delete
+        from django.apps import apps as global_apps
+        from django.db.models.signals import post_migrate, pre_delete
+
+        from tasks_app import roles
+
+        # The admin group gets the permissions of models added since its migration.
+        # (flush sends it without `apps`: then the installed ones.)
+        post_migrate.connect(
+            lambda using, apps=None, **kw: roles.sync_groups(apps or global_apps, using),
+            sender=self,
+            weak=False,
+            dispatch_uid="sync_role_groups",
+        )
 
         from tasks_app import trigger_api
         from tasks_app.models import Task, remember_deleted_task

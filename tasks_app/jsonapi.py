@@ -16,6 +16,7 @@ from functools import wraps
 from django.contrib.auth import get_user_model
 from django.core import signals
 from django.core.exceptions import DisallowedHost, PermissionDenied
+from django.db import connection
 from django.http import Http404, HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import Resolver404, resolve
@@ -24,7 +25,7 @@ from django.utils.log import log_response
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
-from tasks_app import tokens
+from tasks_app import roles, tokens
 from tasks_app.apispec import Body, Operation
 from tasks_app.batchsql import aware, column, marks, select, table
 from tasks_app.models import ApiToken
@@ -33,7 +34,7 @@ MAX_BODY_BYTES = 1024 * 1024
 
 NO_CREDENTIAL = "authentication required: send Authorization: Bearer <token> or log in"
 BAD_SCHEME = "use Authorization: Bearer <token>"
-BAD_TOKEN = "invalid or revoked API token"
+BAD_TOKEN = "invalid, expired or revoked API token"
 CSRF_FAILED = "CSRF check failed; send the X-CSRFToken header with a session"
 
 
@@ -71,7 +72,7 @@ def bearer(header: str) -> str | None:
 
 def token_users(digests) -> dict[str, int]:
     """token digest -> user id, for the live tokens among these (the token not
-    revoked, its user active); one query for any number of requests.
+    revoked or expired, its user active); one query for any number of requests.
 
     "Last used" is written at most once per ApiToken.LAST_USED_RESOLUTION per
     token, not on every request.
@@ -80,14 +81,15 @@ def token_users(digests) -> dict[str, int]:
     if not digests:
         return {}
     user = get_user_model()
+    now = timezone.now()
     found = select(
         f"SELECT t.id, t.token_hash, t.user_id, t.last_used_at FROM {table(ApiToken)} t"
         f" JOIN {table(user)} u ON u.{column(user, 'id')} = t.user_id"
         f" WHERE t.token_hash IN ({marks(digests)}) AND t.revoked_at IS NULL"
+        f" AND (t.expires_at IS NULL OR t.expires_at > %s)"
         f" AND u.{column(user, 'is_active')}",
-        digests,
+        [*digests, connection.ops.adapt_datetimefield_value(now)],
     )
-    now = timezone.now()
     stale = [
         pk
         for pk, _, _, used in found
@@ -155,7 +157,7 @@ def api_view(operations: dict[str, Operation]) -> Callable:
                 return response
             try:
                 if not (operation.public or operation.served_by_trigger_api):
-                    denied = authenticate(request)
+                    denied = authenticate(request, operation.role)
                     if denied is not None:
                         return denied
                 if operation.body is not None and not operation.served_by_trigger_api:
@@ -231,8 +233,8 @@ def no_such_endpoint(request: HttpRequest, rest: str = "") -> JsonResponse:
     return error(404, f"no such endpoint: {request.path}; the endpoints are listed at /api/docs")
 
 
-def authenticate(request: HttpRequest) -> JsonResponse | None:
-    """None if the caller may use the API, else the 401 or 403 to answer."""
+def authenticate(request: HttpRequest, role: str) -> JsonResponse | None:
+    """None if the caller may use the API with this role, else the 401 or 403 to answer."""
     try:
         raw = bearer(request.headers.get("Authorization", ""))
         if raw is not None:
@@ -240,12 +242,14 @@ def authenticate(request: HttpRequest) -> JsonResponse | None:
             if user is None:
                 raise Denied(401, BAD_TOKEN)
             request.user = user
-            return None
-        if not request.user.is_authenticated:
+        elif not request.user.is_authenticated:
             raise Denied(401, NO_CREDENTIAL)
         # A browser session is only as safe as its CSRF check.
-        if not csrf_passes(request):
+        elif not csrf_passes(request):
             raise Denied(403, CSRF_FAILED)
+        # A token carries its user's role.
+        if not roles.allows(request.user, role):
+            raise Denied(403, roles.refusal(role))
     except Denied as exc:
         return denied_response(exc)
     return None

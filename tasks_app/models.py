@@ -6,7 +6,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
-from tasks_app import cron
+from tasks_app import cron, tokens
 from tasks_app.signals import work_queued
 
 # A task's fields as people set them, with the JSON types the API takes. The
@@ -193,6 +193,12 @@ class Task(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # The roles (tasks_app.roles): held through the groups of the same names.
+        permissions = [
+            ("view_scheduler", "Read tasks, runs, output and workers"),
+            ("operate_scheduler", "Create, edit, run, cancel, retry tasks; drain workers"),
+            ("administer_scheduler", "Enroll, approve, revoke workers; pause; manage users"),
+        ]
 
     @classmethod
     def from_db(cls, db, field_names, values):
@@ -556,11 +562,28 @@ class ApiToken(models.Model):
     name = models.CharField(max_length=100, blank=True)
     token_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # None: until revoked.
+    expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"API token {self.name or self.pk} of {self.user}"
+
+    @property
+    def is_live(self) -> bool:
+        return self.revoked_at is None and (
+            self.expires_at is None or self.expires_at > timezone.now()
+        )
+
+    @classmethod
+    def mint(cls, user, *, name: str = "", expires_at=None) -> tuple[str, "ApiToken"]:
+        """A new token for this user; the raw value is returned once and never stored."""
+        raw, digest = tokens.mint("api")
+        token = cls.objects.create(
+            user=user, name=name[:100], token_hash=digest, expires_at=expires_at
+        )
+        return raw, token
 
 
 class SchedulerState(models.Model):

@@ -35,7 +35,7 @@ from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
 from django.utils import timezone
 
-from tasks_app import lifecycle, serializers, tokens
+from tasks_app import lifecycle, roles, serializers, tokens
 from tasks_app.apispec import Body
 from tasks_app.exceptions import RunTooLarge, TaskDisabled, TaskNotFound
 from tasks_app.jsonapi import (
@@ -78,15 +78,22 @@ def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
     """The writer's "trigger" handler: authenticate every request of the batch
     (one query for all tokens), then create all their runs together."""
     users = token_users({p.credential[1] for p in payloads if p.credential[0] == "token"})
+    user_ids = [
+        users.get(value) if kind == "token" else _session_user(value)
+        for kind, value in (p.credential for p in payloads)
+    ]
+    # A token carries its user's role: one query for the whole batch.
+    operators = roles.users_with(roles.OPERATOR, filter(None, user_ids))
     results: list[list[Run] | Exception | None] = [None] * len(payloads)
     requests, indexes = [], []
-    for index, payload in enumerate(payloads):
-        kind, value = payload.credential
-        user_id = users.get(value) if kind == "token" else _session_user(value)
+    for index, (payload, user_id) in enumerate(zip(payloads, user_ids, strict=True)):
+        kind = payload.credential[0]
         if user_id is None:
             results[index] = Denied(401, BAD_TOKEN if kind == "token" else NO_CREDENTIAL)
         elif kind == "session" and not payload.csrf_ok:
             results[index] = Denied(403, CSRF_FAILED)
+        elif user_id not in operators:
+            results[index] = Denied(403, roles.refusal(roles.OPERATOR))
         else:
             requests.append(
                 TriggerRequest(

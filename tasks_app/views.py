@@ -2,7 +2,6 @@
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import F, OuterRef, Prefetch, Q, Subquery
 from django.db.models.functions import Lower
@@ -17,6 +16,7 @@ from tasks_app import cron, history, lifecycle, logs, results, shards, task_stat
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
+from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
 
 
 def _get_task(pk: int) -> Task:
@@ -55,7 +55,7 @@ MAX_SEARCH = 200
 
 
 @require_GET
-@login_required
+@role_required(VIEWER)
 def task_list(request):
     query = request.GET.get("q", "").strip()[:MAX_SEARCH]
     sort = request.GET.get("sort") or "name"
@@ -93,7 +93,7 @@ def task_list(request):
 
 
 @require_GET
-@login_required
+@role_required(VIEWER)
 def task_detail(request, pk: int):
     task = Task.objects.filter(pk=pk).first()
     deleted = None if task else DeletedTask.objects.filter(pk=pk).first()
@@ -128,13 +128,13 @@ def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
 
 
 @require_http_methods(["GET", "POST"])
-@login_required
+@role_required(OPERATOR)
 def task_create(request):
     return _task_form(request, None)
 
 
 @require_http_methods(["GET", "POST"])
-@login_required
+@role_required(OPERATOR)
 def task_edit(request, pk: int):
     return _task_form(request, _get_task(pk))
 
@@ -155,7 +155,7 @@ def _task_form(request, task: Task | None):
 
 
 @require_http_methods(["GET", "POST"])
-@login_required
+@role_required(OPERATOR)
 def task_delete(request, pk: int):
     task = _get_task(pk)
     if request.method == "POST":
@@ -169,7 +169,7 @@ def task_delete(request, pk: int):
 
 
 @require_POST
-@login_required
+@role_required(OPERATOR)
 def task_run(request, pk: int):
     task = _get_task(pk)
     form = RunForm(request.POST)
@@ -197,13 +197,13 @@ def task_run(request, pk: int):
 
 
 @require_POST
-@login_required
+@role_required(OPERATOR)
 def task_schedule_pause(request, pk: int):
     return _set_schedule_paused(request, pk, True)
 
 
 @require_POST
-@login_required
+@role_required(OPERATOR)
 def task_schedule_resume(request, pk: int):
     return _set_schedule_paused(request, pk, False)
 
@@ -217,7 +217,7 @@ def _set_schedule_paused(request, pk: int, paused: bool) -> HttpResponse:
 
 
 @require_GET
-@login_required
+@role_required(VIEWER)
 def run_list(request):
     try:
         filters = history.parse_filters(request.GET)
@@ -251,7 +251,7 @@ RESULT_ON_PAGE_CHARS = 16 * 1024
 
 
 @require_GET
-@login_required
+@role_required(VIEWER)
 def run_detail(request, pk: int):
     """A run. A sharded one (more than one shard, or a merge) shows a grid of
     its shards and the attempts and output of the one selected (?shard=N;
@@ -310,7 +310,7 @@ def _shard_context(request, run: Run) -> dict:
 
 
 @require_GET
-@login_required
+@role_required(VIEWER)
 def run_result(request, pk: int):
     """The whole result of a run that succeeded, as a text download."""
     run = _get_run(pk)
@@ -321,7 +321,7 @@ def run_result(request, pk: int):
 
 
 @require_POST
-@login_required
+@role_required(OPERATOR)
 def run_cancel(request, pk: int):
     run = _get_run(pk)
     try:
@@ -333,7 +333,7 @@ def run_cancel(request, pk: int):
 
 
 @require_POST
-@login_required
+@role_required(OPERATOR)
 def run_retry(request, pk: int):
     run = _get_run(pk)
     try:
@@ -345,7 +345,7 @@ def run_retry(request, pk: int):
 
 
 @require_POST
-@login_required
+@role_required(ADMIN)
 def scheduler_pause(request):
     SchedulerState.set_paused(True, by=request.user.get_username())
     # No flash: the banner on every page says it, with who and since when.
@@ -353,7 +353,7 @@ def scheduler_pause(request):
 
 
 @require_POST
-@login_required
+@role_required(ADMIN)
 def scheduler_resume(request):
     SchedulerState.set_paused(False)
     messages.success(request, "Scheduler resumed.")

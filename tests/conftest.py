@@ -101,7 +101,38 @@ def alice(django_user_model):
 
 @pytest.fixture
 def bob(django_user_model):
-    return django_user_model.objects.create_user("bob", "bob@example.com", "bob-pass-123")
+    """The suite's everyday user: an admin by group (not a superuser)."""
+    from tasks_app import roles
+
+    user = django_user_model.objects.create_user("bob", "bob@example.com", "bob-pass-123")
+    roles.set_role(user, roles.ADMIN)
+    return user
+
+
+def _persona(django_user_model, name: str, role: str | None):
+    from tasks_app import roles
+
+    user = django_user_model.objects.create_user(name, f"{name}@example.com", f"{name}-pass-123")
+    roles.set_role(user, role)
+    return user
+
+
+@pytest.fixture
+def vera(django_user_model):
+    """A viewer."""
+    return _persona(django_user_model, "vera", "viewer")
+
+
+@pytest.fixture
+def otto(django_user_model):
+    """An operator."""
+    return _persona(django_user_model, "otto", "operator")
+
+
+@pytest.fixture
+def oscar(django_user_model):
+    """An outsider: can log in, has no role."""
+    return _persona(django_user_model, "oscar", None)
 
 
 @pytest.fixture

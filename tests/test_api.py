@@ -800,7 +800,7 @@ def test_it_refuses_an_unknown_bearer_token(client, bob_token):
 
     assert response.status_code == 401
     assert response["WWW-Authenticate"] == 'Bearer realm="api"'
-    assert response.json() == {"error": "invalid or revoked API token"}
+    assert response.json() == {"error": "invalid, expired or revoked API token"}
 
 
 @pytest.mark.parametrize("header", ["Basic Ym9iOmJvYi1wYXNzLTEyMw==", "Bearer", "Bearer    "])
@@ -820,7 +820,7 @@ def test_it_refuses_a_revoked_token(api, bob_token):
     response = api.get("/api/tasks")
 
     assert response.status_code == 401
-    assert response.json() == {"error": "invalid or revoked API token"}
+    assert response.json() == {"error": "invalid, expired or revoked API token"}
 
 
 def test_it_refuses_the_token_of_a_deactivated_user(api, bob):

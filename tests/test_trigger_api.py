@@ -216,7 +216,7 @@ def test_it_refuses_a_bulk_request_without_a_valid_token(client, task):
 
     assert response.status_code == 401
     assert response["WWW-Authenticate"] == 'Bearer realm="api"'
-    assert response.json() == {"error": "invalid or revoked API token"}
+    assert response.json() == {"error": "invalid, expired or revoked API token"}
     assert Run.objects.count() == 0
 
 

@@ -790,8 +790,18 @@ def test_the_admin_run_filter_offers_only_triggers_that_exist(client, alice, one
     assert "?trigger=schedule" not in page
 
 
-def test_the_admin_keeps_bob_out(bob_client, task):
-    response = bob_client.get("/admin/tasks_app/task/")
+def test_the_admin_keeps_an_operator_out_even_with_is_staff(client, otto, task):
+    otto.is_staff = True
+    otto.save()
+    client.force_login(otto)
+
+    response = client.get("/admin/tasks_app/task/")
 
     assert response.status_code == 302
     assert response["Location"] == "/admin/login/?next=/admin/tasks_app/task/"
+
+
+def test_an_admin_by_group_uses_the_admin_without_is_staff(bob_client, task):
+    page = bob_client.get("/admin/tasks_app/task/").content.decode()
+
+    assert not bob_client.session.get("is_staff") and "answer" in page

@@ -3,10 +3,11 @@
 from django import forms
 from django.http import JsonResponse
 
-from tasks_app import results, shards
+from tasks_app import results, roles, shards
 from tasks_app import schemas as task_schemas
 from tasks_app.apispec import Operation
 from tasks_app.jsonapi import BadRequest, api_view, error, form_errors
+from tasks_app.roles import ADMIN, OPERATOR, VIEWER
 from tasks_app.validators import clean_labels
 from workers_app import liveness, registration, schemas, serializers
 from workers_app.auth import bearer
@@ -62,7 +63,9 @@ def register(request):
     )
 
 
-@api_view({"GET": Operation("List workers", {200: task_schemas.results_of(schemas.WORKER)})})
+@api_view(
+    {"GET": Operation("List workers", {200: task_schemas.results_of(schemas.WORKER)}, role=VIEWER)}
+)
 def workers(request):
     rows = Worker.objects.with_busy_slots()
     return JsonResponse({"results": [serializers.worker_json(w, busy=w.busy) for w in rows]})
@@ -74,6 +77,9 @@ ACTIONS = {
     "disable": Worker.State.DISABLED,
     "enable": Worker.State.ONLINE,
 }
+# Operators drain and resume (maintenance); taking a worker out of service
+# altogether, or back, is for admins, as enrolling and revoking are.
+ACTION_ROLES = {"drain": OPERATOR, "resume": OPERATOR, "disable": ADMIN, "enable": ADMIN}
 
 
 @api_view(
@@ -82,15 +88,18 @@ ACTIONS = {
             "Drain, resume, disable or enable a worker",
             {200: schemas.WORKER},
             description="drain: it takes no new work, and finishes what it has; resume "
-            "and enable: it takes work again; disable: it takes none until enabled.",
+            "and enable: it takes work again; disable: it takes none until enabled. "
+            "Drain and resume need the operator role, disable and enable the admin role.",
             path_params={"action": {"enum": list(ACTIONS)}},
             errors=(404,),
+            role=OPERATOR,
         )
     }
 )
 def worker_action(request, pk: int, action: str):
     if action not in ACTIONS:
         return error(404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
+    roles.check(request.user, ACTION_ROLES[action])
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         return error(404, f"no worker with id {pk}")

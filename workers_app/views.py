@@ -3,14 +3,15 @@
 from pathlib import Path
 
 from django import forms
-from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from scheduler_site.links import absolute_url
+from tasks_app import roles
+from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
 from workers_app import delivery, enrollment, liveness, protocol, registration, servers
-from workers_app.api import ACTIONS, RegistrationForm
+from workers_app.api import ACTION_ROLES, ACTIONS, RegistrationForm
 from workers_app.models import EnrollmentToken, Worker
 
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
@@ -21,7 +22,7 @@ def _server_url(request) -> str:
 
 
 @require_GET
-@login_required
+@role_required(VIEWER)
 def worker_list(request):
     return _render_list(request)
 
@@ -52,7 +53,7 @@ class AddWorkerForm(forms.Form):
 
 
 @require_POST
-@login_required
+@role_required(ADMIN)
 def worker_add(request):
     form = AddWorkerForm(request.POST)
     context = {"form": form}
@@ -74,7 +75,7 @@ def worker_add(request):
 
 
 @require_POST
-@login_required
+@role_required(ADMIN)
 def worker_revoke(request, pk: int):
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
@@ -86,10 +87,11 @@ def worker_revoke(request, pk: int):
 
 
 @require_POST
-@login_required
+@role_required(OPERATOR)
 def worker_state(request, pk: int, action: str):
     if action not in ACTIONS:
         raise Http404("No such action.")
+    roles.check(request.user, ACTION_ROLES[action])
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         raise Http404("No such worker.")
