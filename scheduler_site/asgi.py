@@ -45,8 +45,9 @@ http_routes = URLRouter(
 application = ProtocolTypeRouter(
     {
         "http": http_routes,
-        # Agents send no Origin header, so no origin validator here: the
-        # per-worker credential in the handshake is the authentication.
+        # Agents send no Origin header: the middleware refuses any handshake
+        # that carries one (a browser), and the per-worker credential in the
+        # handshake is the authentication.
         "websocket": AgentCredentialMiddleware(websocket_routes),
     }
 )
