@@ -18,6 +18,7 @@ from scheduler_site.envconfig import (
     env_list,
     env_log_level,
     env_number,
+    env_proxy_ssl_header,
     env_redis,
     env_str,
     env_time_zone,
@@ -53,6 +54,38 @@ SECRET_KEY = _secret_key()
 DEBUG = env_bool("SCHEDULER_DEBUG", False)
 ALLOWED_HOSTS = env_hosts("SCHEDULER_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("SCHEDULER_CSRF_TRUSTED_ORIGINS", [])
+
+# --- HTTPS (README: "Production settings") -------------------------------------
+# SCHEDULER_HTTPS: people and agents reach the site over https only (usually
+# through a proxy that ends TLS): cookies are sent over TLS only, and a plain
+# http request that reaches Django is redirected (nginx redirects port 80
+# itself; this catches a proxy that does not).
+SCHEDULER_HTTPS = env_bool("SCHEDULER_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = SCHEDULER_HTTPS
+# The header a proxy that ends TLS sets to "https" (nginx.conf sets
+# X-Forwarded-Proto). Only when that proxy overwrites it: a client could send it
+# otherwise and pass for https.
+SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("SCHEDULER_PROXY_SSL_HEADER")
+if SECURE_SSL_REDIRECT and not SECURE_PROXY_SSL_HEADER:
+    # The server itself speaks plain http (daphne without TLS): behind a proxy
+    # every request would look like http and be redirected to https forever.
+    raise ImproperlyConfigured(
+        "SCHEDULER_HTTPS=true needs SCHEDULER_PROXY_SSL_HEADER (e.g. X-Forwarded-Proto), the"
+        " header the proxy that ends TLS sets: without it every request looks like plain http"
+        " and would be redirected to https again and again"
+    )
+# HSTS: browsers then refuse plain http to this host for that long. Start low
+# (300) and raise it (31536000, a year) once https is known to work.
+SECURE_HSTS_SECONDS = int(env_number("SCHEDULER_HSTS_SECONDS", 0, minimum=0, integer=True))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SCHEDULER_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SCHEDULER_HSTS_PRELOAD", False)
+SILENCED_SYSTEM_CHECKS = [
+    # "HSTS preload is not set": submitting a domain to the browsers' preload
+    # list is a decision about the whole registered domain (which the scheduler
+    # is usually a host of), hard to undo, and not the scheduler's to make; an
+    # operator who wants it sets SCHEDULER_HSTS_PRELOAD.
+    "security.W021",
+]
 
 INSTALLED_APPS = [
     "daphne",
