@@ -250,6 +250,12 @@ SCHEDULER_PRIORITY_AGING_S = env_number("SCHEDULER_PRIORITY_AGING_S", 60.0, mini
 SCHEDULER_LOG_LIMIT_BYTES = int(
     env_number("SCHEDULER_LOG_LIMIT_BYTES", 4 * 1024 * 1024, minimum=1024, integer=True)
 )
+# Largest HTTP request body (the API's limit): past it the answer is 413, before
+# the body is read (scheduler_site.bodylimit). Django's own limit says the same.
+SCHEDULER_MAX_BODY_BYTES = int(
+    env_number("SCHEDULER_MAX_BODY_BYTES", 1024 * 1024, minimum=64 * 1024, integer=True)
+)
+DATA_UPLOAD_MAX_MEMORY_SIZE = SCHEDULER_MAX_BODY_BYTES
 # Largest websocket frame the master accepts from an agent.
 SCHEDULER_MAX_FRAME_BYTES = int(
     env_number("SCHEDULER_MAX_FRAME_BYTES", 1024 * 1024, minimum=64 * 1024, integer=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 
@@ -96,3 +97,106 @@ def test_a_proxy_header_that_is_not_a_header_name_is_refused(tmp_path, value):
         "django.core.exceptions.ImproperlyConfigured: SCHEDULER_PROXY_SSL_HEADER must be a header"
         f" name such as X-Forwarded-Proto, not {value!r}"
     )
+
+
+# --- request bodies are capped before they are read ----------------------------------
+
+LIMIT = 1024 * 1024  # the documented default, SCHEDULER_MAX_BODY_BYTES
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """What the server sent until it closed the connection."""
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _send_until_refused(sock: socket.socket, chunk: bytes, most: int) -> int:
+    """Send chunk after chunk until the server stops taking them; the bytes it took."""
+    sent = 0
+    sock.settimeout(2)
+    try:
+        while sent < most:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass
+    return sent
+
+
+def _head(master, path: str, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{master.port}"]
+    lines += [f"Authorization: Bearer {master.token}", "Content-Type: application/json"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# Each refused three ways: a Django API view, a Channels HTTP consumer (the
+# trigger endpoints), a dashboard page.
+PATHS = ["/api/tasks", "/api/runs", "/login/"]
+
+
+@pytest.mark.e2e
+def test_a_declared_oversized_body_is_refused_before_it_is_sent(master):
+    for path in PATHS:
+        with socket.create_connection(("127.0.0.1", master.port)) as sock:
+            # Ten times the limit declared, not a byte of it sent: the answer comes anyway.
+            sock.sendall(_head(master, path, Content_Length=str(10 * LIMIT)))
+            answer = _read_response(sock)
+
+        assert answer.startswith(b"HTTP/1.1 413 "), (path, answer[:200])
+        if path.startswith("/api/"):
+            assert answer.endswith(b'{"error": "request body over 1048576 bytes"}'), answer
+        else:
+            assert answer.endswith(b"request body over 1048576 bytes\n"), answer
+    assert master.api("GET", "tasks").json()["results"] == []
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_is_cut_off_once_past_the_limit(master):
+    for path in PATHS:
+        with socket.create_connection(("127.0.0.1", master.port)) as sock:
+            sock.sendall(_head(master, path, Transfer_Encoding="chunked"))
+            chunk = b"10000\r\n" + b"[" * 0x10000 + b"\r\n"
+            # Up to 64 MiB offered; the server stops reading a little past 1 MiB
+            # (what the kernel's buffers hold on top).
+            sent = _send_until_refused(sock, chunk, 64 * LIMIT)
+            answer = _read_response(sock)
+
+        assert answer.startswith(b"HTTP/1.1 413 "), (path, answer[:200])
+        assert sent < 32 * LIMIT, f"{path}: the server read {sent} bytes"
+    assert master.api("GET", "tasks").json()["results"] == []
+
+
+@pytest.mark.e2e
+def test_a_body_within_the_limit_is_served(master):
+    task = {"name": "padded", "command": "echo " + "x" * 1000}
+    response = master.api("POST", "tasks", json=task)
+    assert response.status_code == 201, response.text
+
+
+async def test_the_asgi_app_refuses_a_streamed_body_past_the_limit():
+    """Under any ASGI server that streams bodies (the app's own check, not daphne's)."""
+    from channels.testing import HttpCommunicator
+
+    from scheduler_site.bodylimit import BodyLimit
+
+    reads = []
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            reads.append(message["type"])
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read it all"})
+
+    comm = HttpCommunicator(BodyLimit(app, 100), "POST", "/api/tasks", body=b"x" * 101)
+    response = await comm.get_response()
+
+    assert response["status"] == 413
+    assert response["body"] == b'{"error": "request body over 100 bytes"}'
+    assert reads == ["http.disconnect"]
