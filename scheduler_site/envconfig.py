@@ -197,15 +197,20 @@ def env_redis(name: str) -> str:
     return raw
 
 
+def env_header(name: str, example: str = "X-Real-IP") -> str:
+    """A request header's name as Django's request.META spells it (HTTP_X_REAL_IP),
+    or empty when unset."""
+    raw = env_str(name, default_text="unset")
+    if not raw:
+        return ""
+    header = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+        raise ImproperlyConfigured(f"{name} must be a header name such as {example}, not {raw!r}")
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
 def env_proxy_ssl_header(name: str) -> tuple[str, str] | None:
     """SECURE_PROXY_SSL_HEADER from a header name (X-Forwarded-Proto): the header
     whose value "https" marks a request the proxy received over TLS; None when unset."""
-    raw = env_str(name, default_text="unset: requests are as secure as their own connection")
-    if not raw:
-        return None
-    header = raw.strip()
-    if not re.fullmatch(r"[A-Za-z0-9-]+", header):
-        raise ImproperlyConfigured(
-            f"{name} must be a header name such as X-Forwarded-Proto, not {raw!r}"
-        )
-    return "HTTP_" + header.upper().replace("-", "_"), "https"
+    header = env_header(name, "X-Forwarded-Proto")
+    return (header, "https") if header else None

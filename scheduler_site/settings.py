@@ -5,6 +5,7 @@ and the in-memory channel layer, one server process. Every variable is
 listed in the README.
 """
 
+import datetime as dt
 import secrets
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from scheduler_site.envconfig import (
     env_bool,
     env_database,
     env_dir,
+    env_header,
     env_hosts,
     env_list,
     env_log_level,
@@ -97,6 +99,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "channels",
+    "axes",
     "django_htmx",
     "template_partials",
     "tasks_app",
@@ -112,6 +115,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # After authentication, as django-axes asks: turns a lockout into its page.
+    "axes.middleware.AxesMiddleware",
     # Last: see its docstring (one thread hop per request instead of two per middleware).
     "scheduler_site.middleware.OneThreadHop",
 ]
@@ -198,8 +203,38 @@ SCALE_OUT = bool(POSTGRES_DATABASE and REDIS_URL)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": f"django.contrib.auth.password_validation.{name}"}
+    for name in (
+        "UserAttributeSimilarityValidator",
+        "MinimumLengthValidator",
+        "CommonPasswordValidator",
+        "NumericPasswordValidator",
+    )
 ]
+
+# --- Login rate limiting (django-axes) -------------------------------------------
+# First: axes counts failures and refuses a locked-out login before any password
+# is checked. It needs the request, which every login form passes; API tokens
+# and agents' credentials never go through authenticate().
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = int(env_number("SCHEDULER_LOGIN_FAILURE_LIMIT", 5, minimum=1, integer=True))
+AXES_COOLOFF_TIME = dt.timedelta(
+    minutes=env_number("SCHEDULER_LOGIN_COOLOFF_MINUTES", 15.0, minimum=0.1)
+)
+# Two locks, each on its own: a username guessed at from many addresses, and an
+# address guessing many usernames.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+# The client's address: the connection's, or behind a proxy that overwrites it,
+# this header's (README: "Production settings"); never a header a client chose.
+SCHEDULER_CLIENT_IP_HEADER = env_header("SCHEDULER_CLIENT_IP_HEADER")
+AXES_CLIENT_IP_CALLABLE = "scheduler_site.clientip.client_ip"
+# Only when the admin lists them; no access log of every login (the audit has its own).
+AXES_DISABLE_ACCESS_LOG = True
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_time_zone("SCHEDULER_TIME_ZONE", "UTC")
 USE_I18N = True
