@@ -200,3 +200,43 @@ async def test_the_asgi_app_refuses_a_streamed_body_past_the_limit():
     assert response["status"] == 413
     assert response["body"] == b'{"error": "request body over 100 bytes"}'
     assert reads == ["http.disconnect"]
+
+
+# --- deeply nested JSON ----------------------------------------------------------------
+
+DEEP = b"[" * 100_000
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/api/tasks", "/api/runs", "/api/workers/register"])
+def test_deeply_nested_json_is_a_400_through_django(api, path):
+    response = api.post(path, DEEP, content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.json()["error"] in (
+        "request body is nested too deeply",
+        "request body is not valid JSON",
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_deeply_nested_json_gets_an_error_frame_and_the_socket_lives_on(
+    worker, worker_credential
+):
+    from channels.testing import WebsocketCommunicator
+
+    from scheduler_site.asgi import application
+
+    headers = [(b"authorization", f"Bearer {worker_credential}".encode())]
+    comm = WebsocketCommunicator(application, "/ws/agent/", headers=headers)
+    assert (await comm.connect(timeout=5))[0]
+
+    await comm.send_to(text_data=DEEP.decode())
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "error",
+        "code": "malformed",
+        "message": "frame is nested too deeply",
+    }
+    await comm.send_json_to({"type": "hello", "protocol": 1, "capacity": 2, "running": []})
+    assert (await comm.receive_json_from(timeout=5))["type"] == "welcome"
+    await comm.disconnect()
