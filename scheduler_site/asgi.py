@@ -9,9 +9,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
 django_http = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import path, re_path  # noqa: E402
 
+from scheduler_site.bodylimit import BodyLimit  # noqa: E402
 from tasks_app.trigger_api import RunsEndpoint, TaskRunEndpoint  # noqa: E402
 from workers_app.auth import AgentCredentialMiddleware  # noqa: E402
 from workers_app.consumers import AgentConsumer  # noqa: E402
@@ -44,9 +46,11 @@ http_routes = URLRouter(
 
 application = ProtocolTypeRouter(
     {
-        "http": http_routes,
-        # Agents send no Origin header, so no origin validator here: the
-        # per-worker credential in the handshake is the authentication.
+        # Outermost: a body over the limit is refused before any app reads it.
+        "http": BodyLimit(http_routes, settings.SCHEDULER_MAX_BODY_BYTES),
+        # Agents send no Origin header: the middleware refuses any handshake
+        # that carries one (a browser), and the per-worker credential in the
+        # handshake is the authentication.
         "websocket": AgentCredentialMiddleware(websocket_routes),
     }
 )

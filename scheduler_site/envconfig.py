@@ -12,6 +12,7 @@ fallbacks are worse (an empty data dir is the current directory, whose
 
 import math
 import os
+import re
 import zoneinfo
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -194,3 +195,22 @@ def env_redis(name: str) -> str:
     except ValueError:
         raise ImproperlyConfigured(f"{name}: {raw!r} has an invalid port or db number") from None
     return raw
+
+
+def env_header(name: str, example: str = "X-Real-IP") -> str:
+    """A request header's name as Django's request.META spells it (HTTP_X_REAL_IP),
+    or empty when unset."""
+    raw = env_str(name, default_text="unset")
+    if not raw:
+        return ""
+    header = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+        raise ImproperlyConfigured(f"{name} must be a header name such as {example}, not {raw!r}")
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+def env_proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """SECURE_PROXY_SSL_HEADER from a header name (X-Forwarded-Proto): the header
+    whose value "https" marks a request the proxy received over TLS; None when unset."""
+    header = env_header(name, "X-Forwarded-Proto")
+    return (header, "https") if header else None

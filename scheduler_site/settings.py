@@ -5,6 +5,7 @@ and the in-memory channel layer, one server process. Every variable is
 listed in the README.
 """
 
+import datetime as dt
 import secrets
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from scheduler_site.envconfig import (
     env_bool,
     env_database,
     env_dir,
+    env_header,
     env_hosts,
     env_list,
     env_log_level,
     env_number,
+    env_proxy_ssl_header,
     env_redis,
     env_str,
     env_time_zone,
@@ -54,6 +57,38 @@ DEBUG = env_bool("SCHEDULER_DEBUG", False)
 ALLOWED_HOSTS = env_hosts("SCHEDULER_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("SCHEDULER_CSRF_TRUSTED_ORIGINS", [])
 
+# --- HTTPS (README: "Production settings") -------------------------------------
+# SCHEDULER_HTTPS: people and agents reach the site over https only (usually
+# through a proxy that ends TLS): cookies are sent over TLS only, and a plain
+# http request that reaches Django is redirected (nginx redirects port 80
+# itself; this catches a proxy that does not).
+SCHEDULER_HTTPS = env_bool("SCHEDULER_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = SCHEDULER_HTTPS
+# The header a proxy that ends TLS sets to "https" (nginx.conf sets
+# X-Forwarded-Proto). Only when that proxy overwrites it: a client could send it
+# otherwise and pass for https.
+SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("SCHEDULER_PROXY_SSL_HEADER")
+if SECURE_SSL_REDIRECT and not SECURE_PROXY_SSL_HEADER:
+    # The server itself speaks plain http (daphne without TLS): behind a proxy
+    # every request would look like http and be redirected to https forever.
+    raise ImproperlyConfigured(
+        "SCHEDULER_HTTPS=true needs SCHEDULER_PROXY_SSL_HEADER (e.g. X-Forwarded-Proto), the"
+        " header the proxy that ends TLS sets: without it every request looks like plain http"
+        " and would be redirected to https again and again"
+    )
+# HSTS: browsers then refuse plain http to this host for that long. Start low
+# (300) and raise it (31536000, a year) once https is known to work.
+SECURE_HSTS_SECONDS = int(env_number("SCHEDULER_HSTS_SECONDS", 0, minimum=0, integer=True))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SCHEDULER_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SCHEDULER_HSTS_PRELOAD", False)
+SILENCED_SYSTEM_CHECKS = [
+    # "HSTS preload is not set": submitting a domain to the browsers' preload
+    # list is a decision about the whole registered domain (which the scheduler
+    # is usually a host of), hard to undo, and not the scheduler's to make; an
+    # operator who wants it sets SCHEDULER_HSTS_PRELOAD.
+    "security.W021",
+]
+
 INSTALLED_APPS = [
     "daphne",
     "scheduler_site.apps.SchedulerAdminConfig",
@@ -64,6 +99,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "channels",
+    "axes",
     "django_htmx",
     "template_partials",
     "tasks_app",
@@ -79,6 +115,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # After authentication, as django-axes asks: turns a lockout into its page.
+    "axes.middleware.AxesMiddleware",
     # Last: see its docstring (one thread hop per request instead of two per middleware).
     "scheduler_site.middleware.OneThreadHop",
 ]
@@ -166,8 +204,38 @@ SCALE_OUT = bool(POSTGRES_DATABASE and REDIS_URL)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": f"django.contrib.auth.password_validation.{name}"}
+    for name in (
+        "UserAttributeSimilarityValidator",
+        "MinimumLengthValidator",
+        "CommonPasswordValidator",
+        "NumericPasswordValidator",
+    )
 ]
+
+# --- Login rate limiting (django-axes) -------------------------------------------
+# First: axes counts failures and refuses a locked-out login before any password
+# is checked. It needs the request, which every login form passes; API tokens
+# and agents' credentials never go through authenticate().
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = int(env_number("SCHEDULER_LOGIN_FAILURE_LIMIT", 5, minimum=1, integer=True))
+AXES_COOLOFF_TIME = dt.timedelta(
+    minutes=env_number("SCHEDULER_LOGIN_COOLOFF_MINUTES", 15.0, minimum=0.1)
+)
+# Two locks, each on its own: a username guessed at from many addresses, and an
+# address guessing many usernames.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+# The client's address: the connection's, or behind a proxy that overwrites it,
+# this header's (README: "Production settings"); never a header a client chose.
+SCHEDULER_CLIENT_IP_HEADER = env_header("SCHEDULER_CLIENT_IP_HEADER")
+AXES_CLIENT_IP_CALLABLE = "scheduler_site.clientip.client_ip"
+# Only when the admin lists them; no access log of every login (the audit has its own).
+AXES_DISABLE_ACCESS_LOG = True
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_time_zone("SCHEDULER_TIME_ZONE", "UTC")
 USE_I18N = True
@@ -218,6 +286,12 @@ SCHEDULER_PRIORITY_AGING_S = env_number("SCHEDULER_PRIORITY_AGING_S", 60.0, mini
 SCHEDULER_LOG_LIMIT_BYTES = int(
     env_number("SCHEDULER_LOG_LIMIT_BYTES", 4 * 1024 * 1024, minimum=1024, integer=True)
 )
+# Largest HTTP request body (the API's limit): past it the answer is 413, before
+# the body is read (scheduler_site.bodylimit). Django's own limit says the same.
+SCHEDULER_MAX_BODY_BYTES = int(
+    env_number("SCHEDULER_MAX_BODY_BYTES", 1024 * 1024, minimum=64 * 1024, integer=True)
+)
+DATA_UPLOAD_MAX_MEMORY_SIZE = SCHEDULER_MAX_BODY_BYTES
 # Largest websocket frame the master accepts from an agent.
 SCHEDULER_MAX_FRAME_BYTES = int(
     env_number("SCHEDULER_MAX_FRAME_BYTES", 1024 * 1024, minimum=64 * 1024, integer=True)

@@ -137,7 +137,8 @@ def field_problem(frame, schemas):
     if not isinstance(frame, dict):
         return "malformed", "frame must be a JSON object"
     kind = frame.get("type")
-    if kind not in schemas:
+    # A list or object as the type is unhashable: `in` would raise TypeError.
+    if not isinstance(kind, str) or kind not in schemas:
         return "unknown_type", f"unknown frame type {kind!r}"
     for name, (types, required) in schemas[kind].items():
         if name not in frame:

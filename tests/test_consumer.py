@@ -249,6 +249,21 @@ async def test_it_refuses_a_revoked_worker(connect, worker, worker_credential):
     assert worker.channel_name == ""
 
 
+@pytest.mark.parametrize("origin", [b"https://evil.example", b"http://127.0.0.1:8000", b"null"])
+async def test_it_refuses_a_handshake_from_a_browser(worker, worker_credential, origin):
+    """Agents send no Origin; any browser page does, even one of ours."""
+    headers = [
+        (b"authorization", b"Bearer " + worker_credential.encode()),
+        (b"origin", origin),
+    ]
+    comm = WebsocketCommunicator(application, "/ws/agent/", headers=headers)
+    connected, _ = await comm.connect(timeout=TIMEOUT)
+    assert not connected
+    worker = await refreshed(worker)
+    assert worker.state == Worker.State.OFFLINE
+    assert worker.channel_name == ""
+
+
 # --- hello ---------------------------------------------------------------------
 
 

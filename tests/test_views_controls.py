@@ -73,9 +73,28 @@ def test_pause_shows_a_banner_on_every_page_with_the_running_count(bob_client, w
     assert "Scheduler paused" not in page and 'id="pause-scheduler"' in page
 
 
-def test_pause_refuses_a_redirect_to_another_site(bob_client):
-    response = bob_client.post(reverse("tasks:pause"), {"next": "//evil.example/"})
-    assert response["Location"] == reverse("tasks:list")
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example/",
+        "https://evil.example/",
+        "/\\evil.example/",  # browsers read a backslash as a slash: //evil.example
+        "/\\/evil.example/",
+        "///evil.example/",
+        "http://testserver/tasks/",  # even our own host: a path or nothing
+        "javascript:alert(1)",
+    ],
+)
+def test_pause_and_resume_refuse_a_redirect_to_another_site(bob_client, target):
+    for name in ("tasks:pause", "tasks:resume"):
+        response = bob_client.post(reverse(name), {"next": target})
+        assert response["Location"] == reverse("tasks:list"), name
+
+
+def test_pause_keeps_a_path_with_a_query(bob_client):
+    target = reverse("tasks:runs") + "?status=failed"
+    response = bob_client.post(reverse("tasks:pause"), {"next": target})
+    assert response["Location"] == target
 
 
 @pytest.mark.parametrize(

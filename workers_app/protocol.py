@@ -105,20 +105,27 @@ def check(frame: Any) -> dict[str, Any]:
 
 
 def _check_ranges(kind: str, frame: dict[str, Any]) -> None:
-    if "attempt" in frame and not 1 <= frame["attempt"] <= MAX_ID:
+    # Only the fields of this kind, whose types field_problem checked: a field
+    # of another kind is ignored as any unknown field is, and its value could be
+    # anything (an "accepted" with "started_at": {} raised TypeError here).
+    fields = AGENT_FRAMES[kind]
+
+    def value(field: str):
+        return frame.get(field) if field in fields else None
+
+    if value("attempt") is not None and not 1 <= frame["attempt"] <= MAX_ID:
         raise ProtocolError("malformed", f"{kind}: attempt out of range")
     for field in INT32_FIELDS:
-        value = frame.get(field)
-        if value is not None and not -MAX_INT32 <= value <= MAX_INT32:
+        if value(field) is not None and not -MAX_INT32 <= frame[field] <= MAX_INT32:
             raise ProtocolError("malformed", f"{kind}: {field} out of range")
     for field in EPOCH_FIELDS:
-        value = frame.get(field)
-        if value is not None and not MIN_EPOCH <= value <= MAX_EPOCH:  # NaN fails too
+        # NaN fails the comparison too.
+        if value(field) is not None and not MIN_EPOCH <= frame[field] <= MAX_EPOCH:
             raise ProtocolError("malformed", f"{kind}: {field} is not a plausible time")
     for field in ("running", "spooled"):
-        if any(not 1 <= a <= MAX_ID for a in frame.get(field, [])):
+        if any(not 1 <= a <= MAX_ID for a in value(field) or []):
             raise ProtocolError("malformed", f"{kind}: {field} has an id out of range")
-    if "output_bytes" in frame and not 0 <= frame["output_bytes"] <= MAX_ID:
+    if value("output_bytes") is not None and not 0 <= frame["output_bytes"] <= MAX_ID:
         raise ProtocolError("malformed", f"{kind}: output_bytes out of range")
 
 

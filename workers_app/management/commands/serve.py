@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from unittest import mock
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -25,9 +26,9 @@ class Command(BaseCommand):
             raise CommandError(f"--port must be between 1 and 65535, not {port}")
         # Importing daphne.server installs the asyncio Twisted reactor; do it
         # here, not at module import, so other commands are not affected.
-        from daphne.endpoints import build_endpoint_description_strings
-        from daphne.server import Server
+        import daphne.server
 
+        from scheduler_site import bodylimit
         from scheduler_site.asgi import application
         from workers_app import servers
         from workers_app.exceptions import ServerRefused
@@ -44,6 +45,21 @@ class Command(BaseCommand):
             self.stdout.write(f"serving on http://{host}:{port}/", ending="\n")
             self.stdout.flush()
 
+        # daphne builds its HTTP factory inside run(); ours refuses an oversized
+        # body before Twisted spools it to disk (see scheduler_site.bodylimit).
+        capped = bodylimit.daphne_http_factory(settings.SCHEDULER_MAX_BODY_BYTES)
+        with mock.patch.object(daphne.server, "HTTPFactory", capped):
+            self._serve(application, host, port, ready)
+        service.stopping.set()
+        # A graceful stop leaves the table at once; a killed server is dead
+        # to the others once silent (servers.SILENT_AFTER_S) or, on this
+        # host, once its pid is gone.
+        servers.unregister()
+
+    def _serve(self, application, host: str, port: int, ready) -> None:
+        from daphne.endpoints import build_endpoint_description_strings
+        from daphne.server import Server
+
         Server(
             application=application,
             endpoints=build_endpoint_description_strings(host=host, port=port),
@@ -57,8 +73,3 @@ class Command(BaseCommand):
             websocket_timeout=-1,
             verbosity=0,
         ).run()
-        service.stopping.set()
-        # A graceful stop leaves the table at once; a killed server is dead
-        # to the others once silent (servers.SILENT_AFTER_S) or, on this
-        # host, once its pid is gone.
-        servers.unregister()
