@@ -162,7 +162,8 @@ MAX_RUN_BYTES = MAX_FRAME_BYTES // 2
 
 def check_run_size(definition: dict) -> None:
     """ValidationError when what an agent is sent for this run would not fit."""
-    keys = ["command", "argv", "env", "working_dir"]
+    # secret_env: its token, a third bigger than the values it carries.
+    keys = ["command", "argv", "env", "secret_env", "working_dir"]
     if definition.get("merge_command"):
         # Counted as if one frame carried both (a merge's carries less).
         keys += ["merge_command", "merge_argv"]
