@@ -96,6 +96,21 @@ def env_dir(name: str, default: Path) -> Path:
     return path
 
 
+def make_private(path: Path, mode: int) -> None:
+    """Create the file (empty) or keep the directory with `mode`, and take group
+    and other permissions away from one that exists (created by an older
+    version, or under a looser umask). A path owned by someone else is left
+    alone: chmod would fail, and its owner decided."""
+    if not path.exists() and mode & 0o100 == 0:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, mode))
+    try:
+        current = path.stat()
+        if current.st_uid == os.getuid() and current.st_mode & 0o077:
+            path.chmod(current.st_mode & 0o700)
+    except OSError:
+        pass
+
+
 def env_hosts(name: str, default: list[str]) -> list[str]:
     """Host names for ALLOWED_HOSTS: a URL there would make every request a 400."""
     hosts = env_list(name, default)

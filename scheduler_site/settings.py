@@ -25,6 +25,7 @@ from scheduler_site.envconfig import (
     env_str,
     env_time_zone,
     env_url,
+    make_private,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ if DATA_DIR == BASE_DIR:
         f"SCHEDULER_DATA_DIR: {DATA_DIR} is the project directory; choose a directory of its"
         " own, e.g. the default .scheduler/"
     )
+# The database, the secret key, the admin's password and the local agents'
+# credentials live here: nobody else's to read.
+make_private(DATA_DIR, 0o700)
 
 
 def _secret_key() -> str:
@@ -167,6 +171,10 @@ POSTGRES_DATABASE = env_database(
     pool_size=int(env_number("SCHEDULER_DB_POOL_SIZE", 0, minimum=0, integer=True)),
 )
 DATABASES = {"default": POSTGRES_DATABASE or SQLITE_DATABASE}
+if not POSTGRES_DATABASE:
+    # Created here with 0600 rather than by SQLite with the umask's 0644; its
+    # -wal and -shm files take the database file's permissions.
+    make_private(SQLITE_DATABASE["NAME"], 0o600)
 
 # REDIS_URL: channels_redis, so that server processes reach each other's agent
 # sockets; unset, the in-memory layer of one process. SCHEDULER_REDIS_PREFIX

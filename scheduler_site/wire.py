@@ -109,6 +109,10 @@ MASTER_FRAMES = {
         "argv": (_LIST + _NONE, True),
         "shell": (_STR + _NONE, True),
         "env": ((dict,), True),
+        # Variables the command gets after env, whose values the agent masks
+        # (***) in the output it sends. An agent that predates them runs the
+        # command without them: upgrade agents before giving tasks secrets.
+        "secret_env": ((dict,), False),
         "cwd": (_STR + _NONE, True),
         "timeout": (_NUM + _NONE, True),
         "shard_index": (_INT, True),

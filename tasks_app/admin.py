@@ -69,6 +69,9 @@ class TaskAdmin(admin.ModelAdmin):
     list_display = ["name", "command", "shell", "timeout", "enabled", "updated_at"]
     list_filter = ["enabled", "shell"]
     search_fields = ["name", "command"]
+    # secret_env is not editable (its values are write-only, through the
+    # dashboard or the API): the admin shows the names alone.
+    readonly_fields = ["secret_env_keys"]
 
 
 class AttemptInline(admin.TabularInline):

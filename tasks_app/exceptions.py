@@ -24,3 +24,7 @@ class RunNotRetryable(TaskError):
 
 class InvalidSchedule(ValueError):
     """A cron expression or time zone that cannot be used; the message says why."""
+
+
+class SecretsUnreadable(TaskError):
+    """A task's secret environment was encrypted under a key this server does not hold."""

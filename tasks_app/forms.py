@@ -30,6 +30,22 @@ class EnvField(forms.Field):
         return value
 
 
+class SecretEnvField(forms.Field):
+    """New secret variables as KEY=VALUE lines in the browser; in the API the
+    whole set as an object, where null keeps a name's current value. Never
+    rendered with a value."""
+
+    widget = forms.Textarea(
+        attrs={"rows": 2, "placeholder": "API_TOKEN=...", "autocomplete": "off"}
+    )
+
+    def to_python(self, value):
+        return validators.clean_secret_env(value)
+
+    def prepare_value(self, value):
+        return ""  # write-only: a redisplayed form (an error elsewhere) asks again
+
+
 class LabelsField(forms.Field):
     """Comma-separated in the browser, a list in the API."""
 
@@ -69,6 +85,12 @@ class TaskForm(forms.ModelForm):
     SCHEDULE_FIELDS = ("schedule", "timezone", "misfire_policy", "schedule_paused")
 
     env = EnvField(required=False, label="Environment", help_text="One KEY=VALUE per line.")
+    secret_env = SecretEnvField(
+        required=False,
+        label="New secret variables",
+        help_text="One KEY=VALUE per line; write-only: shown by name only, masked as *** in "
+        "output.",
+    )
     labels = LabelsField(
         required=False, label="Required labels", help_text="Only workers with all of these run it."
     )
@@ -200,9 +222,43 @@ class TaskForm(forms.ModelForm):
             "name": {"required": "Give the task a name."},
         }
 
+    # The browser's fields for the secrets a task has: secret__NAME (blank keeps
+    # it) and secret_remove (names to drop).
+    SECRET_PREFIX = "secret__"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.current_secrets = self.instance.secret_values() if self.instance.secret_env else {}
+        for name in sorted(self.current_secrets):
+            self.fields[self.SECRET_PREFIX + name] = forms.CharField(
+                required=False,
+                label=name,
+                strip=False,
+                widget=forms.PasswordInput(
+                    attrs={"placeholder": "unchanged", "autocomplete": "new-password"}
+                ),
+            )
+        if self.current_secrets:
+            self.fields["secret_remove"] = forms.MultipleChoiceField(
+                required=False,
+                choices=[(name, name) for name in sorted(self.current_secrets)],
+                widget=forms.CheckboxSelectMultiple,
+                label="Remove",
+            )
+
+    def secret_fields(self) -> list[tuple[forms.BoundField, str]]:
+        """(value field, name) of each current secret, for the page."""
+        return [(self[self.SECRET_PREFIX + n], n) for n in sorted(self.current_secrets)]
+
     def basic_fields(self) -> list[forms.BoundField]:
         grouped = self.ADVANCED_FIELDS + self.SCHEDULE_FIELDS
-        return [field for field in self if field.name not in grouped]
+        return [
+            field
+            for field in self
+            if field.name not in grouped
+            and not field.name.startswith(self.SECRET_PREFIX)
+            and field.name not in ("secret_env", "secret_remove")
+        ]
 
     def schedule_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in self.SCHEDULE_FIELDS]
@@ -289,8 +345,57 @@ class TaskForm(forms.ModelForm):
             )
         return working_dir
 
+    def _clean_secrets(self, cleaned: dict) -> dict[str, str] | None:
+        """The task's secret variables after this change, or None (errors added)."""
+        given = cleaned.get("secret_env")
+        if given is None:
+            return None  # refused field by field
+        current = self.current_secrets
+        if isinstance(self.data.get("secret_env"), dict):
+            # The API: the object is the whole set, null keeps a value.
+            unknown = sorted(k for k, v in given.items() if v is None and k not in current)
+            if unknown:
+                self.add_error(
+                    "secret_env",
+                    f"No current value to keep for {', '.join(unknown)}: give one.",
+                )
+                return None
+            values = {k: current[k] if v is None else v for k, v in given.items()}
+        else:
+            # The browser (or the API leaving the field out): the current ones,
+            # less those ticked for removal, changed where a value was typed,
+            # then the new lines.
+            removed = set(cleaned.get("secret_remove") or ())
+            values = {}
+            for name, value in current.items():
+                if name in removed:
+                    continue
+                typed = cleaned.get(self.SECRET_PREFIX + name) or ""
+                if "\x00" in typed:
+                    self.add_error(self.SECRET_PREFIX + name, "The value contains a NUL byte.")
+                    return None
+                values[name] = typed or value
+            values.update(given)
+        both = sorted(set(values) & set(cleaned.get("env") or {}))
+        if both:
+            self.add_error(
+                "secret_env",
+                f"{', '.join(both)} set both as a variable and as a secret: keep one.",
+            )
+            return None
+        if len(values) > validators.MAX_ENV:
+            self.add_error("secret_env", f"At most {validators.MAX_ENV} secret variables.")
+            return None
+        return values
+
+    def save(self, commit=True):
+        if self.secret_values is not None:
+            self.instance.set_secret_values(self.secret_values)
+        return super().save(commit)
+
     def clean(self):
         cleaned = super().clean()
+        self.secret_values = self._clean_secrets(cleaned)
         command = cleaned.get("command")
         if command is not None:
             try:
@@ -300,6 +405,7 @@ class TaskForm(forms.ModelForm):
                         "command": command,
                         "argv": None if cleaned.get("shell") else shlex.split(command),
                         "env": cleaned.get("env") or {},
+                        "secret_env": self.secret_values or {},
                         "working_dir": cleaned.get("working_dir") or "",
                         "merge_command": cleaned.get("merge_command") or "",
                     }

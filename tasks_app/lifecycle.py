@@ -376,7 +376,8 @@ def _tasks(ids: set[int]) -> dict[int, Task]:
     """Tasks by id, with the fields a run is made of (one raw read per batch)."""
     if not ids:
         return {}
-    names = list(TASK_FIELDS)
+    # secret_env is not one of the fields people set, but a run's snapshot keeps it.
+    names = [*TASK_FIELDS, "secret_env"]
     rows = select(
         f"SELECT id, {', '.join(column(Task, n) for n in names)} FROM {table(Task)}"
         f" WHERE id IN ({marks(ids)})",

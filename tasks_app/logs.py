@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import connection
 
+from tasks_app import secret_env
 from tasks_app.batchsql import atomic, update_rows
+from tasks_app.exceptions import SecretsUnreadable
 from tasks_app.models import Attempt, LogChunk
 
 # What a NUL character in output becomes on PostgreSQL, whose text cannot hold
@@ -47,14 +49,16 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
         return Appended({}, set())
     ids = {c.attempt_id for c in chunks}
     with atomic():
-        owners = {
-            pk: (worker_id, stored)
-            for pk, worker_id, stored in Attempt.objects.filter(
-                pk__in=ids, status__in=Attempt.ACTIVE
-            )
+        owners = {}
+        masks: dict[int, list[str]] = {}
+        for pk, worker_id, stored, token in (
+            Attempt.objects.filter(pk__in=ids, status__in=Attempt.ACTIVE)
             .order_by()
-            .values_list("pk", "worker_id", "stored_bytes")
-        }
+            .values_list("pk", "worker_id", "stored_bytes", "run__definition__secret_env")
+        ):
+            owners[pk] = (worker_id, stored)
+            if token:
+                masks[pk] = _secret_values(token)
         known = set(
             LogChunk.objects.filter(attempt_id__in=list(owners), seq__in={c.seq for c in chunks})
             .order_by()
@@ -77,6 +81,10 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
                 continue  # a replay after a reconnect: stored already
             known.add((chunk.attempt_id, chunk.seq))
             data = chunk.data
+            if chunk.attempt_id in masks:
+                # A backstop: the agent masks before the output leaves its node
+                # (and across chunk boundaries, which this cannot see).
+                data = secret_env.mask(data, masks[chunk.attempt_id])
             if "\x00" in data and connection.vendor == "postgresql":
                 # Else the whole batch fails, and every frame in it with it.
                 data = data.replace("\x00", NUL_REPLACEMENT)
@@ -102,6 +110,14 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
         if truncated:
             Attempt.objects.filter(pk__in=truncated).update(truncated=True)
     return Appended(acked, refused)
+
+
+def _secret_values(token: str) -> list[str]:
+    try:
+        return secret_env.maskable(secret_env.decrypt(token).values())
+    except SecretsUnreadable:
+        # Then the agent was never given them either: nothing to mask.
+        return []
 
 
 def output_of(attempt: Attempt) -> dict[str, str]:

@@ -2,11 +2,13 @@ import shlex
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
-from tasks_app import cron, tokens
+from tasks_app import cron, secret_env, tokens
+from tasks_app.exceptions import SecretsUnreadable
 from tasks_app.signals import work_queued
 
 # A task's fields as people set them, with the JSON types the API takes. The
@@ -100,6 +102,9 @@ class Task(models.Model):
     )
     shell = models.BooleanField(default=False, help_text="Run the command through /bin/sh -c.")
     env = models.JSONField(default=dict, blank=True)
+    # Write-only variables: one Fernet token of their JSON (tasks_app.secret_env),
+    # never shown; a run's snapshot keeps the token, not the values.
+    secret_env = models.TextField(blank=True, default="", editable=False)
     working_dir = models.CharField(max_length=1024, blank=True)
     timeout = models.PositiveIntegerField(
         null=True, blank=True, help_text="Seconds; empty for none."
@@ -253,6 +258,16 @@ class Task(models.Model):
     def argv(self) -> list[str]:
         return shlex.split(self.command)
 
+    def secret_values(self) -> dict[str, str]:
+        return secret_env.decrypt(self.secret_env)
+
+    def secret_env_keys(self) -> list[str]:
+        """The names of its secret variables: all that is ever shown of them."""
+        return sorted(self.secret_values())
+
+    def set_secret_values(self, values: dict[str, str]) -> None:
+        self.secret_env = secret_env.encrypt(values)
+
     def definition(self, params: dict | None = None) -> dict:
         """The snapshot a run keeps, so that editing the task never rewrites history.
 
@@ -265,9 +280,26 @@ class Task(models.Model):
         snapshot["env"] = dict(self.env)
         snapshot["labels"] = list(self.labels)
         params = params or {}
+        try:
+            # Read now, so that a run whose agent could not be given its
+            # secrets is refused at its trigger rather than stuck in dispatch.
+            secrets = self.secret_values()
+        except SecretsUnreadable as exc:
+            raise ValidationError(str(exc)) from None
+        overlap = set(params.get("env") or ()) & set(secrets)
+        if overlap:
+            # Silently running without the secret (or with a value chosen by
+            # whoever triggers) would be worse than saying no.
+            raise ValidationError(
+                f"Run parameters cannot set {', '.join(sorted(overlap))}: "
+                "a secret variable of this task."
+            )
         if params.get("args"):
             snapshot["command"] = f"{self.command} {shlex.join(params['args'])}"
         snapshot["env"].update(params.get("env") or {})
+        # The token, not the values: a run row (its API, page, a database copy)
+        # shows no secret. The assign frame decrypts it for the agent.
+        snapshot["secret_env"] = self.secret_env
         snapshot["argv"] = None if self.shell else shlex.split(snapshot["command"])
         # Run parameters are the shards' own: the merge runs as written.
         merge = self.merge_command

@@ -204,6 +204,21 @@ TASK_FIELD_SCHEMAS = {
     for name, types in TASK_FIELDS.items()
 }
 
+SECRET_ENV = {
+    **ENV,
+    "description": f"write-only secret variables, NAME: value, at most {MAX_ENV}: never "
+    "returned (see secret_env_keys), masked as *** in output, stored encrypted. The object "
+    "is the whole set: a null value keeps that name's current value, names left out are "
+    "removed; leave the field out to keep them all. A name cannot also be in env",
+    "additionalProperties": {"type": ["string", "null"]},
+    "writeOnly": True,
+}
+SECRET_ENV_KEYS = {
+    "type": "array",
+    "items": {"type": "string"},
+    "description": "the names of the task's secret variables, sorted; their values are never shown",
+}
+
 # A task's own JSON sent back as it came (id and times included) is a valid
 # body, to change it or to make a copy: those are read-only and ignored.
 READ_ONLY = {
@@ -211,12 +226,13 @@ READ_ONLY = {
     "next_runs": {"type": "array", "readOnly": True},
     "created_at": {**TIME, "readOnly": True},
     "updated_at": {**TIME, "readOnly": True},
+    "secret_env_keys": {**SECRET_ENV_KEYS, "readOnly": True},
 }
 TASK_CREATE = Body(
     "TaskCreate",
     {
         "type": "object",
-        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS},
+        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS, "secret_env": SECRET_ENV},
         "required": ["name", "command"],
         "additionalProperties": False,
     },
@@ -227,7 +243,7 @@ TASK_UPDATE = Body(
     "TaskUpdate",
     {
         "type": "object",
-        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS},
+        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS, "secret_env": SECRET_ENV},
         "additionalProperties": False,
     },
     "Fields to change; fields left out keep their value.",
@@ -336,6 +352,7 @@ TASK = answer_object(
     {
         "id": ID,
         **TASK_FIELD_SCHEMAS,
+        "secret_env_keys": SECRET_ENV_KEYS,
         "created_at": TIME,
         "updated_at": TIME,
     },

@@ -15,6 +15,8 @@ def task_json(task: Task, *, with_next_runs: bool = False) -> dict:
     data = {
         "id": task.pk,
         **{name: getattr(task, name) for name in TASK_FIELDS},
+        # secret_env is write-only: its names, never its values.
+        "secret_env_keys": task.secret_env_keys(),
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }

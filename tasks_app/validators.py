@@ -86,6 +86,22 @@ def clean_env(value) -> dict[str, str]:
     return dict(value)
 
 
+def clean_secret_env(value) -> dict[str, str | None]:
+    """Secret variables from an object (the API: a null value keeps that name's
+    current value) or from KEY=VALUE lines (the form's new ones)."""
+    if isinstance(value, dict):
+        if len(value) > MAX_ENV:
+            raise ValidationError(f"At most {MAX_ENV} environment variables.")
+        errors = []
+        for key, val in value.items():
+            # The value is never repeated in a message: only its name.
+            errors.extend(_env_item_errors(key, "" if val is None else val))
+        if errors:
+            raise ValidationError(errors)
+        return dict(value)
+    return clean_env(value)
+
+
 def _env_item_errors(key, val) -> list[str]:
     """What is wrong with one variable: its name, then its value."""
     if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
@@ -162,7 +178,8 @@ MAX_RUN_BYTES = MAX_FRAME_BYTES // 2
 
 def check_run_size(definition: dict) -> None:
     """ValidationError when what an agent is sent for this run would not fit."""
-    keys = ["command", "argv", "env", "working_dir"]
+    # secret_env: its token, a third bigger than the values it carries.
+    keys = ["command", "argv", "env", "secret_env", "working_dir"]
     if definition.get("merge_command"):
         # Counted as if one frame carried both (a merge's carries less).
         keys += ["merge_command", "merge_argv"]

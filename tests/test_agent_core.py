@@ -1946,3 +1946,83 @@ async def test_a_merge_downloads_its_inputs_from_the_server_it_is_connected_to(
 
     assert (result["status"], ws.output(9)) == ("succeeded", "out 0\né 2\n")
     assert seen == ["Bearer wkr_x"]
+
+
+# --------------------------------------------------------------------------
+# Secrets: given to the command, masked in what leaves the node
+
+
+def test_it_gives_the_command_its_secrets_after_its_env() -> None:
+    core = online(make_core())
+
+    out = core.receive(assign(5, secret_env={"API_TOKEN": "hunter2-xyz"}))
+
+    assert out[1] == StartProcess(
+        5, ["python", "-c", "print(1)"], env_for(5, K="V", API_TOKEN="hunter2-xyz"), None, None
+    )
+
+
+def test_it_masks_a_secret_split_across_two_reads_and_at_the_end() -> None:
+    core = running(online(make_core()), 5, secret_env={"API_TOKEN": "hunter2-xyz", "PIN": "12"})
+
+    core.output(5, "stdout", b"token=hunt")
+    first = core.flush_logs()
+    core.output(5, "stdout", b"er2-xyz; pin 12\nlast: hunter2")
+    second = core.flush_logs()
+    end = core.process_exited(5, 0, 1002.5)
+
+    assert first == [
+        Send({"type": "log", "attempt": 5, "seq": 0, "stream": "stdout", "data": "token="})
+    ]
+    # Held back: "hunter2" could still be the start of the secret.
+    assert second == [
+        Send(
+            {
+                "type": "log",
+                "attempt": 5,
+                "seq": 1,
+                "stream": "stdout",
+                "data": "***; pin 12\nlast: ",
+            }
+        )
+    ]
+    # A value shorter than 3 characters ("12") is not masked; at the end the
+    # held-back prefix goes out as it is.
+    assert end[0] == Send(
+        {"type": "log", "attempt": 5, "seq": 2, "stream": "stdout", "data": "hunter2"}
+    )
+
+
+def test_it_refuses_a_secret_env_that_is_not_names_to_strings() -> None:
+    core = online(make_core())
+
+    out = core.receive(assign(5, secret_env={"API_TOKEN": 7}))
+
+    assert out == [
+        Send(
+            {
+                "type": "rejected",
+                "attempt": 5,
+                "reason": "invalid assign: secret_env must map names to strings",
+            }
+        )
+    ]
+
+
+def test_commands_get_path_the_allow_list_and_passed_names_only() -> None:
+    environ = {
+        b"PATH": b"/usr/bin",
+        b"HOME": b"/home/a",
+        b"LC_TIME": b"C",
+        b"SECRET_KEY": b"django-key",
+        b"DATABASE_URL": b"postgres://u:p@h/db",
+        b"MY_PROXY": b"http://proxy",
+    }
+
+    assert agent.command_environ(environ, ["MY_PROXY"]) == {
+        b"PATH": b"/usr/bin",
+        b"HOME": b"/home/a",
+        b"LC_TIME": b"C",
+        b"MY_PROXY": b"http://proxy",
+    }
+    assert b"SECRET_KEY" not in agent.command_environ(environ)

@@ -55,6 +55,7 @@ def task_body(task: Task, *, next_runs: list | None = None) -> dict:
         "schedule_paused": task.schedule_paused,
         "shards": task.shards,
         "merge_command": task.merge_command,
+        "secret_env_keys": task.secret_env_keys(),
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }

@@ -272,3 +272,35 @@ def test_the_agent_refuses_bad_flags_with_exit_code_2(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_commands_get_a_clean_environment_and_secrets_never_leave_masked(
+    master, start_agent, monkeypatch
+):
+    # The agent's own environment holds the master's kind of secrets (as under
+    # `make run` before): none of them may reach a command.
+    monkeypatch.setenv("SECRET_KEY", "the-masters-django-key")
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:pw@db/sched")
+    monkeypatch.setenv("PASSED_ON", "yes")
+    start_agent("agent-1", extra=("--pass-env", "PASSED_ON"))
+    secret = "s3cr3t-token-value"
+    run = _create_and_run(
+        master,
+        name="env",
+        command='env; echo "token: $API_TOKEN"',
+        shell=True,
+        env={"GREETING": "hi"},
+        secret_env={"API_TOKEN": secret},
+    )
+
+    run = master.wait_final(run["id"])
+
+    (attempt,) = run["attempts"]
+    names = {line.partition("=")[0] for line in attempt["output"].splitlines()}
+    assert {"PATH", "GREETING", "PASSED_ON", "SCHEDULER_RUN_ID"} <= names
+    assert not names & {"SECRET_KEY", "DATABASE_URL"}
+    assert "API_TOKEN=***" in attempt["output"]
+    assert "token: ***" in attempt["output"]
+    assert secret not in master.api("GET", f"runs/{run['id']}").text
+    assert secret not in master.api("GET", f"runs/{run['id']}/result").text
+    assert secret not in master.api("GET", f"tasks/{run['task']}").text

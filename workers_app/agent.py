@@ -175,6 +175,10 @@ MASTER_FRAMES = {
         "argv": (_LIST + _NONE, True),
         "shell": (_STR + _NONE, True),
         "env": ((dict,), True),
+        # Variables the command gets after env, whose values the agent masks
+        # (***) in the output it sends. An agent that predates them runs the
+        # command without them: upgrade agents before giving tasks secrets.
+        "secret_env": ((dict,), False),
         "cwd": (_STR + _NONE, True),
         "timeout": (_NUM + _NONE, True),
         "shard_index": (_INT, True),
@@ -303,6 +307,17 @@ SWITCH_AFTER_FAILURES = 2
 
 LABEL_RE = re.compile(LABEL_PATTERN)
 
+# What a command inherits of the agent's own environment, besides the task's
+# variables and the scheduler's: PATH and these (and LC_*), nothing else, so
+# that a credential in the agent's or its parent's environment (the master's
+# SECRET_KEY under `make run`) never reaches a task. --pass-env adds names.
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "SHELL", "TMPDIR", "TERM")
+PASSED_ENV_PREFIXES = ("LC_",)
+# Secret values in output become this; shorter values are not masked (see
+# tasks_app/secret_env.py, the master's side of the same rule).
+SECRET_MASK = "***"
+MIN_MASKED_LENGTH = 3
+
 # In <state dir>/spool/: finished results until the master acknowledges them.
 SPOOL_FILE = "results.jsonl"
 
@@ -330,7 +345,7 @@ class Send:
 class StartProcess:
     attempt: int
     argv: list[str]
-    env: dict[str, str]  # overlay on top of os.environ
+    env: dict[str, str]  # overlay on top of the agent's passed environment (command_environ)
     cwd: str | None
     timeout: float | None
     stdin: str | None = None  # a file to read as its standard input (a merge's)
@@ -390,11 +405,58 @@ class _Attempt:
     # A merge waiting for its inputs: the process to start once they are here.
     waiting_start: StartProcess | None = None
     pending: dict[str, bytearray] = field(default_factory=lambda: {s: bytearray() for s in STREAMS})
+    # Per stream, when the attempt has secrets to mask in its output.
+    maskers: dict[str, Masker] | None = None
     decoders: dict[str, codecs.IncrementalDecoder] = field(
         default_factory=lambda: {
             s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS
         }
     )
+
+
+class Masker:
+    """Replaces secret values in a stream of text with ***, also when a value is
+    split between two pieces: the end of a piece that could begin one is held
+    back until the next piece (or the end) says whether it does."""
+
+    def __init__(self, values: Iterable[str]) -> None:
+        # Longest first: a value that contains another is masked whole.
+        self.values = sorted(
+            {v for v in values if len(v) >= MIN_MASKED_LENGTH}, key=len, reverse=True
+        )
+        self._pattern = re.compile("|".join(re.escape(v) for v in self.values))
+        self._firsts = {v[0] for v in self.values}
+        self._longest = len(self.values[0]) if self.values else 0
+        self.carry = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
+    def feed(self, text: str, final: bool = False) -> str:
+        if not self.values:
+            return text  # (an empty pattern would match between every character)
+        text = self.carry + text
+        cut = len(text) if final else self._cut(text)
+        self.carry = text[cut:]
+        return self._pattern.sub(SECRET_MASK, text[:cut])
+
+    def _cut(self, text: str) -> int:
+        """Where the held-back end starts: the earliest position of the last
+        longest-1 characters from which the rest is the start of a value."""
+        for i in range(max(len(text) - self._longest + 1, 0), len(text)):
+            if text[i] in self._firsts:
+                rest = text[i:]
+                if any(v.startswith(rest) for v in self.values):
+                    return i
+        return len(text)
+
+
+def command_environ(environ: dict[bytes, bytes], passed: Iterable[str] = ()) -> dict[bytes, bytes]:
+    """The part of the agent's environment its commands inherit: PASSED_ENV,
+    LC_* and the names given with --pass-env."""
+    names = {os.fsencode(n) for n in (*PASSED_ENV, *passed)}
+    prefixes = tuple(os.fsencode(p) for p in PASSED_ENV_PREFIXES)
+    return {k: v for k, v in environ.items() if k in names or k.startswith(prefixes)}
 
 
 def _is_int(value: Any) -> bool:
@@ -643,6 +705,10 @@ class AgentCore:
             else ["/bin/sh", "-c", command["shell"]]
         )
         env = dict(frame["env"])
+        secrets = frame.get("secret_env") or {}
+        # Secrets after the task's env (the master refuses a name in both), the
+        # scheduler's own variables last, as before.
+        env.update(secrets)
         env.update(
             SCHEDULER_RUN_ID=str(frame["run"]),
             SCHEDULER_ATTEMPT_ID=str(attempt),
@@ -652,6 +718,8 @@ class AgentCore:
         )
         timeout = frame["timeout"]
         a = _Attempt(attempt, timeout, frame["task_name"] or "?")
+        if Masker(secrets.values()):
+            a.maskers = {stream: Masker(secrets.values()) for stream in STREAMS}
         self._running[attempt] = a
         # One INFO line per attempt, when it ends: a line costs the agent about
         # 50 us, as much as the rest of its work on a short command.
@@ -911,6 +979,10 @@ class AgentCore:
 
     def _log(self, a: _Attempt, stream: str, chunk: bytes, final: bool = False) -> list[Output]:
         text = a.decoders[stream].decode(chunk, final)
+        if a.maskers is not None:
+            # Before the output leaves this node: the master and its database
+            # never see a secret the command printed.
+            text = a.maskers[stream].feed(text, final)
         if not text:
             return []  # only the first bytes of a multibyte character so far
         frame = {"type": "log", "attempt": a.id, "seq": a.next_seq, "stream": stream, "data": text}
@@ -972,11 +1044,12 @@ def _assign_problem(frame: dict[str, Any]) -> str | None:
         problem = _command_problem(frame["argv"], frame["shell"])
         if problem:
             return problem
-    if not all(
-        isinstance(k, str) and k and "=" not in k and isinstance(v, str)
-        for k, v in frame["env"].items()
-    ):
-        return "env must map names to strings"
+    for name in ("env", "secret_env"):
+        if not all(
+            isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+            for k, v in frame.get(name, {}).items()
+        ):
+            return f"{name} must map names to strings"
     timeout = frame["timeout"]
     if timeout is not None and timeout <= 0:
         return "timeout must be a positive number or null"
@@ -1588,6 +1661,8 @@ class AgentConfig:
     labels: tuple[str, ...] = ()
     state_dir: Path = Path(".")
     drain_timeout: float = 30.0
+    # Names of the agent's own variables its commands also get (beyond PASSED_ENV).
+    pass_env: tuple[str, ...] = ()
 
 
 # One encoder for every frame: json.dumps() with options builds a new one per call.
@@ -1641,9 +1716,10 @@ class Agent:
         # Ended attempts whose leftovers are still inside their SIGTERM grace.
         self._lingering: set[_Run] = set()
         self._devnull: int | None = None
-        # The agent's environment as bytes, taken once: rebuilding it from os.environ
-        # for every command decodes and re-encodes each variable (20 us a spawn).
-        self._environ = dict(os.environb)
+        # What commands get of the agent's environment, as bytes, taken once:
+        # rebuilding it from os.environ for every command decodes and re-encodes
+        # each variable (20 us a spawn).
+        self._environ = command_environ(dict(os.environb), config.pass_env)
         # Frames waiting for the send loop, and those it took but has not written.
         self._outbox: collections.deque[dict[str, Any]] | None = None
         self._outbox_ready = asyncio.Event()
@@ -2249,6 +2325,12 @@ def _seconds_arg(value: str) -> float:
     return number
 
 
+def _env_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a variable name")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_state = os.environ.get("SCHEDULER_AGENT_STATE_DIR") or "~/.local/state/scheduler-agent"
     parser = argparse.ArgumentParser(
@@ -2282,6 +2364,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to let running attempts finish after SIGTERM/SIGINT before killing"
         " them (default 30)",
+    )
+    parser.add_argument(
+        "--pass-env",
+        dest="pass_env",
+        metavar="NAME",
+        action="append",
+        type=_env_name,
+        default=[],
+        help="also give commands this variable of the agent's environment (repeatable);"
+        f" they always get {', '.join(PASSED_ENV)} and LC_*",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {AGENT_VERSION}")
     return parser
@@ -2331,6 +2423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels=args.labels,
         state_dir=state_dir,
         drain_timeout=args.drain_timeout,
+        pass_env=tuple(args.pass_env),
     )
 
     async def _main() -> int:

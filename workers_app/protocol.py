@@ -34,7 +34,7 @@ from scheduler_site.wire import (
     field_problem,
     pack,
 )
-from tasks_app import shards
+from tasks_app import secret_env, shards
 from tasks_app.validators import MAX_ID, clean_labels
 from workers_app.exceptions import ProtocolError
 
@@ -241,6 +241,10 @@ def assign(
         "shard_index": shard_index,
         "shard_count": shards.shard_count(definition),
     }
+    if definition.get("secret_env"):
+        # Decrypted here and only here: the frame goes straight to the agent,
+        # which needs the values to run the command and masks them in its output.
+        frame["secret_env"] = secret_env.decrypt(definition["secret_env"])
     if shards.is_merge(definition, shard_index):
         # See wire.py: an older agent refuses this rather than run the wrong thing.
         frame.update(argv=None, shell=None, merge=merge_command(attempt_id, definition))

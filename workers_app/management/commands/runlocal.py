@@ -25,6 +25,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
+from workers_app.agent import command_environ
 from workers_app.models import EnrollmentToken, Worker
 
 AGENT = Path(__file__).resolve().parents[2] / "agent.py"
@@ -122,6 +123,10 @@ class Command(BaseCommand):
                             str(DRAIN_TIMEOUT_S),
                         ],
                         console,
+                        # The agents run on the master's machine, not in its
+                        # confidence: none of its variables (SECRET_KEY,
+                        # DATABASE_URL) for them or their commands.
+                        environ=command_environ(dict(os.environb)),
                     )
                 )
             online = self._wait_for_agents(names, children, lambda: stopping)
@@ -136,7 +141,9 @@ class Command(BaseCommand):
         if not stopping:
             raise CommandError("a child process exited; stopped everything")
 
-    def _spawn(self, argv: list[str], console: Console) -> subprocess.Popen:
+    def _spawn(
+        self, argv: list[str], console: Console, environ: dict | None = None
+    ) -> subprocess.Popen:
         child = subprocess.Popen(
             argv,
             cwd=settings.BASE_DIR,
@@ -145,7 +152,8 @@ class Command(BaseCommand):
             process_group=0,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # lines as they happen, not in blocks
+            # PYTHONUNBUFFERED: lines as they happen, not in blocks.
+            env={**(os.environb if environ is None else environ), b"PYTHONUNBUFFERED": b"1"},
         )
         console.relay(child)
         return child
