@@ -2,7 +2,6 @@
 
 import asyncio
 import logging
-from unittest import mock
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -47,9 +46,12 @@ class Command(BaseCommand):
 
         # daphne builds its HTTP factory inside run(); ours refuses an oversized
         # body before Twisted spools it to disk (see scheduler_site.bodylimit).
-        capped = bodylimit.daphne_http_factory(settings.SCHEDULER_MAX_BODY_BYTES)
-        with mock.patch.object(daphne.server, "HTTPFactory", capped):
-            self._serve(application, host, port, ready)
+        # This process serves and then exits, so the module attribute daphne's
+        # run() reads is set for good.
+        daphne.server.HTTPFactory = bodylimit.daphne_http_factory(
+            settings.SCHEDULER_MAX_BODY_BYTES
+        )
+        self._serve(application, host, port, ready)
         service.stopping.set()
         # A graceful stop leaves the table at once; a killed server is dead
         # to the others once silent (servers.SILENT_AFTER_S) or, on this
