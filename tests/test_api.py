@@ -348,8 +348,8 @@ def test_it_rejects_a_body_over_one_megabyte(api):
 
     response = post_json(api, "/api/tasks", payload)
 
-    assert response.status_code == 400
-    assert response.json() == {"error": "request body over 1048576 bytes", "errors": {}}
+    assert response.status_code == 413
+    assert response.json() == {"error": "request body over 1048576 bytes"}
     assert Task.objects.count() == 0
 
 

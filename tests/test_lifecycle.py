@@ -111,6 +111,7 @@ def test_it_snapshots_the_task_when_a_run_is_triggered(task, bob):
         "shell": False,
         "argv": ["python3", "-c", "print(6*7)"],
         "env": {"ANSWER": "42"},
+        "secret_env": "",
         "working_dir": "",
         "timeout": 30,
         "labels": [],

@@ -292,7 +292,7 @@ def test_it_refuses_a_run_too_large_to_send_to_an_agent_and_starts_nothing(api, 
     bulk = post(api, "/api/runs", {"task": task.pk, "runs": [{}, big]})
 
     message = (
-        "The command, its arguments and environment come to 600,121 bytes; "
+        "The command, its arguments and environment come to 600,139 bytes; "
         "at most 524,288 (they go to the agent in one message)."
     )
     assert single == bulk == (400, {"error": message})
@@ -307,7 +307,7 @@ def test_it_refuses_to_save_a_task_too_large_to_send_to_an_agent(api):
     assert response[0] == 400
     assert response[1]["errors"] == {
         "command": [
-            "The command, its arguments and environment come to 600,074 bytes; "
+            "The command, its arguments and environment come to 600,092 bytes; "
             "at most 524,288 (they go to the agent in one message)."
         ]
     }
