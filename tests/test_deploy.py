@@ -110,9 +110,11 @@ def test_it_keeps_the_agents_secrets_and_state_out_of_the_unit():
     assert service["User"] == ["scheduler-agent"]
     assert service["StateDirectory"] == ["scheduler-agent"]
     assert service["StateDirectoryMode"] == ["0700"]
-    # The enrollment token comes from the EnvironmentFile, never the unit itself.
+    # The enrollment token comes from the EnvironmentFile, never the unit itself,
+    # and reaches the agent in its environment, not its argv (where ps shows it).
     (command,) = service["ExecStart"]
-    assert "--token=${SCHEDULER_AGENT_TOKEN}" in command.split()
+    assert "--token" not in command
+    assert "SCHEDULER_ENROLLMENT_TOKEN" in (AGENT_UNIT.read_text())
 
 
 # --- the server's unit --------------------------------------------------------------
