@@ -78,7 +78,8 @@ def test_it_starts_the_agent_with_flags_the_agent_accepts():
 
     assert args.servers == ("https://scheduler.example.com",)
     assert args.state_dir == "/var/lib/scheduler-agent"
-    assert args.token == ""  # the line removed from the EnvironmentFile after enrollment
+    # The token comes from SCHEDULER_ENROLLMENT_TOKEN (the EnvironmentFile), not argv.
+    assert args.token is None and args.token_file is None
 
 
 def test_it_gives_the_agent_longer_to_stop_than_its_drain():

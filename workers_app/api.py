@@ -69,7 +69,8 @@ def register(request):
     {"GET": Operation("List workers", {200: task_schemas.results_of(schemas.WORKER)}, role=VIEWER)}
 )
 def workers(request):
-    rows = Worker.objects.with_busy_slots()
+    # Explicitly: Meta.ordering does not apply to a query with GROUP BY (the count).
+    rows = Worker.objects.with_busy_slots().order_by("name")
     return JsonResponse({"results": [serializers.worker_json(w, busy=w.busy) for w in rows]})
 
 
