@@ -27,6 +27,7 @@ urlpatterns = [
     path("scheduler", tasks_api.scheduler, name="scheduler"),
     path("scheduler/pause", tasks_api.scheduler_pause, name="scheduler-pause"),
     path("scheduler/resume", tasks_api.scheduler_resume, name="scheduler-resume"),
+    path("workers/<int:pk>/approve", workers_api.worker_approve, name="worker-approve"),
     path("workers/<int:pk>/<str:action>", workers_api.worker_action, name="worker-action"),
     path("workers", workers_api.workers, name="workers"),
     path("workers/register", workers_api.register, name="worker-register"),

@@ -546,7 +546,7 @@ def claim(claims: Sequence[Claim], now=None, *, worker_state: str | None = None)
     as the statement runs, still has a free slot (race: a dispatcher of another
     server process with its own view of the slots). The caller holds the
     workers' rows locked where the database has row locks. With worker_state,
-    the worker must also be in that state and not revoked, as the database
+    the worker must also be in that state, approved and not revoked, as the database
     says now (race: another server reaped, drained or revoked it since this
     one's view of the workers was read).
     """
@@ -558,7 +558,7 @@ def claim(claims: Sequence[Claim], now=None, *, worker_state: str | None = None)
         workers = table(Attempt._meta.get_field("worker").related_model)
         eligible = (
             f" AND EXISTS (SELECT 1 FROM {workers} w WHERE w.id = %s AND w.state = %s"
-            " AND w.revoked_at IS NULL)"
+            " AND w.revoked_at IS NULL AND w.approved_at IS NOT NULL)"
         )
     with connection.cursor() as cursor:
         cursor.executemany(

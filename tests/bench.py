@@ -325,7 +325,7 @@ def start_agents(servers: list[Master], count: int, capacity: int) -> list[Agent
     """Real agents, their state dirs and logs beside the first server's data; agent
     i starts on server i (mod their number) and is given the others' URLs too."""
     master = servers[0]
-    enrollment = master.manage("enrollment-token")
+    enrollment = master.manage("enrollment-token", "--auto-approve")
     agents = []
     for i in range(count):
         own = servers[i % len(servers)]
@@ -619,7 +619,7 @@ def fleet(args, work: Path) -> dict:
 def measure_fleet(master: Master, args) -> dict:
     pid, n = master.proc.pid, args.fleet
     rss_before = proc_kb(pid, "VmRSS")
-    sim = Fleet(master.url, master.manage("enrollment-token"), n, capacity=1)
+    sim = Fleet(master.url, master.manage("enrollment-token", "--auto-approve"), n, capacity=1)
     began = time.monotonic()
     sim.register()
     registered = time.monotonic() - began

@@ -209,7 +209,7 @@ def proxy(master) -> Iterator[CuttableProxy]:
 def start_agent(master, tmp_path) -> Iterator[Callable[..., Agent]]:
     """Start a real agent process; the same name reuses its state dir (a restart)."""
     agents: list[Agent] = []
-    enrollment = master.manage("enrollment-token")
+    enrollment = master.manage("enrollment-token", "--auto-approve")
 
     def start(
         name: str = "agent-1",

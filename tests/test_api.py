@@ -970,6 +970,9 @@ def worker_body(worker: Worker, busy: int = 0) -> dict:
         "last_heartbeat": _time(worker.last_heartbeat),
         "agent_version": worker.agent_version,
         "revoked": worker.revoked_at is not None,
+        "requested_labels": worker.requested_labels,
+        "requested_capacity": worker.requested_capacity,
+        "approved_at": _time(worker.approved_at),
     }
 
 
@@ -980,13 +983,14 @@ def test_it_registers_a_worker_and_stores_its_credential_hashed(client, enrollme
     worker = Worker.objects.get()
     credential = response.json()["credential"]
     assert response.json() == {"worker": worker_body(worker), "credential": credential}
-    assert (worker.name, worker.hostname, worker.capacity, worker.labels, worker.state) == (
-        "node-2",
-        "node-2.example",
-        4,
-        ["linux", "gpu"],
-        Worker.State.OFFLINE,
-    )
+    # Pending: what it asked for is a request until an admin approves it.
+    assert (
+        worker.name,
+        worker.hostname,
+        worker.requested_capacity,
+        worker.requested_labels,
+        worker.state,
+    ) == ("node-2", "node-2.example", 4, ["linux", "gpu"], Worker.State.PENDING)
     assert credential.startswith("wkr_")
     assert registration.authenticate(credential) == worker
     assert worker.credential_hash == hashlib.sha256(credential.encode()).hexdigest()
@@ -1014,7 +1018,7 @@ def test_it_refuses_an_unusable_enrollment_token(client, enrollment, how):
     response = register(client, token=token)
 
     assert response.status_code == 403
-    assert response.json() == {"error": "enrollment token is unknown, expired or revoked"}
+    assert response.json() == {"error": "enrollment token is unknown, expired, used up or revoked"}
     assert Worker.objects.count() == 0
     assert EnrollmentToken.objects.get().uses == 0
 
@@ -1079,6 +1083,7 @@ def test_it_rotates_the_credential_when_an_offline_worker_enrolls_again(
     client, enrollment, worker, worker_credential
 ):
     assert registration.authenticate(worker_credential) == worker
+    registration.allow_reenroll(worker)  # an admin's consent
 
     response = register(client, token=enrollment, name="node-1", hostname="new-host", capacity=8)
 
@@ -1088,7 +1093,8 @@ def test_it_rotates_the_credential_when_an_offline_worker_enrolls_again(
     assert registration.authenticate(worker_credential) is None
     assert registration.authenticate(new_credential) == worker
     worker.refresh_from_db()
-    assert (worker.hostname, worker.capacity) == ("new-host", 8)
+    # The capacity decided for it stays; 8 is what its agent now asks for.
+    assert (worker.hostname, worker.capacity, worker.requested_capacity) == ("new-host", 2, 8)
     assert Worker.objects.count() == 1
     assert response.json()["worker"]["id"] == worker.pk
 

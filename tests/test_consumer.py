@@ -288,8 +288,9 @@ async def test_it_welcomes_a_worker_and_brings_it_online(connect, worker, worker
     worker = await refreshed(worker)
     assert worker.state == Worker.State.ONLINE
     assert worker.hostname == "box-a.example"
-    assert worker.capacity == 3
-    assert worker.labels == ["linux", "gpu"]
+    # What it asks for is noted; the labels and capacity decided for it stay.
+    assert (worker.requested_capacity, worker.requested_labels) == (3, ["linux", "gpu"])
+    assert (worker.capacity, worker.labels) == (2, ["linux"])
     assert worker.agent_version == "1.4.0"
     assert worker.last_heartbeat >= before
     assert worker.connected_at >= before
@@ -1049,6 +1050,8 @@ async def test_a_burst_of_150_assignments_all_reach_the_agent(
 ):
     @database_sync_to_async
     def queue_runs() -> list[int]:
+        # Room for all of them, as an admin decided (a hello cannot widen it).
+        Worker.objects.filter(pk=worker.pk).update(capacity=150)
         return [lifecycle.trigger_run(task).attempts.get().pk for _ in range(150)]
 
     # Queued while the worker is offline, then one hello with room for all of them:

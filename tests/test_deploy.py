@@ -78,7 +78,8 @@ def test_it_starts_the_agent_with_flags_the_agent_accepts():
 
     assert args.servers == ("https://scheduler.example.com",)
     assert args.state_dir == "/var/lib/scheduler-agent"
-    assert args.token == ""  # the line removed from the EnvironmentFile after enrollment
+    # The token comes from SCHEDULER_ENROLLMENT_TOKEN (the EnvironmentFile), not argv.
+    assert args.token is None and args.token_file is None
 
 
 def test_it_gives_the_agent_longer_to_stop_than_its_drain():
@@ -110,9 +111,11 @@ def test_it_keeps_the_agents_secrets_and_state_out_of_the_unit():
     assert service["User"] == ["scheduler-agent"]
     assert service["StateDirectory"] == ["scheduler-agent"]
     assert service["StateDirectoryMode"] == ["0700"]
-    # The enrollment token comes from the EnvironmentFile, never the unit itself.
+    # The enrollment token comes from the EnvironmentFile, never the unit itself,
+    # and reaches the agent in its environment, not its argv (where ps shows it).
     (command,) = service["ExecStart"]
-    assert "--token=${SCHEDULER_AGENT_TOKEN}" in command.split()
+    assert "--token" not in command
+    assert "SCHEDULER_ENROLLMENT_TOKEN" in (AGENT_UNIT.read_text())
 
 
 # --- the server's unit --------------------------------------------------------------

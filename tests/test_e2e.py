@@ -202,7 +202,7 @@ def test_the_downloaded_agent_runs_tasks_from_another_directory(master, tmp_path
     node = tmp_path / "node"
     node.mkdir()
     (node / "agent.py").write_bytes(source.content)
-    token = master.manage("enrollment-token")
+    token = master.manage("enrollment-token", "--auto-approve")
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -81,7 +81,9 @@ def test_an_agent_moves_to_the_other_server_when_its_own_dies_and_the_run_is_not
     two_servers, tmp_path: Path
 ):
     a, b = two_servers
-    agent = spawn_agent(f"{a.url},{b.url}", a.manage("enrollment-token"), tmp_path, name="mover")
+    agent = spawn_agent(
+        f"{a.url},{b.url}", a.manage("enrollment-token", "--auto-approve"), tmp_path, name="mover"
+    )
     try:
         wait_for(lambda: welcomes(agent) == 1, what="the agent welcomed")
         assert connections(agent) == [f"ws://127.0.0.1:{a.port}/ws/agent/"]

@@ -36,11 +36,11 @@ PASS_THROUGH = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PR
 # --- 1. the Add worker command ------------------------------------------------------
 
 
-def _shown_command(session: requests.Session, master, name: str = "") -> str:
+def _shown_command(session: requests.Session, master, name: str = "", **options: str) -> str:
     """Click *Add worker* over HTTP, as the page's form does, and read the command shown."""
     page = session.post(
         f"{master.url}/workers/add/",
-        data={"name": name, "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+        data={"name": name, "csrfmiddlewaretoken": session.cookies["csrftoken"], **options},
         headers={"Referer": f"{master.url}/workers/"},
     )
     assert page.status_code == 200, page.text
@@ -95,12 +95,30 @@ def test_it_runs_the_add_worker_command_as_shown_on_a_stock_node(master, tmp_pat
     procs = [named]
     try:
         # The first node builds the venv; the twins start once it is online, so
-        # they reuse it instead of racing it for the same directory.
+        # they reuse it instead of racing it for the same directory. Its token
+        # (the form's defaults: one use, no auto-approve) leaves it pending.
         wait_for(
-            lambda: named.poll() is None and master.worker_state("edge-7") == "online",
+            lambda: named.poll() is None and master.worker_state("edge-7") == "pending",
             timeout=180,
             interval=0.5,
-            what="the first node online",
+            what="the first node enrolled, pending approval",
+        )
+        (agent_argv,) = [
+            argv
+            for argv in _argvs()
+            if "edge-7" in argv and any(a.endswith("/agent.py") for a in argv)
+        ]
+        assert not any(a.startswith("enr_") or "--token" in a for a in agent_argv), agent_argv
+        [edge] = [
+            w for w in master.api("GET", "workers").json()["results"] if w["name"] == "edge-7"
+        ]
+        approved = master.api("POST", f"workers/{edge['id']}/approve", json={"labels": ["edge"]})
+        assert approved.status_code == 200, approved.text
+        wait_for(
+            lambda: named.poll() is None and master.worker_state("edge-7") == "online",
+            timeout=60,
+            interval=0.5,
+            what="the first node online once approved",
         )
         # Two more "nodes" with the same host name (separate state dirs), the name
         # left empty; one after the other, since they share this fake HOME: the
@@ -109,7 +127,7 @@ def test_it_runs_the_add_worker_command_as_shown_on_a_stock_node(master, tmp_pat
         for n in (1, 2):
             procs.append(
                 _run_on_stock_node(
-                    _shown_command(session, master),
+                    _shown_command(session, master, auto_approve="on"),
                     home,
                     tmp_path / f"twin-{n}.log",
                     SCHEDULER_AGENT_STATE_DIR=str(tmp_path / f"twin-{n}-state"),
@@ -149,6 +167,19 @@ def test_it_runs_the_add_worker_command_as_shown_on_a_stock_node(master, tmp_pat
             _stop(proc)
 
 
+def _argvs() -> list[list[str]]:
+    """Every process's command line, as `ps` shows it to any user."""
+    argvs = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            argvs.append(raw.decode("utf-8", "replace").split("\0"))
+    return argvs
+
+
 def test_the_command_installs_exactly_the_agents_third_party_imports():
     tree = ast.parse(AGENT.read_text())
     imported = set()
@@ -173,9 +204,11 @@ def test_it_quotes_the_typed_name_and_keeps_one_step_per_line():
         "python3 -m venv ~/.local/share/scheduler-agent &&",
         "~/.local/share/scheduler-agent/bin/pip install -q 'websockets>=13.0' 'requests>=2.31' &&",
         "curl -fsSL -o ~/.local/share/scheduler-agent/agent.py http://m.example:8000/agent.py &&",
-        "~/.local/share/scheduler-agent/bin/python ~/.local/share/scheduler-agent/agent.py",
+        "(cd ~/.local/share/scheduler-agent &&"
+        f" echo '{enrollment.agent_sha256()}  agent.py' | sha256sum -c --quiet -) &&",
+        "SCHEDULER_ENROLLMENT_TOKEN=enr_abc",
+        "  ~/.local/share/scheduler-agent/bin/python ~/.local/share/scheduler-agent/agent.py",
         "  --server http://m.example:8000",
-        "  --token enr_abc",
         "  --name node@rack-2",
         "  --capacity 4",
     ]
@@ -489,5 +522,6 @@ def test_runlocal_prints_the_login_banner_last_and_in_one_piece(tmp_path, reques
 
 def test_the_readme_shows_the_command_the_page_shows():
     shown = enrollment.agent_command("http://MASTER:8000", "enr_X").replace("enr_X", "enr_…")
+    shown = shown.replace(enrollment.agent_sha256(), "<sha256 of agent.py>")
 
     assert f"```sh\n{shown}\n```" in (ROOT / "README.md").read_text()

@@ -47,7 +47,7 @@ def _nothing_active(master) -> bool:
 
 
 def test_it_keeps_hundreds_of_agents_that_connect_at_once_online(master):
-    fleet = Fleet(master.url, master.manage("enrollment-token"), AGENTS)
+    fleet = Fleet(master.url, master.manage("enrollment-token", "--auto-approve"), AGENTS)
     fleet.register()
     with fleet:
         fleet.wait_welcomed(timeout=30)

@@ -110,7 +110,9 @@ def test_it_moves_every_run_task_worker_and_token_to_postgresql(tmp_path, databa
         old.manage("ensureadmin")
         old.token = old.manage("apitoken", "admin")
         old.start()
-        agent = spawn_agent(old.url, old.manage("enrollment-token"), tmp_path, name="node-a")
+        agent = spawn_agent(
+            old.url, old.manage("enrollment-token", "--auto-approve"), tmp_path, name="node-a"
+        )
         wait_for(lambda: old.worker_state("node-a") == "online", what="node-a online")
 
         # --- history on SQLite, made by the real server and agent -----------------

@@ -71,6 +71,10 @@ CASES: dict[str, list[Case]] = {
     "workers:list": [Case("GET", V)],
     "workers:add": [Case("POST", A)],
     "workers:revoke": [Case("POST", A, ("worker",))],
+    "workers:approve": [Case("POST", A, ("pending",), data={"labels": "linux", "capacity": "2"})],
+    "workers:allow-reenroll": [Case("POST", A, ("worker",))],
+    "workers:token-mint": [Case("POST", A, data={"max_uses": "1", "note": "roles"})],
+    "workers:token-revoke": [Case("POST", A, ("enrollment",))],
     "workers:state": [
         Case("POST", OP, ("worker",), extra_args=("drain",)),
         Case("POST", A, ("worker",), extra_args=("disable",)),
@@ -97,6 +101,7 @@ CASES: dict[str, list[Case]] = {
     "api:scheduler-pause": [Case("POST", A, json=True)],
     "api:scheduler-resume": [Case("POST", A, json=True)],
     "api:workers": [Case("GET", V, json=True)],
+    "api:worker-approve": [Case("POST", A, ("pending",), json=True)],
     "api:worker-action": [
         Case("POST", OP, ("worker",), json=True, extra_args=("drain",)),
         Case("POST", OP, ("worker",), json=True, extra_args=("resume",)),
@@ -179,7 +184,23 @@ def world(django_user_model):
         browser.force_login(user)
         api = Client(headers={"Authorization": f"Bearer {raw}"})
         people[persona] = (browser, api, token)
-    objects = {"task": task.pk, "queued": queued.pk, "finished": finished.pk, "worker": worker.pk}
+    pending = Worker.objects.create(
+        name="node-2",
+        credential_hash=tokens.digest("wkr_y"),
+        state="pending",
+        approved_at=None,
+        requested_labels=["linux"],
+        requested_capacity=2,
+    )
+    _, enrollment = EnrollmentToken.mint(note="roles")
+    objects = {
+        "task": task.pk,
+        "queued": queued.pk,
+        "finished": finished.pk,
+        "worker": worker.pk,
+        "pending": pending.pk,
+        "enrollment": enrollment.pk,
+    }
     return objects, people
 
 

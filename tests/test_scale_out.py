@@ -102,7 +102,7 @@ def _trigger(server: Master, task_id: int, count: int) -> None:
 
 def _start_fleet(servers, agents, install) -> tuple[Master, Master, list]:
     a, b = servers(2)
-    enrollment = a.manage("enrollment-token")
+    enrollment = a.manage("enrollment-token", "--auto-approve")
     fleet = [
         agents([a.url, b.url], enrollment, "node-1"),
         agents([a.url, b.url], enrollment, "node-2"),
@@ -255,7 +255,7 @@ def test_a_cancel_through_one_server_stops_the_command_on_an_agent_of_the_other(
     install, servers, agents, tmp_path
 ):
     a, b = servers(2)
-    enrollment = a.manage("enrollment-token")
+    enrollment = a.manage("enrollment-token", "--auto-approve")
     agents([b.url], enrollment, "on-b", capacity=1)
     wait_for(lambda: _online(install).get("on-b") == _server_name(b), what="on-b online via B")
     marker = tmp_path / "still-running"
@@ -284,7 +284,7 @@ def test_a_revoke_and_a_drain_through_one_server_reach_an_agent_of_the_other(
     install, servers, agents
 ):
     a, b = servers(2)
-    enrollment = a.manage("enrollment-token")
+    enrollment = a.manage("enrollment-token", "--auto-approve")
     drained = agents([b.url], enrollment, "drained-on-b", capacity=1)
     revoked = agents([b.url], enrollment, "revoked-on-b", capacity=1)
     wait_for(lambda: len(_online(install)) == 2, what="both agents online via B")
@@ -313,7 +313,7 @@ def test_a_revoke_and_a_drain_through_one_server_reach_an_agent_of_the_other(
 
 def test_every_server_shows_the_same_state(install, servers, agents):
     a, b = servers(2)
-    enrollment = a.manage("enrollment-token")
+    enrollment = a.manage("enrollment-token", "--auto-approve")
     agents([a.url], enrollment, "node-a", capacity=1)
     agents([b.url], enrollment, "node-b", capacity=1)
     wait_for(lambda: len(_online(install)) == 2, what="both agents online")
@@ -506,7 +506,7 @@ def test_a_rolling_restart_of_both_servers_kills_no_running_command(
     install, servers, agents, tmp_path
 ):
     a, b = servers(2)
-    enrollment = a.manage("enrollment-token")
+    enrollment = a.manage("enrollment-token", "--auto-approve")
     agents([a.url, b.url], enrollment, "node-1", capacity=2)
     agents([b.url, a.url], enrollment, "node-2", capacity=2)
     wait_for(lambda: len(_online(install)) == 2, what="both agents online")
@@ -547,7 +547,7 @@ def test_work_queued_through_one_server_starts_at_once_on_an_agent_of_another(
     # Server A's board never saw the agent (it connected to B after A's last
     # tick), so B must hear of the work from A.
     a, b = servers(2, SCHEDULER_TICK_S="30", SCHEDULER_LOST_AFTER_S="120")
-    enrollment = a.manage("enrollment-token")
+    enrollment = a.manage("enrollment-token", "--auto-approve")
     agents([b.url], enrollment, "only-on-b", capacity=1)
     wait_for(lambda: _online(install).get("only-on-b") == _server_name(b), what="online via B")
     task = a.create_task(name="quick", command="true")

@@ -617,7 +617,7 @@ def test_it_lists_workers_with_state_labels_and_busy_slots(bob_client, task, wor
 
 
 def test_it_mints_an_enrollment_token_whose_command_registers_an_agent(bob_client, client, bob):
-    response = bob_client.post("/workers/add/")
+    response = bob_client.post("/workers/add/", {"max_uses": "1"})
 
     assert response.status_code == 200
     token = EnrollmentToken.objects.get()
@@ -626,7 +626,10 @@ def test_it_mints_an_enrollment_token_whose_command_registers_an_agent(bob_clien
     raw = re.search(r'<code id="enroll-token">([^<]+)</code>', html).group(1)
     command = re.search(r'<pre class="command" id="enroll-command">([^<]+)</pre>', html).group(1)
     assert " -o ~/.local/share/scheduler-agent/agent.py http://testserver/agent.py &amp;" in command
-    assert "  --server http://testserver \\\n  --token " + raw + " \\\n" in command
+    # The token goes in the agent's environment, not its argv (ps shows argv).
+    assert "SCHEDULER_ENROLLMENT_TOKEN=" + raw + " \\\n" in command
+    assert "--token" not in command
+    assert (token.max_uses, token.auto_approve) == (1, False)  # the form's defaults
     assert raw not in json.dumps(list(EnrollmentToken.objects.values()), default=str)
 
     registered = client.post(

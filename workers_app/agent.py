@@ -32,7 +32,12 @@ merge's inputs) goes to the server it is connected to. While work is at stake,
 reconnect attempts come at least every tenth of the fence (reconnect_cap), so a
 master restarted within the fence finds its commands still running.
 
-Usage: scheduler-agent --server http://HOST:PORT [--server ...] --token TOKEN [--capacity 4]
+Usage: SCHEDULER_ENROLLMENT_TOKEN=TOKEN scheduler-agent --server https://HOST [--server ...]
+       [--capacity 4] [--ca-file CA.pem]
+
+The enrollment token is read from --token-file or SCHEDULER_ENROLLMENT_TOKEN,
+so that it never shows in `ps` (--token works too, but there it does). TLS is
+verified against the system's CAs, or --ca-file's for a private CA.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -1300,6 +1306,19 @@ class ServerRotation:
         return self.current
 
 
+def tls_verify(ca_file: str | None) -> str | bool:
+    """requests' `verify`: the private CA's file, or the system's CAs. Never off."""
+    return ca_file or True
+
+
+def ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """websockets' `ssl` for a wss:// URL: hostname and chain checked, against
+    the private CA's file when given (None for ws://, which takes no context)."""
+    if not url.startswith("wss://"):
+        return None
+    return ssl.create_default_context(cafile=ca_file)
+
+
 def register(
     servers: Sequence[str],
     token: str,
@@ -1310,6 +1329,7 @@ def register(
     state_dir: Path,
     backoff: Backoff | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    ca_file: str | None = None,
 ) -> dict[str, Any]:
     """Enroll with the master and store the credential; retries while it is
     unreachable, moving through `servers` as ServerRotation says."""
@@ -1328,7 +1348,7 @@ def register(
         server = rotation.current
         url = server + "/api/workers/register"
         try:
-            response = requests.post(url, json=body, timeout=30)
+            response = requests.post(url, json=body, timeout=30, verify=tls_verify(ca_file))
         except requests.RequestException as exc:
             delay = backoff.next_delay()
             logger.warning("cannot reach %s (%s); retrying in %.1fs", url, exc, delay)
@@ -1385,6 +1405,7 @@ def fetch_shard_outputs(
     count: int,
     directory: Path,
     stop: threading.Event | None = None,
+    ca_file: str | None = None,
 ) -> Path:
     """Blocking (run it in a thread): GET <server><path>, every shard's stdout
     in one answer, into <directory>/shards/<i> each and, in shard order, into
@@ -1401,7 +1422,11 @@ def fetch_shard_outputs(
     }
     try:
         with requests.get(
-            f"{server.rstrip('/')}{path}", headers=headers, stream=True, timeout=FETCH_TIMEOUT_S
+            f"{server.rstrip('/')}{path}",
+            headers=headers,
+            stream=True,
+            timeout=FETCH_TIMEOUT_S,
+            verify=tls_verify(ca_file),
         ) as response:
             if response.status_code != 200:
                 raise ShardFetchError(f"HTTP {response.status_code} {response.text[:200]}")
@@ -1663,6 +1688,8 @@ class AgentConfig:
     drain_timeout: float = 30.0
     # Names of the agent's own variables its commands also get (beyond PASSED_ENV).
     pass_env: tuple[str, ...] = ()
+    # A private CA's certificates (PEM) to verify https/wss servers with.
+    ca_file: str | None = None
 
 
 # One encoder for every frame: json.dumps() with options builds a new one per call.
@@ -1793,6 +1820,7 @@ class Agent:
                 fetch.count,
                 directory,
                 stop,
+                self.config.ca_file,
             )
         except (ShardFetchError, OSError) as exc:
             self._drop_inputs(fetch.attempt)
@@ -2076,6 +2104,7 @@ class Agent:
                 async with connect(
                     url,
                     additional_headers={"Authorization": f"Bearer {self.credential}"},
+                    ssl=ssl_context(url, self.config.ca_file),
                     max_size=MAX_FRAME_BYTES,
                     ping_interval=PING_INTERVAL_S,
                     ping_timeout=PING_TIMEOUT_S,
@@ -2346,7 +2375,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="master URL, http(s)://HOST:PORT; repeat it or separate URLs with commas for"
         " several servers of one install, tried in turn when one is unreachable",
     )
-    parser.add_argument("--token", help="enrollment token (only needed the first time)")
+    parser.add_argument(
+        "--token",
+        help="enrollment token (only needed the first time); visible to every user in `ps`:"
+        f" prefer --token-file or {TOKEN_ENV}",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding the enrollment token (only needed the first time)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        help="PEM file of the CA that signed the master's certificate (a private CA);"
+        " default: the system's CAs. TLS is always verified for https servers",
+    )
     parser.add_argument("--name", type=_name, default=None, help="worker name (default: hostname)")
     parser.add_argument(
         "--capacity",
@@ -2379,6 +2422,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TOKEN_ENV = "SCHEDULER_ENROLLMENT_TOKEN"
+
+
+def enrollment_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """--token, else --token-file, else $SCHEDULER_ENROLLMENT_TOKEN; exits if none."""
+    if args.token:
+        return args.token
+    if args.token_file:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            parser.error(f"--token-file: {exc}")
+        if not token:
+            parser.error(f"--token-file {args.token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        parser.error(
+            f"an enrollment token is required to enroll (no credential in {args.state_dir}):"
+            f" set {TOKEN_ENV} or pass --token-file"
+        )
+    return token
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -2391,17 +2458,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         stored = load_credential(state_dir)
     except CredentialError as exc:
         parser.error(str(exc))
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        parser.error(f"--ca-file {args.ca_file}: no such file")
     if stored is None:
-        if not args.token:
-            parser.error(f"--token is required to enroll (no credential in {state_dir})")
+        token = enrollment_token(args, parser)
         try:
             stored = register(
                 args.servers,
-                args.token,
+                token,
                 name=name,
                 capacity=args.capacity,
                 labels=args.labels,
                 state_dir=state_dir,
+                ca_file=args.ca_file,
             )
         except RegistrationRefused as exc:
             print(f"registration refused: {exc}", file=sys.stderr)
@@ -2424,6 +2493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_dir=state_dir,
         drain_timeout=args.drain_timeout,
         pass_env=tuple(args.pass_env),
+        ca_file=args.ca_file,
     )
 
     async def _main() -> int:

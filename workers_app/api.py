@@ -36,8 +36,10 @@ class RegistrationForm(forms.Form):
             {201: schemas.ENROLLED},
             body=schemas.REGISTRATION,
             description="Public, gated by the enrollment token in the body (403 for an "
-            "unknown, expired or revoked one, or a name a connected or revoked worker has). "
-            "The agent does this once; the credential is shown only here.",
+            "unknown, expired, used up or revoked one, or the name of an existing worker "
+            "that an admin has not allowed to re-enroll). The agent does this once; the "
+            "credential is shown only here. The worker is `pending` (no work) until an admin "
+            "approves it, unless the token auto-approves.",
             errors=(403,),
             public=True,
         )
@@ -67,8 +69,38 @@ def register(request):
     {"GET": Operation("List workers", {200: task_schemas.results_of(schemas.WORKER)}, role=VIEWER)}
 )
 def workers(request):
-    rows = Worker.objects.with_busy_slots()
+    # Explicitly: Meta.ordering does not apply to a query with GROUP BY (the count).
+    rows = Worker.objects.with_busy_slots().order_by("name")
     return JsonResponse({"results": [serializers.worker_json(w, busy=w.busy) for w in rows]})
+
+
+@api_view(
+    {
+        "POST": Operation(
+            "Approve a pending worker",
+            {200: schemas.WORKER},
+            body=schemas.APPROVAL,
+            body_optional=True,
+            description="A newly enrolled worker is `pending` and gets no work until an "
+            "admin approves it. The labels and capacity given here (default: what its agent "
+            "asked for) are what dispatch uses; its agent cannot widen them later. 409 if it "
+            "is not pending (approved already, or revoked).",
+            errors=(404, 409),
+            role=ADMIN,
+        )
+    }
+)
+def worker_approve(request, pk: int):
+    worker = Worker.objects.filter(pk=pk).first()
+    if worker is None:
+        return error(404, f"no worker with id {pk}")
+    body = request.payload or {}
+    labels = clean_labels(body.get("labels", worker.requested_labels))
+    capacity = body.get("capacity", worker.requested_capacity or worker.capacity)
+    if not registration.approve(worker, user=request.user, labels=labels, capacity=capacity):
+        return error(409, f"worker {worker.name} is not pending approval")
+    worker = Worker.objects.filter(pk=pk).with_busy_slots().get()
+    return JsonResponse(serializers.worker_json(worker, busy=worker.busy))
 
 
 ACTIONS = {

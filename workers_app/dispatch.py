@@ -140,12 +140,17 @@ class Board:
 
 
 def _load(into: dict[int, Slots], workers) -> None:
-    eligible = workers.filter(state=Worker.State.ONLINE, revoked_at__isnull=True)
-    for pk, name, capacity, labels, busy in eligible.with_busy_slots().values_list(
-        "pk", "name", "capacity", "labels", "busy"
+    # Pending (not approved) workers are never online, so never eligible;
+    # lifecycle.claim re-checks the state under the row lock.
+    eligible = workers.filter(
+        state=Worker.State.ONLINE, revoked_at__isnull=True, approved_at__isnull=False
+    )
+    for worker in eligible.with_busy_slots().only(
+        "pk", "name", "capacity", "requested_capacity", "labels"
     ):
         # Its own pseudo-label: attempts pinned to it (tasks_app.routing) match it alone.
-        into[pk] = Slots(name, capacity, frozenset(labels) | {pin_label(pk)}, busy)
+        labels = frozenset(worker.labels) | {pin_label(worker.pk)}
+        into[worker.pk] = Slots(worker.name, worker.slots, labels, worker.busy)
 
 
 def _queued_classes() -> set[str]:

@@ -30,6 +30,9 @@ from workers_app.models import Server, Worker
 
 log = logging.getLogger(__name__)
 
+# States a connection coming or going leaves alone: only an admin ends them.
+STICKY = (Worker.State.DISABLED, Worker.State.PENDING)
+
 # worker id -> epoch seconds of the last message received from it here.
 SEEN: dict[int, float] = {}
 _flushed: dict[int, float] = {}
@@ -100,10 +103,13 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                 replaced.append((worker.pk, worker.channel_name))
             worker.hostname = (frame.get("hostname") or worker.hostname)[:255]
             worker.agent_version = (frame.get("agent_version") or "")[:50]
-            worker.capacity = frame["capacity"]
+            # What it asks for is noted, never taken: labels and capacity are
+            # decided on the server (registration.approve), so an agent cannot
+            # widen them by saying hello with more.
+            worker.requested_capacity = frame["capacity"]
             if "labels" in frame:  # checked by protocol.check
-                worker.labels = frame["labels"]
-            if worker.state != Worker.State.DISABLED:
+                worker.requested_labels = frame["labels"]
+            if worker.state not in (Worker.State.DISABLED, Worker.State.PENDING):
                 draining = frame.get("draining") or worker.drain_requested
                 worker.state = Worker.State.DRAINING if draining else Worker.State.ONLINE
             worker.channel_name = hello.channel_name
@@ -116,8 +122,8 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                 (
                     "hostname",
                     "agent_version",
-                    "capacity",
-                    "labels",
+                    "requested_capacity",
+                    "requested_labels",
                     "state",
                     "channel_name",
                     "server",
@@ -130,8 +136,8 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                 (
                     w.hostname,
                     w.agent_version,
-                    w.capacity,
-                    w.labels,
+                    w.requested_capacity,
+                    w.requested_labels,
                     w.state,
                     w.channel_name,
                     w.server,
@@ -231,7 +237,9 @@ def apply_state(worker: Worker, state: str) -> None:
         elif state == Worker.State.ONLINE:
             # Online if its socket is up, else offline until it says hello.
             workers.update(drain_requested=False)
-            live = workers.filter(revoked_at__isnull=True)
+            # Enabling is not approving: one never approved goes back to pending.
+            workers.filter(approved_at__isnull=True).update(state=Worker.State.PENDING)
+            live = workers.filter(revoked_at__isnull=True, approved_at__isnull=False)
             live.exclude(channel_name="").update(state=Worker.State.ONLINE)
             live.filter(channel_name="").update(state=Worker.State.OFFLINE)
             frame = protocol.resume()
@@ -253,9 +261,9 @@ def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
     with connection.cursor() as cursor:
         cursor.executemany(
             f"UPDATE {table(Worker)} SET channel_name = '', server = '',"
-            " state = CASE WHEN state = %s THEN state ELSE %s END"
+            " state = CASE WHEN state IN (%s, %s) THEN state ELSE %s END"
             " WHERE id = %s AND channel_name = %s",
-            [[Worker.State.DISABLED, Worker.State.OFFLINE, w, c] for w, c in sockets],
+            [[*STICKY, Worker.State.OFFLINE, w, c] for w, c in sockets],
         )
     dispatch.board.mark(w for w, _ in sockets)
 
@@ -272,8 +280,11 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
     cutoff = now - dt.timedelta(seconds=settings.SCHEDULER_LOST_AFTER_S)
     # A worker that never heartbeated counts from when it connected or was created.
     silent = Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True, created_at__lt=cutoff)
-    has_work = Q(state__in=[Worker.State.ONLINE, Worker.State.DRAINING]) | Q(
-        attempts__status__in=Attempt.ACTIVE
+    has_work = (
+        Q(state__in=[Worker.State.ONLINE, Worker.State.DRAINING])
+        | Q(attempts__status__in=Attempt.ACTIVE)
+        # A silent agent waiting for approval: its socket is closed all the same.
+        | (Q(state=Worker.State.PENDING) & ~Q(channel_name=""))
     )
     # A worker connected to another server that is alive is that server's to
     # judge: only it knows what it heard and whether it fell behind (a server
@@ -301,12 +312,12 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
         # Race: a heartbeat landing now (written by this or another server);
         # only workers still silent move, re-checked under the row lock.
         rows = select(
-            f"UPDATE {table(Worker)} SET state = CASE WHEN state = %s THEN state ELSE %s END"
+            f"UPDATE {table(Worker)} SET state = CASE WHEN state IN (%s, %s) THEN state ELSE %s END"
             f" WHERE id IN ({marks(candidates)})"
             " AND (last_heartbeat < %s OR (last_heartbeat IS NULL AND created_at < %s))"
             " RETURNING id, channel_name",
             [
-                Worker.State.DISABLED,
+                *STICKY,
                 Worker.State.OFFLINE,
                 *candidates,
                 *[connection.ops.adapt_datetimefield_value(cutoff)] * 2,

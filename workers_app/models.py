@@ -20,6 +20,10 @@ class Worker(models.Model):
     """A node running the agent, known by its hashed credential."""
 
     class State(models.TextChoices):
+        # Enrolled but not approved by an admin yet: no work, whether connected
+        # or not (channel_name says that). Sticky like disabled: connecting,
+        # disconnecting and being reaped leave it as it is; approve() ends it.
+        PENDING = "pending"
         ONLINE = "online"
         OFFLINE = "offline"
         DRAINING = "draining"
@@ -27,8 +31,25 @@ class Worker(models.Model):
 
     name = models.CharField(max_length=200, unique=True)
     hostname = models.CharField(max_length=255, blank=True)
+    # Decided on the server (the admin's approval, or an auto-approving token
+    # taking the request as it is): what dispatch uses. The agent's hello
+    # cannot widen them; it only updates the requested_* pair below.
     labels = models.JSONField(default=list, blank=True)
     capacity = models.PositiveIntegerField(default=1)
+    # What the agent asks for (at enrollment, then in every hello), shown on
+    # approval. Dispatch gives it no more slots than it asks for (its agent
+    # would reject the rest), and no more than `capacity`.
+    requested_labels = models.JSONField(default=list, blank=True)
+    requested_capacity = models.PositiveIntegerField(null=True, blank=True)
+    # Null while pending. A worker made any other way than by enrolling (the
+    # Django admin, a data migration) is an admin's doing: approved.
+    approved_at = models.DateTimeField(null=True, blank=True, default=timezone.now)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # An admin's consent to one re-enrollment under this name (its agent lost
+    # its credential); used up by that enrollment.
+    reenroll_allowed = models.BooleanField(default=False)
     state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
     # An operator's drain outlives reconnects; an agent's own drain (it is
     # shutting down) is reported in its hello and heartbeats instead.
@@ -55,9 +76,18 @@ class Worker(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def is_pending(self) -> bool:
+        return self.approved_at is None
+
+    @property
+    def slots(self) -> int:
+        """What dispatch fills: the decided capacity, or less if the agent asks for less."""
+        return min(self.capacity, self.requested_capacity or self.capacity)
+
 
 class EnrollmentToken(models.Model):
-    """Lets agents register; reusable until it expires or is revoked."""
+    """Lets agents register: max_uses times (None: any number) until it expires or is revoked."""
 
     token_hash = models.CharField(max_length=64, unique=True)
     note = models.CharField(max_length=200, blank=True)
@@ -68,13 +98,26 @@ class EnrollmentToken(models.Model):
     expires_at = models.DateTimeField()
     revoked_at = models.DateTimeField(null=True, blank=True)
     uses = models.PositiveIntegerField(default=0)
+    max_uses = models.PositiveIntegerField(null=True, blank=True)
+    # Workers it enrolls skip the admin's approval, their requests taken as
+    # they are: for `make run`'s local agents and for fleets an admin vouches for.
+    auto_approve = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
         return f"enrollment token {self.pk} ({self.note or 'no note'})"
 
     @classmethod
     def mint(
-        cls, *, note: str = "", user=None, ttl_hours: float | None = None
+        cls,
+        *,
+        note: str = "",
+        user=None,
+        ttl_hours: float | None = None,
+        max_uses: int | None = None,
+        auto_approve: bool = False,
     ) -> tuple[str, "EnrollmentToken"]:
         """A new token; the raw value is returned once and never stored."""
         raw, digest = tokens.mint("enr")
@@ -84,12 +127,28 @@ class EnrollmentToken(models.Model):
             note=note,
             created_by=user if user is not None and user.is_authenticated else None,
             expires_at=timezone.now() + timedelta(hours=hours),
+            max_uses=max_uses,
+            auto_approve=auto_approve,
         )
         return raw, token
 
     @property
     def is_usable(self) -> bool:
-        return self.revoked_at is None and self.expires_at > timezone.now()
+        return (
+            self.revoked_at is None
+            and self.expires_at > timezone.now()
+            and (self.max_uses is None or self.uses < self.max_uses)
+        )
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= timezone.now():
+            return "expired"
+        if self.max_uses is not None and self.uses >= self.max_uses:
+            return "used up"
+        return "usable"
 
 
 class Server(models.Model):

@@ -61,8 +61,42 @@ WORKER = answer_object(
         "last_heartbeat": NULLABLE_TIME,
         "agent_version": {"type": "string"},
         "revoked": {"type": "boolean"},
+        "requested_labels": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "what its agent asks for; `labels` is what an admin decided",
+        },
+        "requested_capacity": {
+            "type": ["integer", "null"],
+            "description": "what its agent asks for; it gets the lesser of this and `capacity`",
+        },
+        "approved_at": {
+            **NULLABLE_TIME,
+            "description": "null while `state` is pending: it gets no work until approved",
+        },
     },
     "A node's agent and its slots.",
+)
+APPROVAL = Body(
+    "WorkerApproval",
+    {
+        "type": "object",
+        "properties": {
+            "labels": {
+                **LABELS,
+                "description": "the labels it may take work for (default: what it asked for)",
+                MESSAGES: {"type": "Expected a list of strings."},
+            },
+            "capacity": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_CAPACITY,
+                "description": "its slots at most (default: what it asked for)",
+            },
+        },
+        "additionalProperties": False,
+    },
+    "An admin's decision on a pending worker.",
 )
 ENROLLED = answer_object(
     {

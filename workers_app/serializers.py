@@ -13,4 +13,7 @@ def worker_json(worker: Worker, *, busy: int) -> dict:
         "last_heartbeat": worker.last_heartbeat.isoformat() if worker.last_heartbeat else None,
         "agent_version": worker.agent_version,
         "revoked": worker.revoked_at is not None,
+        "requested_labels": worker.requested_labels,
+        "requested_capacity": worker.requested_capacity,
+        "approved_at": worker.approved_at.isoformat() if worker.approved_at else None,
     }

@@ -1,20 +1,21 @@
 """Dashboard pages for workers, and the agent download."""
 
-from pathlib import Path
-
 from django import forms
+from django.core.exceptions import ValidationError
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from scheduler_site.links import absolute_url
 from tasks_app import roles
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
-from workers_app import delivery, enrollment, liveness, protocol, registration, servers
+from tasks_app.validators import clean_labels
+from workers_app import delivery, enrollment, liveness, protocol, registration, schemas, servers
 from workers_app.api import ACTION_ROLES, ACTIONS, RegistrationForm
 from workers_app.models import EnrollmentToken, Worker
 
-AGENT_SOURCE = Path(__file__).with_name("agent.py")
+AGENT_SOURCE = enrollment.AGENT_SOURCE
 
 
 def _server_url(request) -> str:
@@ -27,10 +28,13 @@ def worker_list(request):
     return _render_list(request)
 
 
-def _render_list(request):
+def _render_list(request, **context):
     workers = list(Worker.objects.with_busy_slots().order_by("name"))
     template = "workers/list.html#worker-table" if request.htmx else "workers/list.html"
-    return render(request, template, {"workers": workers, "servers": _servers(workers)})
+    context = {"workers": workers, "servers": _servers(workers), **context}
+    if roles.allows(request.user, ADMIN):
+        context["enrollment_tokens"] = EnrollmentToken.objects.select_related("created_by")[:50]
+    return render(request, template, context)
 
 
 def _servers(workers: list[Worker]) -> list[tuple]:
@@ -42,7 +46,26 @@ def _servers(workers: list[Worker]) -> list[tuple]:
     return [(server, connected.get(server.name, 0)) for server in servers.alive()]
 
 
-class AddWorkerForm(forms.Form):
+class TokenOptionsForm(forms.Form):
+    """How many agents a token may enroll, for how long, and whether they need approval."""
+
+    max_uses = forms.IntegerField(min_value=1, max_value=100_000, required=False, initial=1)
+    ttl_hours = forms.FloatField(min_value=0.01, max_value=24 * 365, required=False)
+    auto_approve = forms.BooleanField(required=False)
+    note = forms.CharField(max_length=200, required=False, strip=True)
+
+    def mint(self, user, note: str) -> tuple[str, EnrollmentToken]:
+        data = self.cleaned_data
+        return EnrollmentToken.mint(
+            note=data.get("note") or note,
+            user=user,
+            ttl_hours=data.get("ttl_hours"),
+            max_uses=data.get("max_uses"),
+            auto_approve=data.get("auto_approve", False),
+        )
+
+
+class AddWorkerForm(TokenOptionsForm):
     # The same rule the registration API applies, so a typed name is never refused later.
     name = forms.RegexField(
         regex=RegistrationForm.declared_fields["name"].regex,
@@ -52,18 +75,31 @@ class AddWorkerForm(forms.Form):
     )
 
 
+class ApproveForm(forms.Form):
+    labels = forms.CharField(max_length=2000, required=False)
+    capacity = forms.IntegerField(min_value=1, max_value=schemas.MAX_CAPACITY)
+
+    def clean_labels(self):
+        try:
+            return clean_labels(self.cleaned_data.get("labels"))
+        except ValidationError as exc:
+            raise forms.ValidationError(exc.messages) from exc
+
+
 @require_POST
 @role_required(ADMIN)
 def worker_add(request):
     form = AddWorkerForm(request.POST)
     context = {"form": form}
     if form.is_valid():
-        raw, token = EnrollmentToken.mint(note=f"dashboard, by {request.user}", user=request.user)
+        # Empty "uses" in the form is unlimited; the form starts at 1 (single use).
+        raw, token = form.mint(request.user, f"dashboard, by {request.user}")
         server = _server_url(request)
         name = form.cleaned_data["name"]
         context |= {
             "token": raw,
             "expires_at": token.expires_at,
+            "enrollment": token,
             "server": server,
             "name": name,
             "command": enrollment.agent_command(server, raw, name=name),
@@ -84,6 +120,60 @@ def worker_revoke(request, pk: int):
     # Close its live socket too; its running attempts are reaped as lost.
     delivery.send_close(worker.pk, worker.channel_name, protocol.CLOSE_REVOKED)
     return _render_list(request) if request.htmx else redirect("workers:list")
+
+
+def _get_worker(pk: int) -> Worker:
+    worker = Worker.objects.filter(pk=pk).first()
+    if worker is None:
+        raise Http404("No such worker.")
+    return worker
+
+
+@require_POST
+@role_required(ADMIN)
+def worker_approve(request, pk: int):
+    worker = _get_worker(pk)
+    form = ApproveForm(request.POST)
+    if not form.is_valid():
+        return _render_list(request, approve_failed=worker.pk, approve_form=form)
+    registration.approve(
+        worker,
+        user=request.user,
+        labels=form.cleaned_data["labels"],
+        capacity=form.cleaned_data["capacity"],
+    )
+    return _render_list(request) if request.htmx else redirect("workers:list")
+
+
+@require_POST
+@role_required(ADMIN)
+def worker_allow_reenroll(request, pk: int):
+    registration.allow_reenroll(_get_worker(pk))
+    return _render_list(request) if request.htmx else redirect("workers:list")
+
+
+@require_POST
+@role_required(ADMIN)
+def token_mint(request):
+    form = TokenOptionsForm(request.POST)
+    context: dict = {"token_form": form}
+    if form.is_valid():
+        raw, token = form.mint(request.user, f"dashboard, by {request.user}")
+        context |= {"new_token": raw, "new_token_row": token}
+    return _render_tokens(request, context) if request.htmx else _render_list(request, **context)
+
+
+@require_POST
+@role_required(ADMIN)
+def token_revoke(request, pk: int):
+    # Only a token still unrevoked moves: revoking twice keeps the first time.
+    EnrollmentToken.objects.filter(pk=pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    return _render_tokens(request, {}) if request.htmx else redirect("workers:list")
+
+
+def _render_tokens(request, context: dict):
+    context["enrollment_tokens"] = EnrollmentToken.objects.select_related("created_by")[:50]
+    return render(request, "workers/list.html#enrollment-tokens", context)
 
 
 @require_POST

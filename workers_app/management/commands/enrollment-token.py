@@ -15,9 +15,42 @@ class Command(BaseCommand):
             help="How long the token can enroll agents (default: SCHEDULER_ENROLLMENT_TTL_HOURS).",
         )
         parser.add_argument("--note", default="manage.py enrollment-token")
+        uses = parser.add_mutually_exclusive_group()
+        uses.add_argument(
+            "--max-uses",
+            type=int,
+            default=None,
+            metavar="N",
+            help="How many agents it may enroll (default: any number until it expires).",
+        )
+        uses.add_argument(
+            "--single-use",
+            action="store_const",
+            const=1,
+            dest="max_uses",
+            help="It enrolls one agent (--max-uses 1).",
+        )
+        parser.add_argument(
+            "--auto-approve",
+            action="store_true",
+            help="Workers it enrolls take work at once, with the labels and capacity their"
+            " agents ask for, instead of waiting for an admin's approval.",
+        )
 
-    def handle(self, *args, ttl_hours: float, note: str, **options):
+    def handle(
+        self,
+        *args,
+        ttl_hours: float,
+        note: str,
+        max_uses: int | None,
+        auto_approve: bool,
+        **options,
+    ):
         if ttl_hours <= 0:
             raise CommandError("--ttl-hours must be positive")
-        raw, _ = EnrollmentToken.mint(note=note[:200], ttl_hours=ttl_hours)
+        if max_uses is not None and max_uses < 1:
+            raise CommandError("--max-uses must be at least 1")
+        raw, _ = EnrollmentToken.mint(
+            note=note[:200], ttl_hours=ttl_hours, max_uses=max_uses, auto_approve=auto_approve
+        )
         self.stdout.write(raw)

@@ -99,7 +99,11 @@ class Command(BaseCommand):
             if not self._wait_until_up(url, server):
                 raise CommandError(f"the server did not come up on {url} (is the port in use?)")
             if agents:
-                token, _ = EnrollmentToken.mint(note="make run", ttl_hours=1)
+                # Our own agents on this machine: nothing to approve, and the
+                # token is good for them alone.
+                token, _ = EnrollmentToken.mint(
+                    note="make run", ttl_hours=1, max_uses=agents, auto_approve=True
+                )
             names = [f"local-{number}" for number in range(1, agents + 1)]
             for name in names:
                 state_dir = settings.DATA_DIR / "agents" / name
@@ -110,8 +114,6 @@ class Command(BaseCommand):
                             str(AGENT),
                             "--server",
                             url,
-                            "--token",
-                            token,
                             "--name",
                             name,
                             "--capacity",
@@ -126,7 +128,11 @@ class Command(BaseCommand):
                         # The agents run on the master's machine, not in its
                         # confidence: none of its variables (SECRET_KEY,
                         # DATABASE_URL) for them or their commands.
-                        environ=command_environ(dict(os.environb)),
+                        # The token in the environment, not in argv where ps shows it.
+                        environ={
+                            **command_environ(dict(os.environb)),
+                            b"SCHEDULER_ENROLLMENT_TOKEN": token.encode(),
+                        },
                     )
                 )
             online = self._wait_for_agents(names, children, lambda: stopping)
