@@ -1,9 +1,10 @@
 """JSON API for workers: enrollment (public, token-gated) and listing."""
 
 from django import forms
+from django.db import transaction
 from django.http import JsonResponse
 
-from tasks_app import results, roles, shards
+from tasks_app import audit, results, roles, shards, tokens
 from tasks_app import schemas as task_schemas
 from tasks_app.apispec import Operation
 from tasks_app.jsonapi import BadRequest, api_view, error, form_errors
@@ -12,7 +13,7 @@ from tasks_app.validators import clean_labels
 from workers_app import liveness, registration, schemas, serializers
 from workers_app.auth import bearer
 from workers_app.exceptions import EnrollmentRefused
-from workers_app.models import Worker
+from workers_app.models import EnrollmentToken, Worker
 
 
 class RegistrationForm(forms.Form):
@@ -49,13 +50,15 @@ def register(request):
         raise BadRequest("invalid registration", form_errors(form))
     data = form.cleaned_data
     try:
-        worker, credential = registration.register(
-            data["token"],
-            name=data["name"],
-            hostname=data["hostname"],
-            capacity=data["capacity"],
-            labels=data["labels"],
-        )
+        with transaction.atomic():
+            worker, credential = registration.register(
+                data["token"],
+                name=data["name"],
+                hostname=data["hostname"],
+                capacity=data["capacity"],
+                labels=data["labels"],
+            )
+            _record_enrollment(request, worker, data["token"])
     except EnrollmentRefused as exc:
         return error(403, str(exc))
     return JsonResponse(
@@ -82,6 +85,23 @@ ACTIONS = {
 ACTION_ROLES = {"drain": OPERATOR, "resume": OPERATOR, "disable": ADMIN, "enable": ADMIN}
 
 
+def record_state_change(request, worker: Worker, action: str) -> None:
+    """Apply a drain/resume/disable/enable and record it, with the state before and after."""
+    with transaction.atomic():
+        old = worker.state
+        liveness.apply_state(worker, ACTIONS[action])
+        worker.refresh_from_db(fields=["state"])
+        audit.record(request, f"worker.{action}", worker, {"state": [old, worker.state]})
+
+
+def _record_enrollment(request, worker: Worker, raw_token: str) -> None:
+    # The agent has no user: the enrollment token it used is who.
+    token = EnrollmentToken.objects.filter(token_hash=tokens.digest(raw_token)).first()
+    actor = f"enrollment token {token.pk}" if token else "enrollment token"
+    changes = {"hostname": worker.hostname, "capacity": worker.capacity, "labels": worker.labels}
+    audit.record(request, "worker.enroll", worker, changes, actor=actor)
+
+
 @api_view(
     {
         "POST": Operation(
@@ -103,7 +123,7 @@ def worker_action(request, pk: int, action: str):
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         return error(404, f"no worker with id {pk}")
-    liveness.apply_state(worker, ACTIONS[action])
+    record_state_change(request, worker, action)
     worker = Worker.objects.filter(pk=pk).with_busy_slots().get()
     return JsonResponse(serializers.worker_json(worker, busy=worker.busy))
 

@@ -3,15 +3,16 @@
 from pathlib import Path
 
 from django import forms
+from django.db import transaction
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from scheduler_site.links import absolute_url
-from tasks_app import roles
+from tasks_app import audit, roles
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
-from workers_app import delivery, enrollment, liveness, protocol, registration, servers
-from workers_app.api import ACTION_ROLES, ACTIONS, RegistrationForm
+from workers_app import delivery, enrollment, protocol, registration, servers
+from workers_app.api import ACTION_ROLES, ACTIONS, RegistrationForm, record_state_change
 from workers_app.models import EnrollmentToken, Worker
 
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
@@ -58,7 +59,12 @@ def worker_add(request):
     form = AddWorkerForm(request.POST)
     context = {"form": form}
     if form.is_valid():
-        raw, token = EnrollmentToken.mint(note=f"dashboard, by {request.user}", user=request.user)
+        with transaction.atomic():
+            raw, token = EnrollmentToken.mint(
+                note=f"dashboard, by {request.user}", user=request.user
+            )
+            changes = {"expires_at": token.expires_at.isoformat()}
+            audit.record(request, "enrollment_token.create", token, changes)
         server = _server_url(request)
         name = form.cleaned_data["name"]
         context |= {
@@ -80,7 +86,9 @@ def worker_revoke(request, pk: int):
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         raise Http404("No such worker.")
-    registration.revoke(worker)
+    with transaction.atomic():
+        registration.revoke(worker)
+        audit.record(request, "worker.revoke", worker)
     # Close its live socket too; its running attempts are reaped as lost.
     delivery.send_close(worker.pk, worker.channel_name, protocol.CLOSE_REVOKED)
     return _render_list(request) if request.htmx else redirect("workers:list")
@@ -95,7 +103,7 @@ def worker_state(request, pk: int, action: str):
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         raise Http404("No such worker.")
-    liveness.apply_state(worker, ACTIONS[action])
+    record_state_change(request, worker, action)
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 
