@@ -21,7 +21,12 @@ worker.revoke, worker.enroll, enrollment_token.create, scheduler.pause,
 scheduler.resume, token.create, token.revoke, user.create, user.update,
 user.delete, group.* (Django admin), login, login.failed, logout. One
 request is one action and leaves one entry: a bulk trigger lists its run ids
-in `changes`.
+in `changes`. A new action (worker.approve, enrollment_token.revoke) is a new
+line in ACTIONS, which the audit page offers in its filter, and a call:
+
+    with transaction.atomic():
+        ...  # the change
+        audit.record(request, "enrollment_token.revoke", token)
 
 `changes` says what changed: {field: [old, new]} for an edit (`diff`), ids
 and facts otherwise. Secret values never go in: a task's write-only
