@@ -31,6 +31,7 @@ urlpatterns = [
     path("workers/<int:pk>/<str:action>", workers_api.worker_action, name="worker-action"),
     path("workers", workers_api.workers, name="workers"),
     path("workers/register", workers_api.register, name="worker-register"),
+    path("audit", tasks_api.audit_log, name="audit"),
     path("openapi.json", openapi.openapi_json, name="openapi"),
     path("docs", openapi.docs, name="docs"),
     # Last: any other URL under /api/ is a JSON 404. It also keeps CommonMiddleware's

@@ -5,6 +5,7 @@ from tasks_app import roles, routing
 from tasks_app.models import (
     ApiToken,
     Attempt,
+    AuditEntry,
     DeletedTask,
     LogChunk,
     Run,
@@ -151,3 +152,22 @@ class SchedulerStateAdmin(admin.ModelAdmin):
 class DeletedTaskAdmin(HistoryAdmin):
     list_display = ["id", "name", "deleted_at"]
     search_fields = ["name"]
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """Read only, for everyone: entries are never added, edited or deleted by hand."""
+
+    list_display = ["at", "actor", "action", "target", "address"]
+    list_filter = ["action"]
+    search_fields = ["actor", "target"]
+    show_full_result_count = False
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -4,11 +4,21 @@ Each view declares its operations (tasks_app.apispec.Operation) in its
 `api_view`: they check its requests and make the published document.
 """
 
+from django.db import transaction
 from django.http import HttpResponse, JsonResponse
 from django.utils.http import urlencode
 
 from scheduler_site.links import absolute_url
-from tasks_app import history, lifecycle, results, schemas, serializers, trigger_api
+from tasks_app import (
+    audit,
+    audit_history,
+    history,
+    lifecycle,
+    results,
+    schemas,
+    serializers,
+    trigger_api,
+)
 from tasks_app.apispec import Operation, query_param
 from tasks_app.exceptions import (
     RunNotCancellable,
@@ -98,7 +108,10 @@ def tasks(request):
         form = _task_form(request.payload)
         if not form.is_valid():
             raise BadRequest("invalid task", form_errors(form))
-        return JsonResponse(serializers.task_json(form.save()), status=201)
+        with transaction.atomic():
+            task = form.save()
+            audit.record(request, "task.create", task, audit.created(audit.task_state(task)))
+        return JsonResponse(serializers.task_json(task), status=201)
     try:
         after, limit = _after(request.GET), _limit(request.GET)
     except history.InvalidFilter as exc:
@@ -152,13 +165,18 @@ def task_detail(request, pk: int):
         return error(404, f"no task with id {pk}")
     if request.method == "DELETE":
         # Runs keep their snapshot and task name; their task link becomes null.
-        task.delete()
+        with transaction.atomic():
+            audit.record(request, "task.delete", task)
+            task.delete()
         return HttpResponse(status=204)
     if request.method in ("PUT", "PATCH"):
+        before = audit.task_state(task)
         form = _task_form(request.payload, instance=task)
         if not form.is_valid():
             raise BadRequest("invalid task", form_errors(form))
-        task = form.save()
+        with transaction.atomic():
+            task = form.save()
+            audit.record(request, "task.update", task, audit.diff(before, audit.task_state(task)))
     return JsonResponse(serializers.task_json(task, with_next_runs=True))
 
 
@@ -312,7 +330,9 @@ def run_cancel(request, pk: int):
     if run is None:
         return error(404, f"no run with id {pk}")
     try:
-        run = lifecycle.cancel_run(run, by=request.user.get_username())
+        with transaction.atomic():
+            run = lifecycle.cancel_run(run, by=request.user.get_username())
+            audit.record(request, "run.cancel", run)
     except RunNotCancellable as exc:
         return error(409, str(exc))
     return _run_response(run)
@@ -335,7 +355,9 @@ def run_retry(request, pk: int):
     if run is None:
         return error(404, f"no run with id {pk}")
     try:
-        retry = lifecycle.retry_run(run, user=request.user)
+        with transaction.atomic():
+            retry = lifecycle.retry_run(run, user=request.user)
+            audit.record(request, "run.retry", run, {"retry": retry.pk})
     except RunNotRetryable as exc:
         return error(409, str(exc))
     return _run_response(retry, status=201)
@@ -380,11 +402,59 @@ def scheduler(request):
     }
 )
 def scheduler_pause(request):
-    SchedulerState.set_paused(True, by=request.user.get_username())
+    with transaction.atomic():
+        SchedulerState.set_paused(True, by=request.user.get_username())
+        audit.record(request, "scheduler.pause", audit.SCHEDULER)
     return JsonResponse(serializers.scheduler_json())
 
 
 @api_view({"POST": Operation("Resume the scheduler", {200: schemas.SCHEDULER}, role=ADMIN)})
 def scheduler_resume(request):
-    SchedulerState.set_paused(False)
+    with transaction.atomic():
+        SchedulerState.set_paused(False)
+        audit.record(request, "scheduler.resume", audit.SCHEDULER)
     return JsonResponse(serializers.scheduler_json())
+
+
+@api_view(
+    {
+        "GET": Operation(
+            "The audit log",
+            {200: schemas.page_of(schemas.AUDIT_ENTRY, "Entries newest first, a page at a time.")},
+            description="Who changed what, when and from where: every change, login, failed "
+            "login and logout. Newest first, keyset-paginated by id: follow `next` until it "
+            "is null. `since` and `until` take a date (2026-01-31; `until` includes the day) "
+            "or a time with its offset.",
+            query=(
+                query_param("actor", {"type": "string", "maxLength": 200}, "who: part of it"),
+                query_param(
+                    "action",
+                    {"type": "string", "pattern": audit_history.ACTION_RE.pattern},
+                    "an action (task.update) or a kind of action (task)",
+                ),
+                query_param("target", {"type": "string", "maxLength": 200}, "part of the target"),
+                query_param("since", {"type": "string"}, "entries at or after this date or time"),
+                query_param(
+                    "until", {"type": "string"}, "entries before this time (or through this day)"
+                ),
+                schemas.id_param("before", "only entries with a smaller id (what `next` sets)"),
+                schemas.LIMIT,
+            ),
+            role=ADMIN,
+        )
+    }
+)
+def audit_log(request):
+    try:
+        filters, limit = audit_history.parse_filters(request.GET), _limit(request.GET)
+    except history.InvalidFilter as exc:
+        return error(400, str(exc))
+    page = audit_history.entries_page(limit=limit, **filters)
+    next_url = None
+    if page.next_before:
+        kept = {k: v for k, v in filters.items() if k != "before"}
+        query = {**audit_history.query_string_values(kept), "before": page.next_before}
+        next_url = _next_url(request, {**query, "limit": limit})
+    return JsonResponse(
+        {"results": [serializers.audit_json(e) for e in page.entries], "next": next_url}
+    )

@@ -9,7 +9,10 @@ class TasksAppConfig(AppConfig):
         from django.apps import apps as global_apps
         from django.db.models.signals import post_migrate, pre_delete
 
-        from tasks_app import roles
+        from tasks_app import audit, roles
+
+        # Logins, failed logins and logouts into the audit log.
+        audit.connect_login_receivers()
 
         # The admin group gets the permissions of models added since its migration.
         # (flush sends it without `apps`: then the installed ones.)

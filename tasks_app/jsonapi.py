@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from functools import wraps
+from typing import NamedTuple
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -73,9 +74,18 @@ def bearer(header: str) -> str | None:
     return raw.strip()
 
 
-def token_users(digests) -> dict[str, int]:
-    """token digest -> user id, for the live tokens among these (the token not
-    revoked or expired, its user active); one query for any number of requests.
+class LiveToken(NamedTuple):
+    """A token that may be used now, with what an audit entry says of it."""
+
+    id: int
+    name: str
+    user_id: int
+    username: str
+
+
+def live_tokens(digests) -> dict[str, LiveToken]:
+    """token digest -> the live token, for those among these (not revoked or
+    expired, its user active); one query for any number of requests.
 
     "Last used" is written at most once per ApiToken.LAST_USED_RESOLUTION per
     token, not on every request.
@@ -86,7 +96,8 @@ def token_users(digests) -> dict[str, int]:
     user = get_user_model()
     now = timezone.now()
     found = select(
-        f"SELECT t.id, t.token_hash, t.user_id, t.last_used_at FROM {table(ApiToken)} t"
+        f"SELECT t.id, t.token_hash, t.user_id, t.last_used_at, t.name,"
+        f" u.{column(user, user.USERNAME_FIELD)} FROM {table(ApiToken)} t"
         f" JOIN {table(user)} u ON u.{column(user, 'id')} = t.user_id"
         f" WHERE t.token_hash IN ({marks(digests)}) AND t.revoked_at IS NULL"
         f" AND (t.expires_at IS NULL OR t.expires_at > %s)"
@@ -94,18 +105,28 @@ def token_users(digests) -> dict[str, int]:
         [*digests, connection.ops.adapt_datetimefield_value(now)],
     )
     stale = [
-        pk
-        for pk, _, _, used in found
-        if used is None or now - aware(used) >= ApiToken.LAST_USED_RESOLUTION
+        row[0]
+        for row in found
+        if row[3] is None or now - aware(row[3]) >= ApiToken.LAST_USED_RESOLUTION
     ]
     if stale:
         ApiToken.objects.filter(pk__in=stale).update(last_used_at=now)
-    return {digest: user_id for _, digest, user_id, _ in found}
+    return {
+        digest: LiveToken(pk, name, user_id, username)
+        for pk, digest, user_id, _, name, username in found
+    }
 
 
 def user_for_token(raw: str):
-    user_id = token_users([tokens.digest(raw)]).values()
-    return get_user_model().objects.filter(pk__in=user_id).first() if user_id else None
+    """The user of a live token, with the token as `api_token` (for the audit log)."""
+    live = live_tokens([tokens.digest(raw)])
+    if not live:
+        return None
+    [token] = live.values()
+    user = get_user_model().objects.filter(pk=token.user_id).first()
+    if user is not None:
+        user.api_token = token
+    return user
 
 
 def csrf_passes(request: HttpRequest) -> bool:
@@ -248,6 +269,8 @@ def authenticate(request: HttpRequest, role: str) -> JsonResponse | None:
             if user is None:
                 raise Denied(401, BAD_TOKEN)
             request.user = user
+            # Who acted, for tasks_app.audit: this token of that user.
+            request.api_token = user.api_token
         elif not request.user.is_authenticated:
             raise Denied(401, NO_CREDENTIAL)
         # A browser session is only as safe as its CSRF check.

@@ -653,3 +653,80 @@ class SchedulerState(models.Model):
     @classmethod
     def is_paused(cls) -> bool:
         return cls.objects.filter(pk=1, paused=True).exists()
+
+
+class AuditEntryQuerySet(models.QuerySet):
+    """Entries are only ever added: no update or delete through the ORM."""
+
+    def update(self, **kwargs):
+        raise AuditEntry.Immutable("audit entries are never edited")
+
+    def delete(self):
+        raise AuditEntry.Immutable(
+            "audit entries are never deleted through the application; see README, Audit"
+        )
+
+
+class AuditEntry(models.Model):
+    """Who changed what, when, from where (tasks_app.audit records them).
+
+    Written once and never edited: save() refuses an existing row and the
+    queryset refuses update() and delete(). Its user and token are kept by id
+    without a database constraint (DO_NOTHING): deleting a user or token
+    leaves the entry exactly as written, and `actor` still says who it was.
+    """
+
+    class Immutable(Exception):
+        """An audit entry cannot be changed or deleted."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    # "bob", "bob (token ci)", "manage.py", "system"; for a failed login the
+    # name that was tried.
+    actor = models.CharField(max_length=300)
+    actor_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    token = models.ForeignKey(
+        ApiToken,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    action = models.CharField(max_length=40)
+    # "task 12 (nightly)": readable as it was then, whatever the object became.
+    target = models.CharField(max_length=300, blank=True)
+    target_type = models.CharField(max_length=40, blank=True)
+    target_id = models.CharField(max_length=64, blank=True)
+    address = models.CharField(max_length=64, blank=True)
+    # Edits: {field: [old, new]}; secrets by name only. Others: ids and facts.
+    changes = models.JSONField(default=dict, blank=True)
+
+    objects = AuditEntryQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "audit entry"
+        verbose_name_plural = "audit entries"
+        ordering = ["-id"]
+        # The page's filters, each newest first (keyset on id).
+        indexes = [
+            models.Index(fields=["action", "-id"], name="audit_action_newest"),
+            models.Index(fields=["actor", "-id"], name="audit_actor_newest"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.target}"
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise self.Immutable("audit entries are never edited")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise self.Immutable("audit entries are never deleted through the application")

@@ -564,3 +564,25 @@ LIMIT = query_param(
 
 def id_param(name: str, description: str) -> dict:
     return query_param(name, {"type": "integer", "minimum": 1, "maximum": MAX_ID}, description)
+
+
+AUDIT_ENTRY = answer_object(
+    {
+        "id": {"type": "integer", "minimum": 1},
+        "actor": {
+            "type": "string",
+            "description": "a username; `name (token T)` for an API token; `manage.py`; "
+            "for a failed login the name that was tried",
+        },
+        "action": {"type": "string", "description": "task.update, run.trigger, login, ..."},
+        "target": {"type": "string", "description": "what it was done to: `task 12 (nightly)`"},
+        "at": TIME,
+        "address": {"type": "string", "description": "the client's IP address"},
+        "changes": {
+            "type": "object",
+            "description": "an edit's {field: [old, new]}; ids and facts for other actions; "
+            "never a secret's value",
+        },
+    },
+    "One entry of the audit log; entries are never edited.",
+)

@@ -140,3 +140,15 @@ def scheduler_json() -> dict:
         "runs_running": Run.objects.filter(status=Run.Status.RUNNING).count(),
         "runs_queued": Run.objects.filter(status=Run.Status.QUEUED).count(),
     }
+
+
+def audit_json(entry) -> dict:
+    return {
+        "id": entry.pk,
+        "actor": entry.actor,
+        "action": entry.action,
+        "target": entry.target,
+        "at": entry.at.isoformat(),
+        "address": entry.address,
+        "changes": entry.changes,
+    }

@@ -8,11 +8,13 @@ from datetime import timedelta
 
 from django import forms
 from django.contrib import messages
+from django.db import transaction
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
+from tasks_app import audit
 from tasks_app.models import ApiToken
 from tasks_app.roles import VIEWER, role_required
 
@@ -35,7 +37,11 @@ def tokens(request):
     if request.method == "POST" and form.is_valid():
         days = form.cleaned_data["expires_in_days"]
         expires_at = timezone.now() + timedelta(days=days) if days else None
-        raw, _ = ApiToken.mint(request.user, name=form.cleaned_data["name"], expires_at=expires_at)
+        with transaction.atomic():
+            raw, token = ApiToken.mint(
+                request.user, name=form.cleaned_data["name"], expires_at=expires_at
+            )
+            audit.record(request, "token.create", token, audit.token_changes(token))
         form = TokenForm()
     mine = ApiToken.objects.filter(user=request.user).order_by("-created_at", "-id")
     status = 400 if request.method == "POST" and raw is None else 200
@@ -47,10 +53,15 @@ def tokens(request):
 @role_required(VIEWER)
 def token_revoke(request, pk: int):
     # Only the owner's own tokens: another user's id is "no such token".
-    updated = ApiToken.objects.filter(pk=pk, user=request.user, revoked_at__isnull=True).update(
-        revoked_at=timezone.now()
-    )
-    if not updated and not ApiToken.objects.filter(pk=pk, user=request.user).exists():
+    token = ApiToken.objects.filter(pk=pk, user=request.user).first()
+    if token is None:
         raise Http404("No such token.")
+    with transaction.atomic():
+        # A double click revokes (and is recorded) once.
+        updated = ApiToken.objects.filter(pk=pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+        if updated:
+            audit.record(request, "token.revoke", token)
     messages.success(request, "Token revoked: requests with it are refused from now on.")
     return redirect("tokens")

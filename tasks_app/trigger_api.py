@@ -35,7 +35,8 @@ from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
 from django.utils import timezone
 
-from tasks_app import lifecycle, roles, serializers, tokens
+from scheduler_site.clientip import client_ip
+from tasks_app import audit, lifecycle, roles, serializers, tokens
 from tasks_app.apispec import Body
 from tasks_app.exceptions import RunTooLarge, TaskDisabled, TaskNotFound
 from tasks_app.jsonapi import (
@@ -51,11 +52,11 @@ from tasks_app.jsonapi import (
     Denied,
     bearer,
     csrf_passes,
+    live_tokens,
     parse_json,
-    token_users,
 )
 from tasks_app.lifecycle import TriggerRequest
-from tasks_app.models import Run
+from tasks_app.models import AuditEntry, Run
 from tasks_app.schemas import BULK_TRIGGER, RUN_PARAMS
 from tasks_app.validators import MAX_ID, clean_run_at, clean_run_params
 from tasks_app.writer import WriterClientMixin, writer
@@ -72,16 +73,16 @@ class ApiTrigger:
     count: int = 1
     params: tuple[dict, ...] | None = None
     run_at: dt.datetime | None = None
+    address: str = ""  # the client's, for the audit log
 
 
 def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
     """The writer's "trigger" handler: authenticate every request of the batch
-    (one query for all tokens), then create all their runs together."""
-    users = token_users({p.credential[1] for p in payloads if p.credential[0] == "token"})
-    user_ids = [
-        users.get(value) if kind == "token" else _session_user(value)
-        for kind, value in (p.credential for p in payloads)
-    ]
+    (one query for all tokens), then create all their runs together, and
+    record each request's runs in the audit log (one INSERT for the batch)."""
+    live = live_tokens({p.credential[1] for p in payloads if p.credential[0] == "token"})
+    actors = [_actor(kind, value, live) for kind, value in (p.credential for p in payloads)]
+    user_ids = [user_id for _, user_id, _ in actors]
     # A token carries its user's role: one query for the whole batch.
     operators = roles.users_with(roles.OPERATOR, filter(None, user_ids))
     results: list[list[Run] | Exception | None] = [None] * len(payloads)
@@ -106,16 +107,47 @@ def apply_triggers(payloads: list[ApiTrigger]) -> list[list[Run] | Exception]:
                 )
             )
             indexes.append(index)
+    entries = []
     for index, outcome in zip(indexes, lifecycle.trigger_runs(requests), strict=True):
         results[index] = outcome
+        if isinstance(outcome, list):
+            actor, user_id, token_id = actors[index]
+            payload = payloads[index]
+            target = (
+                "task",
+                payload.task_id,
+                f"task {payload.task_id} ({outcome[0].task_name if outcome else ''})",
+            )
+            changes = {"runs": [run.pk for run in outcome]}
+            entries.append(
+                audit.entry(
+                    actor, user_id, token_id, payload.address, "run.trigger", target, changes
+                )
+            )
+    if entries:
+        # In the batch's transaction: runs and their entries are kept together.
+        AuditEntry.objects.bulk_create(entries)
     return results
 
 
-def _session_user(session_key: str) -> int | None:
+def _actor(kind: str, value: str, live: dict) -> tuple[str, int | None, int | None]:
+    """(actor text, user id, token id) of a request's credential; no user id: refused."""
+    if kind == "token":
+        token = live.get(value)
+        if token is None:
+            return "", None, None
+        actor = audit.token_actor(token.username, token.id, token.name)
+        return actor, token.user_id, token.id
+    return *_session_user(value), None
+
+
+def _session_user(session_key: str) -> tuple[str, int | None]:
     store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     # Django's own check, including the session's password hash.
     user = auth.get_user(SimpleNamespace(session=store))
-    return user.pk if user.is_authenticated and user.is_active else None
+    if user.is_authenticated and user.is_active:
+        return user.get_username(), user.pk
+    return "", None
 
 
 def trigger_from(request: HttpRequest, body: bytes, task_id: int | None) -> ApiTrigger:
@@ -140,7 +172,7 @@ def trigger_from(request: HttpRequest, body: bytes, task_id: int | None) -> ApiT
         task_id, runs = _bulk(_checked(BULK_TRIGGER, payload))
     if not 1 <= task_id <= MAX_ID:
         raise TaskNotFound(f"no task with id {task_id}")
-    return ApiTrigger(credential, csrf_ok, task_id, **runs)
+    return ApiTrigger(credential, csrf_ok, task_id, **runs, address=client_ip(request))
 
 
 def _payload(request: HttpRequest, body: bytes) -> dict:

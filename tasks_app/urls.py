@@ -1,6 +1,6 @@
 from django.urls import path
 
-from tasks_app import views
+from tasks_app import audit_views, views
 
 app_name = "tasks"
 
@@ -20,4 +20,5 @@ urlpatterns = [
     path("runs/<int:pk>/result/", views.run_result, name="run-result"),
     path("scheduler/pause/", views.scheduler_pause, name="pause"),
     path("scheduler/resume/", views.scheduler_resume, name="resume"),
+    path("audit/", audit_views.audit_log, name="audit"),
 ]

@@ -3,6 +3,7 @@
 from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.db.models import F, OuterRef, Prefetch, Q, Subquery
 from django.db.models.functions import Lower
 from django.http import Http404, HttpRequest, HttpResponse
@@ -12,7 +13,7 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import cron, history, lifecycle, logs, results, shards, task_stats
+from tasks_app import audit, cron, history, lifecycle, logs, results, shards, task_stats
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
@@ -141,8 +142,15 @@ def task_edit(request, pk: int):
 
 def _task_form(request, task: Task | None):
     form = TaskForm(request.POST or None, instance=task)
+    before = audit.task_state(task) if task and request.method == "POST" else None
     if request.method == "POST" and form.is_valid():
-        saved = form.save()
+        with transaction.atomic():
+            saved = form.save()
+            after = audit.task_state(saved)
+            if task is None:
+                audit.record(request, "task.create", saved, audit.created(after))
+            else:
+                audit.record(request, "task.update", saved, audit.diff(before, after))
         messages.success(request, f"Task {saved.name!r} {'saved' if task else 'created'}.")
         # To the task itself: where it can be run and its history read.
         return _redirect(request, reverse("tasks:detail", args=[saved.pk]))
@@ -160,7 +168,9 @@ def task_delete(request, pk: int):
     task = _get_task(pk)
     if request.method == "POST":
         name = task.name
-        task.delete()
+        with transaction.atomic():
+            audit.record(request, "task.delete", task)
+            task.delete()
         messages.success(request, f"Task {name!r} deleted; its runs stay in the history.")
         return _redirect(request, reverse("tasks:list"))
     return render(
@@ -187,7 +197,10 @@ def task_run(request, pk: int):
         params=(params,) if params else None,
         run_at=form.cleaned_data["run_at"],
     )
-    [result] = lifecycle.trigger_runs([request_])
+    with transaction.atomic():
+        [result] = lifecycle.trigger_runs([request_])
+        if isinstance(result, list):
+            audit.record(request, "run.trigger", task, {"runs": [run.pk for run in result]})
     if isinstance(result, TaskDisabled | RunTooLarge):
         messages.error(request, str(result))
         return _redirect(request, _back(request))
@@ -210,7 +223,11 @@ def task_schedule_resume(request, pk: int):
 
 def _set_schedule_paused(request, pk: int, paused: bool) -> HttpResponse:
     task = _get_task(pk)
-    task.set_schedule_paused(paused)
+    with transaction.atomic():
+        old = task.schedule_paused
+        task.set_schedule_paused(paused)
+        action = "task.schedule_pause" if paused else "task.schedule_resume"
+        audit.record(request, action, task, {"schedule_paused": [old, paused]})
     said = "paused; the task can still be run" if paused else "resumed"
     messages.success(request, f"Schedule of {task.name!r} {said}.")
     return _redirect(request, reverse("tasks:detail", args=[pk]))
@@ -325,7 +342,9 @@ def run_result(request, pk: int):
 def run_cancel(request, pk: int):
     run = _get_run(pk)
     try:
-        lifecycle.cancel_run(run, by=request.user.get_username())
+        with transaction.atomic():
+            lifecycle.cancel_run(run, by=request.user.get_username())
+            audit.record(request, "run.cancel", run)
         messages.success(request, f"Run #{run.pk} cancelled.")
     except RunNotCancellable as exc:
         messages.error(request, f"Not cancelled: {exc}.")
@@ -337,7 +356,9 @@ def run_cancel(request, pk: int):
 def run_retry(request, pk: int):
     run = _get_run(pk)
     try:
-        retry = lifecycle.retry_run(run, user=request.user)
+        with transaction.atomic():
+            retry = lifecycle.retry_run(run, user=request.user)
+            audit.record(request, "run.retry", run, {"retry": retry.pk})
     except RunNotRetryable as exc:
         messages.error(request, f"Not retried: {exc}.")
         return _redirect(request, reverse("tasks:run-detail", args=[run.pk]))
@@ -347,7 +368,9 @@ def run_retry(request, pk: int):
 @require_POST
 @role_required(ADMIN)
 def scheduler_pause(request):
-    SchedulerState.set_paused(True, by=request.user.get_username())
+    with transaction.atomic():
+        SchedulerState.set_paused(True, by=request.user.get_username())
+        audit.record(request, "scheduler.pause", audit.SCHEDULER)
     # No flash: the banner on every page says it, with who and since when.
     return _redirect(request, _back(request))
 
@@ -355,7 +378,9 @@ def scheduler_pause(request):
 @require_POST
 @role_required(ADMIN)
 def scheduler_resume(request):
-    SchedulerState.set_paused(False)
+    with transaction.atomic():
+        SchedulerState.set_paused(False)
+        audit.record(request, "scheduler.resume", audit.SCHEDULER)
     messages.success(request, "Scheduler resumed.")
     return _redirect(request, _back(request))
 

@@ -68,6 +68,7 @@ CASES: dict[str, list[Case]] = {
     "tasks:run-result": [Case("GET", V, ("finished",))],
     "tasks:pause": [Case("POST", A)],
     "tasks:resume": [Case("POST", A)],
+    "tasks:audit": [Case("GET", A)],
     "workers:list": [Case("GET", V)],
     "workers:add": [Case("POST", A)],
     "workers:revoke": [Case("POST", A, ("worker",))],
@@ -102,6 +103,7 @@ CASES: dict[str, list[Case]] = {
     "api:scheduler-resume": [Case("POST", A, json=True)],
     "api:workers": [Case("GET", V, json=True)],
     "api:worker-approve": [Case("POST", A, ("pending",), json=True)],
+    "api:audit": [Case("GET", A, json=True)],
     "api:worker-action": [
         Case("POST", OP, ("worker",), json=True, extra_args=("drain",)),
         Case("POST", OP, ("worker",), json=True, extra_args=("resume",)),

@@ -18,7 +18,16 @@ from django.utils import dateformat, timezone
 from django.utils.html import escape
 
 from tasks_app import lifecycle
-from tasks_app.models import ApiToken, Attempt, DeletedTask, LogChunk, Run, SchedulerState, Task
+from tasks_app.models import (
+    ApiToken,
+    Attempt,
+    AuditEntry,
+    DeletedTask,
+    LogChunk,
+    Run,
+    SchedulerState,
+    Task,
+)
 from workers_app import registration, servers
 from workers_app.models import EnrollmentToken, Server, Worker
 
@@ -739,7 +748,7 @@ def one_of_everything(alice, task, worker):
 
 
 # Written by the system, shown read-only in the admin.
-HISTORY = {Run, Attempt, LogChunk, DeletedTask, Server}
+HISTORY = {Run, Attempt, LogChunk, DeletedTask, Server, AuditEntry}
 
 
 @pytest.mark.parametrize("model", our_models(), ids=lambda model: model.__name__)

@@ -1,9 +1,10 @@
 """JSON API for workers: enrollment (public, token-gated) and listing."""
 
 from django import forms
+from django.db import transaction
 from django.http import JsonResponse
 
-from tasks_app import results, roles, shards
+from tasks_app import audit, results, roles, shards, tokens
 from tasks_app import schemas as task_schemas
 from tasks_app.apispec import Operation
 from tasks_app.jsonapi import BadRequest, api_view, error, form_errors
@@ -12,7 +13,7 @@ from tasks_app.validators import clean_labels
 from workers_app import liveness, registration, schemas, serializers
 from workers_app.auth import bearer
 from workers_app.exceptions import EnrollmentRefused
-from workers_app.models import Worker
+from workers_app.models import EnrollmentToken, Worker
 
 
 class RegistrationForm(forms.Form):
@@ -51,13 +52,15 @@ def register(request):
         raise BadRequest("invalid registration", form_errors(form))
     data = form.cleaned_data
     try:
-        worker, credential = registration.register(
-            data["token"],
-            name=data["name"],
-            hostname=data["hostname"],
-            capacity=data["capacity"],
-            labels=data["labels"],
-        )
+        with transaction.atomic():
+            worker, credential = registration.register(
+                data["token"],
+                name=data["name"],
+                hostname=data["hostname"],
+                capacity=data["capacity"],
+                labels=data["labels"],
+            )
+            _record_enrollment(request, worker, data["token"])
     except EnrollmentRefused as exc:
         return error(403, str(exc))
     return JsonResponse(
@@ -97,8 +100,10 @@ def worker_approve(request, pk: int):
     body = request.payload or {}
     labels = clean_labels(body.get("labels", worker.requested_labels))
     capacity = body.get("capacity", worker.requested_capacity or worker.capacity)
-    if not registration.approve(worker, user=request.user, labels=labels, capacity=capacity):
-        return error(409, f"worker {worker.name} is not pending approval")
+    with transaction.atomic():
+        if not registration.approve(worker, user=request.user, labels=labels, capacity=capacity):
+            return error(409, f"worker {worker.name} is not pending approval")
+        audit.record(request, "worker.approve", worker, approval_changes(labels, capacity))
     worker = Worker.objects.filter(pk=pk).with_busy_slots().get()
     return JsonResponse(serializers.worker_json(worker, busy=worker.busy))
 
@@ -112,6 +117,33 @@ ACTIONS = {
 # Operators drain and resume (maintenance); taking a worker out of service
 # altogether, or back, is for admins, as enrolling and revoking are.
 ACTION_ROLES = {"drain": OPERATOR, "resume": OPERATOR, "disable": ADMIN, "enable": ADMIN}
+
+
+def approval_changes(labels: list[str], capacity: int) -> dict:
+    return {"state": ["pending", "approved"], "labels": labels, "capacity": capacity}
+
+
+def record_state_change(request, worker: Worker, action: str) -> None:
+    """Apply a drain/resume/disable/enable and record it, with the state before and after."""
+    with transaction.atomic():
+        old = worker.state
+        liveness.apply_state(worker, ACTIONS[action])
+        worker.refresh_from_db(fields=["state"])
+        audit.record(request, f"worker.{action}", worker, {"state": [old, worker.state]})
+
+
+def _record_enrollment(request, worker: Worker, raw_token: str) -> None:
+    # The agent has no user: the enrollment token it used is who.
+    token = EnrollmentToken.objects.filter(token_hash=tokens.digest(raw_token)).first()
+    actor = f"enrollment token {token.pk}" if token else "enrollment token"
+    # What the agent asked for; an admin decides on approval (or the token auto-approved).
+    changes = {
+        "hostname": worker.hostname,
+        "capacity": worker.requested_capacity,
+        "labels": worker.requested_labels,
+        "state": worker.state,
+    }
+    audit.record(request, "worker.enroll", worker, changes, actor=actor)
 
 
 @api_view(
@@ -135,7 +167,7 @@ def worker_action(request, pk: int, action: str):
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         return error(404, f"no worker with id {pk}")
-    liveness.apply_state(worker, ACTIONS[action])
+    record_state_change(request, worker, action)
     worker = Worker.objects.filter(pk=pk).with_busy_slots().get()
     return JsonResponse(serializers.worker_json(worker, busy=worker.busy))
 

@@ -2,17 +2,24 @@
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from scheduler_site.links import absolute_url
-from tasks_app import roles
+from tasks_app import audit, roles
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
 from tasks_app.validators import clean_labels
-from workers_app import delivery, enrollment, liveness, protocol, registration, schemas, servers
-from workers_app.api import ACTION_ROLES, ACTIONS, RegistrationForm
+from workers_app import delivery, enrollment, protocol, registration, schemas, servers
+from workers_app.api import (
+    ACTION_ROLES,
+    ACTIONS,
+    RegistrationForm,
+    approval_changes,
+    record_state_change,
+)
 from workers_app.models import EnrollmentToken, Worker
 
 AGENT_SOURCE = enrollment.AGENT_SOURCE
@@ -93,7 +100,9 @@ def worker_add(request):
     context = {"form": form}
     if form.is_valid():
         # Empty "uses" in the form is unlimited; the form starts at 1 (single use).
-        raw, token = form.mint(request.user, f"dashboard, by {request.user}")
+        with transaction.atomic():
+            raw, token = form.mint(request.user, f"dashboard, by {request.user}")
+            audit.record(request, "enrollment_token.create", token, _token_changes(token))
         server = _server_url(request)
         name = form.cleaned_data["name"]
         context |= {
@@ -116,7 +125,9 @@ def worker_revoke(request, pk: int):
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         raise Http404("No such worker.")
-    registration.revoke(worker)
+    with transaction.atomic():
+        registration.revoke(worker)
+        audit.record(request, "worker.revoke", worker)
     # Close its live socket too; its running attempts are reaped as lost.
     delivery.send_close(worker.pk, worker.channel_name, protocol.CLOSE_REVOKED)
     return _render_list(request) if request.htmx else redirect("workers:list")
@@ -136,19 +147,20 @@ def worker_approve(request, pk: int):
     form = ApproveForm(request.POST)
     if not form.is_valid():
         return _render_list(request, approve_failed=worker.pk, approve_form=form)
-    registration.approve(
-        worker,
-        user=request.user,
-        labels=form.cleaned_data["labels"],
-        capacity=form.cleaned_data["capacity"],
-    )
+    labels, capacity = form.cleaned_data["labels"], form.cleaned_data["capacity"]
+    with transaction.atomic():
+        if registration.approve(worker, user=request.user, labels=labels, capacity=capacity):
+            audit.record(request, "worker.approve", worker, approval_changes(labels, capacity))
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 
 @require_POST
 @role_required(ADMIN)
 def worker_allow_reenroll(request, pk: int):
-    registration.allow_reenroll(_get_worker(pk))
+    worker = _get_worker(pk)
+    with transaction.atomic():
+        registration.allow_reenroll(worker)
+        audit.record(request, "worker.allow_reenroll", worker)
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 
@@ -158,7 +170,9 @@ def token_mint(request):
     form = TokenOptionsForm(request.POST)
     context: dict = {"token_form": form}
     if form.is_valid():
-        raw, token = form.mint(request.user, f"dashboard, by {request.user}")
+        with transaction.atomic():
+            raw, token = form.mint(request.user, f"dashboard, by {request.user}")
+            audit.record(request, "enrollment_token.create", token, _token_changes(token))
         context |= {"new_token": raw, "new_token_row": token}
     return _render_tokens(request, context) if request.htmx else _render_list(request, **context)
 
@@ -167,8 +181,21 @@ def token_mint(request):
 @role_required(ADMIN)
 def token_revoke(request, pk: int):
     # Only a token still unrevoked moves: revoking twice keeps the first time.
-    EnrollmentToken.objects.filter(pk=pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    with transaction.atomic():
+        revoked = EnrollmentToken.objects.filter(pk=pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+        if revoked:
+            audit.record(request, "enrollment_token.revoke", EnrollmentToken.objects.get(pk=pk))
     return _render_tokens(request, {}) if request.htmx else redirect("workers:list")
+
+
+def _token_changes(token: EnrollmentToken) -> dict:
+    return {
+        "expires_at": token.expires_at.isoformat(),
+        "max_uses": token.max_uses,
+        "auto_approve": token.auto_approve,
+    }
 
 
 def _render_tokens(request, context: dict):
@@ -185,7 +212,7 @@ def worker_state(request, pk: int, action: str):
     worker = Worker.objects.filter(pk=pk).first()
     if worker is None:
         raise Http404("No such worker.")
-    liveness.apply_state(worker, ACTIONS[action])
+    record_state_change(request, worker, action)
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 

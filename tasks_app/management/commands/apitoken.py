@@ -2,8 +2,10 @@ from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 from django.utils import timezone
 
+from tasks_app import audit
 from tasks_app.models import ApiToken
 
 
@@ -28,5 +30,7 @@ class Command(BaseCommand):
             hint = " (`make run` creates admin on its first start)" if username == "admin" else ""
             raise CommandError(f"no active user named {username!r}{hint}")
         expires_at = timezone.now() + timedelta(days=expires_days) if expires_days else None
-        raw, _ = ApiToken.mint(user, name=name, expires_at=expires_at)
+        with transaction.atomic():
+            raw, token = ApiToken.mint(user, name=name, expires_at=expires_at)
+            audit.record_as("manage.py", "token.create", token, audit.token_changes(token))
         self.stdout.write(raw)

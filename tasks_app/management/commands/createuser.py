@@ -12,7 +12,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from tasks_app import roles
+from tasks_app import audit, roles
 
 
 class Command(BaseCommand):
@@ -42,8 +42,10 @@ class Command(BaseCommand):
             user = users.objects.select_for_update().filter(username=username).first()
             if user is not None and not update:
                 raise CommandError(f"user {username!r} exists; add --update to change its role")
+            old_role = roles.role_of(user) if user is not None else None
             if user is None:
                 user = users(username=username, email=email)
+            action = "user.update" if user.pk else "user.create"
             if password is not None:
                 try:
                     password_validation.validate_password(password, user)
@@ -57,6 +59,10 @@ class Command(BaseCommand):
             if user.is_superuser and role != roles.ADMIN:
                 # A superuser is an admin whatever its groups: say so, do not pretend.
                 raise CommandError(f"{username!r} is a superuser, which is always an admin")
+            changes = {"role": [old_role, role]} if old_role != role else {}
+            if password is not None:
+                changes["password"] = "set"  # that it changed, never what to
+            audit.record_as("manage.py", action, user, changes)
         self.stdout.write(f"{username}: {role}{'' if password else ' (API tokens only)'}")
 
 

@@ -48,9 +48,7 @@ class Command(BaseCommand):
         # body before Twisted spools it to disk (see scheduler_site.bodylimit).
         # This process serves and then exits, so the module attribute daphne's
         # run() reads is set for good.
-        daphne.server.HTTPFactory = bodylimit.daphne_http_factory(
-            settings.SCHEDULER_MAX_BODY_BYTES
-        )
+        daphne.server.HTTPFactory = bodylimit.daphne_http_factory(settings.SCHEDULER_MAX_BODY_BYTES)
         self._serve(application, host, port, ready)
         service.stopping.set()
         # A graceful stop leaves the table at once; a killed server is dead
