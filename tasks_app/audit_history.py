@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from django.db.models import Q
 from django.utils import dateparse, timezone
 
-from tasks_app.history import InvalidFilter
+from tasks_app.history import InvalidFilter, parse_id
 from tasks_app.models import AuditEntry
-from tasks_app.validators import MAX_ID
 
 MAX_TEXT_FILTER = 200
 # An action (task.update: that one) or a kind of target (task: every task.* action).
@@ -54,10 +53,7 @@ def parse_filters(params) -> dict:
             filters[name] = _moment(name, raw)
     raw = params.get("before") or ""
     if raw:
-        # isascii(): str.isdigit() accepts "²"; the bounds keep it a database integer.
-        if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_ID):
-            raise InvalidFilter(f"before must be a positive whole number, not {raw[:40]!r}")
-        filters["before"] = int(raw)
+        filters["before"] = parse_id("before", raw)
     return filters
 
 

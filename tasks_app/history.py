@@ -35,14 +35,19 @@ def parse_filters(params) -> dict:
     for name in ("task", "before"):
         raw = params.get(name) or ""
         if raw:
-            # isascii(): str.isdigit() accepts "²", which int() rejects (a 500, not a
-            # 400); the length and upper bound keep it inside a 64-bit database integer
-            # (and under int()'s 4,300-digit limit).
-            digits = raw.isascii() and raw.isdigit() and len(raw) <= 19
-            if not digits or not 1 <= int(raw) <= MAX_ID:
-                raise InvalidFilter(f"{name} must be a positive whole number, not {raw!r}")
-            filters[name] = int(raw)
+            filters[name] = parse_id(name, raw)
     return filters
+
+
+def parse_id(name: str, raw: str) -> int:
+    """A query parameter that is a row id; InvalidFilter naming it otherwise."""
+    # isascii(): str.isdigit() accepts "²", which int() rejects (a 500, not a
+    # 400); the length and upper bound keep it inside a 64-bit database integer
+    # (and under int()'s 4,300-digit limit).
+    digits = raw.isascii() and raw.isdigit() and len(raw) <= 19
+    if not digits or not 1 <= int(raw) <= MAX_ID:
+        raise InvalidFilter(f"{name} must be a positive whole number, not {raw[:40]!r}")
+    return int(raw)
 
 
 def runs_page(
