@@ -64,14 +64,20 @@ def _moment(name: str, raw: str) -> dt.datetime:
         moment = None if day else dateparse.parse_datetime(raw)
     except ValueError:
         day = moment = None
+    problem = InvalidFilter(
+        f"{name} must be a date (2026-01-31) or a time with its offset "
+        f"(2026-01-31T09:00:00+00:00) in the years 2 to 9998, not {raw[:40]!r}"
+    )
     if day is not None:
-        start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-        return start + dt.timedelta(days=1) if name == "until" else start
+        moment = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+        if name == "until":
+            moment += dt.timedelta(days=1) if day.year < 9999 else dt.timedelta()
     if moment is None or timezone.is_naive(moment):
-        raise InvalidFilter(
-            f"{name} must be a date (2026-01-31) or a time with its offset "
-            f"(2026-01-31T09:00:00+00:00), not {raw[:40]!r}"
-        )
+        raise problem
+    # Kept off the ends of the calendar: a day after 9999-12-31 or a time
+    # before year 1 in UTC does not exist (OverflowError, a 500).
+    if not 2 <= moment.year <= 9998:
+        raise problem
     return moment
 
 

@@ -43,11 +43,13 @@ def clean_labels(value) -> list[str]:
     return labels
 
 
-def clean_env(value) -> dict[str, str]:
+def clean_env(value, *, secret: bool = False) -> dict[str, str]:
     """Environment variables from an object or from KEY=VALUE lines.
 
     Every problem is reported, not just the first: a form with three bad
     lines says so once, in one list of messages (the API's `errors.env`).
+    `secret`: a bad line is named by its number alone, never quoted (it may be
+    a value: a pasted key's second line).
     """
     if value is None or value == "":
         return {}
@@ -59,7 +61,8 @@ def clean_env(value) -> dict[str, str]:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             if "=" not in line:
-                errors.append(f"Line {number}: expected KEY=VALUE, got {line.strip()!r}.")
+                got = "" if secret else f", got {line.strip()!r}"
+                errors.append(f"Line {number}: expected KEY=VALUE{got}.")
                 continue
             key, _, val = line.partition("=")
             key = key.strip()
@@ -99,7 +102,7 @@ def clean_secret_env(value) -> dict[str, str | None]:
         if errors:
             raise ValidationError(errors)
         return dict(value)
-    return clean_env(value)
+    return clean_env(value, secret=True)
 
 
 def _env_item_errors(key, val) -> list[str]:

@@ -1,7 +1,8 @@
 """Shared personas and the real-process harness.
 
-Personas: alice is an admin, bob an operator (a plain logged-in user),
-"anonymous" is the outsider; `worker` is a registered agent with a known
+Personas (tasks_app.roles): alice is a superuser, bob an admin by group (the
+everyday user of most tests), otto an operator, vera a viewer, oscar an
+outsider (logged in, no role); `worker` is a registered agent with a known
 credential. End-to-end tests use `master` (a real `manage.py serve` on a
 free port with its own data dir) and `start_agent` (real agent processes).
 """

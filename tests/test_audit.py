@@ -634,6 +634,8 @@ def test_the_api_pages_the_log_by_id(api, log):
             "until must be a date (2026-01-31) or a time with its offset",
         ),
         ("action=DROP TABLE", "action must be an action (task.update) or a kind (task)"),
+        ("until=9999-12-31", "until must be a date (2026-01-31) or a time"),
+        ("since=0001-01-01T00:00:00%2B14:00", "since must be a date (2026-01-31) or a time"),
         ("actor=" + "x" * 201, "actor must be at most 200 characters"),
         ("limit=0", "limit must be between 1 and"),
     ],

@@ -450,3 +450,12 @@ def test_the_migration_made_the_three_groups_with_their_permissions():
     assert {"view_scheduler", "operate_scheduler", "administer_scheduler", "change_task"} <= held[
         "admin"
     ]
+
+
+def test_a_viewer_cannot_edit_a_worker_through_django_admin_and_admins_cannot_set_its_state(world):
+    objects, people = world
+    url = reverse("admin:workers_app_worker_change", args=[objects["worker"]])
+
+    assert people["viewer"][0].get(url).status_code == 302
+    page = people["admin"][0].get(url).content.decode()
+    assert 'name="state"' not in page and 'name="approved_at_0"' not in page

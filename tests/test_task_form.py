@@ -169,3 +169,20 @@ def test_a_runs_parameters_report_every_bad_variable(client, bob_token, task):
     messages = " ".join(sum(response.json()["errors"].values(), []))
     assert "'1BAD'" in messages and "'ALSO BAD'" in messages
     assert not task.runs.exists()
+
+
+@pytest.mark.django_db
+def test_a_bad_line_of_new_secrets_is_named_by_its_number_never_shown(bob_client):
+    # A pasted key's second line has no "=": the value must not come back in the page.
+    form = {
+        "name": "deploy",
+        "command": "true",
+        "timezone": "UTC",
+        "secret_env": "KEY=-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+    }
+
+    page = bob_client.post("/tasks/new/", form).content.decode()
+
+    assert "Line 2: expected KEY=VALUE." in page
+    assert "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC" not in page and "BEGIN KEY" not in page
+    assert not Task.objects.exists()

@@ -346,6 +346,40 @@ def test_it_refuses_to_re_enroll_an_existing_name_without_an_admins_consent(clie
 
 
 @pytest.mark.django_db
+def test_consent_to_re_enroll_is_refused_while_connected_and_voided_by_its_agents_hello():
+    raw, _ = EnrollmentToken.mint()
+    worker, _ = enroll(raw)
+    registration.approve(worker, user=None, labels=["linux"], capacity=2)
+    liveness.hello(worker.pk, "chan-1", hello_frame())
+
+    assert registration.allow_reenroll(worker) is False  # its agent has its credential
+    liveness.disconnected_many([(worker.pk, "chan-1")])
+    assert registration.allow_reenroll(worker) is True
+    # The node had not lost its credential after all: it comes back with it.
+    liveness.hello(worker.pk, "chan-2", hello_frame())
+    liveness.disconnected_many([(worker.pk, "chan-2")])
+
+    assert Worker.objects.get(pk=worker.pk).reenroll_allowed is False
+    with pytest.raises(EnrollmentRefused, match="an admin must allow its re-enrollment"):
+        enroll(raw)
+
+
+@pytest.mark.django_db
+def test_an_approval_with_too_many_labels_is_a_400_and_changes_nothing(api):
+    raw, _ = EnrollmentToken.mint()
+    worker, _ = enroll(raw)
+    labels = [f"l{i}" for i in range(200)]
+
+    response = api.post(
+        f"/api/workers/{worker.pk}/approve", {"labels": labels}, content_type="application/json"
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid approval"
+    assert Worker.objects.get(pk=worker.pk).approved_at is None
+
+
+@pytest.mark.django_db
 def test_a_consented_re_enrollment_keeps_the_decision_and_uses_the_consent_up():
     raw, _ = EnrollmentToken.mint()
     worker, old_credential = enroll(raw)
@@ -522,3 +556,17 @@ def _https_server(ca: _CA) -> http.server.HTTPServer:
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+@pytest.mark.django_db
+def test_broadcast_never_targets_a_worker_without_an_approval_whatever_its_state():
+    from workers_app.directory import WorkerDirectory
+
+    raw, _ = EnrollmentToken.mint(auto_approve=True)
+    approved, _ = enroll(raw, name="approved")
+    raw, _ = EnrollmentToken.mint()
+    unapproved, _ = enroll(raw, name="unapproved")
+    # Online in the row (as an edit outside the dashboard could leave it), never approved.
+    Worker.objects.filter(pk__in=[approved.pk, unapproved.pk]).update(state="online")
+
+    assert [w.name for w in WorkerDirectory().taking_work()] == ["approved"]

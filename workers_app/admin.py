@@ -16,7 +16,15 @@ class WorkerAdmin(admin.ModelAdmin):
     ]
     list_filter = ["state"]
     search_fields = ["name", "hostname"]
+    # State and approval move through the dashboard and the API (approve, drain,
+    # disable, revoke), which keep dispatch and the audit log in step.
     readonly_fields = [
+        "state",
+        "approved_at",
+        "approved_by",
+        "reenroll_allowed",
+        "requested_labels",
+        "requested_capacity",
         "credential_hash",
         "channel_name",
         "server",

@@ -1,6 +1,7 @@
 """JSON API for workers: enrollment (public, token-gated) and listing."""
 
 from django import forms
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.http import JsonResponse
 
@@ -98,7 +99,10 @@ def worker_approve(request, pk: int):
     if worker is None:
         return error(404, f"no worker with id {pk}")
     body = request.payload or {}
-    labels = clean_labels(body.get("labels", worker.requested_labels))
+    try:
+        labels = clean_labels(body.get("labels", worker.requested_labels))
+    except ValidationError as exc:
+        raise BadRequest("invalid approval", {"labels": exc.messages}) from None
     capacity = body.get("capacity", worker.requested_capacity or worker.capacity)
     with transaction.atomic():
         if not registration.approve(worker, user=request.user, labels=labels, capacity=capacity):

@@ -22,9 +22,12 @@ class WorkerDirectory:
         return dict(workers.values_list("name", "pk"))
 
     def taking_work(self) -> list[OnlineWorker]:
-        """Online, not draining at an operator's request, not revoked: the
-        workers dispatch would give new work to (see dispatch._load)."""
+        """Online, approved, not draining at an operator's request, not revoked:
+        the workers dispatch would give new work to (see dispatch._load)."""
         rows = Worker.objects.filter(
-            state=Worker.State.ONLINE, drain_requested=False, revoked_at__isnull=True
+            state=Worker.State.ONLINE,
+            approved_at__isnull=False,
+            drain_requested=False,
+            revoked_at__isnull=True,
         ).values_list("pk", "name", "labels")
         return [OnlineWorker(pk, name, frozenset(labels or ())) for pk, name, labels in rows]

@@ -113,6 +113,11 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                 draining = frame.get("draining") or worker.drain_requested
                 worker.state = Worker.State.DRAINING if draining else Worker.State.ONLINE
             worker.channel_name = hello.channel_name
+            # Its own credential is back: an admin's consent to re-enroll the
+            # name (given for a node that had lost it) is void, or anyone with
+            # an enrollment token could take the worker over at its next
+            # disconnect.
+            worker.reenroll_allowed = False
             worker.server = servers.ME
             worker.last_heartbeat = now
             worker.connected_at = now
@@ -126,6 +131,7 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                     "requested_labels",
                     "state",
                     "channel_name",
+                    "reenroll_allowed",
                     "server",
                     "last_heartbeat",
                     "connected_at",
@@ -140,6 +146,7 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                     w.requested_labels,
                     w.state,
                     w.channel_name,
+                    w.reenroll_allowed,
                     w.server,
                     w.last_heartbeat,
                     w.connected_at,

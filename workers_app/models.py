@@ -132,6 +132,14 @@ class EnrollmentToken(models.Model):
         )
         return raw, token
 
+    def options(self) -> dict:
+        """What it was minted with, for the audit log."""
+        return {
+            "expires_at": self.expires_at.isoformat(),
+            "max_uses": self.max_uses,
+            "auto_approve": self.auto_approve,
+        }
+
     @property
     def is_usable(self) -> bool:
         return (

@@ -115,9 +115,17 @@ def approve(worker: Worker, *, user, labels: list[str], capacity: int) -> bool:
     return True
 
 
-def allow_reenroll(worker: Worker) -> None:
-    """An admin's consent to one enrollment under this worker's name."""
-    Worker.objects.filter(pk=worker.pk, revoked_at__isnull=True).update(reenroll_allowed=True)
+def allow_reenroll(worker: Worker) -> bool:
+    """An admin's consent to one enrollment under this worker's name, for a node
+    that lost its credential: so only while it is not connected. Its agent
+    saying hello again with the old credential voids it (liveness.hello_many).
+    False when the worker is connected or revoked."""
+    # Race: the agent connecting right now; judged on the row as it is.
+    return bool(
+        Worker.objects.filter(pk=worker.pk, revoked_at__isnull=True, channel_name="").update(
+            reenroll_allowed=True
+        )
+    )
 
 
 def revoke(worker: Worker) -> None:

@@ -1,6 +1,7 @@
 """Dashboard pages for workers, and the agent download."""
 
 from django import forms
+from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.http import Http404, HttpResponse
@@ -102,7 +103,7 @@ def worker_add(request):
         # Empty "uses" in the form is unlimited; the form starts at 1 (single use).
         with transaction.atomic():
             raw, token = form.mint(request.user, f"dashboard, by {request.user}")
-            audit.record(request, "enrollment_token.create", token, _token_changes(token))
+            audit.record(request, "enrollment_token.create", token, token.options())
         server = _server_url(request)
         name = form.cleaned_data["name"]
         context |= {
@@ -159,8 +160,14 @@ def worker_approve(request, pk: int):
 def worker_allow_reenroll(request, pk: int):
     worker = _get_worker(pk)
     with transaction.atomic():
-        registration.allow_reenroll(worker)
-        audit.record(request, "worker.allow_reenroll", worker)
+        if registration.allow_reenroll(worker):
+            audit.record(request, "worker.allow_reenroll", worker)
+        else:
+            messages.error(
+                request,
+                f"{worker.name} is connected (or revoked): its agent has its credential, "
+                "so there is nothing to re-enroll.",
+            )
     return _render_list(request) if request.htmx else redirect("workers:list")
 
 
@@ -172,7 +179,7 @@ def token_mint(request):
     if form.is_valid():
         with transaction.atomic():
             raw, token = form.mint(request.user, f"dashboard, by {request.user}")
-            audit.record(request, "enrollment_token.create", token, _token_changes(token))
+            audit.record(request, "enrollment_token.create", token, token.options())
         context |= {"new_token": raw, "new_token_row": token}
     return _render_tokens(request, context) if request.htmx else _render_list(request, **context)
 
@@ -188,14 +195,6 @@ def token_revoke(request, pk: int):
         if revoked:
             audit.record(request, "enrollment_token.revoke", EnrollmentToken.objects.get(pk=pk))
     return _render_tokens(request, {}) if request.htmx else redirect("workers:list")
-
-
-def _token_changes(token: EnrollmentToken) -> dict:
-    return {
-        "expires_at": token.expires_at.isoformat(),
-        "max_uses": token.max_uses,
-        "auto_approve": token.auto_approve,
-    }
 
 
 def _render_tokens(request, context: dict):

@@ -1,6 +1,8 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
+from tasks_app import audit
 from workers_app.models import EnrollmentToken
 
 
@@ -50,7 +52,9 @@ class Command(BaseCommand):
             raise CommandError("--ttl-hours must be positive")
         if max_uses is not None and max_uses < 1:
             raise CommandError("--max-uses must be at least 1")
-        raw, _ = EnrollmentToken.mint(
-            note=note[:200], ttl_hours=ttl_hours, max_uses=max_uses, auto_approve=auto_approve
-        )
+        with transaction.atomic():
+            raw, token = EnrollmentToken.mint(
+                note=note[:200], ttl_hours=ttl_hours, max_uses=max_uses, auto_approve=auto_approve
+            )
+            audit.record_as("manage.py", "enrollment_token.create", token, token.options())
         self.stdout.write(raw)
