@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import os
+import random
+import re
 import signal
 import stat
 import sys
@@ -1987,10 +1989,157 @@ def test_it_masks_a_secret_split_across_two_reads_and_at_the_end() -> None:
         )
     ]
     # A value shorter than 3 characters ("12") is not masked; at the end the
-    # held-back prefix goes out as it is.
+    # held-back start of a value is masked too: the rest may just not have come.
     assert end[0] == Send(
-        {"type": "log", "attempt": 5, "seq": 2, "stream": "stdout", "data": "hunter2"}
+        {"type": "log", "attempt": 5, "seq": 2, "stream": "stdout", "data": "***"}
     )
+
+
+@pytest.mark.parametrize(
+    ("values", "pieces", "expected"),
+    [
+        # A value ending with what begins it, at the end of a piece: masked
+        # whole, not held back from inside it.
+        (["s3cr3ts"], ["token: s3cr3ts", " done\n"], "token: *** done\n"),
+        (["abcab"], ["x abcab", "c\n"], "x ***c\n"),
+        # Overlapping occurrences: the first is masked, as in one piece.
+        (["abcab"], ["x abcab", "cab\n"], "x ***cab\n"),
+        # One value's end is another's start.
+        (["hunter2", "r2d2x"], ["foo hunter2", "\n"], "foo ***\n"),
+        (["hunter2", "r2d2x"], ["foo hunter2", "d2x\n"], "foo ***d2x\n"),
+        (["hunter2", "r2d2x"], ["foo hunte", "r2d2x\n"], "foo ***d2x\n"),
+        # A longer value the next piece completes wins, as in one piece.
+        (["abc", "abcdef"], ["x abc", "def\n"], "x ***\n"),
+        (["abc", "abcdef"], ["x abc", "dx\n"], "x ***dx\n"),
+        # At the end, a held-back start of 3 characters or more is masked; a
+        # shorter one is left, like a value that short.
+        (["hunter2"], ["foo hunt"], "foo ***"),
+        (["hunter2"], ["foo hu"], "foo hu"),
+        (["abc", "abcdef"], ["x abc"], "x ***"),
+    ],
+)
+def test_the_masker_masks_values_however_the_output_is_split(
+    values: list[str], pieces: list[str], expected: str
+) -> None:
+    masker = agent.Masker(values)
+
+    out = "".join(masker.feed(p) for p in pieces) + masker.feed("", final=True)
+
+    assert out == expected
+
+
+def mask_at_once(text: str, values: list[str]) -> str:
+    """What the Masker must give, by the rule itself, one position at a time:
+    the longest value starting here is masked; an end of the text that may be
+    the start of a value is masked if 3 characters or more."""
+    values = [v for v in values if len(v) >= agent.MIN_MASKED_LENGTH]
+    out, i = [], 0
+    while i < len(text):
+        rest = text[i:]
+        if any(len(v) > len(rest) and v.startswith(rest) for v in values):
+            out.append("***" if len(rest) >= agent.MIN_MASKED_LENGTH else rest)
+            break
+        match = max((v for v in values if rest.startswith(v)), key=len, default="")
+        out.append("***" if match else rest[0])
+        i += len(match) or 1
+    return "".join(out)
+
+
+def random_masking_cases(rng: random.Random, count: int):
+    alphabet = "abc"  # few letters: values overlap themselves and each other
+    fixed = [
+        ["abab"],
+        ["aaa"],
+        ["s3cr3ts"],
+        ["abcab", "bca"],
+        ["hunter2", "r2d2x"],
+        ["abc", "abcdef", "cde"],
+        ["aba", "bab", "ab"],  # "ab" is too short to mask
+    ]
+    for n in range(count):
+        if n < len(fixed):
+            values = fixed[n]
+        else:
+            values = [
+                "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6)))
+                for _ in range(rng.randint(1, 3))
+            ]
+        letters = alphabet + "".join(values) + "x "
+        parts = []
+        for _ in range(rng.randint(1, 6)):
+            value = rng.choice(values)
+            parts.append(rng.choice([value, value[: rng.randint(1, len(value))], value[1:]]))
+            parts.append("".join(rng.choice(letters) for _ in range(rng.randint(0, 4))))
+        yield values, "".join(parts)
+
+
+def test_the_masker_output_never_holds_a_value_wherever_the_pieces_are_cut() -> None:
+    rng = random.Random(20240611)
+    for values, text in random_masking_cases(rng, 400):
+        masked = [v for v in values if len(v) >= agent.MIN_MASKED_LENGTH]
+        expected = mask_at_once(text, values)
+        # The same rule as the one regex the Masker uses, when the text ends
+        # with no value cut short.
+        pattern = "|".join(sorted(masked, key=len, reverse=True))
+        whole = re.sub(pattern, "***", text + "\n") if masked else text + "\n"
+        assert mask_at_once(text + "\n", values) == whole
+        splits = [[i] for i in range(len(text) + 1)]
+        splits += [sorted(rng.sample(range(len(text) + 1), min(4, len(text)))) for _ in range(20)]
+        splits.append(list(range(len(text) + 1)))  # one character at a time
+        for cuts in splits:
+            bounds = [0, *cuts, len(text)]
+            pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+            masker = agent.Masker(values)
+            out = "".join(masker.feed(p) for p in pieces) + masker.feed("", final=True)
+            assert out == expected, (values, text, cuts)
+            assert not any(v in out for v in masked), (values, text, cuts)
+            masker = agent.Masker(values)
+            out = "".join(masker.feed(p) for p in pieces) + masker.feed("\n", final=True)
+            assert out == whole, (values, text, cuts)
+
+
+def test_a_secret_cut_by_the_log_limit_is_masked_at_the_end() -> None:
+    core = running(
+        online(make_core(), log_limit_bytes=12), 5, secret_env={"API_TOKEN": "hunter2-xyz"}
+    )
+
+    core.output(5, "stdout", b"token=hunter2-xyz\n")
+    out = core.process_exited(5, 0, 1002.5)
+
+    assert [o.frame["data"] for o in out if o.frame["type"] == "log"] == ["token=***"]
+    assert out[-1].frame["truncated"] is True
+
+
+def test_it_never_logs_the_secret_values_of_a_frame_it_ignores(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = online(make_core())
+    secret_env = {"API_TOKEN": "hunter2-xyz", "PIN": "42"}
+
+    def broken(frame: dict[str, Any]) -> str | None:
+        raise ValueError("a bug")
+
+    with caplog.at_level("WARNING", logger="scheduler_agent"):
+        # Not an integer attempt: refused by the schema, logged.
+        core.receive(json.dumps({"secret_env": secret_env, "type": "assign", "attempt": "5"}))
+        core.receive(json.dumps([[{"secret_env": "hunter2-xyz", "type": "assign"}]]))
+        # Past the schema, an exception: logged.
+        monkeypatch.setattr(agent, "_assign_problem", broken)
+        core.receive(json.dumps({"secret_env": secret_env, **json.loads(assign(6))}))
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == [
+        "ignoring frame from master (assign: field 'attempt' has the wrong type): "
+        "{'secret_env': {'API_TOKEN': '***', 'PIN': '***'}, 'type': 'assign', 'attempt': '5'}",
+        "ignoring frame from master (frame must be a JSON object): "
+        "[{'secret_env': '***', 'type': 'assign'}]",
+    ]
+    assert messages[2].startswith(
+        "ignoring malformed assign frame (a bug): "
+        "{'secret_env': {'API_TOKEN': '***', 'PIN': '***'}, 'type': 'assign', 'attempt': 6, "
+    )
+    assert len(messages) == 3
+    assert not any("hunter2" in m or "42" in m for m in messages)
 
 
 def test_it_refuses_a_secret_env_that_is_not_names_to_strings() -> None:

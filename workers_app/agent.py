@@ -61,7 +61,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -422,8 +422,23 @@ class _Attempt:
 
 class Masker:
     """Replaces secret values in a stream of text with ***, also when a value is
-    split between two pieces: the end of a piece that could begin one is held
-    back until the next piece (or the end) says whether it does."""
+    split between two pieces.
+
+    The result is what masking the whole stream at once would give: at each
+    position, from the left, the longest value that starts there is masked
+    (a regex of the values, longest first). A piece's matches are final up to
+    the first position the scan reaches (one not inside a match) from which
+    the rest of the piece is a proper prefix of a value: there the next piece
+    may complete a value, or a longer one, so the text from there is held
+    back. Held back is thus always shorter than the longest value, and never
+    the end of a value already masked (`s3cr3ts` ends with what begins it).
+
+    At the end of the stream a held-back end of MIN_MASKED_LENGTH characters
+    or more goes out as *** too: the start of a value, where output was cut
+    (the log cap, a killed command), is still secret material. A shorter one
+    goes out as it is, like a value that short: masking a trailing "s" or "hu"
+    would garble output and hide next to nothing.
+    """
 
     def __init__(self, values: Iterable[str]) -> None:
         # Longest first: a value that contains another is masked whole.
@@ -442,19 +457,34 @@ class Masker:
         if not self.values:
             return text  # (an empty pattern would match between every character)
         text = self.carry + text
-        cut = len(text) if final else self._cut(text)
-        self.carry = text[cut:]
-        return self._pattern.sub(SECRET_MASK, text[:cut])
+        held = self._open_ends(text)
+        cut = next(held, len(text))
+        out: list[str] = []
+        pos = 0  # the text before pos is settled
+        for match in self._pattern.finditer(text):
+            if match.start() >= cut:
+                break  # the next piece may still make this match a longer value
+            out += (text[pos : match.start()], SECRET_MASK)
+            pos = match.end()
+            while cut < pos:  # inside a value masked whole: not a start
+                cut = next(held, len(text))
+        out.append(text[pos:cut])
+        tail = text[cut:]
+        if final:
+            self.carry = ""
+            out.append(SECRET_MASK if len(tail) >= MIN_MASKED_LENGTH else tail)
+        else:
+            self.carry = tail
+        return "".join(out)
 
-    def _cut(self, text: str) -> int:
-        """Where the held-back end starts: the earliest position of the last
-        longest-1 characters from which the rest is the start of a value."""
+    def _open_ends(self, text: str) -> Iterator[int]:
+        """In order, the positions among the last longest-1 characters from
+        which the rest of text is a proper prefix of a value."""
         for i in range(max(len(text) - self._longest + 1, 0), len(text)):
             if text[i] in self._firsts:
                 rest = text[i:]
-                if any(v.startswith(rest) for v in self.values):
-                    return i
-        return len(text)
+                if any(len(v) > len(rest) and v.startswith(rest) for v in self.values):
+                    yield i
 
 
 def command_environ(environ: dict[bytes, bytes], passed: Iterable[str] = ()) -> dict[bytes, bytes]:
@@ -463,6 +493,19 @@ def command_environ(environ: dict[bytes, bytes], passed: Iterable[str] = ()) -> 
     names = {os.fsencode(n) for n in (*PASSED_ENV, *passed)}
     prefixes = tuple(os.fsencode(p) for p in PASSED_ENV_PREFIXES)
     return {k: v for k, v in environ.items() if k in names or k.startswith(prefixes)}
+
+
+def _loggable(frame: Any) -> Any:
+    """frame as it may be logged: the values of an assign's secret_env masked,
+    its names kept (also in a frame nested in an array, as a master bug may send)."""
+    if isinstance(frame, list):
+        return [_loggable(f) for f in frame]
+    if not isinstance(frame, dict) or "secret_env" not in frame:
+        return frame
+    secrets = frame["secret_env"]
+    # (Not a dict, it is malformed, but may still hold the values.)
+    hidden = dict.fromkeys(secrets, SECRET_MASK) if isinstance(secrets, dict) else SECRET_MASK
+    return {**frame, "secret_env": hidden}
 
 
 def _is_int(value: Any) -> bool:
@@ -648,7 +691,9 @@ class AgentCore:
             return getattr(self, "_on_" + frame["type"])(frame)
         except Exception as exc:
             # The schema checks types and ranges; this is the net for what it cannot say.
-            logger.warning("ignoring malformed %s frame (%s): %.200r", frame["type"], exc, frame)
+            logger.warning(
+                "ignoring malformed %s frame (%s): %.200r", frame["type"], exc, _loggable(frame)
+            )
             return []
 
     def _on_invalid(self, frame: Any, problem: str) -> list[Output]:
@@ -657,7 +702,7 @@ class AgentCore:
             if _is_int(attempt):
                 # Answered, so the master does not wait for an accept that never comes.
                 return self._on_bad_assign(attempt, problem.removeprefix("assign: "))
-        logger.warning("ignoring frame from master (%s): %.200r", problem, frame)
+        logger.warning("ignoring frame from master (%s): %.200r", problem, _loggable(frame))
         return []
 
     def _on_welcome(self, frame: dict[str, Any]) -> list[Output]:
