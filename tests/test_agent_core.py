@@ -1130,7 +1130,10 @@ def test_a_token_is_required_without_a_stored_credential(
         agent.main(["--server", "http://m", "--state-dir", str(tmp_path / "state")])
 
     assert exc.value.code == 2
-    assert "--token is required to enroll" in capsys.readouterr().err
+    assert (
+        f"an enrollment token is required to enroll (no credential in {tmp_path / 'state'}):"
+        " set SCHEDULER_ENROLLMENT_TOKEN or pass --token-file"
+    ) in capsys.readouterr().err
 
 
 class _Master:
