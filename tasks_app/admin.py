@@ -72,7 +72,11 @@ class TaskAdmin(admin.ModelAdmin):
     search_fields = ["name", "command"]
     # secret_env is not editable (its values are write-only, through the
     # dashboard or the API): the admin shows the names alone.
-    readonly_fields = ["secret_env_keys"]
+    readonly_fields = ["secret_env_keys", "secrets_unreadable"]
+
+    @admin.display(boolean=True, description="Secret values unreadable (another SECRET_KEY)")
+    def secrets_unreadable(self, task):
+        return task.secrets_unreadable()
 
 
 class AttemptInline(admin.TabularInline):

@@ -45,6 +45,7 @@ from django.contrib.auth import user_logged_in, user_logged_out, user_login_fail
 from django.http import HttpRequest
 
 from scheduler_site.clientip import client_ip
+from tasks_app.exceptions import SecretsUnreadable
 from tasks_app.models import TASK_FIELDS, AuditEntry
 
 # What a target is called in `target`, by model (app_label.model_name).
@@ -191,12 +192,23 @@ def _name(target) -> str:
 
 # --- what changed -------------------------------------------------------------
 
+# The value of a secret variable this server cannot decrypt: equal to itself
+# only, so a new value for it is a change and keeping the token is not.
+UNREADABLE = object()
+
 
 def task_state(task) -> dict:
     """A task's fields as people set them, to diff before and after an edit.
     Secret values are held only in memory, for `diff`, which keeps their names."""
     state = {name: getattr(task, name) for name in TASK_FIELDS if name != "secret_env"}
-    state["secret_env"] = task.secret_values() if task.pk and task.secret_env else {}
+    state["secret_env"] = {}
+    if task.pk and task.secret_env:
+        try:
+            state["secret_env"] = task.secret_values()
+        except SecretsUnreadable:
+            # Encrypted under another SECRET_KEY: the names are known, the values
+            # are not; any value set for one of them counts as a change.
+            state["secret_env"] = dict.fromkeys(task.secret_env_keys, UNREADABLE)
     return state
 
 

@@ -6,7 +6,7 @@ from django import forms
 from django.utils import timezone
 
 from tasks_app import cron, routing, validators
-from tasks_app.exceptions import InvalidSchedule
+from tasks_app.exceptions import InvalidSchedule, SecretsUnreadable
 from tasks_app.models import MAX_SHARDS, TASK_FIELDS, MisfirePolicy, Strategy, Task
 
 MAX_TIMEOUT_S = 7 * 24 * 3600
@@ -228,27 +228,37 @@ class TaskForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.current_secrets = self.instance.secret_values() if self.instance.secret_env else {}
-        for name in sorted(self.current_secrets):
+        # Encrypted under another SECRET_KEY: no value can be kept, each name
+        # must be given again or removed (or the set left as it is, unreadable).
+        self.secrets_unreadable = False
+        try:
+            self.current_secrets = self.instance.secret_values() if self.instance.secret_env else {}
+            self.secret_names = sorted(self.current_secrets)
+        except SecretsUnreadable:
+            self.secrets_unreadable = True
+            self.current_secrets = {}
+            self.secret_names = list(self.instance.secret_env_keys)
+        placeholder = "unreadable: type it again" if self.secrets_unreadable else "unchanged"
+        for name in self.secret_names:
             self.fields[self.SECRET_PREFIX + name] = forms.CharField(
                 required=False,
                 label=name,
                 strip=False,
                 widget=forms.PasswordInput(
-                    attrs={"placeholder": "unchanged", "autocomplete": "new-password"}
+                    attrs={"placeholder": placeholder, "autocomplete": "new-password"}
                 ),
             )
-        if self.current_secrets:
+        if self.secret_names:
             self.fields["secret_remove"] = forms.MultipleChoiceField(
                 required=False,
-                choices=[(name, name) for name in sorted(self.current_secrets)],
+                choices=[(name, name) for name in self.secret_names],
                 widget=forms.CheckboxSelectMultiple,
                 label="Remove",
             )
 
     def secret_fields(self) -> list[tuple[forms.BoundField, str]]:
         """(value field, name) of each current secret, for the page."""
-        return [(self[self.SECRET_PREFIX + n], n) for n in sorted(self.current_secrets)]
+        return [(self[self.SECRET_PREFIX + n], n) for n in self.secret_names]
 
     def basic_fields(self) -> list[forms.BoundField]:
         grouped = self.ADVANCED_FIELDS + self.SCHEDULE_FIELDS
@@ -355,9 +365,10 @@ class TaskForm(forms.ModelForm):
             # The API: the object is the whole set, null keeps a value.
             unknown = sorted(k for k, v in given.items() if v is None and k not in current)
             if unknown:
+                why = " (the stored values cannot be read)" if self.secrets_unreadable else ""
                 self.add_error(
                     "secret_env",
-                    f"No current value to keep for {', '.join(unknown)}: give one.",
+                    f"No current value to keep for {', '.join(unknown)}{why}: give one.",
                 )
                 return None
             values = {k: current[k] if v is None else v for k, v in given.items()}
@@ -366,15 +377,29 @@ class TaskForm(forms.ModelForm):
             # less those ticked for removal, changed where a value was typed,
             # then the new lines.
             removed = set(cleaned.get("secret_remove") or ())
-            values = {}
-            for name, value in current.items():
+            values, untouched = {}, []
+            for name in self.secret_names:
                 if name in removed:
                     continue
                 typed = cleaned.get(self.SECRET_PREFIX + name) or ""
                 if "\x00" in typed:
                     self.add_error(self.SECRET_PREFIX + name, "The value contains a NUL byte.")
                     return None
-                values[name] = typed or value
+                if typed or name in current:
+                    values[name] = typed or current[name]
+                else:
+                    untouched.append(name)
+            if self.secrets_unreadable:
+                if not (given or removed or values):
+                    return None  # left as it is: still unreadable, runs still refused
+                for name in untouched:
+                    self.add_error(
+                        self.SECRET_PREFIX + name,
+                        "Its stored value cannot be read (another SECRET_KEY): "
+                        "type it again or tick Remove.",
+                    )
+                if untouched:
+                    return None
             values.update(given)
         both = sorted(set(values) & set(cleaned.get("env") or {}))
         if both:

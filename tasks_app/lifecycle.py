@@ -28,7 +28,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from tasks_app import shards
+from tasks_app import secret_env, shards
 from tasks_app.batchsql import (
     atomic,
     aware,
@@ -45,6 +45,7 @@ from tasks_app.exceptions import (
     RunNotCancellable,
     RunNotRetryable,
     RunTooLarge,
+    SecretsUnreadable,
     TaskDisabled,
     TaskError,
     TaskNotFound,
@@ -404,6 +405,12 @@ def retry_run(run: Run, user=None) -> Run:
     """A new run of exactly what a finished run ran (its snapshot), linked to it."""
     if not run.is_final:
         raise RunNotRetryable(f"run {run.pk} is {run.status}; only a finished run can be retried")
+    try:
+        # As Task.definition does for a trigger: a retry its agent could not be
+        # given the secrets of would only fail at dispatch.
+        secret_env.decrypt(run.definition.get("secret_env") or "")
+    except SecretsUnreadable as exc:
+        raise RunNotRetryable(f"run {run.pk} cannot be retried: {exc}") from None
     retry = Run(
         task_id=run.task_id,
         task_name=run.task_name,
@@ -966,6 +973,39 @@ def fail_pinned(worker_id: int, worker_name: str, what: str = "deleted") -> list
         )
         refresh_runs({run_id for _, run_id in rows})
     return [pk for pk, _ in rows]
+
+
+def fail_unstartable(attempt_ids: Sequence[int], reason: str) -> list[int]:
+    """Queued or assigned attempts that can never run as they are (their run's
+    secrets cannot be decrypted): they fail now, without retries (each would
+    fail the same way), and their runs fail with the reason. An agent holding
+    one of them assigned is told to drop it."""
+    if not attempt_ids:
+        return []
+    waiting = (S.QUEUED, S.ASSIGNED)
+    with atomic():
+        # In id order, as every lock on attempts (see lose()).
+        rows = list(
+            _locked(
+                Attempt.objects.filter(pk__in=list(attempt_ids), status__in=waiting).order_by("pk")
+            ).values_list("pk", "run_id", "worker_id", "status")
+        )
+        now = timezone.now()
+        for status in waiting:
+            # Race: a claim or an agent's start at this moment; only rows still
+            # in the state read move. An assigned one is closed by the master: a
+            # late report from its agent is kept aside, never over it.
+            Attempt.objects.filter(
+                pk__in=[pk for pk, _, _, s in rows if s == status], status=status
+            ).update(
+                status=S.FAILED,
+                reason=reason[:500],
+                finished_at=now,
+                closed_by_master=status == S.ASSIGNED,
+            )
+        refresh_runs({run_id for _, run_id, _, _ in rows})
+        _stop([(worker_id, pk) for pk, _, worker_id, s in rows if s == S.ASSIGNED])
+    return [pk for pk, *_ in rows]
 
 
 def time_out_overdue(now: dt.datetime | None = None) -> list[int]:

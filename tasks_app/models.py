@@ -105,6 +105,10 @@ class Task(models.Model):
     # Write-only variables: one Fernet token of their JSON (tasks_app.secret_env),
     # never shown; a run's snapshot keeps the token, not the values.
     secret_env = models.TextField(blank=True, default="", editable=False)
+    # Their names, sorted, in clear: all that is ever shown of them, and still
+    # known when the token cannot be decrypted (SECRET_KEY changed), so that
+    # people can tell which values to set again.
+    secret_env_keys = models.JSONField(default=list, blank=True, editable=False)
     working_dir = models.CharField(max_length=1024, blank=True)
     timeout = models.PositiveIntegerField(
         null=True, blank=True, help_text="Seconds; empty for none."
@@ -261,12 +265,13 @@ class Task(models.Model):
     def secret_values(self) -> dict[str, str]:
         return secret_env.decrypt(self.secret_env)
 
-    def secret_env_keys(self) -> list[str]:
-        """The names of its secret variables: all that is ever shown of them."""
-        return sorted(self.secret_values())
+    def secrets_unreadable(self) -> bool:
+        """It has secret variables this server cannot decrypt (another SECRET_KEY)."""
+        return bool(self.secret_env) and not secret_env.readable(self.secret_env)
 
     def set_secret_values(self, values: dict[str, str]) -> None:
         self.secret_env = secret_env.encrypt(values)
+        self.secret_env_keys = sorted(values)
 
     def definition(self, params: dict | None = None) -> dict:
         """The snapshot a run keeps, so that editing the task never rewrites history.

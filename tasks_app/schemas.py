@@ -218,6 +218,11 @@ SECRET_ENV_KEYS = {
     "items": {"type": "string"},
     "description": "the names of the task's secret variables, sorted; their values are never shown",
 }
+SECRET_ENV_UNREADABLE = {
+    "type": "boolean",
+    "description": "the secret values were encrypted with another SECRET_KEY and cannot be "
+    "read: its runs fail until a whole new secret_env is given",
+}
 
 # A task's own JSON sent back as it came (id and times included) is a valid
 # body, to change it or to make a copy: those are read-only and ignored.
@@ -227,6 +232,7 @@ READ_ONLY = {
     "created_at": {**TIME, "readOnly": True},
     "updated_at": {**TIME, "readOnly": True},
     "secret_env_keys": {**SECRET_ENV_KEYS, "readOnly": True},
+    "secret_env_unreadable": {**SECRET_ENV_UNREADABLE, "readOnly": True},
 }
 TASK_CREATE = Body(
     "TaskCreate",
@@ -353,6 +359,7 @@ TASK = answer_object(
         "id": ID,
         **TASK_FIELD_SCHEMAS,
         "secret_env_keys": SECRET_ENV_KEYS,
+        "secret_env_unreadable": SECRET_ENV_UNREADABLE,
         "created_at": TIME,
         "updated_at": TIME,
     },

@@ -7,6 +7,11 @@ same token; it is decrypted only to build the assign frame for its agent
 (workers_app.protocol.assign) and to mask stored output (tasks_app.logs).
 SECRET_KEY_FALLBACKS are tried too, so rotating the key the Django way keeps
 existing secrets readable until the tasks are saved again.
+
+A key changed without its fallback makes the tokens unreadable: the names
+stay known (Task.secret_env_keys, kept in clear), a trigger is refused, and a
+queued run fails at dispatch with UNREADABLE (workers_app.dispatch) until
+the values are set again.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from django.conf import settings
 from tasks_app.exceptions import SecretsUnreadable
 
 MASK = "***"
+# Why a run whose secrets cannot be decrypted fails, for people.
+UNREADABLE = (
+    "its secret variables were encrypted with another SECRET_KEY; set them again on the task"
+)
 # Values shorter than this are not masked: replacing every "1" or "on" in the
 # output would destroy it and tell a reader the value anyway (GitHub Actions
 # and GitLab CI skip short values the same way).
@@ -55,6 +64,15 @@ def encrypt(values: dict[str, str]) -> str:
     return cipher().encrypt(json.dumps(values, sort_keys=True).encode()).decode()
 
 
+def readable(token: str) -> bool:
+    """Whether decrypt(token) would succeed."""
+    try:
+        decrypt(token)
+    except SecretsUnreadable:
+        return False
+    return True
+
+
 def decrypt(token: str) -> dict[str, str]:
     """The values of a stored secret environment ({} for "")."""
     if not token:
@@ -69,9 +87,7 @@ def _decrypt(token: str, secret_key: str) -> tuple[tuple[str, str], ...]:
     try:
         plain = cipher().decrypt(token.encode())
     except InvalidToken:
-        raise SecretsUnreadable(
-            "the secret environment was encrypted with another SECRET_KEY; set its values again"
-        ) from None
+        raise SecretsUnreadable(UNREADABLE) from None
     return tuple(sorted(json.loads(plain).items()))
 
 

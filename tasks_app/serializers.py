@@ -16,7 +16,9 @@ def task_json(task: Task, *, with_next_runs: bool = False) -> dict:
         "id": task.pk,
         **{name: getattr(task, name) for name in TASK_FIELDS},
         # secret_env is write-only: its names, never its values.
-        "secret_env_keys": task.secret_env_keys(),
+        "secret_env_keys": list(task.secret_env_keys),
+        # Encrypted under another SECRET_KEY: runs fail until a new set is given.
+        "secret_env_unreadable": task.secrets_unreadable(),
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }

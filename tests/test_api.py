@@ -55,7 +55,8 @@ def task_body(task: Task, *, next_runs: list | None = None) -> dict:
         "schedule_paused": task.schedule_paused,
         "shards": task.shards,
         "merge_command": task.merge_command,
-        "secret_env_keys": task.secret_env_keys(),
+        "secret_env_keys": task.secret_env_keys,
+        "secret_env_unreadable": task.secrets_unreadable(),
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }

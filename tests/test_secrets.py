@@ -10,9 +10,11 @@ import stat
 import pytest
 
 from scheduler_site.envconfig import make_private
-from tasks_app import lifecycle, logs
-from tasks_app.models import LogChunk, Run, Task
-from workers_app import protocol
+from tasks_app import lifecycle, logs, secret_env
+from tasks_app.exceptions import RunNotRetryable
+from tasks_app.models import Attempt, AuditEntry, LogChunk, Run, Task
+from tests.test_routing import dispatched, make_worker
+from workers_app import dispatch, liveness, protocol
 
 pytestmark = pytest.mark.django_db
 
@@ -199,6 +201,220 @@ def test_the_edit_form_keeps_a_blank_secret_changes_a_typed_one_and_removes_a_ti
 
     secret_task.refresh_from_db()
     assert secret_task.secret_values() == {"API_TOKEN": "x!y", "ADDED": "new-secret-value"}
+
+
+# --- SECRET_KEY changed without its fallback ----------------------------------------
+
+ANOTHER_KEY = "a-new-django-secret-key-without-the-old-one-as-fallback"
+
+
+def change_key(settings) -> None:
+    settings.SECRET_KEY = ANOTHER_KEY
+    settings.SECRET_KEY_FALLBACKS = []
+
+
+def test_dispatch_fails_runs_whose_secrets_cannot_be_read_and_assigns_the_rest(
+    settings, secret_task
+):
+    plain = Task.objects.create(name="plain", command="true")
+    doomed = lifecycle.trigger_run(secret_task)
+    delayed = lifecycle.trigger_run(secret_task)
+    Attempt.objects.filter(run=delayed).update(
+        ready_at=doomed.attempts.get().ready_at, queue_at=doomed.attempts.get().queue_at
+    )
+    other = lifecycle.trigger_run(plain)
+    change_key(settings)
+    node = make_worker("node", capacity=3)
+
+    assert dispatched(node) == [("node", other.pk)]
+
+    for run in (doomed, delayed):
+        run.refresh_from_db()
+        assert run.status == Run.Status.FAILED
+        assert secret_env.UNREADABLE in run.reason
+        attempt = run.attempts.get()
+        assert (attempt.status, attempt.worker_id) == (Attempt.Status.FAILED, None)
+        assert attempt.reason == secret_env.UNREADABLE
+    # No retry for them (they would fail the same way), and nothing left to do.
+    assert Attempt.objects.count() == 3
+    assert dispatch.dispatch() == []
+
+
+def test_an_unreadable_run_at_the_head_of_the_queue_does_not_stop_dispatch(settings, secret_task):
+    doomed = lifecycle.trigger_run(secret_task)
+    plain = lifecycle.trigger_run(Task.objects.create(name="plain", command="true"))
+    change_key(settings)
+    node = make_worker("node", capacity=1)
+
+    # The oldest fails and takes no slot; the next pass (woken after commit) goes on.
+    assert dispatched(node) == []
+    assert dispatched(node) == [("node", plain.pk)]
+    doomed.refresh_from_db()
+    assert doomed.status == Run.Status.FAILED
+
+
+def test_a_sharded_run_whose_secrets_cannot_be_read_fails_whole(settings, secret_task):
+    secret_task.shards = 3
+    secret_task.save()
+    run = lifecycle.trigger_run(secret_task)
+    change_key(settings)
+
+    assert dispatched(make_worker("node", capacity=2)) == []
+
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert not run.attempts.filter(status__in=[Attempt.Status.QUEUED, *Attempt.ACTIVE]).exists()
+
+
+def test_an_assignment_resent_on_reconnect_fails_if_its_secrets_became_unreadable(
+    settings, secret_task
+):
+    node = make_worker("node", capacity=2)
+    doomed = lifecycle.trigger_run(secret_task)
+    plain = lifecycle.trigger_run(Task.objects.create(name="plain", command="true"))
+    assert len(dispatched(node)) == 2
+    change_key(settings)
+
+    reconciled = liveness.hello(node.pk, "chan-2", {"capacity": 2, "running": []})
+
+    assert [f["run"] for f in reconciled.resend] == [plain.pk]
+    doomed.refresh_from_db()
+    assert doomed.status == Run.Status.FAILED
+    attempt = doomed.attempts.get()
+    assert (attempt.status, attempt.closed_by_master) == (Attempt.Status.FAILED, True)
+
+
+def test_a_retry_of_a_run_whose_secrets_cannot_be_read_is_refused(api, settings, secret_task):
+    run = lifecycle.trigger_run(secret_task)
+    change_key(settings)
+    dispatched(make_worker("node"))
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+
+    with pytest.raises(RunNotRetryable, match="encrypted with another SECRET_KEY"):
+        lifecycle.retry_run(run)
+    answer = api.post(f"/api/runs/{run.pk}/retry")
+    assert answer.status_code == 409
+    assert secret_env.UNREADABLE in answer.json()["error"]
+    assert Run.objects.count() == 1
+    trigger = post_json(api, f"/api/tasks/{secret_task.pk}/run", {})
+    assert trigger.status_code == 400
+    assert secret_env.UNREADABLE in trigger.json()["error"]
+    assert Run.objects.count() == 1
+
+
+def test_an_empty_secret_set_removes_an_unreadable_one(api, settings, secret_task):
+    change_key(settings)
+
+    answer = post_json(api, f"/api/tasks/{secret_task.pk}", {"secret_env": {}}, method="patch")
+
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["secret_env_keys"] == []
+    assert answer.json()["secret_env_unreadable"] is False
+    secret_task.refresh_from_db()
+    assert secret_task.secret_env == ""
+    assert lifecycle.trigger_run(secret_task).status == Run.Status.QUEUED
+
+
+def test_a_task_with_unreadable_secrets_still_shows_everywhere(
+    api, bob, bob_client, admin_user, admin_client, settings, secret_task
+):
+    change_key(settings)
+    # Sessions are signed with the key too: log in again.
+    bob_client.force_login(bob)
+    admin_client.force_login(admin_user)
+
+    listing = api.get("/api/tasks")
+    assert listing.status_code == 200
+    answer = api.get(f"/api/tasks/{secret_task.pk}")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["secret_env_keys"] == ["API_TOKEN", "DB_PASSWORD"]
+    assert body["secret_env_unreadable"] is True
+    page = bob_client.get(f"/tasks/{secret_task.pk}/")
+    assert page.status_code == 200
+    assert 'id="secret-env-unreadable"' in page.content.decode()
+    assert "API_TOKEN" in page.content.decode()
+    edit = bob_client.get(f"/tasks/{secret_task.pk}/edit/")
+    assert edit.status_code == 200
+    assert "another SECRET_KEY" in edit.content.decode()
+    admin = admin_client.get(f"/admin/tasks_app/task/{secret_task.pk}/change/")
+    assert admin.status_code == 200
+
+
+def test_a_new_secret_set_replaces_an_unreadable_one_and_runs_go_again(api, settings, secret_task):
+    change_key(settings)
+    url = f"/api/tasks/{secret_task.pk}"
+
+    # Another change leaves the unreadable set as it is (not silently emptied).
+    answer = post_json(api, url, {"command": "echo again"}, method="patch")
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["secret_env_unreadable"] is True
+    # A value cannot be kept: there is none to keep.
+    answer = post_json(api, url, {"secret_env": {"API_TOKEN": None}}, method="patch")
+    assert answer.status_code == 400
+    assert "cannot be read" in answer.json()["errors"]["secret_env"][0]
+
+    answer = post_json(api, url, {"secret_env": {"API_TOKEN": "brand-new-value"}}, method="patch")
+
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["secret_env_keys"] == ["API_TOKEN"]
+    assert answer.json()["secret_env_unreadable"] is False
+    update = AuditEntry.objects.filter(action="task.update").latest("pk")
+    assert update.changes == {"secret_env": {"changed": ["API_TOKEN"], "removed": ["DB_PASSWORD"]}}
+    secret_task.refresh_from_db()
+    run = lifecycle.trigger_run(secret_task)
+    node = make_worker("node")
+    assert dispatched(node) == [("node", run.pk)]
+    [frame] = dispatch.assigned_frames([node.pk])[node.pk]
+    assert frame["secret_env"] == {"API_TOKEN": "brand-new-value"}
+
+
+def test_the_edit_form_asks_for_every_unreadable_secret_again(
+    bob, bob_client, settings, secret_task
+):
+    change_key(settings)
+    bob_client.force_login(bob)
+    form = {"name": "deploy", "command": "echo deploying", "env": "GREETING=hi", "timezone": "UTC"}
+    url = f"/tasks/{secret_task.pk}/edit/"
+
+    # Untouched: saved, the set left as it is.
+    assert bob_client.post(url, form).status_code == 302
+    secret_task.refresh_from_db()
+    assert secret_task.secrets_unreadable()
+    # One typed, the other neither typed nor removed: refused, with the reason.
+    answer = bob_client.post(url, {**form, "secret__API_TOKEN": "typed-again"})
+    assert answer.status_code == 400
+    assert "type it again or tick Remove" in answer.content.decode()
+
+    answer = bob_client.post(
+        url, {**form, "secret__API_TOKEN": "typed-again", "secret_remove": ["DB_PASSWORD"]}
+    )
+
+    assert answer.status_code == 302
+    secret_task.refresh_from_db()
+    assert secret_task.secret_values() == {"API_TOKEN": "typed-again"}
+    assert secret_task.secret_env_keys == ["API_TOKEN"]
+
+
+def test_the_migration_keeps_the_names_of_the_secrets_it_can_read(settings, secret_task):
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("tasks_app.migrations.0011_task_secret_env_keys")
+    lost = Task(name="lost", command="true")
+    lost.set_secret_values({"GONE": "under-the-old-key"})
+    lost.save()
+    Task.objects.update(secret_env_keys=[])
+    Task.objects.filter(pk=lost.pk).update(secret_env="not-a-token-of-this-key")
+
+    migration.names_from_tokens(apps, None)
+
+    secret_task.refresh_from_db()
+    lost.refresh_from_db()
+    assert secret_task.secret_env_keys == ["API_TOKEN", "DB_PASSWORD"]
+    assert lost.secret_env_keys == []
 
 
 # --- the data dir --------------------------------------------------------------------

@@ -25,6 +25,11 @@ said hello or went away, or whose state an operator changed is marked stale
 and recounted from the database (one query for all of them) before the next
 pass; the service rebuilds the whole board, and re-reads the queued label
 sets, on every tick.
+
+An attempt whose run's secret variables cannot be decrypted (SECRET_KEY
+changed without a fallback) can never be given to an agent: it is left out
+before the share-out, so it takes no slot, and fails with the reason in the
+same pass; the rest of the pass goes on.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from dataclasses import dataclass
 from django.db import connection, transaction
 from django.utils import timezone
 
-from tasks_app import lifecycle
+from tasks_app import lifecycle, secret_env
 from tasks_app.batchsql import atomic, aware, for_update, json_value, marks, select, table
+from tasks_app.exceptions import SecretsUnreadable
 from tasks_app.models import Attempt, Run, SchedulerState, Strategy, pin_label
 from tasks_app.writer import writer
 from workers_app import delivery, protocol
@@ -191,16 +197,39 @@ def dispatch(*, fresh: bool = True) -> list[tuple[int, int]]:
         if not free or not board.classes:
             return []
         now = timezone.now()
-        candidates = _candidates(free, now)
+        candidates, unstartable = _startable(_candidates(free, now))
         shares = _share_out(free, candidates)
-        if not shares:
-            return []
-        # Oldest first, whichever worker took it.
-        position = {row[1]: index for index, row in enumerate(candidates)}
-        claimed = sorted(_claim(shares, now), key=lambda c: position[c[1]])
-        frames = _assign_frames(claimed)
-        transaction.on_commit(lambda: delivery.send_frames(frames), robust=True)
+        claimed = []
+        if shares:
+            # Oldest first, whichever worker took it.
+            position = {row[1]: index for index, row in enumerate(candidates)}
+            claimed = sorted(_claim(shares, now), key=lambda c: position[c[1]])
+            frames = _assign_frames(claimed)
+            transaction.on_commit(lambda: delivery.send_frames(frames), robust=True)
+        if unstartable:
+            # After the claim: its runs are locked after the workers, as requeue()
+            # in _assign_frames does. Their places in the queue are free now.
+            lifecycle.fail_unstartable(unstartable, secret_env.UNREADABLE)
+            transaction.on_commit(lambda: wake(()), robust=True)
     return [(worker_id, attempt_id) for worker_id, attempt_id, *_ in claimed]
+
+
+def _startable(candidates: list[tuple]) -> tuple[list[tuple], list[int]]:
+    """The candidates whose assign frame can be built, and the ids of those
+    whose run's secrets cannot be decrypted (another SECRET_KEY). A run being
+    cancelled is left in: it is claimed and cancelled, never assigned."""
+    readable: dict[str, bool] = {}
+    kept, unstartable = [], []
+    for row in candidates:
+        token, cancelling = row[5].get("secret_env") or "", row[6]
+        if token and not cancelling:
+            if token not in readable:
+                readable[token] = secret_env.readable(token)
+            if not readable[token]:
+                unstartable.append(row[1])
+                continue
+        kept.append(row)
+    return kept, unstartable
 
 
 def _candidates(free: dict[int, Slots], now) -> list[tuple]:
@@ -386,8 +415,12 @@ def _assign_frames(claimed: list[tuple]) -> list[tuple[int, dict]]:
 
 
 def assigned_frames(worker_ids: list[int]) -> dict[int, list[dict]]:
-    """Assign frames, per worker, of every attempt assigned to it but not started."""
+    """Assign frames, per worker, of every attempt assigned to it but not started.
+
+    One whose run's secrets cannot be decrypted now (SECRET_KEY changed since
+    it was claimed) fails instead, in the caller's transaction."""
     frames: dict[int, list[dict]] = {}
+    unstartable = []
     rows = (
         Attempt.objects.filter(worker_id__in=worker_ids, status=Attempt.Status.ASSIGNED)
         .order_by("id")
@@ -396,9 +429,13 @@ def assigned_frames(worker_ids: list[int]) -> dict[int, list[dict]]:
         )
     )
     for worker_id, pk, run_id, shard_index, task_name, definition in rows:
-        frames.setdefault(worker_id, []).append(
-            protocol.assign(pk, run_id, task_name, definition, shard_index)
-        )
+        try:
+            frame = protocol.assign(pk, run_id, task_name, definition, shard_index)
+        except SecretsUnreadable:
+            unstartable.append(pk)
+            continue
+        frames.setdefault(worker_id, []).append(frame)
+    lifecycle.fail_unstartable(unstartable, secret_env.UNREADABLE)
     return frames
 
 
