@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.apps import apps
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group, Permission
 from django.contrib.contenttypes.models import ContentType
 from django.core.management.color import no_style
 from django.db import DEFAULT_DB_ALIAS, connections, models, transaction
@@ -107,8 +107,9 @@ def check_target() -> None:
             f" this code first (only in PostgreSQL: {', '.join(missing) or 'none'};"
             f" only in SQLite: {', '.join(extra) or 'none'})"
         )
-    # Content types and permissions are made by migrate itself; they are replaced below.
-    made_by_migrate = {ContentType, Permission}
+    # Content types, permissions and the role groups (tasks_app.roles) are made
+    # by migrate itself; they are replaced below.
+    made_by_migrate = {ContentType, Permission, Group, Group.permissions.through}
     used = [
         model._meta.label
         for model in copied_models()
@@ -210,8 +211,10 @@ def copy_all(progress: Callable[[str, int], None] = lambda label, rows: None) ->
         transaction.atomic(using=SOURCE),
         transaction.atomic(using=DEFAULT_DB_ALIAS),
     ):
-        # migrate made its own content types and permissions, maybe under other
-        # ids; the source's replace them, so that every reference to them holds.
+        # migrate made its own content types, permissions and role groups, maybe
+        # under other ids; the source's replace them, so that every reference to
+        # them holds.
+        Group.objects.using(DEFAULT_DB_ALIAS).all().delete()
         Permission.objects.using(DEFAULT_DB_ALIAS).all().delete()
         ContentType.objects.using(DEFAULT_DB_ALIAS).all().delete()
         for model in everything:
