@@ -130,7 +130,9 @@ def approval_changes(labels: list[str], capacity: int) -> dict:
 def record_state_change(request, worker: Worker, action: str) -> None:
     """Apply a drain/resume/disable/enable and record it, with the state before and after."""
     with transaction.atomic():
-        old = worker.state
+        # Read under the row's lock: a hello or a reap between the read and the
+        # change would otherwise make the recorded [old, new] pair wrong.
+        old = Worker.objects.select_for_update().values_list("state", flat=True).get(pk=worker.pk)
         liveness.apply_state(worker, ACTIONS[action])
         worker.refresh_from_db(fields=["state"])
         audit.record(request, f"worker.{action}", worker, {"state": [old, worker.state]})
