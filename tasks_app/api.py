@@ -61,6 +61,13 @@ def _limit(params) -> int:
     return limit
 
 
+def _older_page_url(request, query: dict, before: int | None, limit: int) -> str | None:
+    """`next` of a newest-first keyset page: the same filters, older than `before`."""
+    if not before:
+        return None
+    return _next_url(request, {**query, "before": before, "limit": limit})
+
+
 def _next_url(request, query: dict) -> str:
     """The absolute URL of the next page, so that a script can fetch it as it is
     (on SCHEDULER_PUBLIC_URL when set, else the request's scheme and Host)."""
@@ -252,14 +259,8 @@ def runs(request):
     except history.InvalidFilter as exc:
         return error(400, str(exc))
     page = history.runs_page(limit=limit, **filters)
-    next_url = None
-    if page.next_before:
-        query = {
-            **{k: v for k, v in filters.items() if k != "before"},
-            "before": page.next_before,
-            "limit": limit,
-        }
-        next_url = _next_url(request, query)
+    kept = {k: v for k, v in filters.items() if k != "before"}
+    next_url = _older_page_url(request, kept, page.next_before, limit)
     return JsonResponse(
         {
             "results": [
@@ -450,11 +451,8 @@ def audit_log(request):
     except history.InvalidFilter as exc:
         return error(400, str(exc))
     page = audit_history.entries_page(limit=limit, **filters)
-    next_url = None
-    if page.next_before:
-        kept = {k: v for k, v in filters.items() if k != "before"}
-        query = {**audit_history.query_string_values(kept), "before": page.next_before}
-        next_url = _next_url(request, {**query, "limit": limit})
+    kept = audit_history.query_string_values({k: v for k, v in filters.items() if k != "before"})
+    next_url = _older_page_url(request, kept, page.next_before, limit)
     return JsonResponse(
         {"results": [serializers.audit_json(e) for e in page.entries], "next": next_url}
     )
