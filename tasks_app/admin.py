@@ -7,6 +7,7 @@ from tasks_app.models import (
     Attempt,
     AuditEntry,
     DeletedTask,
+    Event,
     LogChunk,
     Run,
     SchedulerState,
@@ -175,3 +176,13 @@ class AuditEntryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(Event)
+class EventAdmin(HistoryAdmin):
+    """The outbox of state changes: shown, never added or edited by hand."""
+
+    list_display = ["id", "at", "kind", "run_id", "attempt_id", "task_id", "worker_id"]
+    list_filter = ["kind"]
+    search_fields = ["=run_id", "=task_id", "=worker_id"]
+    show_full_result_count = False

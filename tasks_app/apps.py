@@ -31,3 +31,7 @@ class TasksAppConfig(AppConfig):
         from tasks_app.writer import writer
 
         writer.register("trigger", trigger_api.apply_triggers, order=40)
+        from tasks_app import events
+
+        # Committed events are announced to every server's live listeners.
+        writer.register_followup("events", events.publish)

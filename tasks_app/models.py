@@ -735,3 +735,37 @@ class AuditEntry(models.Model):
 
     def delete(self, *args, **kwargs):
         raise self.Immutable("audit entries are never deleted through the application")
+
+
+class Event(models.Model):
+    """One state change, written in the same transaction as the change (an outbox).
+
+    The live dashboard, run timelines, notifications and retention read these;
+    `tasks_app.events` writes them and, once their transaction commits, tells
+    every server. Ids are plain integers rather than foreign keys: an event
+    outlives nothing it names (retention deletes old runs and their events
+    together) and writing one takes no lock on the rows it names.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    at = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=40)
+    run_id = models.BigIntegerField(null=True, blank=True)
+    attempt_id = models.BigIntegerField(null=True, blank=True)
+    task_id = models.BigIntegerField(null=True, blank=True)
+    worker_id = models.BigIntegerField(null=True, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # A run's timeline; a task's and a worker's recent events.
+            models.Index(fields=["run_id", "id"], name="event_run"),
+            models.Index(fields=["task_id", "id"], name="event_task"),
+            models.Index(fields=["worker_id", "id"], name="event_worker"),
+            # Retention deletes by age.
+            models.Index(fields=["at"], name="event_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.kind}"
