@@ -197,6 +197,7 @@ def test_the_run_page_shows_numbered_coloured_lines_of_both_streams(bob_client, 
         + line(3, "done")
     )
     assert "\x1b" not in html
+    assert "{#" not in html  # a template comment left open shows as text
     assert 'data-seq="2"' in html
     assert f'id="output-search-{attempt.pk}"' in html
     assert re.findall(r'data-show="(\w+)" aria-pressed', html) == ["all", "stdout", "stderr"]
