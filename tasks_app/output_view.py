@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from html import escape
 from itertools import groupby
 from operator import itemgetter
@@ -59,6 +60,8 @@ ESCAPE = re.compile(
     r"|\x1b",
     re.S,
 )
+# Where an escape sequence may start (ESC, or an 8-bit CSI/OSC/DCS/SOS/PM/APC).
+ESCAPE_START = re.compile(r"[\x1b\x90\x98\x9b\x9d-\x9f]")
 # Control characters other than tab; "\r" and "\n" are dealt with before.
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -214,6 +217,11 @@ def _line(raw: str, style: Style) -> tuple[str, Style]:
         cut = raw.rfind("\r")
         style = _advance(raw[:cut], style)
         raw = raw[cut + 1 :]
+    if not ESCAPE_START.search(raw):  # most lines: no escape sequence at all
+        shown = escape(CONTROL.sub("", raw), quote=False)
+        if style == PLAIN or not shown:
+            return shown, style
+        return f"{_open_tag(style)}{shown}</span>", style
     out: list[str] = []
     text: list[str] = []
     current = style
@@ -250,11 +258,16 @@ def _flush(out: list[str], text: list[str], style: Style) -> None:
     if style == PLAIN:
         out.append(shown)
         return
+    out.append(f"{_open_tag(style)}{shown}</span>")
+
+
+@lru_cache(maxsize=1024)
+def _open_tag(style: Style) -> str:
     classes, css = _classes(style)
     attrs = f' class="{" ".join(classes)}"' if classes else ""
     if css:
         attrs += f' style="{";".join(css)}"'
-    out.append(f"<span{attrs}>{shown}</span>")
+    return f"<span{attrs}>"
 
 
 def _classes(style: Style) -> tuple[list[str], list[str]]:
@@ -273,6 +286,7 @@ def _classes(style: Style) -> tuple[list[str], list[str]]:
     return classes, css
 
 
+@lru_cache(maxsize=4096)  # a program uses a handful of (style, codes) pairs, over and over
 def _sgr(style: Style, params: str) -> Style:
     """The style after one SGR sequence ("\\x1b[<params>m"). A private one
     ("\\x1b[?...m") or one with a malformed number changes nothing."""
