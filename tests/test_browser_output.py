@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.browser import DESKTOP, chromium_page, log_in
+from tests.harness import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -94,3 +95,38 @@ def test_the_output_viewer_searches_filters_and_downloads(master, start_agent):
         body = answer.body()
         assert b"\x1b[32mok 0\x1b[0m\n" in body and b"\x1b[32mok 59\x1b[0m\n" in body
         assert body.count(b"ERROR number") == 6 and b"Error: the end <b>\n" in body
+
+
+# 400 numbered lines, ten every 0.2 s; every 50th also on stderr.
+TICKER = (
+    f'{sys.executable} -u -c "import sys, time\nfor i in range(400):\n'
+    " print(f'line {i}')\n"
+    " i % 50 == 0 and print(f'warn {i}', file=sys.stderr)\n i % 10 == 9 and time.sleep(0.2)\""
+)
+
+
+def test_a_search_and_the_stream_choice_stay_while_output_grows(master, start_agent):
+    start_agent("agent-1")
+    task = master.create_task(name="ticker", command=TICKER, shell=False)
+    with chromium_page(DESKTOP, "output-viewer-live") as page:
+        log_in(page, master)
+        run_id = master.trigger(task["id"])["id"]
+        page.goto(f"{master.url}/runs/{run_id}/")
+        viewer = page.locator("section.attempt .output")
+        count = viewer.locator(".output-count")
+        viewer.locator("button[data-show=stdout]").click()
+        viewer.locator(".output-search").fill("LINE 1")
+
+        def total() -> int:
+            text = count.inner_text()
+            return int(text.split(" of ")[1]) if " of " in text else 0
+
+        first = wait_for(total, what="a first count of matches")
+        page.locator("#run-status[data-status=succeeded]").wait_for(timeout=20_000)
+        # "line 1", "line 10".."line 19", "line 100".."line 199": all found, as they came.
+        wait_for(lambda: total() == 111, what="every match, once the run ended")
+        assert first < 111
+        assert viewer.locator(".output-search").input_value() == "LINE 1"
+        assert viewer.locator("button[data-show=stdout]").get_attribute("aria-pressed") == "true"
+        assert not viewer.locator(".line[data-stream=stderr]").first.is_visible()
+        assert viewer.locator("mark.hit").count() == 111
