@@ -300,3 +300,32 @@ def test_the_download_reads_its_chunks_as_it_sends_them_not_before(bob_client, t
     LogChunk.objects.create(attempt=attempt, seq=1, stream=ERR, data="second\n")
 
     assert b"".join(answer.streaming_content) == b"first\nsecond\n"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_asgi_the_download_streams_every_batch_in_order(task, worker, bob):
+    # Django's ASGI handler would read a plain iterator whole first: the
+    # download goes through results.streamed's async generator there, each
+    # batch read in the request's thread; more chunks than one batch holds.
+    from asgiref.sync import async_to_sync
+    from django.test import AsyncClient
+
+    from tasks_app import logs
+
+    pieces = [(OUT if i % 3 else ERR, f"piece {i} \x1b[3{i % 8}m\n") for i in range(500)]
+    run, attempt = finished_run(task, worker, pieces)
+    assert len(pieces) > logs.CHUNKS_PER_READ
+    client = AsyncClient()
+
+    async def fetch():
+        await client.aforce_login(bob)
+        answer = await client.get(f"/runs/{run.pk}/attempts/{attempt.pk}/output.txt")
+        parts = [part async for part in answer.streaming_content]
+        return answer, parts
+
+    answer, parts = async_to_sync(fetch)()
+
+    assert answer.status_code == 200
+    assert answer.is_async
+    assert b"".join(parts) == "".join(data for _, data in pieces).encode()
+    assert len(parts) == len(pieces)  # one chunk at a time, never the whole file at once
