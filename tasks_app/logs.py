@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -17,6 +17,8 @@ from tasks_app.models import Attempt, LogChunk
 # one: the character the agent already shows for bytes that are not UTF-8.
 # SQLite keeps NUL as printed.
 NUL_REPLACEMENT = "\ufffd"
+# Rows per fetch when output is read back a piece at a time.
+CHUNKS_PER_READ = 200
 
 
 @dataclass(frozen=True)
@@ -150,4 +152,28 @@ def truncation_marker(attempt: Attempt) -> str:
     return (
         f"\n[output truncated: kept {attempt.stored_bytes} of "
         f"{max(attempt.output_bytes, attempt.stored_bytes)} bytes]\n"
+    )
+
+
+def chunks_of(attempt_ids: Sequence[int]) -> Iterator[tuple[int, int, str, str]]:
+    """(attempt id, seq, stream, data) of these attempts' chunks, by attempt
+    then seq: one query, read CHUNKS_PER_READ rows at a time."""
+    return (
+        LogChunk.objects.filter(attempt_id__in=list(attempt_ids))
+        .order_by("attempt_id", "seq")
+        .values_list("attempt_id", "seq", "stream", "data")
+        .iterator(chunk_size=CHUNKS_PER_READ)
+    )
+
+
+def iter_raw(attempt_id: int, stream: str | None = None) -> Iterator[str]:
+    """An attempt's output exactly as stored (escape codes kept, secrets as
+    masked on arrival), in seq order, optionally one stream only; read
+    CHUNKS_PER_READ rows at a time (the unique (attempt, seq) index orders it),
+    never held whole."""
+    chunks = LogChunk.objects.filter(attempt_id=attempt_id)
+    if stream is not None:
+        chunks = chunks.filter(stream=stream)
+    return (
+        chunks.order_by("seq").values_list("data", flat=True).iterator(chunk_size=CHUNKS_PER_READ)
     )

@@ -18,6 +18,11 @@ urlpatterns = [
     path("runs/<int:pk>/cancel/", views.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/retry/", views.run_retry, name="run-retry"),
     path("runs/<int:pk>/result/", views.run_result, name="run-result"),
+    path(
+        "runs/<int:pk>/attempts/<int:attempt>/output.txt",
+        views.attempt_output,
+        name="attempt-output",
+    ),
     path("scheduler/pause/", views.scheduler_pause, name="pause"),
     path("scheduler/resume/", views.scheduler_resume, name="resume"),
     path("audit/", audit_views.audit_log, name="audit"),

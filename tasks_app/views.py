@@ -6,17 +6,27 @@ from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import F, OuterRef, Prefetch, Q, Subquery
 from django.db.models.functions import Lower
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import audit, cron, history, lifecycle, logs, results, shards, task_stats
+from tasks_app import (
+    audit,
+    cron,
+    history,
+    lifecycle,
+    logs,
+    output_view,
+    results,
+    shards,
+    task_stats,
+)
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
-from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
+from tasks_app.models import Attempt, DeletedTask, LogChunk, Run, SchedulerState, Task
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
 
 
@@ -286,12 +296,14 @@ def run_detail(request, pk: int):
     shown = [a for a in run.attempts.all() if context["selected"] in (None, a.shard_index)]
     if context["sharded"] and context["selected"] is None:
         shown = []
-    outputs = logs.outputs_of(shown)
+    outputs = output_view.shown_outputs([attempt.pk for attempt in shown])
     context["rows"] = [(attempt, outputs[attempt.pk]) for attempt in shown]
     if run.status == Run.Status.SUCCEEDED:
         # Only once final: a finished run's page is not polled.
         ids = results.result_attempt_ids(run)
-        context["result"] = results.head(ids, RESULT_ON_PAGE_CHARS)
+        text, cut = results.head(ids, RESULT_ON_PAGE_CHARS)
+        # Shown like output (colours, no escape codes), downloaded as it is.
+        context["result"] = (output_view.render_html([(LogChunk.Stream.STDOUT, text)]), cut)
     template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
     return render(request, template, context)
 
@@ -335,6 +347,36 @@ def run_result(request, pk: int):
     if ids is None:
         raise Http404("This run has no result: it has not succeeded.")
     return results.streamed(request, results.iter_stdout(ids), filename=f"run-{pk}-result.txt")
+
+
+# What the raw output download takes: ?stream=stdout|stderr (default both, interleaved).
+OUTPUT_PARAMS = {"stream"}
+
+
+@require_GET
+@role_required(VIEWER)
+def attempt_output(request, pk: int, attempt: int):
+    """One attempt's output as stored (escape codes kept, secrets masked as
+    they arrived), streamed as a text file a batch of chunks at a time."""
+    found = Attempt.objects.filter(pk=attempt, run_id=pk).only("pk", "shard_index", "try_number")
+    found = found.first()
+    if found is None:
+        raise Http404("No such attempt of this run.")
+    unknown = sorted(set(request.GET) - OUTPUT_PARAMS)
+    if unknown:
+        return HttpResponseBadRequest(
+            f"Unknown parameter {unknown[0]!r}: only 'stream' is taken.",
+            content_type="text/plain; charset=utf-8",
+        )
+    stream = request.GET.get("stream") or None
+    if stream is not None and stream not in LogChunk.Stream.values:
+        return HttpResponseBadRequest(
+            "stream must be stdout or stderr (or left out for both).",
+            content_type="text/plain; charset=utf-8",
+        )
+    name = f"run-{pk}-shard-{found.shard_index}-try-{found.try_number}"
+    name += f"-{stream}" if stream else ""
+    return results.streamed(request, logs.iter_raw(found.pk, stream), filename=f"{name}.txt")
 
 
 @require_POST

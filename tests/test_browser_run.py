@@ -47,11 +47,11 @@ def test_the_live_output_follows_its_end_and_keeps_a_readers_place(master, start
         log_in(page, master)
         run_id = _run(master, name="ticker", command=TICKER, shell=False)
         page.goto(f"{master.url}/runs/{run_id}/")
-        box = page.locator("pre.log.stdout")
+        box = page.locator("section.attempt pre.output-lines")
 
         def at_end_with_more_than(lines: int):
             state = box.evaluate(
-                "b => [b.textContent.split('\\n').length,"
+                "b => [b.querySelectorAll('.line').length,"
                 " b.scrollHeight - b.scrollTop - b.clientHeight, b.scrollHeight > b.clientHeight]"
             )
             return state if state[0] > lines and state[2] else None

@@ -50,7 +50,9 @@ def test_a_task_scheduled_in_the_form_shows_its_next_runs_and_fires(master, star
         page.locator("#task-history tbody tr a").first.click()
         page.wait_for_url(f"{master.url}/runs/*/")
         page.locator("#run-status.succeeded").wait_for(timeout=30_000)
-        assert page.locator("pre.stdout").inner_text() == "tick\n"
+        assert page.locator("section.attempt .line[data-stream=stdout]").all_inner_texts() == [
+            "tick"
+        ]
         assert page.locator("#scheduled-for").is_visible()
 
     runs = master.api("GET", "runs?limit=50").json()["results"]

@@ -46,7 +46,10 @@ def test_a_multi_line_script_is_typed_run_from_its_page_and_edited(master, start
         page.click("#run-task")
         page.wait_for_url(f"{master.url}/runs/*/")
         page.locator("#run-status.succeeded").wait_for()
-        assert page.locator("pre.stdout").inner_text() == "line 1\nline 2\n"
+        assert page.locator("section.attempt .line[data-stream=stdout]").all_inner_texts() == [
+            "line 1",
+            "line 2",
+        ]
 
         page.click("h1 a:has-text('two-lines')")
         page.locator("#success-rate").wait_for()

@@ -511,9 +511,13 @@ def test_it_shows_a_finished_run_as_it_was_run(bob_client, task, worker):
     assert f'Run #{run.pk} · <a href="/tasks/{task.pk}/">answer</a>' in html
     assert "edited-later" not in html
     assert 'id="run-status" data-status="failed">failed</span>' in html
-    assert re.search(r'<pre class="log stdout" id="out-\d+-stdout" >42\ndone\n</pre>', html)
+    # One box, lines in the order they ended, each with its stream and number.
     assert re.search(
-        r'<pre class="log stderr" id="out-\d+-stderr" >careful &lt;now&gt;\n</pre>', html
+        r'<pre class="log output-lines" id="out-\d+" data-seq="2" >'
+        r'<span class="line" data-stream="stdout" data-n="1">42</span>'
+        r'<span class="line" data-stream="stderr" data-n="2">careful &lt;now&gt;</span>'
+        r'<span class="line" data-stream="stdout" data-n="3">done</span></pre>',
+        html,
     )
     # Times to the second with their zone, the exact instant on hover; durations in words.
     assert facts(html) == [
@@ -547,8 +551,9 @@ def test_it_shows_who_triggered_a_run_and_that_it_waits_for_a_worker(bob_client,
     assert ("Trigger", "manual by bob") in facts(html)
     assert ("Exit", "—") in facts(html)
     assert "No worker is registered yet: add one on the Workers page." in html
+    # Empty (CSS says so), and following its end for the output to come.
     assert re.search(
-        r'<pre class="log stdout" id="out-\d+-stdout" data-follow>\(empty\)</pre>', html
+        r'<pre class="log output-lines" id="out-\d+" data-seq="-1" data-follow></pre>', html
     )
 
 
@@ -590,8 +595,10 @@ def test_it_shows_the_truncation_marker(bob_client, task):
     html = bob_client.get(f"/runs/{run.pk}/").content.decode()
 
     assert re.search(
-        r'<pre class="log stdout" id="out-\d+-stdout"[^>]*>'
-        r"abc\n\[output truncated: kept 3 of 50 bytes\]\n</pre>",
+        r'<pre class="log output-lines" id="out-\d+"[^>]*>'
+        r'<span class="line partial" data-stream="stdout" data-n="1">abc</span></pre>\s*'
+        r'<p class="output-truncated" id="truncated-\d+">'
+        r"\[output truncated: kept 3 of 50 bytes\]</p>",
         html,
     )
 

@@ -17,6 +17,8 @@ from django.utils import timezone
 from django.utils.html import escape, format_html
 from django.utils.safestring import mark_safe
 
+from tasks_app import logs
+
 register = template.Library()
 
 
@@ -133,3 +135,9 @@ def cron_words(schedule: str) -> str:
     from tasks_app import cron
 
     return cron.describe(schedule) if schedule else ""
+
+
+@register.filter
+def truncation_notice(attempt) -> str:
+    """What the run page says under an attempt's output that was cut at the limit."""
+    return logs.truncation_marker(attempt).strip()
