@@ -13,11 +13,22 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import audit, cron, history, lifecycle, logs, results, shards, task_stats
+from tasks_app import (
+    audit,
+    charts,
+    cron,
+    history,
+    lifecycle,
+    logs,
+    results,
+    shards,
+    task_stats,
+)
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
+from tasks_app.templatetags.sched import seconds_text
 
 
 def _get_task(pk: int) -> Task:
@@ -112,7 +123,10 @@ def task_detail(request, pk: int):
 def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
     page = history.runs_page(task=pk, before=before, limit=settings.SCHEDULER_PAGE_SIZE, brief=True)
     here = reverse("tasks:detail", args=[pk])
+    strip = task_stats.recent_runs(pk)
     return {
+        "strip": strip,
+        "trend": _duration_trend(strip),
         "task": task,
         "task_id": pk,
         "deleted": deleted,
@@ -126,6 +140,19 @@ def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
         "newest_url": here if before else None,
         "run_form": run_form,
     }
+
+
+def _duration_trend(runs: list[Run]):
+    """A sparkline of the durations of those of these runs that have one."""
+    points = [
+        (
+            run.duration.total_seconds(),
+            f"#{run.pk} {run.status}: {seconds_text(run.duration.total_seconds())}",
+        )
+        for run in runs
+        if run.duration is not None
+    ]
+    return charts.sparkline(points, title="Durations of its last runs", chart_id="duration-trend")
 
 
 @require_http_methods(["GET", "POST"])

@@ -15,7 +15,7 @@ from tasks_app.templatetags.sched import code_spans, duration, exit_text, plural
         (-0.003, "0 ms"),  # never negative, whatever a clock did
         (0.0034, "3 ms"),
         (0.42, "420 ms"),
-        (2.5, "2.50 s"),
+        (2.5, "2.5 s"),
         (42.25, "42.2 s"),
         (185, "3 min 5 s"),
         (7800, "2 h 10 min"),
