@@ -145,12 +145,12 @@ def _percentiles_postgres(task_ids: list, since: datetime) -> dict:
                percentile_cont(0.5) WITHIN GROUP (ORDER BY finished_at - started_at),
                percentile_cont(0.95) WITHIN GROUP (ORDER BY finished_at - started_at)
           FROM {table}
-         WHERE finished_at >= %s AND status IN %s AND started_at IS NOT NULL
+         WHERE finished_at >= %s AND status = ANY(%s) AND started_at IS NOT NULL
            AND (task_id = ANY(%s) OR (%s AND task_id IS NULL))
          GROUP BY task_id
     """
     with connection.cursor() as cursor:
-        cursor.execute(sql, [since, tuple(COUNTED), ids, None in task_ids])
+        cursor.execute(sql, [since, [str(s) for s in COUNTED], ids, None in task_ids])
         return {task_id: (p50, p95) for task_id, p50, p95 in cursor.fetchall()}
 
 
