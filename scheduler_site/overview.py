@@ -11,7 +11,7 @@ computes only what that region shows.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from functools import cached_property
 
 from django.http import HttpResponseBadRequest
 from django.shortcuts import render
@@ -23,12 +23,22 @@ from tasks_app.roles import VIEWER, role_required
 from workers_app import load
 
 
-def _now_part(now: datetime) -> dict:
+class Snapshot:
+    """One request's reads: what two regions both need is read once."""
+
+    def __init__(self) -> None:
+        self.now = timezone.now()
+
+    @cached_property
+    def day(self) -> overview.DayRollup:
+        return overview.DayRollup(self.now)
+
+
+def _now_part(snap: Snapshot) -> dict:
     return {"now_counts": overview.now_counts()}
 
 
-def _chart(series: overview.Series, now: datetime, ticks: list, title: str) -> dict:
-    buckets = overview.finished_series(series, now)
+def _chart(series: overview.Series, buckets: list, ticks: list, title: str) -> dict:
     return {
         "buckets": buckets,
         "total": sum(b.total for b in buckets),
@@ -38,32 +48,39 @@ def _chart(series: overview.Series, now: datetime, ticks: list, title: str) -> d
     }
 
 
-def _activity_part(now: datetime) -> dict:
-    hour_ticks = [(0, "−60 min"), (30, "−30 min"), (59, "now")]
-    day_ticks = [(0, "−24 h"), (12, "−12 h"), (23, "now")]
+def _activity_part(snap: Snapshot) -> dict:
+    hour = overview.finished_series(overview.LAST_HOUR, snap.now)
     return {
         "statuses": overview.FINAL,
         "per_minute": _chart(
-            overview.LAST_HOUR, now, hour_ticks, "Runs finished per minute, last hour"
+            overview.LAST_HOUR,
+            hour,
+            [(0, "−60 min"), (30, "−30 min"), (59, "now")],
+            "Runs finished per minute, last hour",
         ),
-        "per_hour": _chart(overview.LAST_DAY, now, day_ticks, "Runs finished per hour, last day"),
+        "per_hour": _chart(
+            overview.LAST_DAY,
+            snap.day.series(),
+            [(0, "−24 h"), (12, "−12 h"), (23, "now")],
+            "Runs finished per hour, last 24 hours",
+        ),
     }
 
 
-def _tasks_part(now: datetime) -> dict:
-    return {"task_health": overview.task_health(now), "task_window_h": 24}
+def _tasks_part(snap: Snapshot) -> dict:
+    return {"task_health": overview.task_health(snap.now, rollup=snap.day), "task_window_h": 24}
 
 
-def _workers_part(now: datetime) -> dict:
-    busiest, idle = load.busiest_and_idle(now)
+def _workers_part(snap: Snapshot) -> dict:
+    busiest, idle = load.busiest_and_idle(snap.now)
     return {"busiest": busiest, "idle": idle}
 
 
-def _failures_part(now: datetime) -> dict:
+def _failures_part(snap: Snapshot) -> dict:
     return {"failures": overview.latest_failures()}
 
 
-PARTS: dict[str, Callable[[datetime], dict]] = {
+PARTS: dict[str, Callable[[Snapshot], dict]] = {
     "now": _now_part,
     "activity": _activity_part,
     "tasks": _tasks_part,
@@ -80,10 +97,10 @@ def overview_page(request):
         return HttpResponseBadRequest(
             f"Unknown part {part[:40]!r}: one of {', '.join(PARTS)}.", content_type="text/plain"
         )
-    now = timezone.now()
+    snap = Snapshot()
     if part and request.htmx:
-        return render(request, f"overview.html#overview-{part}", PARTS[part](now))
+        return render(request, f"overview.html#overview-{part}", PARTS[part](snap))
     context: dict = {}
     for build in PARTS.values():
-        context |= build(now)
+        context |= build(snap)
     return render(request, "overview.html", context)

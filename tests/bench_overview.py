@@ -32,7 +32,7 @@ INSERT INTO tasks_app_run (task_id, task_name, definition, "trigger", status, cr
 SELECT t, 'bench-' || lpad(t::text, 3, '0'), '{}'::jsonb, 'schedule', s,
        f - interval '2 seconds' - d, f - d, f,
        '', CASE WHEN s = 'failed' THEN 'exit code 1' ELSE '' END, '{}'::jsonb
-  FROM (SELECT i, 1 + (i * 7919) %% %(tasks)s AS t,
+  FROM (SELECT i, 1 + (i::bigint * 7919) %% %(tasks)s AS t,
                CASE WHEN i %% 100 < 90 THEN 'succeeded'
                     WHEN i %% 100 < 97 THEN 'failed' ELSE 'cancelled' END AS s,
                now() - (%(runs)s - i) * (%(days)s * interval '1 day' / %(runs)s) AS f,

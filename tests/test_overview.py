@@ -87,6 +87,8 @@ def test_it_counts_runs_finished_per_minute_and_per_hour_by_status(nightly):
     assert day[-2].counts == {"succeeded": 1}  # 11:30:50
     assert day[-1].counts == {"succeeded": 3, "failed": 1, "cancelled": 2, "skipped": 1}
     assert sum(b.total for b in day) == 9
+    # The page's day chart, added up from the per-task rollup, says the same.
+    assert [b.counts for b in overview.DayRollup(NOW).series()] == [b.counts for b in day]
 
 
 def test_it_says_how_many_runs_are_queued_and_running(nightly):
