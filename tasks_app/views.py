@@ -111,6 +111,9 @@ def task_detail(request, pk: int):
     deleted = None if task else DeletedTask.objects.filter(pk=pk).first()
     if task is None and deleted is None:
         raise Http404("No such task.")
+    if request.htmx and request.GET.get("part") == "stats":
+        # The live page re-renders this region alone when runs of the task change.
+        return render(request, "tasks/detail.html#task-stats", _stats_context(pk))
     try:
         before = history.parse_filters({"before": request.GET.get("before", "")}).get("before")
     except history.InvalidFilter as exc:
@@ -120,19 +123,26 @@ def task_detail(request, pk: int):
     return render(request, template, _detail_context(pk, task, deleted, before, RunForm()))
 
 
+def _stats_context(pk: int) -> dict:
+    strip = task_stats.recent_runs(pk)
+    return {
+        "task_id": pk,
+        "stats": task_stats.task_stats(pk),
+        "strip": strip,
+        "trend": _duration_trend(strip),
+    }
+
+
 def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
     page = history.runs_page(task=pk, before=before, limit=settings.SCHEDULER_PAGE_SIZE, brief=True)
     here = reverse("tasks:detail", args=[pk])
-    strip = task_stats.recent_runs(pk)
     return {
-        "strip": strip,
-        "trend": _duration_trend(strip),
+        **_stats_context(pk),
         "task": task,
         "task_id": pk,
         "deleted": deleted,
         "name": task.name if task else deleted.name,
         "page": page,
-        "stats": task_stats.task_stats(pk),
         "next_runs": cron.next_runs(task) if task else [],
         "older_url": f"{here}?{urlencode({'before': page.next_before})}"
         if page.next_before

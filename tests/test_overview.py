@@ -279,3 +279,18 @@ def test_the_task_page_shows_its_last_50_runs_as_marks_oldest_first(bob_client, 
     dots = re.findall(r'<circle class="dot" [^>]+><title>([^<]+)</title>', html)
     assert dots[0] == f"#{runs[5].pk} succeeded: 6.0 s"
     assert len(dots) == 30  # 3 of every 5 finished
+
+
+def test_the_task_pages_stats_region_names_a_url_that_returns_it_alone(bob_client, nightly):
+    run(nightly, "failed", timezone.now(), 3)
+    run(nightly, "succeeded", timezone.now(), 1)
+    page = bob_client.get(f"/tasks/{nightly.pk}/").content.decode()
+    start = page.index('<section class="card" id="task-stats"')
+    region = page[start : page.index("</section>", start) + len("</section>")]
+    [url] = re.findall(r'data-live-src="([^"]+)" data-live-on="runs"', region)
+
+    partial = bob_client.get(url, headers=HTMX).content.decode()
+
+    assert url == f"/tasks/{nightly.pk}/?part=stats"
+    assert partial.strip() == region
+    assert "50% <span" in partial and 'class="mark failed"' in partial
