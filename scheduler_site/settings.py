@@ -254,7 +254,7 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
 
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "tasks:list"
+LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
 
 LOGGING = {

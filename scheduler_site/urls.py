@@ -1,13 +1,13 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
-from django.views.generic import RedirectView
 
+from scheduler_site.overview import overview_page
 from tasks_app import token_views
 from workers_app.views import agent_download
 
 urlpatterns = [
-    path("", RedirectView.as_view(pattern_name="tasks:list"), name="home"),
+    path("", overview_page, name="home"),
     path("", include("tasks_app.urls")),
     path("workers/", include("workers_app.urls")),
     path("api/", include("scheduler_site.api_urls")),

@@ -407,6 +407,8 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["status", "-id"], name="run_status_id"),
             models.Index(fields=["task", "-id"], name="run_task_id"),
+            # The overview's windows: runs finished since a time, by status.
+            models.Index(fields=["finished_at", "status"], name="run_finished"),
         ]
         constraints = [
             # A cron tick makes one run, however many server processes fire
@@ -510,6 +512,8 @@ class Attempt(models.Model):
             # first; slot counts and liveness scan a worker's active attempts.
             models.Index(fields=["status", "labels_key", "queue_at", "id"], name="attempt_queue"),
             models.Index(fields=["worker", "status"], name="attempt_worker_status"),
+            # The overview's workers: attempts each finished in the last hour.
+            models.Index(fields=["finished_at"], name="attempt_finished"),
         ]
         # Two processes retrying the same failure create the same try once.
         constraints = [

@@ -73,3 +73,14 @@ def _latest(recent: list[Run], whole: bool, task_id: int, status: str, fields) -
         .only(*fields)
         .first()
     )
+
+
+STRIP = 50
+
+
+def recent_runs(task_id: int, count: int = STRIP) -> list[Run]:
+    """Its newest `count` runs of any status, oldest first (a strip reads left
+    to right, newest at the end): one probe of the (task, -id) index."""
+    fields = ("id", "status", "created_at", "started_at", "finished_at")
+    newest = Run.objects.filter(task_id=task_id).order_by("-id").only(*fields)[:count]
+    return list(reversed(newest))

@@ -15,6 +15,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from tasks_app import (
     audit,
+    charts,
     cron,
     history,
     lifecycle,
@@ -28,6 +29,7 @@ from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, LogChunk, Run, SchedulerState, Task
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
+from tasks_app.templatetags.sched import seconds_text
 
 
 def _get_task(pk: int) -> Task:
@@ -110,6 +112,9 @@ def task_detail(request, pk: int):
     deleted = None if task else DeletedTask.objects.filter(pk=pk).first()
     if task is None and deleted is None:
         raise Http404("No such task.")
+    if request.htmx and request.GET.get("part") == "stats":
+        # The live page re-renders this region alone when runs of the task change.
+        return render(request, "tasks/detail.html#task-stats", _stats_context(pk))
     try:
         before = history.parse_filters({"before": request.GET.get("before", "")}).get("before")
     except history.InvalidFilter as exc:
@@ -119,16 +124,26 @@ def task_detail(request, pk: int):
     return render(request, template, _detail_context(pk, task, deleted, before, RunForm()))
 
 
+def _stats_context(pk: int) -> dict:
+    strip = task_stats.recent_runs(pk)
+    return {
+        "task_id": pk,
+        "stats": task_stats.task_stats(pk),
+        "strip": strip,
+        "trend": _duration_trend(strip),
+    }
+
+
 def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
     page = history.runs_page(task=pk, before=before, limit=settings.SCHEDULER_PAGE_SIZE, brief=True)
     here = reverse("tasks:detail", args=[pk])
     return {
+        **_stats_context(pk),
         "task": task,
         "task_id": pk,
         "deleted": deleted,
         "name": task.name if task else deleted.name,
         "page": page,
-        "stats": task_stats.task_stats(pk),
         "next_runs": cron.next_runs(task) if task else [],
         "older_url": f"{here}?{urlencode({'before': page.next_before})}"
         if page.next_before
@@ -136,6 +151,19 @@ def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
         "newest_url": here if before else None,
         "run_form": run_form,
     }
+
+
+def _duration_trend(runs: list[Run]):
+    """A sparkline of the durations of those of these runs that have one."""
+    points = [
+        (
+            run.duration.total_seconds(),
+            f"#{run.pk} {run.status}: {seconds_text(run.duration.total_seconds())}",
+        )
+        for run in runs
+        if run.duration is not None
+    ]
+    return charts.sparkline(points, title="Durations of its last runs", chart_id="duration-trend")
 
 
 @require_http_methods(["GET", "POST"])

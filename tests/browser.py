@@ -23,7 +23,9 @@ PHONE = {"width": 390, "height": 844}
 
 
 @contextmanager
-def chromium_page(viewport: dict = DESKTOP, name: str = "browser-last"):
+def chromium_page(
+    viewport: dict = DESKTOP, name: str = "browser-last", timezone_id: str | None = None
+):
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail("Chromium is missing; .ci/run installs Debian's chromium package")
@@ -33,7 +35,8 @@ def chromium_page(viewport: dict = DESKTOP, name: str = "browser-last"):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport=viewport)
+            options = {"timezone_id": timezone_id} if timezone_id else {}
+            context = browser.new_context(viewport=viewport, **options)
             page = context.new_page()
             page.set_default_timeout(15_000)
             try:

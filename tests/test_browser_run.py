@@ -97,6 +97,7 @@ def test_pausing_asks_first_and_says_it_once(master):
 
 
 PAGES = [
+    "/",
     "/tasks/",
     "/tasks/{task}/",
     "/tasks/new/",

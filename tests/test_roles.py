@@ -46,7 +46,7 @@ V, OP, A = roles.VIEWER, roles.OPERATOR, roles.ADMIN
 
 # url name -> the requests it serves, each with the role it needs.
 CASES: dict[str, list[Case]] = {
-    "home": [Case("GET", PUBLIC)],  # a redirect to the task list
+    "home": [Case("GET", V)],  # the overview
     "tasks:list": [Case("GET", V)],
     "tasks:create": [
         Case("GET", OP),

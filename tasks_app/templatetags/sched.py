@@ -22,33 +22,37 @@ from tasks_app import logs
 register = template.Library()
 
 
-def _time_tag(value, shown: str, exact: str):
-    """A <time> element: `shown` of the server-zone time as text, `exact` on hover."""
+def _time_tag(value, shown: str, kind: str):
+    """A <time> the browser rewrites into its viewer's zone (static/js/localtime.js).
+
+    Its text, until then (and without JavaScript), is `shown` of the time in
+    the server's zone (SCHEDULER_TIME_ZONE, UTC by default); the title, on
+    hover, is always the UTC time; `data-local` says which form the script
+    writes: "datetime" (date and time) or "time" (the time of day only).
+    """
     if not value:
         return "—"
     local = timezone.localtime(value)
+    utc = value.astimezone(dt.UTC)
     return format_html(
-        '<time datetime="{}" title="{}">{}</time>',
-        value.isoformat(),
-        exact(value, local),
+        '<time datetime="{}" title="{}" data-local="{}">{}</time>',
+        utc.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        utc.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        kind,
         local.strftime(shown),
     )
 
 
 @register.filter
 def when(value):
-    """'2026-11-29 01:02:03 UTC' in the server's zone, the exact UTC instant on hover."""
-    return _time_tag(
-        value,
-        "%Y-%m-%d %H:%M:%S %Z",
-        lambda v, _: v.astimezone(dt.UTC).isoformat(timespec="milliseconds"),
-    )
+    """'2026-11-29 01:02:03 UTC', the viewer's zone once the script ran, UTC on hover."""
+    return _time_tag(value, "%Y-%m-%d %H:%M:%S %Z", "datetime")
 
 
 @register.filter
 def clock(value):
-    """'01:02:03' (a time on the same page as its date), the exact instant on hover."""
-    return _time_tag(value, "%H:%M:%S", lambda _, local: local.strftime("%Y-%m-%d %H:%M:%S.%f %Z"))
+    """'01:02:03' (a time on the same page as its date), UTC date and time on hover."""
+    return _time_tag(value, "%H:%M:%S", "time")
 
 
 def seconds_text(seconds: float) -> str:
@@ -56,8 +60,6 @@ def seconds_text(seconds: float) -> str:
         seconds = 0.0
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
-    if seconds < 10:
-        return f"{seconds:.2f} s"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -72,7 +74,7 @@ def seconds_text(seconds: float) -> str:
 
 @register.filter
 def duration(value):
-    """A timedelta or a number of seconds as '420 ms', '2.50 s', '3 min 5 s', '2 h 10 min'."""
+    """A timedelta or a number of seconds as '420 ms', '2.5 s', '3 min 5 s', '2 h 10 min'."""
     if value is None or value == "":
         return "—"
     if isinstance(value, dt.timedelta):
@@ -82,7 +84,7 @@ def duration(value):
 
 def exit_text(code: int | None) -> str:
     """How a command ended: 'exit 1', or 'killed by SIGTERM' for the agent's -15."""
-    if code is None:
+    if code is None or code == "":  # "": a run with no attempt (skipped) in a template
         return "—"
     if code < 0:
         try:
