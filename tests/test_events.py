@@ -542,3 +542,37 @@ def test_it_records_a_task_created_changed_and_deleted_through_the_api(api):
         (E.TASK_CHANGED, pk, {"name": "nightly"}),
         (E.TASK_DELETED, pk, {"name": "nightly"}),
     ]
+
+
+@pytest.mark.django_db
+def test_a_sharded_run_starts_and_finishes_once_whatever_its_shards_do(task, online):
+    task.shards = 3
+    task.save()
+    run = lifecycle.trigger_run(task)
+    first, second, third = run.queued_attempts
+    assert lifecycle.assign(first.pk, online.pk, online.name)
+    assert lifecycle.assign(second.pk, online.pk, online.name)
+
+    lifecycle.start_many([lifecycle.Started(online.pk, a.pk, None, 7) for a in (first, second)])
+    # Shard 0 fails for good: the run fails at once (fail fast), the queued
+    # shard is cancelled, and the running one's later report ends only itself.
+    lifecycle.finish(online.pk, first.pk, result(1))
+    lifecycle.finish(online.pk, second.pk, result(-15, status="cancelled"))
+
+    rows = events_of(run_id=run.pk)
+    assert [(e.kind, e.attempt_id) for e in rows] == [
+        (E.RUN_QUEUED, None),
+        (E.ATTEMPT_ASSIGNED, first.pk),
+        (E.ATTEMPT_ASSIGNED, second.pk),
+        (E.ATTEMPT_ACCEPTED, first.pk),
+        (E.ATTEMPT_STARTED, first.pk),
+        (E.ATTEMPT_ACCEPTED, second.pk),
+        (E.ATTEMPT_STARTED, second.pk),
+        (E.RUN_STARTED, None),
+        (E.ATTEMPT_FINISHED, first.pk),
+        (E.RUN_FINISHED, None),
+        (E.ATTEMPT_FINISHED, third.pk),
+        (E.ATTEMPT_FINISHED, second.pk),
+    ]
+    assert rows[9].data["status"] == "failed"
+    assert rows[10].data == {"status": "cancelled", "reason": "cancelled: another shard failed"}
