@@ -93,7 +93,7 @@ def event(kind: str, seconds: float = 0.0, **data) -> Event:
         (
             E.RUN_FINISHED,
             {"status": "succeeded", "reason": "", "duration_s": 1.25},
-            "run succeeded after 1.25 s",
+            "run succeeded after 1.2 s",
         ),
         (
             E.RUN_FINISHED,
