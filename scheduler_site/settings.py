@@ -24,6 +24,7 @@ from scheduler_site.envconfig import (
     env_redis,
     env_str,
     env_time_zone,
+    env_token,
     env_url,
     make_private,
 )
@@ -80,6 +81,10 @@ if SECURE_SSL_REDIRECT and not SECURE_PROXY_SSL_HEADER:
         " header the proxy that ends TLS sets: without it every request looks like plain http"
         " and would be redirected to https again and again"
     )
+# Load balancers probe, and Prometheus scrapes, the server itself over plain
+# http from inside the network: a redirect to https would fail them (README,
+# "Metrics and health"). Django matches these against the path without its "/".
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 # HSTS: browsers then refuse plain http to this host for that long. Start low
 # (300) and raise it (31536000, a year) once https is known to work.
 SECURE_HSTS_SECONDS = int(env_number("SCHEDULER_HSTS_SECONDS", 0, minimum=0, integer=True))
@@ -309,3 +314,16 @@ SCHEDULER_ENROLLMENT_TTL_HOURS = env_number("SCHEDULER_ENROLLMENT_TTL_HOURS", 24
 SCHEDULER_PAGE_SIZE = int(env_number("SCHEDULER_PAGE_SIZE", 50, minimum=1, integer=True))
 # The address agents are told to use in the "add a worker" command.
 SCHEDULER_PUBLIC_URL = env_url("SCHEDULER_PUBLIC_URL")
+
+# --- Metrics and health (README, "Metrics and health") -----------------------
+# Unset: /metrics answers loopback addresses only. Set (or _FILE): it answers
+# requests bearing "Authorization: Bearer <token>", from anywhere, and no others.
+SCHEDULER_METRICS_TOKEN = env_token(
+    "SCHEDULER_METRICS_TOKEN",
+    min_length=16,
+    default_text="unset: /metrics open to loopback addresses only",
+)
+# /readyz fails once this process's scheduler service has not finished a tick
+# for this long (a tick is SCHEDULER_TICK_S; 15 s is when other servers call a
+# silent one dead, workers_app.servers.SILENT_AFTER_S).
+SCHEDULER_READY_SERVICE_S = env_number("SCHEDULER_READY_SERVICE_S", 15.0, minimum=0.1)

@@ -28,7 +28,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from tasks_app import secret_env, shards
+from tasks_app import metrics, secret_env, shards
 from tasks_app.batchsql import (
     atomic,
     aware,
@@ -510,6 +510,10 @@ def _queue(runs: list[Run]) -> list[Run]:
         attempt.run.queued_attempts.append(attempt)
     if attempts:
         _wake_dispatch({a.labels_key for a in attempts})
+    # Skipped (busy), or failed with nowhere to go: final without ever starting.
+    metrics.runs_finished(
+        (r.task_name, r.status, None, None) for r in runs if r.status != Run.Status.QUEUED
+    )
     return runs
 
 
@@ -591,18 +595,23 @@ def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
 
 def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, tuple]:
     """The pairs whose attempt is that worker's and in one of these states,
-    locked; each with (run id, assigned_at)."""
+    locked; each with (run id, assigned_at, ready_at)."""
     pairs = set(pairs)
     ids = list({a for _, a in pairs})
     if not ids:
         return {}
     rows = select(
-        f"SELECT id, worker_id, run_id, assigned_at FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
+        f"SELECT id, worker_id, run_id, assigned_at, ready_at FROM {ATTEMPT}"
+        f" WHERE id IN ({marks(ids)})"
         # In id order, as every lock on attempts: see lose().
         f" AND status IN ({marks(statuses)}) ORDER BY id{for_update()}",
         [*ids, *statuses],
     )
-    return {(w, a): (run_id, aware(at)) for a, w, run_id, at in rows if (w, a) in pairs}
+    return {
+        (w, a): (run_id, aware(at), aware(ready))
+        for a, w, run_id, at, ready in rows
+        if (w, a) in pairs
+    }
 
 
 def _between(value: dt.datetime | None, low: dt.datetime | None, high: dt.datetime):
@@ -644,15 +653,16 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
     now = timezone.now()
     with atomic():
         owned = _owned([(i.worker_id, i.attempt_id) for i in items], [S.ASSIGNED])
-        moves = []
+        moves, waits = [], []
         for item in items:
             pair = (item.worker_id, item.attempt_id)
             if pair in owned:
-                run_id, assigned_at = owned.pop(pair)
+                run_id, assigned_at, ready_at = owned.pop(pair)
                 # The agent's clock may be off: a start is never before its
                 # assignment nor after the master heard of it.
                 started = _between(_from_epoch(item.started_at), assigned_at, now)
                 moves.append((started, item.pid, item.attempt_id, run_id))
+                waits.append((started - ready_at).total_seconds())
         moves.sort(key=lambda move: (move[0], move[2]))
         update_rows(
             Attempt,
@@ -674,6 +684,7 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
             where="status = %s",
             where_params=[Run.Status.QUEUED],
         )
+        metrics.attempts_started(waits)
     moved = {attempt_id for _, _, attempt_id, _ in moves}
     return {(i.worker_id, i.attempt_id) for i in items if i.attempt_id in moved}
 
@@ -944,6 +955,7 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
             finished_at=timezone.now(),
             closed_by_master=True,
         )
+        metrics.attempts_lost(len(ids))
         _after_final(ids)
     return ids
 
@@ -1087,6 +1099,7 @@ def _after_final_rows(rows: list[tuple]) -> None:
         select(locking, run_ids)
     retryable = [row for row in rows if row[0] in RETRYABLE]
     retries: list[Attempt] = []
+    retried_after: list[str] = []  # the statuses the retried tries ended with
     if retryable:
         runs = {
             pk: (definition, cancelling or status in Run.FINAL)
@@ -1097,7 +1110,7 @@ def _after_final_rows(rows: list[tuple]) -> None:
             .values_list("pk", "definition", "cancel_requested_at", "status")
         }
         now = timezone.now()
-        for _, try_number, shard_index, run_id, key, timeout, worker_id, priority in retryable:
+        for status, try_number, shard_index, run_id, key, timeout, worker_id, priority in retryable:
             # Not for a run being cancelled, nor one already over (another of
             # its shards failed for good: fail fast).
             definition, over = runs[run_id]
@@ -1109,6 +1122,7 @@ def _after_final_rows(rows: list[tuple]) -> None:
                 definition.get("retry_backoff_max_s", 600.0),
             )
             ready = now + dt.timedelta(seconds=delay)
+            retried_after.append(status)
             retries.append(
                 Attempt.queued(
                     run_id=run_id,
@@ -1125,6 +1139,7 @@ def _after_final_rows(rows: list[tuple]) -> None:
         # Race: two processes retrying the same attempt; the unique (run, shard,
         # try) constraint lets only one create the next try.
         Attempt.objects.bulk_create(retries, ignore_conflicts=True)
+        metrics.attempts_retried(retried_after)
     refresh_runs({row[3] for row in rows})
     if retries:
         _wake_dispatch({a.labels_key for a in retries})
@@ -1156,17 +1171,16 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
     # reads the attempts only once it holds the run: the second reads after
     # the first committed and sees every shard final, so exactly one of them
     # queues the merge or finishes the run. (SQLite: one writer anyway.)
-    runs = {
-        pk: (json_value(definition), bool(cancelling))
-        for pk, definition, cancelling in select(
-            f"SELECT id, definition, cancel_requested_at FROM {RUN}"
-            f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})"
-            f" ORDER BY id{for_update()}",
-            [*run_ids, *Run.FINAL],
-        )
-    }
-    if not runs:
+    rows = select(
+        f"SELECT id, definition, cancel_requested_at, task_name FROM {RUN}"
+        f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})"
+        f" ORDER BY id{for_update()}",
+        [*run_ids, *Run.FINAL],
+    )
+    if not rows:
         return
+    runs = {pk: (json_value(d), bool(c)) for pk, d, c, _ in rows}
+    names = {pk: name for pk, *_, name in rows}  # for the metrics
     finals, starts, merges, fail_fast = [], [], [], []
     now = timezone.now()
     ids = _to_judge(runs, starts, now)
@@ -1210,6 +1224,9 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
         finals,
         where=f"status NOT IN ({marks(Run.FINAL)})",
         where_params=list(Run.FINAL),
+    )
+    metrics.runs_finished(
+        (names[pk], status, started, finished) for status, _, finished, started, pk in finals
     )
     update_rows(
         Run,
