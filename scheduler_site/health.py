@@ -3,9 +3,9 @@
 None of them needs a login: a scraper or a probe has no session. /healthz
 and /readyz say nothing secret; /metrics (task names, fleet size) answers
 loopback addresses only, or with SCHEDULER_METRICS_TOKEN set, requests that
-bear it, from anywhere, and no others. All three are exempt from the https
-redirect (settings.SECURE_REDIRECT_EXEMPT): they are reached over plain http
-inside the network.
+bear it, from anywhere, and no others. All three skip the host check and the
+https redirect (scheduler_site.middleware.Probes): they are reached by a
+server's own address, over plain http, inside the network.
 
 /readyz runs each check in a thread of its own and waits CHECK_TIMEOUT_S for
 it: a database or Redis that does not answer (a black-holed host, a lock)

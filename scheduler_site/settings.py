@@ -81,10 +81,6 @@ if SECURE_SSL_REDIRECT and not SECURE_PROXY_SSL_HEADER:
         " header the proxy that ends TLS sets: without it every request looks like plain http"
         " and would be redirected to https again and again"
     )
-# Load balancers probe, and Prometheus scrapes, the server itself over plain
-# http from inside the network: a redirect to https would fail them (README,
-# "Metrics and health"). Django matches these against the path without its "/".
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 # HSTS: browsers then refuse plain http to this host for that long. Start low
 # (300) and raise it (31536000, a year) once https is known to work.
 SECURE_HSTS_SECONDS = int(env_number("SCHEDULER_HSTS_SECONDS", 0, minimum=0, integer=True))
@@ -116,6 +112,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: /healthz, /readyz and /metrics skip the host check and the https
+    # redirect (load balancers and Prometheus reach a server by its address,
+    # over plain http); see its docstring.
+    "scheduler_site.middleware.Probes",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

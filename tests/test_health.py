@@ -330,6 +330,18 @@ def test_the_probes_and_metrics_are_not_redirected_to_https(settings):
     assert plain.get("/readyz").status_code in (200, 503)  # answered, not redirected
 
 
+@pytest.mark.django_db
+def test_a_probe_by_the_servers_own_address_passes_the_host_check():
+    # A load balancer or Prometheus names the server by its address, which
+    # SCHEDULER_ALLOWED_HOSTS (scheduler.example.com) does not list.
+    by_address = Client(HTTP_HOST="10.0.0.5:8001", REMOTE_ADDR="127.0.0.1")
+
+    assert by_address.get("/tasks/").status_code == 400  # Django's host check
+    assert by_address.get("/healthz").content == b"ok\n"
+    assert "scheduler_queue_depth" in by_address.get("/metrics").content.decode()
+    assert by_address.get("/readyz").json()["database"] == "ok"
+
+
 # --- /healthz and /readyz ----------------------------------------------------------
 
 
