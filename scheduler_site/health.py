@@ -149,7 +149,7 @@ def check_channel_layer() -> None:
 
 async def _round_trip() -> None:
     layer = get_channel_layer()
-    channel = await layer.new_channel("readyz.")
+    channel = await layer.new_channel("readyz")
     await layer.send(channel, {"type": "readyz.ping"})
     message = await layer.receive(channel)
     if message.get("type") != "readyz.ping":
@@ -162,7 +162,10 @@ def check_service() -> None:
 
     age = service.since_last_tick()
     if age is None:
-        raise NotReady("the scheduler service is not running in this process")
+        raise NotReady(
+            "the scheduler service has not finished a tick in this process (starting, or not"
+            " running here)"
+        )
     if age > settings.SCHEDULER_READY_SERVICE_S:
         raise NotReady(
             f"the scheduler service last finished a tick {age:.1f}s ago"

@@ -352,6 +352,23 @@ def test_healthz_says_ok_without_a_login_or_the_database():
     assert "no-cache" in response["Cache-Control"]
 
 
+@pytest.mark.django_db
+def test_readyz_fails_in_a_process_whose_service_never_ticked(monkeypatch):
+    from workers_app import service
+
+    monkeypatch.setattr(service, "last_tick", None)  # a process that has just started
+
+    response = local().get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json() == {
+        "database": "ok",
+        "channel_layer": "ok",
+        "scheduler_service": "the scheduler service has not finished a tick in this process"
+        " (starting, or not running here)",
+    }
+
+
 @pytest.mark.django_db(transaction=True)
 def test_readyz_is_ok_once_the_service_ticked_and_fails_when_it_stops(settings):
     SchedulerService().tick()
