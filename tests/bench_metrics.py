@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -154,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(report, indent=1))
     finally:
-        if database_url:
-            from django.db import connections
+        from django.db import connections
 
-            connections.close_all()
+        connections.close_all()
+        if database_url:
             engines.drop_database(database_url)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
