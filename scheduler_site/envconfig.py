@@ -49,6 +49,26 @@ def env_str(name: str, default: str = "", *, default_text: str = "") -> str:
     return default if raw is None else raw
 
 
+def env_token(name: str, *, min_length: int, default_text: str) -> str:
+    """A shared secret sent in a header (NAME or NAME_FILE), or empty when unset.
+    Long enough not to be guessed, and only characters a header carries whole."""
+    value = env_str(name, default_text=default_text)
+    if not value:
+        return ""
+    where = f"{name}_FILE" if os.environ.get(f"{name}_FILE") else name
+    if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", value):
+        raise ImproperlyConfigured(
+            f"{where}: the token may hold letters, digits and . _ ~ + / = - only"
+            " (no spaces); e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if len(value) < min_length:
+        raise ImproperlyConfigured(
+            f"{where}: the token must be at least {min_length} characters, not {len(value)};"
+            " e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return value
+
+
 def env_bool(name: str, default: bool) -> bool:
     raw = _raw(name, str(default).lower())
     if raw is None:

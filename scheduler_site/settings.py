@@ -24,6 +24,7 @@ from scheduler_site.envconfig import (
     env_redis,
     env_str,
     env_time_zone,
+    env_token,
     env_url,
     make_private,
 )
@@ -111,6 +112,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: /healthz, /readyz and /metrics skip the host check and the https
+    # redirect (load balancers and Prometheus reach a server by its address,
+    # over plain http); see its docstring.
+    "scheduler_site.middleware.Probes",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -309,3 +314,16 @@ SCHEDULER_ENROLLMENT_TTL_HOURS = env_number("SCHEDULER_ENROLLMENT_TTL_HOURS", 24
 SCHEDULER_PAGE_SIZE = int(env_number("SCHEDULER_PAGE_SIZE", 50, minimum=1, integer=True))
 # The address agents are told to use in the "add a worker" command.
 SCHEDULER_PUBLIC_URL = env_url("SCHEDULER_PUBLIC_URL")
+
+# --- Metrics and health (README, "Metrics and health") -----------------------
+# Unset: /metrics answers loopback addresses only. Set (or _FILE): it answers
+# requests bearing "Authorization: Bearer <token>", from anywhere, and no others.
+SCHEDULER_METRICS_TOKEN = env_token(
+    "SCHEDULER_METRICS_TOKEN",
+    min_length=16,
+    default_text="unset: /metrics open to loopback addresses only",
+)
+# /readyz fails once this process's scheduler service has not finished a tick
+# for this long (a tick is SCHEDULER_TICK_S; 15 s is when other servers call a
+# silent one dead, workers_app.servers.SILENT_AFTER_S).
+SCHEDULER_READY_SERVICE_S = env_number("SCHEDULER_READY_SERVICE_S", 15.0, minimum=0.1)

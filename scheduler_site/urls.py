@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from scheduler_site import health
 from scheduler_site.overview import overview_page
 from tasks_app import token_views
 from workers_app.views import agent_download
@@ -17,6 +18,10 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    # For Prometheus, load balancers and systemd: no login (scheduler_site.health).
+    path("metrics", health.metrics, name="metrics"),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
 ]
 
 # Under /api/ a refused Host header is answered in JSON too (tasks_app.jsonapi).

@@ -28,7 +28,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from tasks_app import events, secret_env, shards
+from tasks_app import events, metrics, secret_env, shards
 from tasks_app.batchsql import (
     atomic,
     aware,
@@ -517,6 +517,10 @@ def _queue(runs: list[Run]) -> list[Run]:
     if attempts:
         _wake_dispatch({a.labels_key for a in attempts})
     events.record_many(_queued_events(runs))
+    # Skipped (busy), or failed with nowhere to go: final without ever starting.
+    metrics.runs_finished(
+        (r.task_name, r.status, None, None) for r in runs if r.status != Run.Status.QUEUED
+    )
     return runs
 
 
@@ -644,21 +648,21 @@ def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
 
 def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, tuple]:
     """The pairs whose attempt is that worker's and in one of these states,
-    locked; each with (run id, assigned_at, whether it was accepted)."""
+    locked; each with (run id, assigned_at, whether it was accepted, ready_at)."""
     pairs = set(pairs)
     ids = list({a for _, a in pairs})
     if not ids:
         return {}
     rows = select(
-        "SELECT id, worker_id, run_id, assigned_at, accepted_at IS NOT NULL"
+        "SELECT id, worker_id, run_id, assigned_at, accepted_at IS NOT NULL, ready_at"
         f" FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
         # In id order, as every lock on attempts: see lose().
         f" AND status IN ({marks(statuses)}) ORDER BY id{for_update()}",
         [*ids, *statuses],
     )
     return {
-        (w, a): (run_id, aware(at), bool(accepted))
-        for a, w, run_id, at, accepted in rows
+        (w, a): (run_id, aware(at), bool(accepted), aware(ready))
+        for a, w, run_id, at, accepted, ready in rows
         if (w, a) in pairs
     }
 
@@ -682,7 +686,7 @@ def accept_many(pairs: Sequence[Pair]) -> set[Pair]:
         # Every row read is locked and still assigned: each moves.
         events.record_many(
             Row(events.ATTEMPT_ACCEPTED, run_id, attempt_id, worker_id=worker_id)
-            for (worker_id, attempt_id), (run_id, _, accepted) in sorted(ok.items())
+            for (worker_id, attempt_id), (run_id, _, accepted, _) in sorted(ok.items())
             if not accepted
         )
     return set(ok)
@@ -708,11 +712,11 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
     now = timezone.now()
     with atomic():
         owned = _owned([(i.worker_id, i.attempt_id) for i in items], [S.ASSIGNED])
-        moves, rows = [], []
+        moves, rows, waits = [], [], []
         for item in items:
             pair = (item.worker_id, item.attempt_id)
             if pair in owned:
-                run_id, assigned_at, accepted = owned.pop(pair)
+                run_id, assigned_at, accepted, ready_at = owned.pop(pair)
                 # The agent's clock may be off: a start is never before its
                 # assignment nor after the master heard of it.
                 started = _between(_from_epoch(item.started_at), assigned_at, now)
@@ -721,6 +725,7 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
                 if not accepted:  # the start says it was accepted too
                     rows.append(Row(events.ATTEMPT_ACCEPTED, **ids))
                 rows.append(Row(events.ATTEMPT_STARTED, **ids, data={"pid": item.pid}))
+                waits.append((started - ready_at).total_seconds())
         moves.sort(key=lambda move: (move[0], move[2]))
         update_rows(
             Attempt,
@@ -754,6 +759,7 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
             for run_id, task_id in sorted(moved_runs or [])
         ]
         events.record_many(rows)
+        metrics.attempts_started(waits)
     moved = {attempt_id for _, _, attempt_id, _ in moves}
     return {(i.worker_id, i.attempt_id) for i in items if i.attempt_id in moved}
 
@@ -1085,6 +1091,7 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
         ]
         _after_final(ids, out)
         events.record_many(out)
+        metrics.attempts_lost(len(ids))
     return ids
 
 
@@ -1250,6 +1257,7 @@ def _after_final_rows(rows: list[tuple], out: list[Row]) -> None:
         select(locking, run_ids)
     retryable = [row for row in rows if row[0] in RETRYABLE]
     retries: list[Attempt] = []
+    retried_after: list[str] = []  # the statuses the retried tries ended with
     if retryable:
         runs = {
             pk: (definition, cancelling or status in Run.FINAL)
@@ -1260,7 +1268,7 @@ def _after_final_rows(rows: list[tuple], out: list[Row]) -> None:
             .values_list("pk", "definition", "cancel_requested_at", "status")
         }
         now = timezone.now()
-        for _, try_number, shard_index, run_id, key, timeout, worker_id, priority in retryable:
+        for status, try_number, shard_index, run_id, key, timeout, worker_id, priority in retryable:
             # Not for a run being cancelled, nor one already over (another of
             # its shards failed for good: fail fast).
             definition, over = runs[run_id]
@@ -1272,6 +1280,7 @@ def _after_final_rows(rows: list[tuple], out: list[Row]) -> None:
                 definition.get("retry_backoff_max_s", 600.0),
             )
             ready = now + dt.timedelta(seconds=delay)
+            retried_after.append(status)
             retries.append(
                 Attempt.queued(
                     run_id=run_id,
@@ -1289,6 +1298,7 @@ def _after_final_rows(rows: list[tuple], out: list[Row]) -> None:
         # try) constraint lets only one create the next try.
         Attempt.objects.bulk_create(retries, ignore_conflicts=True)
         out += _retry_events(retries, now)
+        metrics.attempts_retried(retried_after)
     refresh_runs({row[3] for row in rows}, out)
     if retries:
         _wake_dispatch({a.labels_key for a in retries})
@@ -1354,14 +1364,17 @@ def refresh_runs(run_ids: Iterable[int], out: list[Row] | None = None) -> None:
     # first start, and how long it took, for the events.
     was: dict[int, tuple] = {}
     runs = {}
-    for pk, definition, cancelling, status, started_at, task_id in select(
-        f"SELECT id, definition, cancel_requested_at, status, started_at, task_id FROM {RUN}"
+    names = {}  # for the metrics
+    for pk, definition, cancelling, status, started_at, task_id, name in select(
+        f"SELECT id, definition, cancel_requested_at, status, started_at, task_id, task_name"
+        f" FROM {RUN}"
         f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})"
         f" ORDER BY id{for_update()}",
         [*run_ids, *Run.FINAL],
     ):
         runs[pk] = (json_value(definition), bool(cancelling))
         was[pk] = (status, aware(started_at), task_id)
+        names[pk] = name
     if not runs:
         return
     finals, starts, merges, fail_fast = [], [], [], []
@@ -1407,6 +1420,9 @@ def refresh_runs(run_ids: Iterable[int], out: list[Row] | None = None) -> None:
         finals,
         where=f"status NOT IN ({marks(Run.FINAL)})",
         where_params=list(Run.FINAL),
+    )
+    metrics.runs_finished(
+        (names[pk], status, started, finished) for status, _, finished, started, pk in finals
     )
     update_rows(
         Run,

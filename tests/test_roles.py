@@ -124,6 +124,12 @@ CASES: dict[str, list[Case]] = {
     "agent-download": [Case("GET", PUBLIC)],
     "login": [Case("GET", PUBLIC)],
     "logout": [Case("POST", PUBLIC)],
+    # For Prometheus and load balancers, which have no session: /metrics is
+    # gated by the address or its own token (tests/test_health.py), the probes
+    # say nothing secret.
+    "metrics": [Case("GET", PUBLIC)],
+    "healthz": [Case("GET", PUBLIC)],
+    "readyz": [Case("GET", PUBLIC)],
 }
 
 PERSONAS = {"viewer": V, "operator": OP, "admin": A, "outsider": None}

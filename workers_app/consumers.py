@@ -22,7 +22,7 @@ from django.conf import settings
 
 from scheduler_site.wire import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from tasks_app.writer import WriterClientMixin, writer
-from workers_app import delivery, liveness, protocol
+from workers_app import delivery, liveness, metrics, protocol
 from workers_app.liveness import Hello, WorkerGone
 from workers_app.models import Worker
 from workers_app.reports import Message
@@ -57,10 +57,15 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
         self.inflight_bytes = 0  # of the messages behind the futures in answers
         self.answering: asyncio.Task | None = None
         await self.accept()
+        self.counted = True  # in the sockets gauge, until disconnect
+        metrics.AGENT_SOCKETS.inc()
 
     async def disconnect(self, code: int) -> None:
         if not getattr(self, "worker_id", None):
             return
+        if getattr(self, "counted", False):
+            self.counted = False
+            metrics.AGENT_SOCKETS.dec()
         delivery.unregister(self.worker_id, self)
         if self.answering is not None:
             self.answering.cancel()
@@ -72,6 +77,7 @@ class AgentConsumer(WriterClientMixin, AsyncWebsocketConsumer):
         # Any message is a sign of life, noted before it waits for anything.
         liveness.seen(self.worker_id)
         frames, errors = protocol.parse_message(text_data, settings.SCHEDULER_MAX_FRAME_BYTES)
+        metrics.frames_received(frames, len(errors))
         size = len(text_data or "")
         if errors:
             self._answer(None, errors)

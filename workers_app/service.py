@@ -42,6 +42,17 @@ log = logging.getLogger(__name__)
 # waiting unread, so their silence says nothing (seconds, on top of a tick).
 OVERLOAD_LAG_S = 1.0
 
+# When a service of this process last finished a tick (time.monotonic()), None
+# before the first: /readyz says this server is not ready once it is too old
+# (scheduler_site.health). A float, written by the writer's thread and read by
+# requests' threads whole.
+last_tick: float | None = None
+
+
+def since_last_tick() -> float | None:
+    """Seconds since this process's service finished a tick; None if it never did."""
+    return None if last_tick is None else time.monotonic() - last_tick
+
 
 class SchedulerService:
     def __init__(self) -> None:
@@ -122,6 +133,8 @@ class SchedulerService:
             except Exception:
                 # One failing duty must not stop the others or the loop.
                 log.exception("scheduler duty %s failed", duty.__name__)
+        global last_tick
+        last_tick = time.monotonic()
         if failed:
             self.database_down = True
         elif self.database_down:
