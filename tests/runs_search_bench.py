@@ -235,9 +235,11 @@ def main_query(client, url: str) -> str:
 
 
 def explain(sql: str) -> str:
-    from django.db import connection
+    """The plan, as the view runs the query (no parallel workers: history.runs_page)."""
+    from django.db import connection, transaction
 
-    with connection.cursor() as cursor:
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         cursor.execute(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {sql}")
         return "\n".join(row[0] for row in cursor.fetchall())
 
