@@ -287,6 +287,7 @@ def run_list(request):
             "worker": request.GET.get("worker", "")[: history.MAX_TEXT_FILTER],
             "since": request.GET.get("since", "")[:40],
             "until": request.GET.get("until", "")[:40],
+            "task": request.GET.get("task", "")[:20],
             "status": request.GET.getlist("status"),
             "trigger": request.GET.getlist("trigger"),
         },

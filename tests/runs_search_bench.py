@@ -235,11 +235,13 @@ def main_query(client, url: str) -> str:
 
 
 def explain(sql: str) -> str:
-    """The plan, as the view runs the query (no parallel workers: history.runs_page)."""
+    """The plan, as history.runs_page runs the query (its SET LOCALs)."""
     from django.db import connection, transaction
 
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        cursor.execute(
+            "SET LOCAL max_parallel_workers_per_gather = 0; SET LOCAL random_page_cost = 1.1"
+        )
         cursor.execute(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {sql}")
         return "\n".join(row[0] for row in cursor.fetchall())
 

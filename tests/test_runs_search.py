@@ -558,3 +558,16 @@ def test_the_bulk_limit_is_what_the_api_document_says():
     from tasks_app import schemas
 
     assert schemas.RUN_IDS.schema["properties"]["ids"]["maxItems"] == bulk_runs.MAX_RUNS == 500
+
+
+def test_a_bad_filter_keeps_what_was_typed_in_the_form_to_be_fixed(bob_client, history):
+    task = Task.objects.get(name="Report")
+    query = f"task={task.pk}&status=failed&trigger=api&name=rep&worker=node-a&since=2026-13-45"
+
+    html = unescape(bob_client.get(f"{reverse('tasks:runs')}?{query}").content.decode())
+
+    assert f'<option value="{task.pk}" selected>Report</option>' in html
+    assert '<input type="checkbox" name="status" value="failed" checked>' in html
+    assert '<input type="checkbox" name="trigger" value="api" checked>' in html
+    assert 'name="name" value="rep"' in html and 'name="worker" value="node-a"' in html
+    assert 'name="since" value="2026-13-45"' in html
