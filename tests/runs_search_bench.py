@@ -106,7 +106,7 @@ def fill(count: int) -> float:
             """,
             {"n": count, "names": names, "ids": ids},
         )
-        # One attempt per run on a worker (node-07 the busiest, gpu-01 rare),
+        # One attempt per run on one of 40 workers in turn (gpu-01: one run in 5,000),
         # and a second try on the next worker for 8% of them.
         cursor.execute(
             f"""
