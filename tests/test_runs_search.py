@@ -498,26 +498,32 @@ def test_api_bulk_retry_answers_the_new_runs(api, mixed):
 
 
 @pytest.mark.parametrize(
-    ("body", "field"),
+    ("body", "errors"),
     [
-        ({"ids": list(range(1, 502))}, "ids"),
-        ({"ids": []}, "ids"),
-        ({"ids": ["1"]}, "ids[0]"),
-        ({"ids": [0]}, "ids[0]"),
-        ({"ids": [True]}, "ids[0]"),
-        ({"ids": [2**70]}, "ids[0]"),
-        ({"runs": [1]}, "body"),
-        ({}, "body"),
+        ({"ids": list(range(1, 502))}, {"ids": ["Give 1 to 500 run ids."]}),
+        ({"ids": []}, {"ids": ["Give 1 to 500 run ids."]}),
+        ({"ids": ["1"]}, {"ids[0]": ["Expected an integer."]}),
+        ({"ids": [0]}, {"ids[0]": ["Ensure this value is greater than or equal to 1."]}),
+        ({"ids": [True]}, {"ids[0]": ["Expected an integer."]}),
+        (
+            {"ids": [2**70]},
+            {"ids[0]": ["Ensure this value is less than or equal to 9223372036854775807."]},
+        ),
+        ({"runs": [1]}, {"ids": ["This field is required."], "runs": ["Unknown field."]}),
+        ({}, {"ids": ["This field is required."]}),
     ],
 )
-def test_api_bulk_refuses_bad_bodies_with_400_and_does_nothing(api, mixed, body, field):
+def test_api_bulk_refuses_bad_bodies_with_400_and_does_nothing(api, mixed, body, errors):
     before = list(Run.objects.order_by("pk").values("pk", "status", "cancel_requested_at"))
 
-    response = api.post("/api/runs/cancel", json.dumps(body), "application/json")
+    for verb in ("cancel", "retry"):
+        response = api.post(f"/api/runs/{verb}", json.dumps(body), "application/json")
 
-    assert response.status_code == 400
-    assert field in response.json().get("errors", {"body": 1}) or field == "body"
+        assert response.status_code == 400
+        assert response.json() == {"error": "invalid fields", "errors": errors}
     assert list(Run.objects.order_by("pk").values("pk", "status", "cancel_requested_at")) == before
+    assert Run.objects.count() == len(before)
+    assert not AuditEntry.objects.filter(action__endswith="_many").exists()
 
 
 def test_a_bulk_cancel_costs_the_same_queries_for_5_runs_or_50(task):
