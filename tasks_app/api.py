@@ -12,6 +12,7 @@ from scheduler_site.links import absolute_url
 from tasks_app import (
     audit,
     audit_history,
+    bulk_runs,
     history,
     lifecycle,
     results,
@@ -21,6 +22,7 @@ from tasks_app import (
 )
 from tasks_app.apispec import Operation, query_param
 from tasks_app.exceptions import (
+    BadSelection,
     RunNotCancellable,
     RunNotRetryable,
     RunTooLarge,
@@ -70,8 +72,9 @@ def _older_page_url(request, query: dict, before: int | None, limit: int) -> str
 
 def _next_url(request, query: dict) -> str:
     """The absolute URL of the next page, so that a script can fetch it as it is
-    (on SCHEDULER_PUBLIC_URL when set, else the request's scheme and Host)."""
-    return absolute_url(request, f"{request.path}?{urlencode(query)}")
+    (on SCHEDULER_PUBLIC_URL when set, else the request's scheme and Host).
+    A list value (several statuses) is repeated: status=a&status=b."""
+    return absolute_url(request, f"{request.path}?{urlencode(query, doseq=True)}")
 
 
 def _after(params) -> int | None:
@@ -228,12 +231,40 @@ def _trigger(request, task_id: int | None) -> JsonResponse:
         "GET": Operation(
             "List runs",
             {200: schemas.page_of(schemas.RUN, "Runs newest first, a page at a time.")},
-            description="Newest first, keyset-paginated by id: follow `next` until it is "
-            "null. Attempts come without their output.",
+            description="Newest first by creation time (then id), keyset-paginated: follow "
+            "`next` until it is null. Filters combine with AND; `status` and `trigger` take "
+            "several values (repeated, or comma-separated). `since` and `until` take a date "
+            "(2026-01-31; `until` includes the day) or a time (without an offset: the "
+            "server's time zone). Attempts come without their output.",
             query=(
                 schemas.id_param("task", "only the runs of this task (deleted or not)"),
-                query_param("status", {"enum": list(Run.Status.values)}, "only runs in this state"),
-                schemas.id_param("before", "only runs with a smaller id (what `next` sets)"),
+                query_param(
+                    "name",
+                    {"type": "string", "maxLength": history.MAX_TEXT_FILTER},
+                    "only runs whose task name starts with this (any case)",
+                ),
+                query_param(
+                    "status",
+                    {"type": "array", "items": {"enum": list(Run.Status.values)}},
+                    "only runs in one of these states",
+                ),
+                query_param(
+                    "worker",
+                    {"type": "string", "maxLength": history.MAX_TEXT_FILTER},
+                    "only runs with an attempt on the worker of this name",
+                ),
+                query_param(
+                    "trigger",
+                    {"type": "array", "items": {"enum": list(Run.Trigger.values)}},
+                    "only runs made by one of these triggers",
+                ),
+                query_param("since", {"type": "string"}, "runs created at or after this"),
+                query_param(
+                    "until", {"type": "string"}, "runs created before this (or through this day)"
+                ),
+                schemas.id_param(
+                    "before", "only runs after this one in the list's order (what `next` sets)"
+                ),
                 schemas.LIMIT,
             ),
             role=VIEWER,
@@ -256,10 +287,10 @@ def runs(request):
         return _trigger(request, None)
     try:
         filters, limit = history.parse_filters(request.GET), _limit(request.GET)
+        page = history.runs_page(limit=limit, **filters)
     except history.InvalidFilter as exc:
         return error(400, str(exc))
-    page = history.runs_page(limit=limit, **filters)
-    kept = {k: v for k, v in filters.items() if k != "before"}
+    kept = history.query_string_values({k: v for k, v in filters.items() if k != "before"})
     next_url = _older_page_url(request, kept, page.next_before, limit)
     return JsonResponse(
         {
@@ -395,6 +426,48 @@ def run_retry(request, pk: int):
     except RunNotRetryable as exc:
         return error(409, str(exc))
     return _run_response(retry, status=201)
+
+
+def _bulk(request, action) -> JsonResponse:
+    try:
+        ids = bulk_runs.parse_ids(request.payload["ids"])
+    except BadSelection as exc:
+        return error(400, str(exc))
+    return JsonResponse({"results": action(request, ids).results()})
+
+
+@api_view(
+    {
+        "POST": Operation(
+            "Cancel many runs",
+            {200: schemas.results_of(schemas.BULK_RESULT)},
+            body=schemas.RUN_IDS,
+            description="In one transaction, with one audit entry. Per id, in order: "
+            "`cancelled`, `skipped` (already finished; `reason` says how) or `not_found`.",
+            role=OPERATOR,
+        )
+    }
+)
+def runs_cancel(request):
+    return _bulk(request, bulk_runs.cancel)
+
+
+@api_view(
+    {
+        "POST": Operation(
+            "Retry many runs",
+            {200: schemas.results_of(schemas.BULK_RESULT)},
+            body=schemas.RUN_IDS,
+            description="In one transaction, with one audit entry. Per id, in order: "
+            "`retried` with the new run's id in `retry`, `skipped` (not finished yet, or its "
+            "secrets unreadable; `reason` says which) or `not_found`. Each retry meets its "
+            "task's concurrency limit like any trigger.",
+            role=OPERATOR,
+        )
+    }
+)
+def runs_retry(request):
+    return _bulk(request, bulk_runs.retry)
 
 
 @api_view(

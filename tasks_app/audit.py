@@ -16,7 +16,8 @@ entries with `entry()` and `bulk_create` them, one INSERT per batch.
 
 Actions are "<thing>.<verb>": task.create, task.update, task.delete,
 task.schedule_pause, task.schedule_resume, run.trigger, run.cancel,
-run.retry, worker.drain, worker.resume, worker.disable, worker.enable,
+run.retry, run.cancel_many, run.retry_many (the runs list's bulk actions: one
+entry listing the runs), worker.drain, worker.resume, worker.disable, worker.enable,
 worker.revoke, worker.enroll, enrollment_token.create, scheduler.pause,
 scheduler.resume, token.create, token.revoke, user.create, user.update,
 user.delete, group.* (Django admin), login, login.failed, logout. One
@@ -70,6 +71,8 @@ ACTIONS = (
     "run.trigger",
     "run.cancel",
     "run.retry",
+    "run.cancel_many",
+    "run.retry_many",
     "worker.enroll",
     "worker.drain",
     "worker.resume",

@@ -12,9 +12,8 @@ import re
 from dataclasses import dataclass
 
 from django.db.models import Q
-from django.utils import dateparse, timezone
 
-from tasks_app.history import InvalidFilter, parse_id
+from tasks_app.history import InvalidFilter, parse_id, parse_moment
 from tasks_app.models import AuditEntry
 
 MAX_TEXT_FILTER = 200
@@ -50,35 +49,11 @@ def parse_filters(params) -> dict:
     for name in ("since", "until"):
         raw = params.get(name) or ""
         if raw:
-            filters[name] = _moment(name, raw)
+            filters[name] = parse_moment(name, raw)
     raw = params.get("before") or ""
     if raw:
         filters["before"] = parse_id("before", raw)
     return filters
-
-
-def _moment(name: str, raw: str) -> dt.datetime:
-    """A day or an aware time; `until` a day means through its end."""
-    try:
-        day = dateparse.parse_date(raw) if len(raw) == 10 else None
-        moment = None if day else dateparse.parse_datetime(raw)
-    except ValueError:
-        day = moment = None
-    problem = InvalidFilter(
-        f"{name} must be a date (2026-01-31) or a time with its offset "
-        f"(2026-01-31T09:00:00+00:00) in the years 2 to 9998, not {raw[:40]!r}"
-    )
-    if day is not None:
-        moment = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-        if name == "until":
-            moment += dt.timedelta(days=1) if day.year < 9999 else dt.timedelta()
-    if moment is None or timezone.is_naive(moment):
-        raise problem
-    # Kept off the ends of the calendar: a day after 9999-12-31 or a time
-    # before year 1 in UTC does not exist (OverflowError, a 500).
-    if not 2 <= moment.year <= 9998:
-        raise problem
-    return moment
 
 
 def entries_page(

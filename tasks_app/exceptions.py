@@ -22,6 +22,10 @@ class RunNotRetryable(TaskError):
     """Only a finished run can be retried."""
 
 
+class BadSelection(ValueError):
+    """The run ids of a bulk action are not usable: none, too many, or not ids."""
+
+
 class InvalidSchedule(ValueError):
     """A cron expression or time zone that cannot be used; the message says why."""
 

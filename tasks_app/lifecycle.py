@@ -408,33 +408,64 @@ def trigger_run(task: Task, trigger: str = Run.Trigger.MANUAL, user=None) -> Run
 
 def retry_run(run: Run, user=None) -> Run:
     """A new run of exactly what a finished run ran (its snapshot), linked to it."""
-    if not run.is_final:
-        raise RunNotRetryable(f"run {run.pk} is {run.status}; only a finished run can be retried")
-    try:
-        # As Task.definition does for a trigger: a retry its agent could not be
-        # given the secrets of would only fail at dispatch.
-        secret_env.decrypt(run.definition.get("secret_env") or "")
-    except SecretsUnreadable as exc:
-        raise RunNotRetryable(f"run {run.pk} cannot be retried: {exc}") from None
-    retry = Run(
-        task_id=run.task_id,
-        task_name=run.task_name,
-        definition=run.definition,
-        params=run.params,
-        trigger=Run.Trigger.RETRY,
-        retry_of=run,
-        created_by=user if user is not None and user.is_authenticated else None,
-    )
+    result = retry_runs([run], user=user)[run.pk]
+    if isinstance(result, RunNotRetryable):
+        raise result
+    return result
+
+
+def retry_runs(runs: Sequence[Run], user=None) -> dict[int, Run | RunNotRetryable]:
+    """Retry many finished runs in one transaction: per run id, its new run, or
+    why it was not retried (not finished yet, its secrets unreadable).
+
+    One read of the tasks and one insert of the runs and of their attempts for
+    the whole batch; each retry meets its task's concurrency limit like any
+    trigger (several retries of one task are admitted in order).
+    """
+    results: dict[int, Run | RunNotRetryable] = {}
+    retries: list[Run] = []
+    created_by = user if user is not None and user.is_authenticated else None
+    for run in runs:
+        if not run.is_final:
+            results[run.pk] = RunNotRetryable(
+                f"run {run.pk} is {run.status}; only a finished run can be retried"
+            )
+            continue
+        try:
+            # As Task.definition does for a trigger: a retry its agent could not be
+            # given the secrets of would only fail at dispatch.
+            secret_env.decrypt(run.definition.get("secret_env") or "")
+        except SecretsUnreadable as exc:
+            results[run.pk] = RunNotRetryable(f"run {run.pk} cannot be retried: {exc}")
+            continue
+        retry = Run(
+            task_id=run.task_id,
+            task_name=run.task_name,
+            definition=run.definition,
+            params=run.params,
+            trigger=Run.Trigger.RETRY,
+            retry_of=run,
+            created_by=created_by,
+        )
+        results[run.pk] = retry
+        retries.append(retry)
+    if not retries:
+        return results
     with atomic():
         # A retry is a new run of the task: it meets the task's limit like any other.
-        task = _tasks({run.task_id}).get(run.task_id) if run.task_id else None
-        limits = _Limits([task] if task is not None and task.concurrency_limit else [])
-        if task is not None:
-            limits.admit(task, retry)
-        _queue([retry])
+        tasks = _tasks({r.task_id for r in retries if r.task_id})
+        limits = _Limits([t for t in tasks.values() if t.concurrency_limit])
+        for retry in retries:
+            task = tasks.get(retry.task_id)
+            if task is not None:
+                limits.admit(task, retry)
+        _queue(retries)
         limits.after_insert()
-        events.record(events.RUN_RETRIED, run_id=run.pk, task_id=run.task_id, new_run_id=retry.pk)
-    return retry
+        events.record_many(
+            Row(events.RUN_RETRIED, r.retry_of_id, task_id=r.task_id, data={"new_run_id": r.pk})
+            for r in retries
+        )
+    return results
 
 
 def _queue(runs: list[Run]) -> list[Run]:
@@ -1542,45 +1573,71 @@ def cancel_run(run: Run, by: str = "") -> Run:
 
     by: who asked (a username), shown with the run.
     """
-    # A savepoint here: refusing raises inside the block, and the caller's
-    # transaction (a test's, a view's) must survive it.
+    outcome = cancel_runs([run.pk], by=by)
+    run.refresh_from_db()
+    if outcome.get(run.pk):
+        raise RunNotCancellable(f"run {run.pk} already {outcome[run.pk]}")
+    return run
+
+
+def cancel_runs(run_ids: Iterable[int], by: str = "") -> dict[int, str | None]:
+    """Cancel many runs in one transaction, in a handful of statements whatever
+    their number. Per run found: None when cancelled, its status when it was
+    already final (refused); ids of no run are left out. A run already being
+    cancelled is cancelled again (its queued attempts, its agents told again):
+    nothing changes but the kill being sent once more.
+
+    by: who asked (a username), shown with each run.
+    """
+    ids = sorted(set(run_ids))
+    if not ids:
+        return {}
+    # One transaction, or a savepoint inside the caller's (a view's, with its audit entry).
     with transaction.atomic():
-        # Race: two cancels, or a cancel and the final result; only a run that is
-        # not final and not already being cancelled moves.
-        asked = (
-            Run.objects.filter(pk=run.pk, cancel_requested_at__isnull=True)
-            .exclude(status__in=Run.FINAL)
-            .update(cancel_requested_at=timezone.now(), cancel_requested_by=by[:150])
+        # Race: two cancels, or a cancel and the final result. The rows are
+        # locked (PostgreSQL; SQLite has one writer) in id order, as
+        # refresh_runs locks them, and read under the lock: a run final here
+        # stays final, one that is not can only end through refresh_runs below.
+        rows = _locked(Run.objects.filter(pk__in=ids).order_by("pk")).values_list(
+            "pk", "status", "cancel_requested_at", "task_id"
         )
-        run.refresh_from_db()
-        if run.is_final:
-            raise RunNotCancellable(f"run {run.pk} already {run.status}")
-        out = []
-        if asked:
-            asking = {"by": by}
-            out.append(Row(events.RUN_CANCEL_REQUESTED, run.pk, task_id=run.task_id, data=asking))
+        outcome, going, out = {}, [], []
+        for pk, status, asked_at, task_id in rows:
+            outcome[pk] = status if status in Run.FINAL else None
+            if outcome[pk] is None:
+                going.append(pk)
+                if asked_at is None:  # asked now, not again
+                    out.append(
+                        Row(events.RUN_CANCEL_REQUESTED, pk, task_id=task_id, data={"by": by})
+                    )
+        if not going:
+            return outcome
         now = timezone.now()
+        Run.objects.filter(pk__in=going, cancel_requested_at__isnull=True).exclude(
+            status__in=Run.FINAL
+        ).update(cancel_requested_at=now, cancel_requested_by=by[:150])
         # Race: a dispatcher claiming one now; only rows still queued move (and say so).
         cancelled = select(
             f"UPDATE {ATTEMPT} SET status = %s, reason = %s, finished_at = %s"
-            " WHERE run_id = %s AND status = %s RETURNING id",
+            f" WHERE run_id IN ({marks(going)}) AND status = %s RETURNING id, run_id",
             [S.CANCELLED, "cancelled", connection.ops.adapt_datetimefield_value(now)]
-            + [run.pk, S.QUEUED],
+            + [*going, S.QUEUED],
         )
         out += [
             Row(
                 events.ATTEMPT_FINISHED,
-                run.pk,
+                run_id,
                 pk,
                 data={"status": S.CANCELLED, "reason": "cancelled"},
             )
-            for (pk,) in sorted(cancelled)
+            for pk, run_id in sorted(cancelled)
         ]
         active = list(
-            Attempt.objects.filter(run=run, status__in=ACTIVE).values_list("worker_id", "pk")
+            Attempt.objects.filter(run_id__in=going, status__in=ACTIVE).values_list(
+                "worker_id", "pk"
+            )
         )
         _stop(active)
-        refresh_runs([run.pk], out)
+        refresh_runs(going, out)
         events.record_many(out)
-    run.refresh_from_db()
-    return run
+    return outcome

@@ -421,9 +421,15 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-id"]
-        # The runs pages and API page by id, newest first, optionally filtered.
+        # The runs pages and API page newest first by (created_at, id), filtered
+        # (tasks_app.history); each index orders a filter's rows the list's way.
+        # run_task_id serves "the newest run of each task" (the task list), by id.
+        # The task-name prefix index is PostgreSQL's alone (text_pattern_ops):
+        # migration 0013.
         indexes = [
-            models.Index(fields=["status", "-id"], name="run_status_id"),
+            models.Index(fields=["-created_at", "-id"], name="run_created"),
+            models.Index(fields=["status", "-created_at", "-id"], name="run_status_created"),
+            models.Index(fields=["task", "-created_at", "-id"], name="run_task_created"),
             models.Index(fields=["task", "-id"], name="run_task_id"),
             # The overview's windows: runs finished since a time, by status.
             models.Index(fields=["finished_at", "status"], name="run_finished"),
@@ -532,6 +538,8 @@ class Attempt(models.Model):
             models.Index(fields=["worker", "status"], name="attempt_worker_status"),
             # The overview's workers: attempts each finished in the last hour.
             models.Index(fields=["finished_at"], name="attempt_finished"),
+            # The runs list's worker filter: EXISTS (an attempt of the run on it).
+            models.Index(fields=["worker_name", "run"], name="attempt_worker_name_run"),
         ]
         # Two processes retrying the same failure create the same try once.
         constraints = [

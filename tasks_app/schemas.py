@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from scheduler_site.wire import LABEL_PATTERN, MAX_LABELS
 from tasks_app.apispec import MESSAGES, Body, query_param
+from tasks_app.bulk_runs import MAX_RUNS as BULK_MAX_RUNS
 from tasks_app.cron import MAX_SCHEDULE_CHARS
 from tasks_app.forms import (
     MAX_BACKOFF_S,
@@ -612,4 +613,40 @@ AUDIT_ENTRY = answer_object(
         },
     },
     "One entry of the audit log; entries are never edited.",
+)
+
+
+RUN_IDS = Body(
+    "RunIds",
+    {
+        "type": "object",
+        "properties": {
+            "ids": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": BULK_MAX_RUNS,
+                "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                "description": "the runs' ids; repeated ids count once",
+                MESSAGES: {
+                    "minItems": f"Give 1 to {BULK_MAX_RUNS} run ids.",
+                    "maxItems": f"Give 1 to {BULK_MAX_RUNS} run ids.",
+                },
+            }
+        },
+        "required": ["ids"],
+        "additionalProperties": False,
+    },
+    f"The runs to act on, 1 to {BULK_MAX_RUNS}; 400 (nothing done) beyond.",
+)
+BULK_RESULT = answer_object(
+    {
+        "id": {"type": "integer", "minimum": 1, "description": "the run's id, as given"},
+        "result": {"enum": ["cancelled", "retried", "skipped", "not_found"]},
+        "reason": {"type": "string", "description": "why it was skipped; empty otherwise"},
+        "retry": {
+            "type": ["integer", "null"],
+            "description": "a retry: the new run's id; null otherwise",
+        },
+    },
+    "What a bulk action did to one run.",
 )

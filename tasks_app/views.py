@@ -15,6 +15,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from tasks_app import (
     audit,
+    bulk_runs,
     charts,
     cron,
     history,
@@ -26,7 +27,13 @@ from tasks_app import (
     task_stats,
     timeline,
 )
-from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
+from tasks_app.exceptions import (
+    BadSelection,
+    RunNotCancellable,
+    RunNotRetryable,
+    RunTooLarge,
+    TaskDisabled,
+)
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, LogChunk, Run, SchedulerState, Task
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER, role_required
@@ -136,7 +143,14 @@ def _stats_context(pk: int) -> dict:
 
 
 def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
-    page = history.runs_page(task=pk, before=before, limit=settings.SCHEDULER_PAGE_SIZE, brief=True)
+    try:
+        page = history.runs_page(
+            task=pk, before=before, limit=settings.SCHEDULER_PAGE_SIZE, brief=True
+        )
+    except history.InvalidFilter:
+        # The run the link paged from is no longer stored: the newest runs instead.
+        before = None
+        page = history.runs_page(task=pk, limit=settings.SCHEDULER_PAGE_SIZE, brief=True)
     here = reverse("tasks:detail", args=[pk])
     return {
         **_stats_context(pk),
@@ -275,31 +289,90 @@ def _set_schedule_paused(request, pk: int, paused: bool) -> HttpResponse:
 @require_GET
 @role_required(VIEWER)
 def run_list(request):
+    """The runs, newest first, searched by every filter of tasks_app.history.
+
+    A filter that cannot be read answers 400 with the reason above an empty
+    table, never the unfiltered list: a page of runs someone believes filtered
+    is one bulk *Cancel* away from cancelling the wrong ones.
+    """
+    problem = None
     try:
         filters = history.parse_filters(request.GET)
+        page = history.runs_page(limit=settings.SCHEDULER_PAGE_SIZE, brief=True, **filters)
     except history.InvalidFilter as exc:
-        messages.error(request, f"Filter ignored: {exc}.")
-        filters = {}
-    page = history.runs_page(limit=settings.SCHEDULER_PAGE_SIZE, brief=True, **filters)
+        problem, filters, page = str(exc), {}, history.Page(runs=[], next_before=None)
+    kept = history.query_string_values({k: v for k, v in filters.items() if k != "before"})
+    here = reverse("tasks:runs")
     older_url = None
     if page.next_before:
-        query = {k: v for k, v in filters.items() if k != "before"}
-        older_url = f"{reverse('tasks:runs')}?{urlencode({**query, 'before': page.next_before})}"
-    newest_query = urlencode({k: v for k, v in filters.items() if k != "before"})
+        older_url = f"{here}?{urlencode({**kept, 'before': page.next_before}, doseq=True)}"
+    newest = urlencode(kept, doseq=True)
     context = {
         "page": page,
         "filters": filters,
+        "problem": problem,
+        # What was typed, shown again as it was (a bad value too, to be fixed).
+        "typed": {
+            "name": request.GET.get("name", "")[: history.MAX_TEXT_FILTER],
+            "worker": request.GET.get("worker", "")[: history.MAX_TEXT_FILTER],
+            "since": request.GET.get("since", "")[:40],
+            "until": request.GET.get("until", "")[:40],
+            "task": request.GET.get("task", "")[:20],
+            "status": request.GET.getlist("status"),
+            "trigger": request.GET.getlist("trigger"),
+        },
         "older_url": older_url,
-        "newest_url": f"{reverse('tasks:runs')}?{newest_query}" if "before" in filters else None,
+        "newest_url": f"{here}?{newest}" if "before" in filters else None,
         "statuses": Run.Status.values,
+        "triggers": Run.Trigger.values,
         "tasks": Task.objects.order_by("name").only("id", "name"),
         # Their runs are history too, and stay findable by the task.
         "deleted_tasks": DeletedTask.objects.order_by("name"),
+        "workers": _worker_names(),
+        "max_bulk": bulk_runs.MAX_RUNS,
         # Only the first page follows new runs live; an older page stays put.
-        "live": "before" not in filters,
+        "live": "before" not in filters and problem is None,
     }
     template = "tasks/runs.html#run-table" if request.htmx else "tasks/runs.html"
-    return render(request, template, context)
+    # htmx swaps only 2xx answers: the region with its error must still be swapped in.
+    status = 400 if problem and not request.htmx else 200
+    return render(request, template, context, status=status)
+
+
+def _worker_names() -> list[str]:
+    """The workers' names, offered by the worker filter. Read through the
+    attempt's relation: tasks_app does not import workers_app (DESIGN.md)."""
+    worker = Attempt._meta.get_field("worker").related_model
+    return list(worker.objects.order_by("name").values_list("name", flat=True)[:1000])
+
+
+@require_POST
+@role_required(OPERATOR)
+def runs_cancel_many(request):
+    return _bulk(request, bulk_runs.cancel)
+
+
+@require_POST
+@role_required(OPERATOR)
+def runs_retry_many(request):
+    return _bulk(request, bulk_runs.retry)
+
+
+def _bulk(request, action) -> HttpResponse:
+    """A bulk action on the runs checked on the list; back to the list as it was."""
+    back = _back(request, reverse("tasks:runs"))
+    raw = request.POST.getlist("ids")
+    if not raw:
+        messages.error(request, "No runs selected: check the runs to act on first.")
+        return _redirect(request, back)
+    try:
+        ids = bulk_runs.parse_ids(raw)
+    except BadSelection as exc:
+        return HttpResponseBadRequest(f"Nothing done: {exc}.", content_type="text/plain")
+    outcome = action(request, ids)
+    said = messages.success if outcome.done else messages.warning
+    said(request, outcome.message())
+    return _redirect(request, back)
 
 
 # How much of a result the run page shows; the rest is a download away.
@@ -472,8 +545,8 @@ def scheduler_resume(request):
     return _redirect(request, _back(request))
 
 
-def _back(request) -> str:
-    """Where the form came from, if it is one of ours; else the task list."""
+def _back(request, default: str = "") -> str:
+    """Where the form came from, if it is one of ours; else `default` (the task list)."""
     target = request.POST.get("next", "")
     # Django's own check, as its LoginView uses: a hand-rolled "starts with one
     # slash" let /\evil.example through, which browsers read as //evil.example.
@@ -482,4 +555,4 @@ def _back(request) -> str:
         target, allowed_hosts=None, require_https=request.is_secure()
     ):
         return target
-    return reverse("tasks:list")
+    return default or reverse("tasks:list")

@@ -133,8 +133,9 @@ def test_the_document_publishes_the_schemas_the_api_checks_requests_with(doc):
                 "$ref": f"#/components/schemas/{op.body.name}"
             }
             checked += 1
-    # tasks: create, put, patch; run one, many; register a worker; approve one
-    assert checked == 7
+    # tasks: create, put, patch; run one, many; register a worker; approve one;
+    # cancel many, retry many
+    assert checked == 9
 
 
 def test_every_operation_documents_its_errors_with_the_error_schema(doc):

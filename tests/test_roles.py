@@ -62,6 +62,8 @@ CASES: dict[str, list[Case]] = {
     "tasks:schedule-pause": [Case("POST", OP, ("task",))],
     "tasks:schedule-resume": [Case("POST", OP, ("task",))],
     "tasks:runs": [Case("GET", V)],
+    "tasks:runs-cancel-many": [Case("POST", OP, data={"ids": "queued"})],
+    "tasks:runs-retry-many": [Case("POST", OP, data={"ids": "finished"})],
     "tasks:run-detail": [Case("GET", V, ("queued",))],
     "tasks:run-cancel": [Case("POST", OP, ("queued",))],
     "tasks:run-retry": [Case("POST", OP, ("finished",))],
@@ -96,6 +98,8 @@ CASES: dict[str, list[Case]] = {
     "api:task-run": [Case("POST", OP, ("task",), json=True)],
     "api:runs": [Case("GET", V, json=True), Case("POST", OP, data={"task": 0}, json=True)],
     "api:run": [Case("GET", V, ("queued",), json=True)],
+    "api:runs-cancel": [Case("POST", OP, data={"ids": ["queued"]}, json=True)],
+    "api:runs-retry": [Case("POST", OP, data={"ids": ["finished"]}, json=True)],
     "api:run-cancel": [Case("POST", OP, ("queued",), json=True)],
     "api:run-retry": [Case("POST", OP, ("finished",), json=True)],
     "api:run-result": [Case("GET", V, ("finished",), json=True)],
@@ -232,6 +236,11 @@ def _send(world, persona: str, name: str, case: Case):
     data = dict(case.data)
     if name == "api:runs" and case.method == "POST":
         data["task"] = objects["task"]
+    # Bulk actions name the world's runs in their body.
+    if isinstance(data.get("ids"), str):
+        data["ids"] = objects[data["ids"]]
+    elif isinstance(data.get("ids"), list):
+        data["ids"] = [objects[name] for name in data["ids"]]
     client = api if case.json else browser
     if case.json:
         return client.generic(case.method, url, json.dumps(data), "application/json")
