@@ -9,6 +9,7 @@ table; what is announced is read from the channel layer's group.
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 from channels.db import database_sync_to_async
@@ -600,3 +601,32 @@ def test_a_writer_batch_writes_its_events_in_one_insert_in_order_without_rolled_
         (E.ATTEMPT_FINISHED, kept[1].pk),
         (E.RUN_FINISHED, kept[1].pk),
     ]
+
+
+# --- a real server and a real agent -------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_real_server_and_agent_record_a_runs_life_and_show_its_timeline(master, start_agent):
+    start_agent("agent-1")
+    task = master.create_task(name="answer", command=f'{sys.executable} -c "print(6*7)"')
+    run = master.wait_final(master.trigger(task["id"])["id"])
+    assert run["status"] == "succeeded"
+
+    listed = master.api("GET", f"runs/{run['id']}/events").json()["results"]
+    page = master.logged_in().get(f"{master.url}/runs/{run['id']}/").text
+
+    attempt = run["attempts"][0]["id"]
+    assert [(e["kind"], e["attempt_id"]) for e in listed] == [
+        (E.RUN_QUEUED, None),
+        (E.ATTEMPT_ASSIGNED, attempt),
+        (E.ATTEMPT_ACCEPTED, attempt),
+        (E.ATTEMPT_STARTED, attempt),
+        (E.RUN_STARTED, None),
+        (E.ATTEMPT_FINISHED, attempt),
+        (E.RUN_FINISHED, None),
+    ]
+    assert listed[5]["text"] == "finished: exit 0 (3 bytes of output)"
+    assert listed[1]["text"] == "assigned to agent-1"
+    for event in listed:
+        assert f'data-event="{event["id"]}"' in page
