@@ -13,7 +13,18 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import audit, cron, history, lifecycle, logs, results, shards, task_stats
+from tasks_app import (
+    audit,
+    cron,
+    history,
+    lifecycle,
+    logs,
+    notify,
+    results,
+    retention,
+    shards,
+    task_stats,
+)
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
@@ -125,6 +136,7 @@ def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
         else None,
         "newest_url": here if before else None,
         "run_form": run_form,
+        "deliveries": notify.log_of_task(pk),
     }
 
 
@@ -259,8 +271,9 @@ def run_list(request):
         # Only the first page follows new runs live; an older page stays put.
         "live": "before" not in filters,
     }
-    template = "tasks/runs.html#run-table" if request.htmx else "tasks/runs.html"
-    return render(request, template, context)
+    if request.htmx:
+        return render(request, "tasks/runs.html#run-table", context)
+    return render(request, "tasks/runs.html", {**context, "kept": retention.kept()})
 
 
 # How much of a result the run page shows; the rest is a download away.

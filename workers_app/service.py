@@ -31,9 +31,9 @@ import time
 from django.conf import settings
 from django.db import DatabaseError
 
-from tasks_app import lifecycle, scheduling
+from tasks_app import lifecycle, notify, retention, scheduling
 from tasks_app.writer import writer
-from workers_app import dispatch, liveness, servers
+from workers_app import dispatch, liveness, servers, stuck
 from workers_app.peers import peers
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 # The event loop woke this much later than asked: frames from agents may be
 # waiting unread, so their silence says nothing (seconds, on top of a tick).
 OVERLOAD_LAG_S = 1.0
+# A duty that found nothing to do looks again after this long (seconds): the
+# stuck-queue check reads every worker taking work, and retention finds
+# nothing new for a day once it has caught up.
+IDLE_RECHECK_S = {"check_stuck_queues": 15.0, "prune_history": 60.0}
 
 
 class SchedulerService:
@@ -49,6 +53,10 @@ class SchedulerService:
         self.alive_since = time.monotonic()
         self.database_down = False
         self.stopping = asyncio.Event()
+        # Webhooks and e-mail go out on threads of their own: a slow receiver
+        # never holds the writer's thread, which these duties share with dispatch.
+        self.sender = notify.Sender()
+        self._idle_until: dict[str, float] = {}
 
     def recovering(self) -> bool:
         """True for SCHEDULER_LOST_AFTER_S after our start, after our database
@@ -97,6 +105,30 @@ class SchedulerService:
         # database, which also brings back retries whose backoff has passed.
         return bool(dispatch.dispatch())
 
+    def plan_notifications(self) -> bool:
+        # Deliveries for the runs that ended (tasks_app.notify).
+        return bool(notify.plan())
+
+    def send_notifications(self) -> bool:
+        # Claimed here, sent by self.sender's threads, recorded by them.
+        return bool(self.sender.send_due())
+
+    def check_stuck_queues(self) -> bool:
+        return self._unless_idle("check_stuck_queues", stuck.check)
+
+    def prune_history(self) -> bool:
+        # One batch a tick (tasks_app.retention): a backlog never holds dispatch up.
+        return self._unless_idle("prune_history", retention.prune)
+
+    def _unless_idle(self, name: str, duty) -> bool:
+        """Run `duty`, unless it found nothing less than IDLE_RECHECK_S ago."""
+        if time.monotonic() < self._idle_until.get(name, 0.0):
+            return False
+        found = bool(duty())
+        if not found:
+            self._idle_until[name] = time.monotonic() + IDLE_RECHECK_S[name]
+        return found
+
     def tick(self) -> bool:
         found = False
         failed = False
@@ -107,6 +139,10 @@ class SchedulerService:
             self.time_out_overdue,
             self.fire_schedules,
             self.dispatch_queued,
+            self.plan_notifications,
+            self.send_notifications,
+            self.check_stuck_queues,
+            self.prune_history,
         ):
             try:
                 found = duty() or found
