@@ -119,22 +119,29 @@ def test_it_goes_a_batch_at_a_time(settings, tasks):
     assert list(Run.objects.values_list("id", flat=True)) == [newer.pk]
 
 
-def test_the_service_deletes_one_batch_a_tick(settings, tasks):
+@pytest.mark.django_db(transaction=True)
+def test_the_service_deletes_a_batch_at_a_time_on_its_own_thread(settings):
     settings.SCHEDULER_RETENTION_DAYS = 30
     settings.SCHEDULER_RETENTION_BATCH = 2
-    mine, _ = tasks
+    mine = Task.objects.create(name="mine", command="true")
     for _ in range(3):
         make_run(mine, "failed", OLD)
     service = SchedulerService()
 
-    assert service.prune_history()
+    def tick() -> bool:
+        found = service.prune_history()
+        service.pruner.wait()
+        return found
+
+    assert tick()
     assert Run.objects.count() == 1
-    assert service.prune_history()
+    assert tick()
     assert Run.objects.count() == 0
-    # Nothing left: it looks again only after a while.
-    assert not service.prune_history()
+    # Its last batch found nothing: said so, then it looks again only after a while.
+    assert tick()
+    assert not tick()
     make_run(mine, "failed", OLD)
-    assert not service.prune_history()
+    assert not tick()
     assert Run.objects.count() == 1
 
 

@@ -56,6 +56,8 @@ class SchedulerService:
         # Webhooks and e-mail go out on threads of their own: a slow receiver
         # never holds the writer's thread, which these duties share with dispatch.
         self.sender = notify.Sender()
+        # Retention's batches, likewise off the writer's thread.
+        self.pruner = retention.Pruner()
         self._idle_until: dict[str, float] = {}
 
     def recovering(self) -> bool:
@@ -117,8 +119,9 @@ class SchedulerService:
         return self._unless_idle("check_stuck_queues", stuck.check)
 
     def prune_history(self) -> bool:
-        # One batch a tick (tasks_app.retention): a backlog never holds dispatch up.
-        return self._unless_idle("prune_history", retention.prune)
+        # At most one batch under way (tasks_app.retention), on the pruner's
+        # thread: a backlog never holds dispatch up.
+        return self._unless_idle("prune_history", self.pruner.step)
 
     def _unless_idle(self, name: str, duty) -> bool:
         """Run `duty`, unless it found nothing less than IDLE_RECHECK_S ago."""
