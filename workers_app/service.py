@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 # waiting unread, so their silence says nothing (seconds, on top of a tick).
 OVERLOAD_LAG_S = 1.0
 # A duty that found nothing to do looks again after this long (seconds): the
-# stuck-queue check reads every worker taking work, and retention finds
-# nothing new for a day once it has caught up.
-IDLE_RECHECK_S = {"check_stuck_queues": 15.0, "prune_history": 60.0}
+# stuck-queue check reads every worker taking work (retention's pruner keeps
+# its own pace).
+IDLE_RECHECK_S = {"check_stuck_queues": 15.0}
 
 
 class SchedulerService:
@@ -121,7 +121,7 @@ class SchedulerService:
     def prune_history(self) -> bool:
         # At most one batch under way (tasks_app.retention), on the pruner's
         # thread: a backlog never holds dispatch up.
-        return self._unless_idle("prune_history", self.pruner.step)
+        return self.pruner.step()
 
     def _unless_idle(self, name: str, duty) -> bool:
         """Run `duty`, unless it found nothing less than IDLE_RECHECK_S ago."""
