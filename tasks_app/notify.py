@@ -82,7 +82,14 @@ def _cursor() -> int:
 
 def _frontier(start: int, ids: list[int], ats: dict[int, dt.datetime], now) -> int:
     """The highest id up to which every id after `start` is known: seen, or
-    a gap older than GAP_WAIT_S (ids of a rolled-back transaction)."""
+    a gap older than GAP_WAIT_S (ids of a rolled-back transaction).
+
+    A cursor never moved (0) starts at the first event there is: ids before
+    it were rolled back or deleted (a PostgreSQL sequence starts wherever it
+    has got to), and waiting on them would only delay the first pass.
+    """
+    if start == 0 and ids:
+        start = ids[0] - 1
     frontier = start
     for event_id in ids:
         if event_id != frontier + 1 and now - ats[event_id] < dt.timedelta(seconds=GAP_WAIT_S):
