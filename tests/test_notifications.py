@@ -238,6 +238,41 @@ def test_it_retries_a_receiver_that_refuses_connections(settings):
 # --- what is sent, once -------------------------------------------------------------
 
 
+def run_to_the_end(task: Task, worker, exit_code: int) -> Run:
+    """A run through the real lifecycle: triggered, assigned, started, finished."""
+    from tasks_app import lifecycle
+    from tests.test_lifecycle import result
+
+    run = lifecycle.trigger_run(task)
+    attempt = run.attempts.get()
+    assert lifecycle.assign(attempt.pk, worker.pk, worker.name)
+    assert lifecycle.mark_started(worker.pk, attempt.pk, None, 1)
+    assert lifecycle.finish(worker.pk, attempt.pk, result(exit_code)) is lifecycle.Outcome.STORED
+    run.refresh_from_db()
+    return run
+
+
+def test_runs_ended_by_the_lifecycle_are_notified_from_its_events(receiver, worker):
+    hook = receiver()
+    task = hooked_task(
+        hooks=[{"url": hook.url, "events": ["failure", "recovery"], "secret": SECRET}]
+    )
+    failed = run_to_the_end(task, worker, 3)
+    recovered = run_to_the_end(task, worker, 0)
+    assert (failed.status, recovered.status) == ("failed", "succeeded")
+
+    notify.plan()
+    notify.send_now()
+
+    assert kinds(task) == [(failed.pk, "failure", hook.url), (recovered.pk, "recovery", hook.url)]
+    bodies = [json.loads(raw) for _, _, raw in hook.requests]
+    assert [(b["event"], b["run"]["id"], b["run"]["status"]) for b in bodies] == [
+        ("failure", failed.pk, "failed"),
+        ("recovery", recovered.pk, "succeeded"),
+    ]
+    assert bodies[0]["run"]["reason"] == failed.reason != ""
+
+
 def test_it_plans_each_failure_once_however_often_and_by_how_many_servers(receiver):
     hook = receiver()
     task = hooked_task(hooks=[{"url": hook.url, "events": ["failure"], "secret": SECRET}])
