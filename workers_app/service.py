@@ -203,6 +203,9 @@ class SchedulerService:
                 await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             # A loop busy elsewhere wakes us late; frames may be waiting unread meanwhile.
             self.note_lag(loop.time() - due)
+        # Sends not started yet are dropped: their rows stay claimed until the
+        # lease lapses, then another server (or this one, restarted) sends them.
+        self.sender.close()
 
 
 # PostgreSQL's deadlock_detected, serialization_failure, lock_not_available.
