@@ -757,3 +757,42 @@ def test_the_task_page_shows_the_delivery_log(bob_client, receiver):
     assert '<span class="badge pending">pending</span>' in page
     assert "HTTP 500" in page
     assert SECRET not in page
+
+
+# --- end to end ----------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_real_server_posts_the_signed_failure_of_a_real_run(master, start_agent, receiver):
+    """`manage.py serve` with a real agent: the run's failure reaches the
+    webhook through the server's own service, on its threads, once."""
+    import sys
+
+    from tests.harness import wait_for
+
+    hook = receiver()
+    start_agent("agent-1")
+    created = master.api(
+        "POST",
+        "tasks",
+        json={
+            "name": "fails",
+            "command": f'{sys.executable} -c "import sys; sys.exit(4)"',
+            "webhooks": [{"url": hook.url, "secret": SECRET, "events": ["failure"]}],
+        },
+    )
+    assert created.status_code == 201, created.text
+    run = master.api("POST", f"tasks/{created.json()['id']}/run").json()
+    run = master.wait_final(run["id"])
+    assert run["status"] == "failed"
+
+    wait_for(lambda: hook.requests, timeout=15)
+    [(_, headers, raw)] = hook.requests
+    assert verified(SECRET, headers, raw)
+    body = json.loads(raw)
+    assert (body["event"], body["run"]["id"], body["run"]["reason"]) == (
+        "failure",
+        run["id"],
+        run["reason"],
+    )
+    assert run["reason"].startswith("exit code 4")
