@@ -80,6 +80,10 @@ class WebhooksField(forms.Field):
                 for hook in value
                 if isinstance(hook, dict) and "url" in hook and "events" in hook
             )
+        if isinstance(value, str):
+            # Redisplayed after an error: the typed secrets are not sent back
+            # (write-only, as SecretEnvField), the rest of each line is.
+            return "\n".join(" ".join(line.split()[:2]) for line in value.splitlines())
         return value
 
 

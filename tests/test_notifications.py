@@ -713,6 +713,14 @@ def test_the_form_takes_lines_and_never_shows_the_secret(bob_client):
     )
     assert bad.status_code == 400
     assert "Line 1: secret is required for a new webhook" in bad.content.decode()
+    # Redisplayed after another field's error: the typed secret is not sent back.
+    other_error = bob_client.post(
+        url, {"name": "", "command": "true", "webhooks": f"https://h.example/x failure {SECRET}"}
+    )
+    assert other_error.status_code == 400
+    assert "Give the task a name." in other_error.content.decode()
+    assert "https://h.example/x failure" in other_error.content.decode()
+    assert SECRET not in other_error.content.decode()
 
     made = bob_client.post(
         url,
