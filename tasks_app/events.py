@@ -17,13 +17,14 @@ messages catches up by reading the rows after the last id it saw.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks_app import batchsql
@@ -105,6 +106,56 @@ def record_many(rows: Iterable[Row | tuple], at=None) -> None:
     unknown = {row.kind for row in rows} - KINDS
     if unknown:
         raise ValueError(f"unknown event kind(s): {sorted(unknown)}")
+    gathering = getattr(_gathered, "batch", None)
+    if gathering is not None and at is None:
+        marker = None
+        if _savepoints() > gathering[0]:
+            # Inside a savepoint opened since: if it is rolled back these rows
+            # must go with it. Django drops the on-commit hooks registered in
+            # a savepoint rolled back; this no-op one tells whether it was.
+            marker = _marker()
+            transaction.on_commit(marker)
+        gathering[1].append((rows, marker))
+        return
+    _write(rows, at)
+
+
+@contextlib.contextmanager
+def gathered() -> Iterator[None]:
+    """Within it, record_many only gathers rows, and leaving it writes them all,
+    in the order recorded, with one INSERT, still inside the caller's
+    transaction. The writer wraps each batch in it: a batch of triggers,
+    starts and results, whose batch functions each record, costs one INSERT
+    of events, not one per function. Rows recorded in a savepoint that was
+    rolled back are left out; an exception writes nothing."""
+    if getattr(_gathered, "batch", None) is not None:
+        yield  # nested: the outermost writes
+        return
+    _gathered.batch = (_savepoints(), [])
+    try:
+        yield
+        chunks = _gathered.batch[1]
+    finally:
+        _gathered.batch = None
+    hooks = {id(hook) for _, hook, *_ in connection.run_on_commit}
+    rows = [row for chunk, mark in chunks if mark is None or id(mark) in hooks for row in chunk]
+    if rows:
+        _write(rows, None)
+
+
+_gathered = threading.local()
+
+
+def _savepoints() -> int:
+    # An atomic block without a savepoint (batchsql.atomic) is listed as None.
+    return sum(1 for sid in connection.savepoint_ids if sid is not None)
+
+
+def _marker():
+    return lambda: None
+
+
+def _write(rows: list[Row], at) -> None:
     at = at or timezone.now()
     ids = batchsql.insert_rows(Event, FIELDS, [(*row[:5], row.data or {}, at) for row in rows])
     summary = Summary()

@@ -735,30 +735,24 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
             where_params=[S.ASSIGNED],
         )
         # Race: two shards starting at once (here, or in another server
-        # process); the first one moves the run. Its row is read locked (after
-        # the attempts, in id order, as refresh_runs locks runs), so the runs
-        # that move are known for their events.
-        run_ids = sorted({run_id for *_, run_id in moves})
-        queued = dict(
-            run_ids
-            and select(
-                f"SELECT id, task_id FROM {RUN} WHERE id IN ({marks(run_ids)}) AND status = %s"
-                f" ORDER BY id{for_update()}",
-                [*run_ids, Run.Status.QUEUED],
-            )
-        )
+        # process); the first one moves the run, in one statement that says
+        # which runs it moved (their events) and locks them as it goes.
         first: dict[int, dt.datetime] = {}
         for started, _, _, run_id in moves:  # earliest first
-            if run_id in queued:
-                first.setdefault(run_id, started)
-        update_rows(
-            Run,
-            {"status": "%s", "started_at": "%s"},
-            [(Run.Status.RUNNING, started, run_id) for run_id, started in first.items()],
-            where="status = %s",
-            where_params=[Run.Status.QUEUED],
+            first.setdefault(run_id, started)
+        adapt = connection.ops.adapt_datetimefield_value
+        moved_runs = first and select(
+            f"UPDATE {RUN} SET status = %s, started_at = CASE id"
+            f"{' WHEN %s THEN %s' * len(first)} END"
+            f" WHERE id IN ({marks(first)}) AND status = %s RETURNING id, task_id",
+            [Run.Status.RUNNING]
+            + [value for run_id, at in first.items() for value in (run_id, adapt(at))]
+            + [*first, Run.Status.QUEUED],
         )
-        rows += [Row(events.RUN_STARTED, run_id, task_id=queued[run_id]) for run_id in first]
+        rows += [
+            Row(events.RUN_STARTED, run_id, task_id=task_id)
+            for run_id, task_id in sorted(moved_runs or [])
+        ]
         events.record_many(rows)
     moved = {attempt_id for _, _, attempt_id, _ in moves}
     return {(i.worker_id, i.attempt_id) for i in items if i.attempt_id in moved}

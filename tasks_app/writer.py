@@ -33,6 +33,8 @@ from asgiref.sync import async_to_sync
 from channels.consumer import get_handler_name
 from django.db import DatabaseError, connection, transaction
 
+from tasks_app import events
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[list[Any]], list[Any]]
@@ -261,7 +263,9 @@ class Writer:
                 # The first hook to run after the commit: from then on the jobs
                 # are in the database, whatever a later hook does.
                 transaction.on_commit(lambda: committed.append(True))
-                results = self._handle(jobs)
+                # The batch's events: one INSERT, before the commit.
+                with events.gathered():
+                    results = self._handle(jobs)
         except Exception as exc:
             if not committed:
                 self._recover()

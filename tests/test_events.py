@@ -576,3 +576,27 @@ def test_a_sharded_run_starts_and_finishes_once_whatever_its_shards_do(task, onl
     ]
     assert rows[9].data["status"] == "failed"
     assert rows[10].data == {"status": "cancelled", "reason": "cancelled: another shard failed"}
+
+
+@pytest.mark.django_db
+def test_a_writer_batch_writes_its_events_in_one_insert_in_order_without_rolled_back_ones(task):
+    table = Event._meta.db_table
+    with CaptureQueriesContext(connection) as queries, transaction.atomic(), events.gathered():
+        kept = [lifecycle.trigger_run(task), lifecycle.trigger_run(task)]
+        with pytest.raises(Boom), transaction.atomic():
+            lifecycle.trigger_run(task)  # in a savepoint rolled back: left out
+            raise Boom
+        lifecycle.cancel_run(kept[1], by="bob")  # in a savepoint of its own, released: kept
+        assert Event.objects.filter(run_id__isnull=False).count() == 0  # gathered still
+
+    inserts = [
+        q for q in queries.captured_queries if q["sql"].startswith("INSERT") and table in q["sql"]
+    ]
+    assert len(inserts) == 1
+    assert [(e.kind, e.run_id) for e in events_of(run_id__isnull=False)] == [
+        (E.RUN_QUEUED, kept[0].pk),
+        (E.RUN_QUEUED, kept[1].pk),
+        (E.RUN_CANCEL_REQUESTED, kept[1].pk),
+        (E.ATTEMPT_FINISHED, kept[1].pk),
+        (E.RUN_FINISHED, kept[1].pk),
+    ]
