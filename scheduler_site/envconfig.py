@@ -249,3 +249,32 @@ def env_proxy_ssl_header(name: str) -> tuple[str, str] | None:
     whose value "https" marks a request the proxy received over TLS; None when unset."""
     header = env_header(name, "X-Forwarded-Proto")
     return (header, "https") if header else None
+
+
+def env_url_list(name: str) -> list[str]:
+    """Comma-separated http(s) URLs (query strings allowed: webhooks often carry
+    a token there); empty when unset."""
+    urls = env_list(name, [])
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            host = parts.hostname
+        except ValueError:
+            host = None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ImproperlyConfigured(f"{name}: {url!r} is not an http:// or https:// URL")
+    return urls
+
+
+def env_email_list(name: str) -> list[str]:
+    """Comma-separated e-mail addresses; empty when unset."""
+    from django.core.exceptions import ValidationError
+    from django.core.validators import validate_email
+
+    addresses = env_list(name, [])
+    for address in addresses:
+        try:
+            validate_email(address)
+        except ValidationError:
+            raise ImproperlyConfigured(f"{name}: {address!r} is not an e-mail address") from None
+    return addresses

@@ -15,6 +15,7 @@ from scheduler_site.envconfig import (
     env_bool,
     env_database,
     env_dir,
+    env_email_list,
     env_header,
     env_hosts,
     env_list,
@@ -26,6 +27,7 @@ from scheduler_site.envconfig import (
     env_time_zone,
     env_token,
     env_url,
+    env_url_list,
     make_private,
 )
 
@@ -327,3 +329,50 @@ SCHEDULER_METRICS_TOKEN = env_token(
 # for this long (a tick is SCHEDULER_TICK_S; 15 s is when other servers call a
 # silent one dead, workers_app.servers.SILENT_AFTER_S).
 SCHEDULER_READY_SERVICE_S = env_number("SCHEDULER_READY_SERVICE_S", 15.0, minimum=0.1)
+
+# --- Retention (tasks_app.retention; README, Retention) ------------------------
+# Final runs (with their attempts and output) and events older than this many
+# days are deleted by the service; 0 keeps everything.
+SCHEDULER_RETENTION_DAYS = int(env_number("SCHEDULER_RETENTION_DAYS", 30, minimum=0, integer=True))
+# Runs deleted per transaction, one batch per service tick.
+SCHEDULER_RETENTION_BATCH = int(
+    env_number("SCHEDULER_RETENTION_BATCH", 500, minimum=1, integer=True)
+)
+
+# --- Notifications (tasks_app.notify; README, Notifications) -------------------
+# One webhook POST or e-mail may take this long before it counts as failed.
+SCHEDULER_NOTIFY_TIMEOUT_S = env_number("SCHEDULER_NOTIFY_TIMEOUT_S", 10.0, minimum=0.1)
+# Tries of one delivery in all; between them SCHEDULER_NOTIFY_BACKOFF_S, then
+# four times longer each time (30 s, 2 min, 8 min, 32 min, ~2 h by default).
+SCHEDULER_NOTIFY_TRIES = int(env_number("SCHEDULER_NOTIFY_TRIES", 6, minimum=1, integer=True))
+SCHEDULER_NOTIFY_BACKOFF_S = env_number("SCHEDULER_NOTIFY_BACKOFF_S", 30.0, minimum=0.0)
+# Queued work that no worker taking work can run (none has its labels, or none
+# is online) for this long raises one alert per label set until it clears; 0: off.
+SCHEDULER_STUCK_QUEUE_MINUTES = env_number("SCHEDULER_STUCK_QUEUE_MINUTES", 10.0, minimum=0.0)
+# Where the operators' alerts go: comma-separated URLs (signed with the secret
+# below, which they then need) and addresses.
+SCHEDULER_ALERT_WEBHOOKS = env_url_list("SCHEDULER_ALERT_WEBHOOKS")
+SCHEDULER_ALERT_WEBHOOK_SECRET = env_str("SCHEDULER_ALERT_WEBHOOK_SECRET")
+if SCHEDULER_ALERT_WEBHOOKS and not SCHEDULER_ALERT_WEBHOOK_SECRET:
+    raise ImproperlyConfigured(
+        "SCHEDULER_ALERT_WEBHOOKS needs SCHEDULER_ALERT_WEBHOOK_SECRET (or _FILE): "
+        "the alerts' bodies are signed with it"
+    )
+SCHEDULER_ALERT_EMAILS = env_email_list("SCHEDULER_ALERT_EMAILS")
+# E-mail: SMTP when SCHEDULER_EMAIL_HOST is set; otherwise the messages are
+# written to the server's standard output (Django's console backend), so that
+# a laptop install shows what it would send instead of failing to connect.
+SCHEDULER_EMAIL_HOST = env_str("SCHEDULER_EMAIL_HOST")
+EMAIL_BACKEND = (
+    "django.core.mail.backends.smtp.EmailBackend"
+    if SCHEDULER_EMAIL_HOST
+    else "django.core.mail.backends.console.EmailBackend"
+)
+EMAIL_HOST = SCHEDULER_EMAIL_HOST or "localhost"
+EMAIL_PORT = int(env_number("SCHEDULER_EMAIL_PORT", 587, minimum=1, integer=True))
+EMAIL_HOST_USER = env_str("SCHEDULER_EMAIL_USER")
+EMAIL_HOST_PASSWORD = env_str("SCHEDULER_EMAIL_PASSWORD")
+EMAIL_USE_TLS = env_bool("SCHEDULER_EMAIL_TLS", True)
+EMAIL_TIMEOUT = SCHEDULER_NOTIFY_TIMEOUT_S
+DEFAULT_FROM_EMAIL = env_str("SCHEDULER_EMAIL_FROM", "scheduler@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL

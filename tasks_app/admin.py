@@ -7,8 +7,10 @@ from tasks_app.models import (
     Attempt,
     AuditEntry,
     DeletedTask,
+    Delivery,
     Event,
     LogChunk,
+    NotifyCursor,
     Run,
     SchedulerState,
     Task,
@@ -186,3 +188,30 @@ class EventAdmin(HistoryAdmin):
     list_filter = ["kind"]
     search_fields = ["=run_id", "=task_id", "=worker_id"]
     show_full_result_count = False
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(HistoryAdmin):
+    """Notifications sent or being sent (tasks_app.notify): shown, never edited."""
+
+    list_display = [
+        "id",
+        "created_at",
+        "kind",
+        "channel",
+        "target",
+        "status",
+        "attempts",
+        "response_code",
+        "sent_at",
+    ]
+    list_filter = ["status", "channel", "kind"]
+    search_fields = ["=task_id", "=run_id", "target"]
+    show_full_result_count = False
+
+
+@admin.register(NotifyCursor)
+class NotifyCursorAdmin(HistoryAdmin):
+    """How far the notification planners have read the events."""
+
+    list_display = ["last_event_id", "updated_at"]

@@ -205,6 +205,9 @@ def task_state(task) -> dict:
     Secret values are held only in memory, for `diff`, which keeps their names."""
     state = {name: getattr(task, name) for name in TASK_FIELDS if name != "secret_env"}
     state["secret_env"] = {}
+    # Notifications: URLs, addresses and events; a webhook's secret never.
+    state["webhooks"] = task.webhooks_shown()
+    state["notify_emails"] = list(task.notify_emails or ())
     if task.pk and task.secret_env:
         try:
             state["secret_env"] = task.secret_values()

@@ -60,6 +60,53 @@ class LabelsField(forms.Field):
         return value
 
 
+class WebhooksField(forms.Field):
+    """Lines of "URL EVENTS [SECRET]" in the browser, a list of objects in the API.
+    Shown without the secrets: a line left without one keeps its URL's secret."""
+
+    widget = forms.Textarea(
+        attrs={
+            "rows": 2,
+            "spellcheck": "false",
+            "autocomplete": "off",
+            "placeholder": "https://hooks.example.com/ci failure,recovery s3cret",
+        }
+    )
+
+    def prepare_value(self, value):
+        if isinstance(value, list):
+            return "\n".join(
+                f"{hook['url']} {','.join(hook['events'])}"
+                for hook in value
+                if isinstance(hook, dict) and "url" in hook and "events" in hook
+            )
+        if isinstance(value, str):
+            # Redisplayed after an error: the typed secrets are not sent back
+            # (write-only, as SecretEnvField), the rest of each line is.
+            return "\n".join(" ".join(line.split()[:2]) for line in value.splitlines())
+        return value
+
+
+class NotifyEmailsField(forms.Field):
+    """Lines of "ADDRESS EVENTS" in the browser, a list of objects in the API."""
+
+    widget = forms.Textarea(
+        attrs={"rows": 2, "spellcheck": "false", "placeholder": "ops@example.com failure,recovery"}
+    )
+
+    def to_python(self, value):
+        return validators.clean_notify_emails(value)
+
+    def prepare_value(self, value):
+        if isinstance(value, list):
+            return "\n".join(
+                f"{entry['address']} {','.join(entry['events'])}"
+                for entry in value
+                if isinstance(entry, dict) and "address" in entry and "events" in entry
+            )
+        return value
+
+
 COMMAND_HELP = (
     "Without “shell”, it is split into arguments like a shell would (shlex), and "
     "newlines count as spaces: several lines make one command line. With “shell”, "
@@ -83,6 +130,8 @@ class TaskForm(forms.ModelForm):
     )
     # Shown as their own "Schedule" group.
     SCHEDULE_FIELDS = ("schedule", "timezone", "misfire_policy", "schedule_paused")
+    # Shown as their own "Notifications" group.
+    NOTIFY_FIELDS = ("webhooks", "notify_emails")
 
     env = EnvField(required=False, label="Environment", help_text="One KEY=VALUE per line.")
     secret_env = SecretEnvField(
@@ -90,6 +139,18 @@ class TaskForm(forms.ModelForm):
         label="New secret variables",
         help_text="One KEY=VALUE per line; write-only: shown by name only, masked as *** in "
         "output.",
+    )
+    webhooks = WebhooksField(
+        required=False,
+        label="Webhooks",
+        help_text="One per line: URL EVENTS [SECRET], events from failure, recovery, success "
+        "(comma-separated). The secret signs each body (X-Scheduler-Signature) and is never "
+        "shown: a line without one keeps that URL's secret.",
+    )
+    notify_emails = NotifyEmailsField(
+        required=False,
+        label="E-mail",
+        help_text="One per line: ADDRESS EVENTS, events from failure, recovery, success.",
     )
     labels = LabelsField(
         required=False, label="Required labels", help_text="Only workers with all of these run it."
@@ -228,6 +289,9 @@ class TaskForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Not model fields the form maps by itself (the secrets are never shown).
+        self.initial.setdefault("webhooks", self.instance.webhooks_shown())
+        self.initial.setdefault("notify_emails", list(self.instance.notify_emails or ()))
         # Encrypted under another SECRET_KEY: no value can be kept, each name
         # must be given again or removed (or the set left as it is, unreadable).
         self.secrets_unreadable = False
@@ -261,7 +325,7 @@ class TaskForm(forms.ModelForm):
         return [(self[self.SECRET_PREFIX + n], n) for n in self.secret_names]
 
     def basic_fields(self) -> list[forms.BoundField]:
-        grouped = self.ADVANCED_FIELDS + self.SCHEDULE_FIELDS
+        grouped = self.ADVANCED_FIELDS + self.SCHEDULE_FIELDS + self.NOTIFY_FIELDS
         return [
             field
             for field in self
@@ -272,6 +336,9 @@ class TaskForm(forms.ModelForm):
 
     def schedule_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in self.SCHEDULE_FIELDS]
+
+    def notify_fields(self) -> list[forms.BoundField]:
+        return [self[name] for name in self.NOTIFY_FIELDS]
 
     def advanced_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in self.ADVANCED_FIELDS]
@@ -355,6 +422,9 @@ class TaskForm(forms.ModelForm):
             )
         return working_dir
 
+    def clean_webhooks(self):
+        return validators.clean_webhooks(self.cleaned_data.get("webhooks"), self.instance.webhooks)
+
     def _clean_secrets(self, cleaned: dict) -> dict[str, str] | None:
         """The task's secret variables after this change, or None (errors added)."""
         given = cleaned.get("secret_env")
@@ -416,6 +486,10 @@ class TaskForm(forms.ModelForm):
     def save(self, commit=True):
         if self.secret_values is not None:
             self.instance.set_secret_values(self.secret_values)
+        if "webhooks" in self.cleaned_data:
+            self.instance.set_webhooks(self.cleaned_data["webhooks"])
+        if "notify_emails" in self.cleaned_data:
+            self.instance.notify_emails = self.cleaned_data["notify_emails"]
         return super().save(commit)
 
     def clean(self):

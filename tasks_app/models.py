@@ -109,6 +109,11 @@ class Task(models.Model):
     # known when the token cannot be decrypted (SECRET_KEY changed), so that
     # people can tell which values to set again.
     secret_env_keys = models.JSONField(default=list, blank=True, editable=False)
+    # Notifications (tasks_app.notify): [{"url", "events", "secret"}] with each
+    # secret a Fernet token (tasks_app.secret_env), never shown; and
+    # [{"address", "events"}]. Set through the task form and the API only.
+    webhooks = models.JSONField(default=list, blank=True, editable=False)
+    notify_emails = models.JSONField(default=list, blank=True, editable=False)
     working_dir = models.CharField(max_length=1024, blank=True)
     timeout = models.PositiveIntegerField(
         null=True, blank=True, help_text="Seconds; empty for none."
@@ -273,6 +278,34 @@ class Task(models.Model):
         self.secret_env = secret_env.encrypt(values)
         self.secret_env_keys = sorted(values)
 
+    def set_webhooks(self, hooks: list[dict]) -> None:
+        """Keep these webhooks (validators.clean_webhooks' shape), secrets encrypted."""
+        self.webhooks = [
+            {
+                "url": hook["url"],
+                "events": list(hook["events"]),
+                "secret": secret_env.encrypt({"secret": hook["secret"]}),
+            }
+            for hook in hooks
+        ]
+
+    def webhooks_shown(self) -> list[dict]:
+        """The webhooks as the API and pages show them: never the secret."""
+        return [
+            {"url": hook["url"], "events": list(hook["events"]), "has_secret": bool(hook["secret"])}
+            for hook in self.webhooks or ()
+        ]
+
+    def webhook_secret(self, url: str) -> str | None:
+        """The secret of this task's webhook to `url` (None: no such webhook).
+
+        Raises SecretsUnreadable when it was encrypted under another SECRET_KEY.
+        """
+        for hook in self.webhooks or ():
+            if hook["url"] == url:
+                return secret_env.decrypt(hook["secret"])["secret"]
+        return None
+
     def definition(self, params: dict | None = None) -> dict:
         """The snapshot a run keeps, so that editing the task never rewrites history.
 
@@ -431,7 +464,8 @@ class Run(models.Model):
             models.Index(fields=["status", "-created_at", "-id"], name="run_status_created"),
             models.Index(fields=["task", "-created_at", "-id"], name="run_task_created"),
             models.Index(fields=["task", "-id"], name="run_task_id"),
-            # The overview's windows: runs finished since a time, by status.
+            # The overview's windows (runs finished since a time, by status), and
+            # retention's oldest-first scan of the runs that ended before its cutoff.
             models.Index(fields=["finished_at", "status"], name="run_finished"),
         ]
         constraints = [
@@ -808,3 +842,88 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.kind}"
+
+
+class Delivery(models.Model):
+    """One notification to one target: a task's webhook or address told of a
+    run's event, or an operator told of a stuck queue (tasks_app.notify).
+
+    Planned once however many servers plan: the unique (event, channel,
+    target) (or (episode, channel, target) for an alert) is the arbiter and
+    plans are inserted with ON CONFLICT DO NOTHING. Sent once: a sender claims
+    a row by moving it to `sending` with a lease (next_try_at), under
+    SKIP LOCKED on PostgreSQL.
+    """
+
+    class Channel(models.TextChoices):
+        WEBHOOK = "webhook"
+        EMAIL = "email"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENDING = "sending"
+        SENT = "sent"
+        FAILED = "failed"
+
+    # The Event it tells of (a plain id, like Event's own: retention deletes both).
+    event_id = models.BigIntegerField(null=True, blank=True)
+    # A stuck-queue alert's episode ("stuck:<labels>@<since>"), instead of an event.
+    episode = models.CharField(max_length=300, null=True, blank=True)
+    run_id = models.BigIntegerField(null=True, blank=True)
+    task_id = models.BigIntegerField(null=True, blank=True)
+    # failure, recovery, success, stuck_queue
+    kind = models.CharField(max_length=20)
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    target = models.CharField(max_length=500)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    # When it may be tried (pending), or when a sender's claim lapses (sending).
+    next_try_at = models.DateTimeField(default=timezone.now)
+    response_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    # What an alert says (a run's notification is built from the run when sent).
+    body = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "deliveries"
+        indexes = [
+            # The senders' claim: due rows of a status, oldest first.
+            models.Index(fields=["status", "next_try_at"], name="delivery_due"),
+            # A task page's delivery log, newest first.
+            models.Index(fields=["task_id", "-id"], name="delivery_task"),
+            models.Index(fields=["run_id"], name="delivery_run"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["event_id", "channel", "target"],
+                condition=models.Q(event_id__isnull=False),
+                name="delivery_once_per_event",
+            ),
+            models.UniqueConstraint(
+                fields=["episode", "channel", "target"],
+                condition=models.Q(episode__isnull=False),
+                name="delivery_once_per_episode",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} to {self.target} ({self.status})"
+
+
+class NotifyCursor(models.Model):
+    """How far the notification planners have read the events (one row, pk 1).
+
+    Shared by every server: it only says where the next pass may start
+    re-reading (it steps back a window first, see tasks_app.notify), so a
+    server behind another never skips an event, and the unique constraints of
+    Delivery keep a second look from planning twice.
+    """
+
+    last_event_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"notifications planned up to event {self.last_event_id}"

@@ -28,6 +28,11 @@ from tasks_app.validators import (
     MAX_DELAY_DAYS,
     MAX_ENV,
     MAX_ID,
+    MAX_NOTIFY_EMAILS,
+    MAX_URL_CHARS,
+    MAX_WEBHOOK_SECRET_CHARS,
+    MAX_WEBHOOKS,
+    NOTIFY_EVENTS,
 )
 
 MAX_RUNS_PER_REQUEST = 1000
@@ -225,6 +230,72 @@ SECRET_ENV_UNREADABLE = {
     "read: its runs fail until a whole new secret_env is given",
 }
 
+
+def answer_object(properties: dict, description: str = "") -> dict:
+    """An answer's object: every property always present."""
+    schema = {"type": "object", "properties": properties, "required": list(properties)}
+    return {**schema, "description": description} if description else schema
+
+
+NOTIFY_EVENT_LIST = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "enum": list(NOTIFY_EVENTS),
+        MESSAGES: {"enum": f"Choose from {', '.join(NOTIFY_EVENTS)}."},
+    },
+    "description": "failure: a run ended failed; recovery: the first success after a failed "
+    "run; success: every successful run",
+}
+WEBHOOKS = {
+    "type": "array",
+    "maxItems": MAX_WEBHOOKS,
+    "description": "POST a signed JSON body to each URL on these events (README, "
+    "Notifications). The whole list: webhooks left out are removed; a webhook without a "
+    "secret (null or left out) keeps the secret of the current one with the same URL",
+    "items": {
+        "type": "object",
+        "properties": {
+            "url": {"type": "string", "maxLength": MAX_URL_CHARS, "description": "http(s)"},
+            "secret": {
+                "type": ["string", "null"],
+                "maxLength": MAX_WEBHOOK_SECRET_CHARS,
+                "writeOnly": True,
+                "description": "write-only: signs each body (HMAC-SHA256), never returned",
+            },
+            "events": NOTIFY_EVENT_LIST,
+            "has_secret": {"type": "boolean", "readOnly": True},
+        },
+        "required": ["url", "events"],
+        "additionalProperties": False,
+    },
+}
+WEBHOOKS_SHOWN = {
+    "type": "array",
+    "items": answer_object(
+        {
+            "url": {"type": "string"},
+            "events": NOTIFY_EVENT_LIST,
+            "has_secret": {"type": "boolean", "description": "a secret is set (never shown)"},
+        }
+    ),
+}
+NOTIFY_EMAILS = {
+    "type": "array",
+    "maxItems": MAX_NOTIFY_EMAILS,
+    "description": "send an e-mail to each address on these events (Django's mail settings)",
+    "items": {
+        "type": "object",
+        "properties": {
+            "address": {"type": "string", "maxLength": 254},
+            "events": NOTIFY_EVENT_LIST,
+        },
+        "required": ["address", "events"],
+        "additionalProperties": False,
+    },
+}
+NOTIFY_FIELDS = {"webhooks": WEBHOOKS, "notify_emails": NOTIFY_EMAILS}
+
 # A task's own JSON sent back as it came (id and times included) is a valid
 # body, to change it or to make a copy: those are read-only and ignored.
 READ_ONLY = {
@@ -239,7 +310,12 @@ TASK_CREATE = Body(
     "TaskCreate",
     {
         "type": "object",
-        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS, "secret_env": SECRET_ENV},
+        "properties": {
+            **READ_ONLY,
+            **TASK_FIELD_SCHEMAS,
+            "secret_env": SECRET_ENV,
+            **NOTIFY_FIELDS,
+        },
         "required": ["name", "command"],
         "additionalProperties": False,
     },
@@ -250,7 +326,12 @@ TASK_UPDATE = Body(
     "TaskUpdate",
     {
         "type": "object",
-        "properties": {**READ_ONLY, **TASK_FIELD_SCHEMAS, "secret_env": SECRET_ENV},
+        "properties": {
+            **READ_ONLY,
+            **TASK_FIELD_SCHEMAS,
+            "secret_env": SECRET_ENV,
+            **NOTIFY_FIELDS,
+        },
         "additionalProperties": False,
     },
     "Fields to change; fields left out keep their value.",
@@ -337,12 +418,6 @@ BULK_TRIGGER = Body(
 )
 
 
-def answer_object(properties: dict, description: str = "") -> dict:
-    """An answer's object: every property always present."""
-    schema = {"type": "object", "properties": properties, "required": list(properties)}
-    return {**schema, "description": description} if description else schema
-
-
 FIRE_TIME = answer_object(
     {
         "at": {**TIME, "description": "in the task's time zone, with its offset"},
@@ -361,6 +436,8 @@ TASK = answer_object(
         **TASK_FIELD_SCHEMAS,
         "secret_env_keys": SECRET_ENV_KEYS,
         "secret_env_unreadable": SECRET_ENV_UNREADABLE,
+        "webhooks": WEBHOOKS_SHOWN,
+        "notify_emails": NOTIFY_EMAILS,
         "created_at": TIME,
         "updated_at": TIME,
     },

@@ -19,6 +19,9 @@ def task_json(task: Task, *, with_next_runs: bool = False) -> dict:
         "secret_env_keys": list(task.secret_env_keys),
         # Encrypted under another SECRET_KEY: runs fail until a new set is given.
         "secret_env_unreadable": task.secrets_unreadable(),
+        # Their secrets are write-only too: has_secret, never the value.
+        "webhooks": task.webhooks_shown(),
+        "notify_emails": list(task.notify_emails or ()),
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }

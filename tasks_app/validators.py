@@ -219,3 +219,167 @@ def clean_run_at(value, now: dt.datetime) -> dt.datetime:
     if value > now + dt.timedelta(days=MAX_DELAY_DAYS):
         raise ValidationError(f"At most {MAX_DELAY_DAYS} days ahead.")
     return value
+
+
+# --- notifications (tasks_app.notify) -------------------------------------------
+
+# What a task can be told of: a run that failed, the first success after a
+# failed run, and (only if asked) every success.
+NOTIFY_EVENTS = ("failure", "recovery", "success")
+MAX_WEBHOOKS = 20
+MAX_NOTIFY_EMAILS = 20
+MAX_URL_CHARS = 500
+MAX_WEBHOOK_SECRET_CHARS = 500
+
+
+def _clean_events(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValidationError(f"{where}: events must be a list of {', '.join(NOTIFY_EVENTS)}.")
+    unknown = [item for item in value if item not in NOTIFY_EVENTS]
+    if unknown:
+        raise ValidationError(
+            f"{where}: unknown event {unknown[0]!r}; choose from {', '.join(NOTIFY_EVENTS)}."
+        )
+    if not value:
+        raise ValidationError(f"{where}: give at least one event ({', '.join(NOTIFY_EVENTS)}).")
+    return [event for event in NOTIFY_EVENTS if event in value]
+
+
+def clean_webhook_url(url, where: str) -> str:
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or not url.strip():
+        raise ValidationError(f"{where}: url is required.")
+    url = url.strip()
+    if len(url) > MAX_URL_CHARS or any(ch.isspace() for ch in url):
+        raise ValidationError(f"{where}: url must be at most {MAX_URL_CHARS} chars, no spaces.")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        host = None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValidationError(f"{where}: url must be an http:// or https:// URL, not {url!r}.")
+    return url
+
+
+def clean_webhooks(value, current: list[dict]) -> list[dict]:
+    """A task's webhooks from a list of {"url", "secret", "events"} (the API)
+    or lines of "URL EVENTS [SECRET]" (the form): [{"url", "events", "secret"}]
+    with the secret in clear, to be encrypted by the caller.
+
+    A webhook given without a secret (null, left out, or a line without one)
+    keeps the secret of the current webhook with the same URL; a new URL must
+    bring one. `has_secret` (from a task's own JSON sent back) is ignored.
+    """
+    from tasks_app import secret_env
+    from tasks_app.exceptions import SecretsUnreadable
+
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        items = []
+        for number, line in enumerate(value.splitlines(), start=1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if len(words) not in (2, 3):
+                raise ValidationError(
+                    f"Line {number}: expected URL EVENTS [SECRET], "
+                    "e.g. https://hooks.example.com/x failure,recovery s3cret."
+                )
+            items.append({"url": words[0], "events": words[1], "secret": (words[2:] or [None])[0]})
+        where_of = [f"Line {number}" for number in range(1, len(items) + 1)]
+    elif isinstance(value, list):
+        items = value
+        where_of = [f"webhooks[{index}]" for index in range(len(items))]
+    else:
+        raise ValidationError("webhooks must be a list of {url, secret, events} objects.")
+    if len(items) > MAX_WEBHOOKS:
+        raise ValidationError(f"At most {MAX_WEBHOOKS} webhooks.")
+    stored = {hook["url"]: hook.get("secret", "") for hook in current or ()}
+    cleaned: list[dict] = []
+    for item, where in zip(items, where_of, strict=True):
+        if not isinstance(item, dict):
+            raise ValidationError(f"{where}: expected an object with url, secret and events.")
+        unknown = sorted(set(item) - {"url", "secret", "events", "has_secret"})
+        if unknown:
+            raise ValidationError(f"{where}: unknown field {unknown[0]!r}.")
+        url = clean_webhook_url(item.get("url"), where)
+        if url in {hook["url"] for hook in cleaned}:
+            raise ValidationError(f"{where}: the url {url} is given twice.")
+        events = _clean_events(item.get("events"), where)
+        secret = item.get("secret")
+        if secret is None:
+            if not stored.get(url):
+                raise ValidationError(
+                    f"{where}: secret is required for a new webhook (it signs each body)."
+                )
+            try:
+                secret = secret_env.decrypt(stored[url])["secret"]
+            except SecretsUnreadable:
+                raise ValidationError(
+                    f"{where}: its stored secret cannot be read (another SECRET_KEY): "
+                    "give it again."
+                ) from None
+        elif not isinstance(secret, str) or not secret or len(secret) > MAX_WEBHOOK_SECRET_CHARS:
+            raise ValidationError(
+                f"{where}: secret must be a string of 1 to {MAX_WEBHOOK_SECRET_CHARS} chars."
+            )
+        elif "\x00" in secret:
+            raise ValidationError(f"{where}: secret contains a NUL byte.")
+        cleaned.append({"url": url, "events": events, "secret": secret})
+    return cleaned
+
+
+def clean_notify_emails(value) -> list[dict]:
+    """A task's e-mail subscriptions from a list of {"address", "events"} (the
+    API) or lines of "ADDRESS EVENTS" (the form)."""
+    from django.core.validators import validate_email
+
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        items = []
+        for number, line in enumerate(value.splitlines(), start=1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if len(words) != 2:
+                raise ValidationError(
+                    f"Line {number}: expected ADDRESS EVENTS, "
+                    "e.g. ops@example.com failure,recovery."
+                )
+            items.append({"address": words[0], "events": words[1]})
+        where_of = [f"Line {number}" for number in range(1, len(items) + 1)]
+    elif isinstance(value, list):
+        items = value
+        where_of = [f"notify_emails[{index}]" for index in range(len(items))]
+    else:
+        raise ValidationError("notify_emails must be a list of {address, events} objects.")
+    if len(items) > MAX_NOTIFY_EMAILS:
+        raise ValidationError(f"At most {MAX_NOTIFY_EMAILS} addresses.")
+    cleaned: list[dict] = []
+    for item, where in zip(items, where_of, strict=True):
+        if not isinstance(item, dict):
+            raise ValidationError(f"{where}: expected an object with address and events.")
+        unknown = sorted(set(item) - {"address", "events"})
+        if unknown:
+            raise ValidationError(f"{where}: unknown field {unknown[0]!r}.")
+        address = item.get("address")
+        try:
+            if not isinstance(address, str) or len(address) > 254:
+                raise ValidationError("")
+            address = address.strip()
+            validate_email(address)
+        except ValidationError:
+            raise ValidationError(
+                f"{where}: address {address!r} is not an e-mail address."
+            ) from None
+        if address in {entry["address"] for entry in cleaned}:
+            raise ValidationError(f"{where}: the address {address} is given twice.")
+        cleaned.append({"address": address, "events": _clean_events(item.get("events"), where)})
+    return cleaned

@@ -21,8 +21,10 @@ from tasks_app import (
     history,
     lifecycle,
     logs,
+    notify,
     output_view,
     results,
+    retention,
     shards,
     task_stats,
     timeline,
@@ -165,6 +167,7 @@ def _detail_context(pk: int, task, deleted, before, run_form: RunForm) -> dict:
         else None,
         "newest_url": here if before else None,
         "run_form": run_form,
+        "deliveries": notify.log_of_task(pk),
     }
 
 
@@ -333,10 +336,11 @@ def run_list(request):
         # Only the first page follows new runs live; an older page stays put.
         "live": "before" not in filters and problem is None,
     }
-    template = "tasks/runs.html#run-table" if request.htmx else "tasks/runs.html"
     # htmx swaps only 2xx answers: the region with its error must still be swapped in.
-    status = 400 if problem and not request.htmx else 200
-    return render(request, template, context, status=status)
+    if request.htmx:
+        return render(request, "tasks/runs.html#run-table", context)
+    status = 400 if problem else 200
+    return render(request, "tasks/runs.html", {**context, "kept": retention.kept()}, status=status)
 
 
 def _worker_names() -> list[str]:

@@ -57,6 +57,8 @@ def task_body(task: Task, *, next_runs: list | None = None) -> dict:
         "merge_command": task.merge_command,
         "secret_env_keys": task.secret_env_keys,
         "secret_env_unreadable": task.secrets_unreadable(),
+        "webhooks": task.webhooks_shown(),
+        "notify_emails": task.notify_emails,
         "created_at": _time(task.created_at),
         "updated_at": _time(task.updated_at),
     }

@@ -24,14 +24,16 @@ from tasks_app.models import (
     Attempt,
     AuditEntry,
     DeletedTask,
+    Delivery,
     Event,
     LogChunk,
+    NotifyCursor,
     Run,
     SchedulerState,
     Task,
 )
 from workers_app import registration, servers
-from workers_app.models import EnrollmentToken, Server, Worker
+from workers_app.models import EnrollmentToken, Server, StuckQueue, Worker
 
 pytestmark = pytest.mark.django_db
 
@@ -762,11 +764,27 @@ def one_of_everything(alice, task, worker):
     SchedulerState.current()
     Task.objects.create(name="gone", command="true").delete()
     servers.register("127.0.0.1:8000")
+    Delivery.objects.create(
+        run_id=run.pk, task_id=task.pk, kind="failure", channel="email", target="a@b.c"
+    )
+    NotifyCursor.objects.create(pk=1)
+    StuckQueue.objects.create(labels_key="gpu")
 
 
 # Written by the system, shown read-only in the admin.
 # Events: written by the lifecycle (one_of_everything's task recorded task.created).
-HISTORY = {Run, Attempt, LogChunk, DeletedTask, Server, AuditEntry, Event}
+HISTORY = {
+    Run,
+    Attempt,
+    LogChunk,
+    DeletedTask,
+    Server,
+    AuditEntry,
+    Event,
+    Delivery,
+    NotifyCursor,
+    StuckQueue,
+}
 
 
 @pytest.mark.parametrize("model", our_models(), ids=lambda model: model.__name__)

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from workers_app.models import EnrollmentToken, Server, Worker
+from workers_app.models import EnrollmentToken, Server, StuckQueue, Worker
 
 
 @admin.register(Worker)
@@ -45,6 +45,20 @@ class ServerAdmin(admin.ModelAdmin):
     (deleting a dead one's row is allowed; a live one writes it back)."""
 
     list_display = ["name", "address", "database", "channel_layer", "started_at", "last_seen"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(StuckQueue)
+class StuckQueueAdmin(admin.ModelAdmin):
+    """Label sets whose queued work no worker can take (workers_app.stuck); kept by
+    the servers, shown here."""
+
+    list_display = ["labels_key", "since", "alerted_at"]
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -188,3 +188,19 @@ class Server(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class StuckQueue(models.Model):
+    """A label set whose ready work no worker taking work can run: one row per
+    episode, from when a server first saw it until it clears (workers_app.stuck).
+
+    Unique by labels: every server sees the same episode start, so the alert's
+    deliveries (keyed by the episode) are planned once.
+    """
+
+    labels_key = models.CharField(max_length=2200, unique=True)
+    since = models.DateTimeField(default=timezone.now)
+    alerted_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"queue [{self.labels_key or 'no labels'}] stuck since {self.since:%Y-%m-%d %H:%M}"

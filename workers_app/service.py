@@ -31,9 +31,9 @@ import time
 from django.conf import settings
 from django.db import DatabaseError
 
-from tasks_app import lifecycle, scheduling
+from tasks_app import lifecycle, notify, retention, scheduling
 from tasks_app.writer import writer
-from workers_app import dispatch, liveness, servers
+from workers_app import dispatch, liveness, servers, stuck
 from workers_app.peers import peers
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 # The event loop woke this much later than asked: frames from agents may be
 # waiting unread, so their silence says nothing (seconds, on top of a tick).
 OVERLOAD_LAG_S = 1.0
+# A duty that found nothing to do looks again after this long (seconds): the
+# stuck-queue check reads every worker taking work (retention's pruner keeps
+# its own pace).
+IDLE_RECHECK_S = {"check_stuck_queues": 15.0}
 
 # When a service of this process last finished a tick (time.monotonic()), None
 # before the first: /readyz says this server is not ready once it is too old
@@ -60,6 +64,12 @@ class SchedulerService:
         self.alive_since = time.monotonic()
         self.database_down = False
         self.stopping = asyncio.Event()
+        # Webhooks and e-mail go out on threads of their own: a slow receiver
+        # never holds the writer's thread, which these duties share with dispatch.
+        self.sender = notify.Sender()
+        # Retention's batches, likewise off the writer's thread.
+        self.pruner = retention.Pruner()
+        self._idle_until: dict[str, float] = {}
 
     def recovering(self) -> bool:
         """True for SCHEDULER_LOST_AFTER_S after our start, after our database
@@ -108,6 +118,31 @@ class SchedulerService:
         # database, which also brings back retries whose backoff has passed.
         return bool(dispatch.dispatch())
 
+    def plan_notifications(self) -> bool:
+        # Deliveries for the runs that ended (tasks_app.notify).
+        return bool(notify.plan())
+
+    def send_notifications(self) -> bool:
+        # Claimed here, sent by self.sender's threads, recorded by them.
+        return bool(self.sender.send_due())
+
+    def check_stuck_queues(self) -> bool:
+        return self._unless_idle("check_stuck_queues", stuck.check)
+
+    def prune_history(self) -> bool:
+        # At most one batch under way (tasks_app.retention), on the pruner's
+        # thread: a backlog never holds dispatch up.
+        return self.pruner.step()
+
+    def _unless_idle(self, name: str, duty) -> bool:
+        """Run `duty`, unless it found nothing less than IDLE_RECHECK_S ago."""
+        if time.monotonic() < self._idle_until.get(name, 0.0):
+            return False
+        found = bool(duty())
+        if not found:
+            self._idle_until[name] = time.monotonic() + IDLE_RECHECK_S[name]
+        return found
+
     def tick(self) -> bool:
         found = False
         failed = False
@@ -118,6 +153,10 @@ class SchedulerService:
             self.time_out_overdue,
             self.fire_schedules,
             self.dispatch_queued,
+            self.plan_notifications,
+            self.send_notifications,
+            self.check_stuck_queues,
+            self.prune_history,
         ):
             try:
                 found = duty() or found
@@ -177,6 +216,9 @@ class SchedulerService:
                 await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             # A loop busy elsewhere wakes us late; frames may be waiting unread meanwhile.
             self.note_lag(loop.time() - due)
+        # Sends not started yet are dropped: their rows stay claimed until the
+        # lease lapses, then another server (or this one, restarted) sends them.
+        self.sender.close()
 
 
 # PostgreSQL's deadlock_detected, serialization_failure, lock_not_available.
