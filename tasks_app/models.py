@@ -458,7 +458,7 @@ class Run(models.Model):
         # (tasks_app.history); each index orders a filter's rows the list's way.
         # run_task_id serves "the newest run of each task" (the task list), by id.
         # The task-name prefix index is PostgreSQL's alone (text_pattern_ops):
-        # migration 0013.
+        # migration 0014.
         indexes = [
             models.Index(fields=["-created_at", "-id"], name="run_created"),
             models.Index(fields=["status", "-created_at", "-id"], name="run_status_created"),
