@@ -18,7 +18,7 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from tasks_app import charts, overview
+from tasks_app import charts, overview, retention
 from tasks_app.roles import VIEWER, role_required
 from workers_app import load
 
@@ -103,4 +103,6 @@ def overview_page(request):
     context: dict = {}
     for build in PARTS.values():
         context |= build(snap)
+    # What the history below these figures reaches back to (retention).
+    context["kept"] = retention.kept()
     return render(request, "overview.html", context)
