@@ -20,5 +20,6 @@ urlpatterns = [
     path("runs/<int:pk>/result/", views.run_result, name="run-result"),
     path("scheduler/pause/", views.scheduler_pause, name="pause"),
     path("scheduler/resume/", views.scheduler_resume, name="resume"),
+    path("scheduler/state/", views.scheduler_state, name="scheduler-state"),
     path("audit/", audit_views.audit_log, name="audit"),
 ]

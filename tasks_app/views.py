@@ -6,14 +6,25 @@ from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import F, OuterRef, Prefetch, Q, Subquery
 from django.db.models.functions import Lower
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks_app import audit, cron, history, lifecycle, logs, results, shards, task_stats
+from tasks_app import (
+    audit,
+    cron,
+    history,
+    lifecycle,
+    live,
+    logs,
+    results,
+    roles,
+    shards,
+    task_stats,
+)
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
 from tasks_app.models import Attempt, DeletedTask, Run, SchedulerState, Task
@@ -273,7 +284,7 @@ def run_detail(request, pk: int):
     """A run. A sharded one (more than one shard, or a merge) shows a grid of
     its shards and the attempts and output of the one selected (?shard=N;
     the merge is shard N) instead of every attempt's: at 1,000 shards the
-    polled partial stays one read of the attempts and no query per shard."""
+    live partial stays one read of the attempts and no query per shard."""
     attempts = Attempt.objects.order_by("shard_index", "try_number")
     run = (
         Run.objects.prefetch_related(Prefetch("attempts", queryset=attempts)).filter(pk=pk).first()
@@ -286,10 +297,17 @@ def run_detail(request, pk: int):
     shown = [a for a in run.attempts.all() if context["selected"] in (None, a.shard_index)]
     if context["sharded"] and context["selected"] is None:
         shown = []
-    outputs = logs.outputs_of(shown)
-    context["rows"] = [(attempt, outputs[attempt.pk]) for attempt in shown]
+    if request.headers.get(live.LIVE_HEADER):
+        # Re-rendered for the page's socket: the page holds the output it has
+        # and gets new lines appended (tasks_app.consumers); no full re-read.
+        context["rows"] = [(attempt, {"live": True}) for attempt in shown]
+    else:
+        texts, next_seq = logs.read_outputs(shown)
+        context["rows"] = [
+            (attempt, {**texts[attempt.pk], "next": next_seq[attempt.pk]}) for attempt in shown
+        ]
     if run.status == Run.Status.SUCCEEDED:
-        # Only once final: a finished run's page is not polled.
+        # Only once final: read once, when the run's finish re-renders the page.
         ids = results.result_attempt_ids(run)
         context["result"] = results.head(ids, RESULT_ON_PAGE_CHARS)
     template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
@@ -383,6 +401,23 @@ def scheduler_resume(request):
         audit.record(request, "scheduler.resume", audit.SCHEDULER)
     messages.success(request, "Scheduler resumed.")
     return _redirect(request, _back(request))
+
+
+# The parts of the top of every page that follow the scheduler's state live.
+SCHEDULER_PARTS = {"banner": "base.html#scheduler-banner", "switch": "base.html#scheduler-switch"}
+
+
+@require_GET
+@role_required(VIEWER)
+def scheduler_state(request):
+    """The pause banner (?part=banner, the default) or the admin's pause/resume
+    switch (?part=switch), alone: what a page's live socket re-renders."""
+    part = request.GET.get("part") or "banner"
+    if part not in SCHEDULER_PARTS:
+        return HttpResponseBadRequest(f"Unknown part {part[:40]!r}: one of banner, switch.")
+    if part == "switch":
+        roles.check(request.user, ADMIN)
+    return render(request, SCHEDULER_PARTS[part])
 
 
 def _back(request) -> str:

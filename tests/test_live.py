@@ -1,0 +1,273 @@
+"""The browser's live socket, through the real ASGI app (origin check, session
+auth) and the real consumer, views and database: who may open it, what an
+event re-renders, and the output lines a run page gets."""
+
+from __future__ import annotations
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.db import transaction
+from django.test import Client
+
+from scheduler_site.asgi import application
+from tasks_app import events, lifecycle, logs
+from tasks_app.models import Attempt, Run, Task
+from workers_app.models import Worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = 5
+RUNS = {"id": "run-table", "src": "/runs/", "on": "runs attempts"}
+WORKERS = {"id": "worker-table", "src": "/workers/", "on": "workers"}
+
+
+def _cookie_of(user) -> bytes:
+    client = Client()
+    client.force_login(user)
+    return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+
+
+async def open_socket(user=None, origin: bytes = b"http://localhost"):
+    headers = [(b"host", b"localhost")]
+    if origin:
+        headers.append((b"origin", origin))
+    if user is not None:
+        cookie = await database_sync_to_async(_cookie_of)(user)
+        headers.append((b"cookie", cookie.encode()))
+    communicator = WebsocketCommunicator(application, "/ws/live/", headers=headers)
+    connected, code = await communicator.connect(timeout=TIMEOUT)
+    return communicator, connected, code
+
+
+def watch(regions, *, run=None, output=None, since=None) -> dict:
+    return {
+        "type": "watch",
+        "regions": regions,
+        "page": "http://localhost/runs/",
+        "run": run,
+        "output": output or {},
+        "since": since,
+    }
+
+
+@database_sync_to_async
+def new_run(task: Task) -> Run:
+    """A run, and its event committed as lifecycle's own will be (branch ev)."""
+    with transaction.atomic():
+        run = lifecycle.trigger_run(task)
+        events.record(events.RUN_QUEUED, run_id=run.pk, task_id=task.pk)
+    return run
+
+
+@database_sync_to_async
+def record(kind: str, **ids) -> int:
+    with transaction.atomic():
+        events.record(kind, **ids)
+    return events.last_id()
+
+
+@database_sync_to_async
+def running_attempt(task: Task, worker: Worker) -> Attempt:
+    attempt = lifecycle.trigger_run(task).attempts.get()
+    assert lifecycle.assign(attempt.pk, worker.pk, worker.name)
+    assert lifecycle.mark_started(worker.pk, attempt.pk, None, 1234)
+    return attempt
+
+
+@database_sync_to_async
+def store(worker: Worker, attempt: Attempt, *chunks: tuple[int, str, str]) -> None:
+    logs.append_logs([logs.Chunk(worker.pk, attempt.pk, *chunk) for chunk in chunks])
+
+
+# --- who may open it -----------------------------------------------------------------
+
+
+async def test_it_refuses_an_anonymous_socket():
+    communicator, connected, code = await open_socket(None)
+    assert (connected, code) == (False, 4403)
+
+
+async def test_it_refuses_a_user_without_a_role(oscar):
+    communicator, connected, code = await open_socket(oscar)
+    assert (connected, code) == (False, 4403)
+
+
+async def test_it_refuses_a_page_of_another_site_even_with_the_users_cookie(vera):
+    communicator, connected, code = await open_socket(vera, origin=b"http://evil.example")
+    assert connected is False
+
+
+async def test_it_refuses_a_socket_without_an_origin(vera):
+    communicator, connected, code = await open_socket(vera, origin=b"")
+    assert connected is False
+
+
+async def test_the_agent_path_still_refuses_a_browser():
+    headers = [(b"origin", b"http://localhost"), (b"authorization", b"Bearer wkr_x")]
+    communicator = WebsocketCommunicator(application, "/ws/agent/", headers=headers)
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected is False
+
+
+# --- regions ----------------------------------------------------------------------
+
+
+async def test_a_viewer_gets_a_watched_region_re_rendered_after_its_event_commits(vera, task):
+    communicator, connected, _ = await open_socket(vera)
+    assert connected
+    await communicator.send_json_to(watch([RUNS]))
+    await communicator.receive_nothing(0.3)
+
+    run = await new_run(task)
+
+    frame = await communicator.receive_json_from(TIMEOUT)
+    assert (frame["type"], frame["id"]) == ("html", "run-table")
+    assert frame["html"].lstrip().startswith('<div id="run-table" data-live-src="/runs/"')
+    assert f'href="/runs/{run.pk}/"' in frame["html"]
+    assert frame["last_id"] == await database_sync_to_async(events.last_id)()
+    # The viewer's own render: no operator buttons.
+    assert await communicator.receive_nothing(0.5)
+    await communicator.disconnect()
+
+
+async def test_it_does_not_render_a_region_for_an_unrelated_topic(vera, task):
+    communicator, connected, _ = await open_socket(vera)
+    assert connected
+    await communicator.send_json_to(watch([WORKERS]))
+    await new_run(task)
+    await record(events.TASK_CHANGED, task_id=task.pk)
+    assert await communicator.receive_nothing(0.6)
+    await communicator.disconnect()
+
+
+async def test_a_run_region_follows_its_own_run_only(vera, task):
+    mine, other = await new_run(task), await new_run(task)
+    region = {"id": "run-live", "src": f"/runs/{mine.pk}/", "on": f"run:{mine.pk}"}
+    communicator, connected, _ = await open_socket(vera)
+    await communicator.send_json_to(watch([region], run=mine.pk))
+
+    await record(events.RUN_STARTED, run_id=other.pk)
+    assert await communicator.receive_nothing(0.5)
+
+    await database_sync_to_async(lambda: lifecycle.cancel_run(mine, by="bob"))()
+    await record(events.RUN_CANCEL_REQUESTED, run_id=mine.pk)
+    frame = await communicator.receive_json_from(TIMEOUT)
+    assert frame["id"] == "run-live"
+    assert 'id="run-cancelled"' in frame["html"]
+    assert await communicator.receive_nothing(0.5)
+    await communicator.disconnect()
+
+
+async def test_many_events_are_one_render_per_region(vera, task):
+    communicator, connected, _ = await open_socket(vera)
+    await communicator.send_json_to(watch([RUNS]))
+    for _ in range(10):
+        await new_run(task)
+    frames = [await communicator.receive_json_from(TIMEOUT)]
+    while not await communicator.receive_nothing(0.6):
+        frames.append(await communicator.receive_json_from(TIMEOUT))
+    # The first event renders at once, the rest are coalesced into passes 200 ms apart.
+    assert 1 <= len(frames) <= 3, len(frames)
+    runs = await database_sync_to_async(lambda: list(Run.objects.values_list("pk", flat=True)))()
+    assert all(f'href="/runs/{pk}/"' in frames[-1]["html"] for pk in runs)
+
+
+async def test_it_answers_a_bad_region_with_an_error_and_renders_nothing(vera, task):
+    communicator, connected, _ = await open_socket(vera)
+    await communicator.send_json_to(watch([{"id": "x", "src": "/api/tasks", "on": "runs"}]))
+    assert await communicator.receive_json_from(TIMEOUT) == {
+        "type": "error",
+        "message": "region x: /api/tasks is not a dashboard page",
+    }
+    await communicator.send_json_to(watch([{"id": "x", "src": "/runs/", "on": "everything"}]))
+    assert await communicator.receive_json_from(TIMEOUT) == {
+        "type": "error",
+        "message": "region x: unknown topic(s) ['everything']",
+    }
+    await communicator.send_to(text_data="not json")
+    assert await communicator.receive_json_from(TIMEOUT) == {
+        "type": "error",
+        "message": "a frame is not JSON",
+    }
+    assert (await communicator.receive_output(TIMEOUT))["code"] == 4400
+
+
+# --- catch-up ------------------------------------------------------------------------
+
+
+async def test_a_reconnecting_page_catches_up_on_what_it_missed_and_only_that(vera, task):
+    since = await record(events.TASK_CHANGED, task_id=task.pk)
+    first, connected, _ = await open_socket(vera)
+    await first.send_json_to(watch([RUNS, WORKERS], since=since))
+    assert await first.receive_nothing(0.5)
+    await first.disconnect()
+
+    run = await new_run(task)  # while no socket is open
+
+    second, connected, _ = await open_socket(vera)
+    await second.send_json_to(watch([RUNS, WORKERS], since=since))
+    frame = await second.receive_json_from(TIMEOUT)
+    assert frame["id"] == "run-table"
+    assert f'href="/runs/{run.pk}/"' in frame["html"]
+    assert await second.receive_nothing(0.5)  # the workers region saw nothing to catch up
+    await second.disconnect()
+
+    third, connected, _ = await open_socket(vera)
+    await third.send_json_to(watch([RUNS], since=frame["last_id"]))
+    assert await third.receive_nothing(0.5)
+    await third.disconnect()
+
+
+# --- output -----------------------------------------------------------------------
+
+
+async def test_a_run_page_gets_the_output_lines_after_its_cursor_as_they_are_stored(
+    vera, task, worker
+):
+    attempt = await running_attempt(task, worker)
+    await store(worker, attempt, (0, "stdout", "line 1\n"), (1, "stderr", "warn\n"))
+    communicator, connected, _ = await open_socket(vera)
+    await communicator.send_json_to(watch([], run=attempt.run_id, output={str(attempt.pk): 1}))
+    # The page had seq 0 (it came with the page): only seq 1 is sent.
+    assert await communicator.receive_json_from(TIMEOUT) == {
+        "type": "output",
+        "attempt": attempt.pk,
+        "stream": "stderr",
+        "seq": 1,
+        "text": "warn\n",
+    }
+    assert await communicator.receive_nothing(0.3)
+
+    await store(worker, attempt, (2, "stdout", "line 2\n"), (3, "stdout", "line 3\n"))
+    frames = [await communicator.receive_json_from(TIMEOUT) for _ in range(2)]
+    assert [(f["seq"], f["text"]) for f in frames] == [(2, "line 2\n"), (3, "line 3\n")]
+    assert await communicator.receive_nothing(0.5)
+    await communicator.disconnect()
+
+
+async def test_output_of_another_run_is_not_sent(vera, task, worker):
+    mine = await running_attempt(task, worker)
+    other = await running_attempt(task, worker)
+    communicator, connected, _ = await open_socket(vera)
+    await communicator.send_json_to(watch([], run=mine.run_id, output={str(mine.pk): 0}))
+    await store(worker, other, (0, "stdout", "not yours\n"))
+    assert await communicator.receive_nothing(0.6)
+    # Nor when the page names the other run's attempt under its own run.
+    await communicator.send_json_to({"type": "cursors", "output": {str(other.pk): 0}})
+    assert await communicator.receive_nothing(0.6)
+    await communicator.disconnect()
+
+
+async def test_a_new_output_box_asks_for_its_lines_from_its_cursor(vera, task, worker):
+    attempt = await running_attempt(task, worker)
+    await store(worker, attempt, (0, "stdout", "a\n"), (1, "stdout", "b\n"))
+    communicator, connected, _ = await open_socket(vera)
+    await communicator.send_json_to(watch([], run=attempt.run_id))
+    assert await communicator.receive_nothing(0.3)
+    await communicator.send_json_to({"type": "cursors", "output": {str(attempt.pk): 0}})
+    frames = [await communicator.receive_json_from(TIMEOUT) for _ in range(2)]
+    assert [f["text"] for f in frames] == ["a\n", "b\n"]
+    assert await communicator.receive_nothing(0.3)
+    await communicator.disconnect()
