@@ -28,7 +28,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from tasks_app import secret_env, shards
+from tasks_app import events, secret_env, shards
 from tasks_app.batchsql import (
     atomic,
     aware,
@@ -41,6 +41,7 @@ from tasks_app.batchsql import (
     table,
     update_rows,
 )
+from tasks_app.events import Row
 from tasks_app.exceptions import (
     RunNotCancellable,
     RunNotRetryable,
@@ -247,6 +248,10 @@ class _Limits:
         for run, blocker, status, limit in self.skipped:
             run.reason = f"skipped: run #{_pk(blocker)} still {status} (limit {limit})"
         update_rows(Run, {"reason": "%s"}, [(run.reason, run.pk) for run, *_ in self.skipped])
+        events.record_many(
+            Row(events.RUN_FINISHED, run.pk, task_id=run.task_id, data=_finished(run))
+            for run, *_ in self.skipped
+        )
         for run, victims in self.replaced:
             for victim in victims:
                 # It may have ended meanwhile: then there is nothing to replace.
@@ -428,6 +433,7 @@ def retry_run(run: Run, user=None) -> Run:
             limits.admit(task, retry)
         _queue([retry])
         limits.after_insert()
+        events.record(events.RUN_RETRIED, run_id=run.pk, task_id=run.task_id, new_run_id=retry.pk)
     return retry
 
 
@@ -510,7 +516,31 @@ def _queue(runs: list[Run]) -> list[Run]:
         attempt.run.queued_attempts.append(attempt)
     if attempts:
         _wake_dispatch({a.labels_key for a in attempts})
+    events.record_many(_queued_events(runs))
     return runs
+
+
+def _queued_events(runs: list[Run]) -> list[Row]:
+    """run.queued for each new run, and run.finished at once for one that
+    had nowhere to go (a skipped one's reason is known later: _Limits)."""
+    rows = []
+    for run in runs:
+        data = {"trigger": run.trigger}
+        if run.retry_of_id:
+            data["retry_of"] = run.retry_of_id
+        if run.run_at is not None:
+            data["run_at"] = run.run_at.isoformat()
+        if getattr(run, "held", False):
+            data["held"] = True
+        rows.append(Row(events.RUN_QUEUED, run.pk, task_id=run.task_id, data=data))
+        if run.status == Run.Status.FAILED:
+            rows.append(Row(events.RUN_FINISHED, run.pk, task_id=run.task_id, data=_finished(run)))
+    return rows
+
+
+def _finished(run: Run) -> dict:
+    """run.finished's data for a run that ended without starting."""
+    return {"status": run.status, "reason": run.reason, "duration_s": None}
 
 
 def _route(runs: list[Run]) -> None:
@@ -543,6 +573,7 @@ class Claim:
     worker_name: str
     attempt_id: int
     capacity: int  # the worker's slots: it is never given more
+    run_id: int | None = None  # named in its event (None: not known)
 
 
 def claim(claims: Sequence[Claim], now=None, *, worker_state: str | None = None) -> int:
@@ -559,7 +590,8 @@ def claim(claims: Sequence[Claim], now=None, *, worker_state: str | None = None)
     """
     if not claims:
         return 0
-    now = connection.ops.adapt_datetimefield_value(now or timezone.now())
+    at = now or timezone.now()
+    now = connection.ops.adapt_datetimefield_value(at)
     eligible = ""
     if worker_state is not None:
         workers = table(Attempt._meta.get_field("worker").related_model)
@@ -580,29 +612,55 @@ def claim(claims: Sequence[Claim], now=None, *, worker_state: str | None = None)
                 for c in claims
             ],
         )
-        return cursor.rowcount
+        moved = cursor.rowcount
+    won = claims
+    if moved != len(claims):
+        # Some lost their race (another server took them): the rows say which.
+        ours = set(
+            Attempt.objects.filter(
+                pk__in=[c.attempt_id for c in claims], status=S.ASSIGNED, assigned_at=at
+            ).values_list("worker_id", "pk")
+        )
+        won = [c for c in claims if (c.worker_id, c.attempt_id) in ours]
+    events.record_many(
+        Row(
+            events.ATTEMPT_ASSIGNED,
+            c.run_id,
+            c.attempt_id,
+            worker_id=c.worker_id,
+            data={"worker": c.worker_name},
+        )
+        for c in won
+    )
+    return moved
 
 
 def assign(attempt_id: int, worker_id: int, worker_name: str) -> bool:
     """queued -> assigned. False when someone else got it first."""
     capacity = Attempt._meta.get_field("worker").related_model.objects.get(pk=worker_id).capacity
-    return bool(claim([Claim(worker_id, worker_name, attempt_id, capacity)]))
+    run_id = Attempt.objects.filter(pk=attempt_id).values_list("run_id", flat=True).first()
+    return bool(claim([Claim(worker_id, worker_name, attempt_id, capacity, run_id)]))
 
 
 def _owned(pairs: Iterable[Pair], statuses: Sequence[str]) -> dict[Pair, tuple]:
     """The pairs whose attempt is that worker's and in one of these states,
-    locked; each with (run id, assigned_at)."""
+    locked; each with (run id, assigned_at, whether it was accepted)."""
     pairs = set(pairs)
     ids = list({a for _, a in pairs})
     if not ids:
         return {}
     rows = select(
-        f"SELECT id, worker_id, run_id, assigned_at FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
+        "SELECT id, worker_id, run_id, assigned_at, accepted_at IS NOT NULL"
+        f" FROM {ATTEMPT} WHERE id IN ({marks(ids)})"
         # In id order, as every lock on attempts: see lose().
         f" AND status IN ({marks(statuses)}) ORDER BY id{for_update()}",
         [*ids, *statuses],
     )
-    return {(w, a): (run_id, aware(at)) for a, w, run_id, at in rows if (w, a) in pairs}
+    return {
+        (w, a): (run_id, aware(at), bool(accepted))
+        for a, w, run_id, at, accepted in rows
+        if (w, a) in pairs
+    }
 
 
 def _between(value: dt.datetime | None, low: dt.datetime | None, high: dt.datetime):
@@ -620,6 +678,12 @@ def accept_many(pairs: Sequence[Pair]) -> set[Pair]:
         ok = _owned(pairs, [S.ASSIGNED])
         Attempt.objects.filter(pk__in=[a for _, a in ok], status=S.ASSIGNED).update(
             accepted_at=timezone.now()
+        )
+        # Every row read is locked and still assigned: each moves.
+        events.record_many(
+            Row(events.ATTEMPT_ACCEPTED, run_id, attempt_id, worker_id=worker_id)
+            for (worker_id, attempt_id), (run_id, _, accepted) in sorted(ok.items())
+            if not accepted
         )
     return set(ok)
 
@@ -644,15 +708,19 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
     now = timezone.now()
     with atomic():
         owned = _owned([(i.worker_id, i.attempt_id) for i in items], [S.ASSIGNED])
-        moves = []
+        moves, rows = [], []
         for item in items:
             pair = (item.worker_id, item.attempt_id)
             if pair in owned:
-                run_id, assigned_at = owned.pop(pair)
+                run_id, assigned_at, accepted = owned.pop(pair)
                 # The agent's clock may be off: a start is never before its
                 # assignment nor after the master heard of it.
                 started = _between(_from_epoch(item.started_at), assigned_at, now)
                 moves.append((started, item.pid, item.attempt_id, run_id))
+                ids = {"run_id": run_id, "attempt_id": item.attempt_id, "worker_id": item.worker_id}
+                if not accepted:  # the start says it was accepted too
+                    rows.append(Row(events.ATTEMPT_ACCEPTED, **ids))
+                rows.append(Row(events.ATTEMPT_STARTED, **ids, data={"pid": item.pid}))
         moves.sort(key=lambda move: (move[0], move[2]))
         update_rows(
             Attempt,
@@ -666,14 +734,32 @@ def start_many(items: Sequence[Started]) -> set[Pair]:
             where="status = %s",
             where_params=[S.ASSIGNED],
         )
-        # Race: two shards starting at once; the first one moves the run.
+        # Race: two shards starting at once (here, or in another server
+        # process); the first one moves the run. Its row is read locked (after
+        # the attempts, in id order, as refresh_runs locks runs), so the runs
+        # that move are known for their events.
+        run_ids = sorted({run_id for *_, run_id in moves})
+        queued = dict(
+            run_ids
+            and select(
+                f"SELECT id, task_id FROM {RUN} WHERE id IN ({marks(run_ids)}) AND status = %s"
+                f" ORDER BY id{for_update()}",
+                [*run_ids, Run.Status.QUEUED],
+            )
+        )
+        first: dict[int, dt.datetime] = {}
+        for started, _, _, run_id in moves:  # earliest first
+            if run_id in queued:
+                first.setdefault(run_id, started)
         update_rows(
             Run,
             {"status": "%s", "started_at": "%s"},
-            [(Run.Status.RUNNING, started, run_id) for started, _, _, run_id in moves],
+            [(Run.Status.RUNNING, started, run_id) for run_id, started in first.items()],
             where="status = %s",
             where_params=[Run.Status.QUEUED],
         )
+        rows += [Row(events.RUN_STARTED, run_id, task_id=queued[run_id]) for run_id in first]
+        events.record_many(rows)
     moved = {attempt_id for _, _, attempt_id, _ in moves}
     return {(i.worker_id, i.attempt_id) for i in items if i.attempt_id in moved}
 
@@ -691,6 +777,7 @@ def requeue(
     *,
     unaccepted: bool = False,
     assigned_before: dt.datetime | None = None,
+    reason: str = "rejected by the agent",
 ) -> list[int]:
     """assigned -> queued, for assignments an agent refused or never received.
 
@@ -698,7 +785,8 @@ def requeue(
     be offered to anyone again. With unaccepted=True only attempts the agent
     never accepted move (the accept-timeout path). Without a delay an attempt
     keeps its place in the queue. Failover: it avoids this worker next time
-    when another can take it (dispatch._share_out). Returns the ids moved.
+    when another can take it (dispatch._share_out). reason: why, for its
+    event. Returns the ids moved.
     """
     now = timezone.now()
     with atomic():
@@ -744,8 +832,22 @@ def requeue(
             if delay_s:
                 fields |= {"ready_at": ready, "queue_at": queue_at(ready, priority)}
             Attempt.objects.filter(pk__in=ids, status=S.ASSIGNED).update(**fields)
+        # Every row read is locked and still assigned: each moves.
+        gone = {"status": S.CANCELLED, "reason": "cancelled"}
+        back_data = {"reason": reason, "delay_s": delay_s}
+        out = [
+            Row(
+                events.ATTEMPT_FINISHED if cancel else events.ATTEMPT_REQUEUED,
+                run_id,
+                pk,
+                worker_id=worker_id,
+                data=gone if cancel else back_data,
+            )
+            for pk, run_id, cancel, *_ in rows
+        ]
         if cancelling:
-            refresh_runs({run_id for pk, run_id, cancel, *_ in rows if cancel})
+            refresh_runs({run_id for pk, run_id, cancel, *_ in rows if cancel}, out)
+        events.record_many(out)
         if back:
             _wake_dispatch({key for _, _, cancel, key, _ in rows if not cancel})
     return [pk for pk, *_ in rows]
@@ -763,7 +865,13 @@ def requeue_unaccepted(now: dt.datetime | None = None) -> list[int]:
     moved: list[int] = []
     with atomic():
         for worker_id, ids in stale.items():
-            done = requeue(worker_id, ids, unaccepted=True, assigned_before=cutoff)
+            done = requeue(
+                worker_id,
+                ids,
+                unaccepted=True,
+                assigned_before=cutoff,
+                reason=f"not accepted within {settings.SCHEDULER_ACCEPT_TIMEOUT_S:g}s",
+            )
             moved += done
             # The agent may still get the old assign frame late: tell it to drop it.
             _stop([(worker_id, pk) for pk in done])
@@ -884,13 +992,45 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
             ],
             where="closed_by_master AND late_reported_at IS NULL",
         )
+        out = [
+            Row(
+                events.ATTEMPT_FINISHED,
+                rows[i.attempt_id][6],
+                i.attempt_id,
+                worker_id=i.worker_id,
+                data={
+                    "status": r.status,
+                    "exit_code": r.exit_code,
+                    "reason": r.reason[:500],
+                    "output_bytes": max(r.output_bytes, 0),
+                },
+            )
+            for i, r in ((i, i.result) for i in stored)
+        ]
+        out += [
+            Row(
+                events.ATTEMPT_SUPERSEDED,
+                rows[i.attempt_id][6],
+                i.attempt_id,
+                worker_id=i.worker_id,
+                data={
+                    "status": r.status,
+                    "exit_code": r.exit_code,
+                    "reason": r.reason[:500],
+                    "closed_as": rows[i.attempt_id][1],
+                },
+            )
+            for i, r in ((i, i.result) for i in late)
+        ]
         # What _after_final would read back: the new status, and the rest as read.
         _after_final_rows(
             [
                 (i.result.status, *rows[i.attempt_id][4:9], i.worker_id, rows[i.attempt_id][11])
                 for i in stored
-            ]
+            ],
+            out,
         )
+        events.record_many(out)
     return outcomes
 
 
@@ -933,18 +1073,24 @@ def lose(attempt_ids: Sequence[int], reason: str) -> list[int]:
         # Race: a finished report arriving now; only rows still active move.
         # In id order: two servers losing overlapping sets (both reaping one
         # worker) queue on the first row instead of deadlocking.
-        ids = list(
+        rows = list(
             _locked(
                 Attempt.objects.filter(pk__in=list(attempt_ids), status__in=ACTIVE).order_by("pk")
-            ).values_list("pk", flat=True)
+            ).values_list("pk", "run_id", "worker_id")
         )
+        ids = [pk for pk, _, _ in rows]
         Attempt.objects.filter(pk__in=ids, status__in=ACTIVE).update(
             status=S.LOST,
             reason=reason[:500],
             finished_at=timezone.now(),
             closed_by_master=True,
         )
-        _after_final(ids)
+        out = [
+            Row(events.ATTEMPT_LOST, run_id, pk, worker_id=worker_id, data={"reason": reason[:500]})
+            for pk, run_id, worker_id in rows
+        ]
+        _after_final(ids, out)
+        events.record_many(out)
     return ids
 
 
@@ -965,13 +1111,15 @@ def fail_pinned(worker_id: int, worker_name: str, what: str = "deleted") -> list
                 "pk", "run_id"
             )
         )
+        reason = f"pinned worker {worker_name!r} was {what}"[:500]
         # Race: a dispatcher claiming one at this moment; only rows still queued move.
         Attempt.objects.filter(pk__in=[pk for pk, _ in rows], status=S.QUEUED).update(
-            status=S.FAILED,
-            reason=f"pinned worker {worker_name!r} was {what}"[:500],
-            finished_at=timezone.now(),
+            status=S.FAILED, reason=reason, finished_at=timezone.now()
         )
-        refresh_runs({run_id for _, run_id in rows})
+        failed = {"status": S.FAILED, "reason": reason}
+        out = [Row(events.ATTEMPT_FINISHED, run_id, pk, data=failed) for pk, run_id in rows]
+        refresh_runs({run_id for _, run_id in rows}, out)
+        events.record_many(out)
     return [pk for pk, _ in rows]
 
 
@@ -1003,7 +1151,13 @@ def fail_unstartable(attempt_ids: Sequence[int], reason: str) -> list[int]:
                 finished_at=now,
                 closed_by_master=status == S.ASSIGNED,
             )
-        refresh_runs({run_id for _, run_id, _, _ in rows})
+        failed = {"status": S.FAILED, "reason": reason[:500]}
+        out = [
+            Row(events.ATTEMPT_FINISHED, run_id, pk, worker_id=worker_id, data=failed)
+            for pk, run_id, worker_id, _ in rows
+        ]
+        refresh_runs({run_id for _, run_id, _, _ in rows}, out)
+        events.record_many(out)
         _stop([(worker_id, pk) for pk, _, worker_id, s in rows if s == S.ASSIGNED])
     return [pk for pk, *_ in rows]
 
@@ -1017,14 +1171,17 @@ def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
     now = now or timezone.now()
     grace = dt.timedelta(seconds=settings.SCHEDULER_TIMEOUT_GRACE_S)
     overdue: dict[int, list[Pair]] = {}
+    run_of: dict[int, int] = {}
     # Counted from assigned_at, our own clock: started_at comes from the agent's
     # clock, which may be off by minutes. Assigned is a few ms before started.
-    for pk, worker_id, assigned_at, timeout in Attempt.objects.filter(
+    for pk, worker_id, assigned_at, timeout, run_id in Attempt.objects.filter(
         status=S.RUNNING, timeout_s__isnull=False
-    ).values_list("pk", "worker_id", "assigned_at", "timeout_s"):
+    ).values_list("pk", "worker_id", "assigned_at", "timeout_s", "run_id"):
         if assigned_at and assigned_at + dt.timedelta(seconds=timeout) + grace < now:
             overdue.setdefault(timeout, []).append((worker_id, pk))
+            run_of[pk] = run_id
     ended: list[Pair] = []
+    out: list[Row] = []
     with atomic():
         for timeout, pairs in overdue.items():
             ids = [pk for _, pk in pairs]
@@ -1034,20 +1191,29 @@ def time_out_overdue(now: dt.datetime | None = None) -> list[int]:
                     Attempt.objects.filter(pk__in=ids, status=S.RUNNING).order_by("pk")
                 ).values_list("pk", flat=True)
             )
+            reason = f"timed out after {timeout}s (master backstop: the agent did not report)"
             Attempt.objects.filter(pk__in=moving, status=S.RUNNING).update(
                 status=S.TIMED_OUT,
-                reason=f"timed out after {timeout}s (master backstop: the agent did not report)",
+                reason=reason,
                 finished_at=now,
                 closed_by_master=True,
             )
             ended += [pair for pair in pairs if pair[1] in moving]
-        _after_final([pk for _, pk in ended])
+            data = {"status": S.TIMED_OUT, "reason": reason}
+            out += [
+                Row(events.ATTEMPT_FINISHED, run_of[pk], pk, worker_id=worker_id, data=data)
+                for worker_id, pk in sorted(pairs, key=lambda pair: pair[1])
+                if pk in moving
+            ]
+        _after_final([pk for _, pk in ended], out)
+        events.record_many(out)
         _stop(ended)
     return [pk for _, pk in ended]
 
 
-def _after_final(attempt_ids: Sequence[int]) -> None:
-    """Queue retries for attempts that ended badly, then recompute their runs."""
+def _after_final(attempt_ids: Sequence[int], out: list[Row]) -> None:
+    """Queue retries for attempts that ended badly, then recompute their runs;
+    their events go to `out`."""
     if not attempt_ids:
         return
     _after_final_rows(
@@ -1064,13 +1230,16 @@ def _after_final(attempt_ids: Sequence[int]) -> None:
                 "worker_id",
                 "priority",
             )
-        )
+        ),
+        out,
     )
 
 
-def _after_final_rows(rows: list[tuple]) -> None:
+def _after_final_rows(rows: list[tuple], out: list[Row]) -> None:
     """_after_final for (status, try, shard, run id, labels key, timeout,
-    worker id, priority) rows the caller already holds.
+    worker id, priority) rows the caller already holds; the events of what
+    it changes (retries queued, runs started or ended) go to `out`, for the
+    caller's one INSERT.
 
     Failover: a retry avoids the worker its try ended on (lost, failed or
     timed out there), when another eligible worker has a free slot at
@@ -1125,9 +1294,34 @@ def _after_final_rows(rows: list[tuple]) -> None:
         # Race: two processes retrying the same attempt; the unique (run, shard,
         # try) constraint lets only one create the next try.
         Attempt.objects.bulk_create(retries, ignore_conflicts=True)
-    refresh_runs({row[3] for row in rows})
+        out += _retry_events(retries, now)
+    refresh_runs({row[3] for row in rows}, out)
     if retries:
         _wake_dispatch({a.labels_key for a in retries})
+
+
+def _retry_events(retries: list[Attempt], now: dt.datetime) -> list[Row]:
+    """attempt.queued for the retries this process inserted: bulk_create
+    skipping conflicts gives no ids back, so they are read (queued at our
+    `now`: another process's would have its own), once per batch with retries."""
+    if not retries:
+        return []
+    tries = {(a.run_id, a.shard_index, a.try_number): a for a in retries}
+    ours = Attempt.objects.filter(
+        run_id__in={a.run_id for a in retries}, queued_at=now, status=S.QUEUED
+    ).values_list("pk", "run_id", "shard_index", "try_number")
+    found = {(run_id, shard, t): pk for pk, run_id, shard, t in ours}
+    rows = []
+    for key, attempt in tries.items():
+        if key in found:
+            delay = round((attempt.ready_at - now).total_seconds(), 3)
+            data = {
+                "try_number": attempt.try_number,
+                "shard_index": attempt.shard_index,
+                "delay_s": delay,
+            }
+            rows.append(Row(events.ATTEMPT_QUEUED, attempt.run_id, found[key], data=data))
+    return rows
 
 
 def backoff_seconds(try_number: int, base: float, cap: float) -> float:
@@ -1140,14 +1334,20 @@ def backoff_seconds(try_number: int, base: float, cap: float) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-def refresh_runs(run_ids: Iterable[int]) -> None:
+def refresh_runs(run_ids: Iterable[int], out: list[Row] | None = None) -> None:
     """Recompute each run's status from the latest attempt of each shard.
 
     Two reads per batch of runs, whatever their shard counts: the runs, then
     their attempts. A run whose shards all succeeded gets its merge attempt
     queued here; a run that failed while other shards still go stops them
-    (fail fast, tasks_app.shards.verdict).
+    (fail fast, tasks_app.shards.verdict). The events of what changed go to
+    `out` (the caller's batch), or are recorded here without one.
     """
+    if out is None:
+        out = []
+        refresh_runs(run_ids, out)
+        events.record_many(out)
+        return
     run_ids = list(run_ids)
     if not run_ids:
         return
@@ -1156,15 +1356,18 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
     # reads the attempts only once it holds the run: the second reads after
     # the first committed and sees every shard final, so exactly one of them
     # queues the merge or finishes the run. (SQLite: one writer anyway.)
-    runs = {
-        pk: (json_value(definition), bool(cancelling))
-        for pk, definition, cancelling in select(
-            f"SELECT id, definition, cancel_requested_at FROM {RUN}"
-            f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})"
-            f" ORDER BY id{for_update()}",
-            [*run_ids, *Run.FINAL],
-        )
-    }
+    # What each run was, as read under its lock: whether a change is its
+    # first start, and how long it took, for the events.
+    was: dict[int, tuple] = {}
+    runs = {}
+    for pk, definition, cancelling, status, started_at, task_id in select(
+        f"SELECT id, definition, cancel_requested_at, status, started_at, task_id FROM {RUN}"
+        f" WHERE id IN ({marks(run_ids)}) AND status NOT IN ({marks(Run.FINAL)})"
+        f" ORDER BY id{for_update()}",
+        [*run_ids, *Run.FINAL],
+    ):
+        runs[pk] = (json_value(definition), bool(cancelling))
+        was[pk] = (status, aware(started_at), task_id)
     if not runs:
         return
     finals, starts, merges, fail_fast = [], [], [], []
@@ -1218,15 +1421,42 @@ def refresh_runs(run_ids: Iterable[int]) -> None:
         where="status = %s",
         where_params=[Run.Status.QUEUED],
     )
+    out += _run_events(was, starts, finals)
     if merges:
         # Race: two processes storing the last shards' results of one run at
         # once; the unique (run, shard, try) constraint makes one merge attempt.
         Attempt.objects.bulk_create(merges, ignore_conflicts=True)
         _wake_dispatch({a.labels_key for a in merges})
+        out += [
+            Row(events.ATTEMPT_QUEUED, a.run_id, task_id=was[a.run_id][2], data={"merge": True})
+            for a in merges
+        ]
     if fail_fast:
-        _stop_the_rest(fail_fast, now)
+        _stop_the_rest(fail_fast, now, out)
     if finals:
         _release_held([run_id for *_, run_id in finals])
+
+
+def _run_events(was: dict[int, tuple], starts: list[tuple], finals: list[tuple]) -> list[Row]:
+    """run.started for runs that were queued and started now (or ended having
+    started), run.finished for those that ended: each row read locked and
+    not final, so each moves, once."""
+    rows = []
+    for _, _, run_id in starts:
+        status, _, task_id = was[run_id]
+        if status == Run.Status.QUEUED:
+            rows.append(Row(events.RUN_STARTED, run_id, task_id=task_id))
+    for status, reason, finished, started, run_id in finals:
+        before, started_at, task_id = was[run_id]
+        started_at = started_at or started
+        if before == Run.Status.QUEUED and started is not None:
+            rows.append(Row(events.RUN_STARTED, run_id, task_id=task_id))
+        duration = None
+        if started_at is not None and finished is not None:
+            duration = round(max((finished - started_at).total_seconds(), 0.0), 3)
+        data = {"status": status, "reason": reason, "duration_s": duration}
+        rows.append(Row(events.RUN_FINISHED, run_id, task_id=task_id, data=data))
+    return rows
 
 
 def _to_judge(runs: dict[int, tuple[dict, bool]], starts: list, now: dt.datetime) -> list[int]:
@@ -1268,16 +1498,23 @@ def _to_judge(runs: dict[int, tuple[dict, bool]], starts: list, now: dt.datetime
     return [pk for pk in runs if pk not in quiet]
 
 
-def _stop_the_rest(run_ids: list[int], now: dt.datetime) -> None:
+def _stop_the_rest(run_ids: list[int], now: dt.datetime, out: list[Row]) -> None:
     """Runs that failed while some of their shards were still going: cancel
     the queued attempts, tell the agents to kill the running ones (they report
     `cancelled`, which refresh_runs ignores for a run already final)."""
     # Race: a dispatcher claiming one of these now; only rows still queued move,
     # and a claimed one is stopped below or, if claimed after this read, is
     # refused by _after_final_rows' check of the run (no retry for a final run).
-    Attempt.objects.filter(run_id__in=run_ids, status=S.QUEUED).update(
-        status=S.CANCELLED, reason="cancelled: another shard failed", finished_at=now
+    reason = "cancelled: another shard failed"
+    waiting = select(
+        f"UPDATE {ATTEMPT} SET status = %s, reason = %s, finished_at = %s"
+        f" WHERE run_id IN ({marks(run_ids)}) AND status = %s RETURNING id, run_id",
+        [S.CANCELLED, reason, connection.ops.adapt_datetimefield_value(now), *run_ids, S.QUEUED],
     )
+    out += [
+        Row(events.ATTEMPT_FINISHED, run_id, pk, data={"status": S.CANCELLED, "reason": reason})
+        for pk, run_id in waiting
+    ]
     _stop(
         list(
             Attempt.objects.filter(run_id__in=run_ids, status__in=ACTIVE).values_list(
@@ -1300,20 +1537,40 @@ def cancel_run(run: Run, by: str = "") -> Run:
     with transaction.atomic():
         # Race: two cancels, or a cancel and the final result; only a run that is
         # not final and not already being cancelled moves.
-        Run.objects.filter(pk=run.pk, cancel_requested_at__isnull=True).exclude(
-            status__in=Run.FINAL
-        ).update(cancel_requested_at=timezone.now(), cancel_requested_by=by[:150])
+        asked = (
+            Run.objects.filter(pk=run.pk, cancel_requested_at__isnull=True)
+            .exclude(status__in=Run.FINAL)
+            .update(cancel_requested_at=timezone.now(), cancel_requested_by=by[:150])
+        )
         run.refresh_from_db()
         if run.is_final:
             raise RunNotCancellable(f"run {run.pk} already {run.status}")
+        out = []
+        if asked:
+            asking = {"by": by}
+            out.append(Row(events.RUN_CANCEL_REQUESTED, run.pk, task_id=run.task_id, data=asking))
         now = timezone.now()
-        Attempt.objects.filter(run=run, status=S.QUEUED).update(
-            status=S.CANCELLED, reason="cancelled", finished_at=now
+        # Race: a dispatcher claiming one now; only rows still queued move (and say so).
+        cancelled = select(
+            f"UPDATE {ATTEMPT} SET status = %s, reason = %s, finished_at = %s"
+            " WHERE run_id = %s AND status = %s RETURNING id",
+            [S.CANCELLED, "cancelled", connection.ops.adapt_datetimefield_value(now)]
+            + [run.pk, S.QUEUED],
         )
+        out += [
+            Row(
+                events.ATTEMPT_FINISHED,
+                run.pk,
+                pk,
+                data={"status": S.CANCELLED, "reason": "cancelled"},
+            )
+            for (pk,) in sorted(cancelled)
+        ]
         active = list(
             Attempt.objects.filter(run=run, status__in=ACTIVE).values_list("worker_id", "pk")
         )
         _stop(active)
-        refresh_runs([run.pk])
+        refresh_runs([run.pk], out)
+        events.record_many(out)
     run.refresh_from_db()
     return run

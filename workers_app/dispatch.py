@@ -372,7 +372,11 @@ def _claim(shares: dict[int, list[tuple]], now) -> list[tuple]:
         select(f"SELECT id FROM {WORKER} WHERE id IN ({marks(ids)}) ORDER BY id FOR UPDATE", ids)
     claims = [
         lifecycle.Claim(
-            worker_id, board.workers[worker_id].name, row[0], board.workers[worker_id].capacity
+            worker_id,
+            board.workers[worker_id].name,
+            row[0],
+            board.workers[worker_id].capacity,
+            run_id=row[1],
         )
         for worker_id, share in shares.items()
         for row in share
