@@ -54,11 +54,8 @@ def watch(regions, *, run=None, output=None, since=None) -> dict:
 
 @database_sync_to_async
 def new_run(task: Task) -> Run:
-    """A run, and its event committed as lifecycle's own will be (branch ev)."""
-    with transaction.atomic():
-        run = lifecycle.trigger_run(task)
-        events.record(events.RUN_QUEUED, run_id=run.pk, task_id=task.pk)
-    return run
+    """A run, with the run.queued event lifecycle records in its transaction."""
+    return lifecycle.trigger_run(task)
 
 
 @database_sync_to_async
@@ -152,7 +149,6 @@ async def test_a_run_region_follows_its_own_run_only(vera, task):
     assert await communicator.receive_nothing(0.5)
 
     await database_sync_to_async(lambda: lifecycle.cancel_run(mine, by="bob"))()
-    await record(events.RUN_CANCEL_REQUESTED, run_id=mine.pk)
     frame = await communicator.receive_json_from(TIMEOUT)
     assert frame["id"] == "run-live"
     assert 'id="run-cancelled"' in frame["html"]
