@@ -267,3 +267,81 @@ async def test_a_new_output_box_asks_for_its_lines_from_its_cursor(vera, task, w
     assert [f["text"] for f in frames] == ["a\n", "b\n"]
     assert await communicator.receive_nothing(0.3)
     await communicator.disconnect()
+
+
+# --- the top of every page ------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=False)
+def test_the_scheduler_state_partials_follow_pausing_and_refuse_bad_parts(client, vera, bob):
+    from tasks_app.models import SchedulerState
+
+    client.force_login(vera)
+    html = client.get("/scheduler/state/", headers={"HX-Request": "true"}).content.decode()
+    assert html.strip() == (
+        '<div id="scheduler-banner" data-live-src="/scheduler/state/"'
+        ' data-live-on="scheduler">\n  \n  </div>'
+    )
+    SchedulerState.set_paused(True, by="bob")
+    html = client.get("/scheduler/state/").content.decode()
+    assert 'data-live-on="scheduler runs">' in html
+    assert "Scheduler paused by bob" in html
+    # The switch is the admin's.
+    assert client.get("/scheduler/state/?part=switch").status_code == 403
+    bad = client.get("/scheduler/state/?part=nope")
+    assert (bad.status_code, bad.content) == (400, b"Unknown part 'nope': one of banner, switch.")
+
+    client.force_login(bob)
+    page = "http://testserver/runs/?status=failed"
+    html = client.get(
+        "/scheduler/state/?part=switch", headers={"HX-Request": "true", "HX-Current-URL": page}
+    ).content.decode()
+    assert 'id="resume-scheduler"' in html
+    # After a click, back to the page the switch is on, not to this partial.
+    assert '<input type="hidden" name="next" value="/runs/?status=failed">' in html
+
+
+async def test_a_live_rendered_form_carries_a_csrf_token_that_the_server_accepts(bob):
+    """The socket's render uses the browser's CSRF cookie: a form in a re-rendered
+    region posts like one from the page load (else every button in it is a 403)."""
+    import re
+
+    from django.middleware.csrf import _get_new_csrf_string
+
+    from tasks_app.models import SchedulerState
+
+    secret = _get_new_csrf_string()
+    session = await database_sync_to_async(_cookie_of)(bob)
+    headers = [
+        (b"host", b"localhost"),
+        (b"origin", b"http://localhost"),
+        (b"cookie", f"{session}; {settings.CSRF_COOKIE_NAME}={secret}".encode()),
+    ]
+    communicator = WebsocketCommunicator(application, "/ws/live/", headers=headers)
+    assert (await communicator.connect(TIMEOUT))[0]
+    switch = {"id": "scheduler-switch", "src": "/scheduler/state/?part=switch", "on": "scheduler"}
+    await communicator.send_json_to(watch([switch]))
+
+    @database_sync_to_async
+    def pause():
+        with transaction.atomic():
+            SchedulerState.set_paused(True, by="bob")
+            events.record(events.SCHEDULER_PAUSED, by="bob")
+
+    await pause()
+    frame = await communicator.receive_json_from(TIMEOUT)
+    assert frame["id"] == "scheduler-switch"
+    assert '<input type="hidden" name="next" value="/runs/">' in frame["html"]
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', frame["html"]).group(1)
+    await communicator.disconnect()
+
+    @database_sync_to_async
+    def resume_with(token: str):
+        browser = Client(enforce_csrf_checks=True)
+        browser.force_login(bob)
+        browser.cookies[settings.CSRF_COOKIE_NAME] = secret
+        return browser.post("/scheduler/resume/", {"csrfmiddlewaretoken": token, "next": "/"})
+
+    assert (await resume_with("x" * 64)).status_code == 403
+    assert (await resume_with(token)).status_code == 302
+    assert not await database_sync_to_async(SchedulerState.is_paused)()

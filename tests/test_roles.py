@@ -68,6 +68,8 @@ CASES: dict[str, list[Case]] = {
     "tasks:run-result": [Case("GET", V, ("finished",))],
     "tasks:pause": [Case("POST", A)],
     "tasks:resume": [Case("POST", A)],
+    # The banner (the default part); its ?part=switch needs admin: tests/test_live.py.
+    "tasks:scheduler-state": [Case("GET", V)],
     "tasks:audit": [Case("GET", A)],
     "workers:list": [Case("GET", V)],
     "workers:add": [Case("POST", A)],
