@@ -7,7 +7,7 @@ class TasksAppConfig(AppConfig):
 
     def ready(self) -> None:
         from django.apps import apps as global_apps
-        from django.db.models.signals import post_migrate, pre_delete
+        from django.db.models.signals import post_delete, post_migrate, post_save, pre_delete
 
         from tasks_app import audit, roles
 
@@ -24,10 +24,17 @@ class TasksAppConfig(AppConfig):
         )
 
         from tasks_app import trigger_api
-        from tasks_app.models import Task, remember_deleted_task
+        from tasks_app.models import (
+            Task,
+            record_task_deleted,
+            record_task_saved,
+            remember_deleted_task,
+        )
 
         # Admin's bulk delete sends it per task too.
         pre_delete.connect(remember_deleted_task, sender=Task, dispatch_uid="remember_deleted_task")
+        post_save.connect(record_task_saved, sender=Task, dispatch_uid="record_task_saved")
+        post_delete.connect(record_task_deleted, sender=Task, dispatch_uid="record_task_deleted")
         from tasks_app.writer import writer
 
         writer.register("trigger", trigger_api.apply_triggers, order=40)

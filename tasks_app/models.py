@@ -326,6 +326,24 @@ class DeletedTask(models.Model):
         return f"{self.name} (deleted)"
 
 
+def record_task_saved(sender, instance: Task, created: bool, raw: bool = False, **kwargs) -> None:
+    """task.created / task.changed, whoever saved it (dashboard, API, admin, a
+    schedule paused): the live task list follows these. Not for a fixture or
+    database copy loaded raw."""
+    if raw:
+        return
+    from tasks_app import events  # events builds on these models
+
+    kind = events.TASK_CREATED if created else events.TASK_CHANGED
+    events.record(kind, task_id=instance.pk, name=instance.name)
+
+
+def record_task_deleted(sender, instance: Task, **kwargs) -> None:
+    from tasks_app import events
+
+    events.record(events.TASK_DELETED, task_id=instance.pk, name=instance.name)
+
+
 def remember_deleted_task(sender, instance: Task, **kwargs) -> None:
     DeletedTask.objects.update_or_create(pk=instance.pk, defaults={"name": instance.name})
     # Its runs live on, its limit does not: runs held back by it go now, or
@@ -645,12 +663,21 @@ class SchedulerState(models.Model):
     @classmethod
     def set_paused(cls, paused: bool, by: str = "") -> "SchedulerState":
         """Pause (nothing new is dispatched, running work finishes) or resume."""
+        from tasks_app import events  # events builds on these models
+
         cls.current()
-        cls.objects.filter(pk=1).update(
-            paused=paused,
-            paused_at=timezone.now() if paused else None,
-            paused_by=by if paused else "",
-        )
+        fields = {
+            "paused": paused,
+            "paused_at": timezone.now() if paused else None,
+            "paused_by": by if paused else "",
+        }
+        # Race: two people flipping it at once; only the one that moves the
+        # switch records the change (pausing again only renews who and when).
+        if cls.objects.filter(pk=1, paused=not paused).update(**fields):
+            kind = events.SCHEDULER_PAUSED if paused else events.SCHEDULER_RESUMED
+            events.record(kind, by=by)
+        else:
+            cls.objects.filter(pk=1).update(**fields)
         # Dispatch keeps the switch in memory: tell it (and, on resume, to look).
         transaction.on_commit(lambda: work_queued.send(sender=cls, labels_keys=None), robust=True)
         return cls.current()

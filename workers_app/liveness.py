@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from tasks_app import lifecycle
+from tasks_app import events, lifecycle
 from tasks_app.batchsql import atomic, marks, select, table, update_rows
 from tasks_app.models import Attempt
 from workers_app import delivery, dispatch, protocol, servers
@@ -155,6 +155,14 @@ def hello_many(hellos: Sequence[Hello]) -> list[Reconciled | WorkerGone]:
                 for w in workers.values()
             ],
         )
+        # Its agent connected (again): state as it is now (online, draining,
+        # or still pending or disabled, which a connection does not change).
+        events.record_many(
+            events.Row(
+                events.WORKER_ONLINE, worker_id=w.pk, data={"name": w.name, "state": w.state}
+            )
+            for w in workers.values()
+        )
         active: dict[int, dict[int, tuple]] = {pk: {} for pk in workers}
         for pk, worker_id, status, cancelling in (
             Attempt.objects.filter(worker_id__in=list(workers), status__in=Attempt.ACTIVE)
@@ -221,8 +229,18 @@ def hello(worker_id: int, channel_name: str, frame: dict) -> Reconciled:
 
 def agent_draining(worker_ids: Sequence[int]) -> None:
     """The agents say they are shutting down: no new work for them."""
-    Worker.objects.filter(pk__in=list(worker_ids), state=Worker.State.ONLINE).update(
-        state=Worker.State.DRAINING
+    ids = list(worker_ids)
+    if not ids:
+        return
+    # Only an online one moves, and says so (RETURNING: no read per worker).
+    moved = select(
+        f"UPDATE {table(Worker)} SET state = %s WHERE id IN ({marks(ids)}) AND state = %s"
+        " RETURNING id, name",
+        [Worker.State.DRAINING, *ids, Worker.State.ONLINE],
+    )
+    events.record_many(
+        events.Row(events.WORKER_DRAINING, worker_id=pk, data={"name": name, "by": "its agent"})
+        for pk, name in sorted(moved)
     )
     dispatch.board.mark(worker_ids)
 
@@ -234,6 +252,10 @@ def apply_state(worker: Worker, state: str) -> None:
     """
     with atomic():
         workers = Worker.objects.filter(pk=worker.pk)
+        # Read under the row's lock: which change this is (enable or resume).
+        old = (
+            Worker.objects.select_for_update().filter(pk=worker.pk).values_list("state", flat=True)
+        ).first()
         if state == Worker.State.DRAINING:
             workers.update(drain_requested=True)
             workers.filter(state=Worker.State.ONLINE).update(state=state)
@@ -252,26 +274,56 @@ def apply_state(worker: Worker, state: str) -> None:
             frame = protocol.resume()
         else:
             raise ValueError(f"cannot set a worker to {state!r}")
+        if old is not None:
+            events.record(
+                _STATE_EVENTS[state, old == Worker.State.DISABLED],
+                worker_id=worker.pk,
+                name=worker.name,
+            )
         transaction.on_commit(lambda: dispatch.board.mark([worker.pk]), robust=True)
         transaction.on_commit(lambda: delivery.send_frames([(worker.pk, frame)]), robust=True)
         if state == Worker.State.ONLINE:
             transaction.on_commit(dispatch.wake, robust=True)
 
 
+# (state asked for, whether it was disabled) -> the event of an operator's change.
+_STATE_EVENTS = {
+    (Worker.State.DRAINING, False): events.WORKER_DRAINING,
+    (Worker.State.DRAINING, True): events.WORKER_DRAINING,
+    (Worker.State.DISABLED, False): events.WORKER_DISABLED,
+    (Worker.State.DISABLED, True): events.WORKER_DISABLED,
+    (Worker.State.ONLINE, False): events.WORKER_ACTIVE,
+    (Worker.State.ONLINE, True): events.WORKER_ENABLED,
+}
+
+
 def disconnected_many(sockets: Sequence[tuple[int, str]]) -> None:
     """These (worker, channel) sockets closed. Their attempts stay running: the
     agents may come back in time."""
-    # One prepared statement for all of them. Race: a newer connection of the
-    # same agent may already have said hello; only the socket that still owns
-    # the worker may take it offline. A disabled worker stays disabled; an
+    # One statement for all of them, which says what it moved (for the
+    # events). Race: a newer connection of the same agent may already have
+    # said hello; only the socket that still owns the worker may take it
+    # offline (a channel name belongs to one socket of one worker, so the
+    # pairs are matched as two lists). A disabled worker stays disabled; an
     # operator's drain is kept in drain_requested and restored by the next hello.
-    with connection.cursor() as cursor:
-        cursor.executemany(
-            f"UPDATE {table(Worker)} SET channel_name = '', server = '',"
-            " state = CASE WHEN state IN (%s, %s) THEN state ELSE %s END"
-            " WHERE id = %s AND channel_name = %s",
-            [[*STICKY, Worker.State.OFFLINE, w, c] for w, c in sockets],
+    if not sockets:
+        return
+    ids, channels = sorted({w for w, _ in sockets}), sorted({c for _, c in sockets if c})
+    moved = channels and select(
+        f"UPDATE {table(Worker)} SET channel_name = '', server = '',"
+        " state = CASE WHEN state IN (%s, %s) THEN state ELSE %s END"
+        f" WHERE id IN ({marks(ids)}) AND channel_name IN ({marks(channels)})"
+        " RETURNING id, name, state",
+        [*STICKY, Worker.State.OFFLINE, *ids, *channels],
+    )
+    events.record_many(
+        events.Row(
+            events.WORKER_OFFLINE,
+            worker_id=pk,
+            data={"name": name, "state": state, "reason": "disconnected"},
         )
+        for pk, name, state in sorted(moved or [])
+    )
     dispatch.board.mark(w for w, _ in sockets)
 
 
@@ -315,23 +367,40 @@ def reap_lost(now: dt.datetime | None = None) -> list[int]:
     if not candidates:
         lifecycle.mark_lost(None, "worker lost: the worker was deleted")
         return []
+    still_silent = " AND (last_heartbeat < %s OR (last_heartbeat IS NULL AND created_at < %s))"
+    at_cutoff = [connection.ops.adapt_datetimefield_value(cutoff)] * 2
     with atomic():
         # Race: a heartbeat landing now (written by this or another server);
-        # only workers still silent move, re-checked under the row lock.
-        rows = select(
-            f"UPDATE {table(Worker)} SET state = CASE WHEN state IN (%s, %s) THEN state ELSE %s END"
-            f" WHERE id IN ({marks(candidates)})"
-            " AND (last_heartbeat < %s OR (last_heartbeat IS NULL AND created_at < %s))"
-            " RETURNING id, channel_name",
+        # only workers still silent move, re-checked under the row lock. The
+        # ones going offline first, to record that change once (the next
+        # statement also returns those offline already, whose attempts may
+        # still need losing); the lock held keeps the two statements in step.
+        going = select(
+            f"UPDATE {table(Worker)} SET state = %s WHERE id IN ({marks(candidates)})"
+            f" AND state IN (%s, %s){still_silent} RETURNING id, name",
             [
-                *STICKY,
                 Worker.State.OFFLINE,
                 *candidates,
-                *[connection.ops.adapt_datetimefield_value(cutoff)] * 2,
+                Worker.State.ONLINE,
+                Worker.State.DRAINING,
+                *at_cutoff,
             ],
+        )
+        rows = select(
+            f"UPDATE {table(Worker)} SET state = CASE WHEN state IN (%s, %s) THEN state ELSE %s END"
+            f" WHERE id IN ({marks(candidates)}){still_silent} RETURNING id, channel_name",
+            [*STICKY, Worker.State.OFFLINE, *candidates, *at_cutoff],
         )
         reaped = sorted(pk for pk, _ in rows)
         seconds = int(settings.SCHEDULER_LOST_AFTER_S)
+        events.record_many(
+            events.Row(
+                events.WORKER_OFFLINE,
+                worker_id=pk,
+                data={"name": name, "state": "offline", "reason": f"no heartbeat for {seconds}s"},
+            )
+            for pk, name in sorted(going)
+        )
         declared = lifecycle.lose(
             list(
                 Attempt.objects.filter(worker_id__in=reaped, status__in=Attempt.ACTIVE)

@@ -6,7 +6,7 @@ from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from tasks_app import lifecycle, tokens
+from tasks_app import events, lifecycle, tokens
 from workers_app import dispatch
 from workers_app.exceptions import EnrollmentRefused
 from workers_app.models import EnrollmentToken, Worker
@@ -43,6 +43,7 @@ def register(
         token = EnrollmentToken.objects.get(token_hash=tokens.digest(raw_token))
         credential, credential_hash = tokens.mint("wkr")
         worker = Worker.objects.select_for_update().filter(name=name).first()
+        again = worker is not None
         if worker is None:
             worker = Worker(name=name, state=Worker.State.PENDING, approved_at=None)
             if token.auto_approve:
@@ -59,6 +60,13 @@ def register(
         worker.requested_capacity = capacity
         worker.credential_hash = credential_hash
         worker.save()
+        rows = [events.Row(events.WORKER_ENROLLED, worker_id=worker.pk, data={"name": name})]
+        if again:
+            rows[0].data["again"] = True
+        elif worker.approved_at is not None:
+            approval = {"name": name, "by": "its enrollment token"}
+            rows.append(events.Row(events.WORKER_APPROVED, worker_id=worker.pk, data=approval))
+        events.record_many(rows)
     return worker, credential
 
 
@@ -101,6 +109,8 @@ def approve(worker: Worker, *, user, labels: list[str], capacity: int) -> bool:
         )
         if not approved:
             return False
+        by = user.get_username() if user is not None and user.is_authenticated else ""
+        events.record(events.WORKER_APPROVED, worker_id=worker.pk, name=worker.name, by=by)
         # Race: its agent connecting or going away right now. Judged in the same
         # statement from the row as it is (a disabled worker stays disabled).
         Worker.objects.filter(pk=worker.pk, state=Worker.State.PENDING).update(
@@ -130,9 +140,13 @@ def allow_reenroll(worker: Worker) -> bool:
 
 def revoke(worker: Worker) -> None:
     """The credential stops working at the next handshake; a live socket is closed."""
-    Worker.objects.filter(pk=worker.pk).update(
+    # Race: two admins revoking at once; the first records it (and its time stays).
+    if Worker.objects.filter(pk=worker.pk, revoked_at__isnull=True).update(
         revoked_at=timezone.now(), state=Worker.State.DISABLED
-    )
+    ):
+        events.record(events.WORKER_REVOKED, worker_id=worker.pk, name=worker.name)
+    else:
+        Worker.objects.filter(pk=worker.pk).update(state=Worker.State.DISABLED)
     # A revoked worker never takes work again: work pinned to it can never run.
     lifecycle.fail_pinned(worker.pk, worker.name, "revoked")
     # Nothing new for it from now on, not only once its socket has closed.
