@@ -322,13 +322,8 @@ async def test_a_live_rendered_form_carries_a_csrf_token_that_the_server_accepts
     switch = {"id": "scheduler-switch", "src": "/scheduler/state/?part=switch", "on": "scheduler"}
     await communicator.send_json_to(watch([switch]))
 
-    @database_sync_to_async
-    def pause():
-        with transaction.atomic():
-            SchedulerState.set_paused(True, by="bob")
-            events.record(events.SCHEDULER_PAUSED, by="bob")
-
-    await pause()
+    # set_paused records scheduler.paused in its transaction.
+    await database_sync_to_async(SchedulerState.set_paused)(True, by="bob")
     frame = await communicator.receive_json_from(TIMEOUT)
     assert frame["id"] == "scheduler-switch"
     assert '<input type="hidden" name="next" value="/runs/">' in frame["html"]
@@ -345,3 +340,18 @@ async def test_a_live_rendered_form_carries_a_csrf_token_that_the_server_accepts
     assert (await resume_with("x" * 64)).status_code == 403
     assert (await resume_with(token)).status_code == 302
     assert not await database_sync_to_async(SchedulerState.is_paused)()
+
+
+async def test_every_pages_banner_shows_a_pause_by_someone_else(vera):
+    from tasks_app.models import SchedulerState
+
+    communicator, connected, _ = await open_socket(vera)
+    banner = {"id": "scheduler-banner", "src": "/scheduler/state/", "on": "scheduler"}
+    await communicator.send_json_to(watch([banner]))
+    await database_sync_to_async(SchedulerState.set_paused)(True, by="bob")
+    frame = await communicator.receive_json_from(TIMEOUT)
+    assert frame["id"] == "scheduler-banner"
+    assert "Scheduler paused by bob" in frame["html"]
+    assert "0 runs still running." in " ".join(frame["html"].split())
+    assert await communicator.receive_nothing(0.5)
+    await communicator.disconnect()
