@@ -481,7 +481,7 @@ def test_only_the_newest_runs_page_is_live(bob_client, task, settings):
     assert '<div id="run-table" data-live-src="/runs/" data-live-on="runs attempts">' in html
     older = bob_client.get(f"/runs/?before={newest.pk}").content.decode()
     assert 'id="run-table" >' in older
-    assert "data-live-src=\"/runs/?" not in older
+    assert 'data-live-src="/runs/?' not in older
 
 
 def test_no_page_polls(bob_client, task, worker):
