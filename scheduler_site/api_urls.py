@@ -18,6 +18,7 @@ urlpatterns = [
     path("runs/<int:pk>/cancel", tasks_api.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/retry", tasks_api.run_retry, name="run-retry"),
     path("runs/<int:pk>/result", tasks_api.run_result, name="run-result"),
+    path("runs/<int:pk>/events", tasks_api.run_events, name="run-events"),
     path("agent/attempts/<int:pk>/shards/", workers_api.shard_outputs, name="agent-shard-outputs"),
     path(
         "agent/attempts/<int:pk>/shards/<int:index>",

@@ -35,7 +35,7 @@ from tasks_app.jsonapi import (
     error,
     form_errors,
 )
-from tasks_app.models import Run, SchedulerState, Task
+from tasks_app.models import Event, Run, SchedulerState, Task
 from tasks_app.roles import ADMIN, OPERATOR, VIEWER
 from tasks_app.validators import MAX_ID
 from tasks_app.writer import writer
@@ -302,6 +302,39 @@ def run_detail(request, pk: int):
     history.mark_deleted_tasks([run])
     shard = int(raw) if raw else None
     return JsonResponse(serializers.run_json(run, with_output=True, shard=shard))
+
+
+@api_view(
+    {
+        "GET": Operation(
+            "A run's events",
+            {200: schemas.page_of(schemas.EVENT, "The run's events, oldest first.")},
+            description="Every state change of the run and its attempts (queued, assigned, "
+            "started, finished, retried, ...), oldest first, keyset-paginated by id: follow "
+            "`next` until it is null, or pass the last id seen as `after` to catch up.",
+            query=(
+                schemas.id_param("after", "only events with a larger id (what `next` sets)"),
+                schemas.LIMIT,
+            ),
+            errors=(404,),
+            role=VIEWER,
+        )
+    }
+)
+def run_events(request, pk: int):
+    try:
+        after, limit = _after(request.GET), _limit(request.GET)
+    except history.InvalidFilter as exc:
+        return error(400, str(exc))
+    if not Run.objects.filter(pk=pk).exists():
+        return error(404, f"no run with id {pk}")
+    rows = Event.objects.filter(run_id=pk, id__gt=after or 0).order_by("id")
+    page = list(rows[: limit + 1])
+    next_url = None
+    if len(page) > limit:
+        page = page[:limit]
+        next_url = _next_url(request, {"after": page[-1].pk, "limit": limit})
+    return JsonResponse({"results": [serializers.event_json(e) for e in page], "next": next_url})
 
 
 def _run_response(run: Run, status: int = 200) -> JsonResponse:

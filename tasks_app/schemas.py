@@ -573,6 +573,26 @@ def id_param(name: str, description: str) -> dict:
     return query_param(name, {"type": "integer", "minimum": 1, "maximum": MAX_ID}, description)
 
 
+EVENT = answer_object(
+    {
+        "id": {"type": "integer", "minimum": 1, "description": "ids grow in commit order"},
+        "at": TIME,
+        "kind": {
+            "type": "string",
+            "description": "run.queued, attempt.assigned, attempt.finished, run.finished, ... "
+            "(README, Events)",
+        },
+        "run_id": {"type": ["integer", "null"]},
+        "attempt_id": {"type": ["integer", "null"]},
+        "task_id": {"type": ["integer", "null"]},
+        "worker_id": {"type": ["integer", "null"]},
+        "data": {"type": "object", "description": "what the kind says more: a pid, an exit code"},
+        "text": {"type": "string", "description": "the event in words, as the run page says it"},
+    },
+    "One state change, recorded in the same transaction as the change.",
+)
+
+
 AUDIT_ENTRY = answer_object(
     {
         "id": {"type": "integer", "minimum": 1},

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks_app import cron, results, shards
+from tasks_app import cron, results, shards, timeline
 from tasks_app.logs import outputs_of
-from tasks_app.models import TASK_FIELDS, Attempt, Run, SchedulerState, Task
+from tasks_app.models import TASK_FIELDS, Attempt, Event, Run, SchedulerState, Task
 
 
 def _time(value):
@@ -141,6 +141,20 @@ def scheduler_json() -> dict:
         "paused_by": state.paused_by,
         "runs_running": Run.objects.filter(status=Run.Status.RUNNING).count(),
         "runs_queued": Run.objects.filter(status=Run.Status.QUEUED).count(),
+    }
+
+
+def event_json(event: Event) -> dict:
+    return {
+        "id": event.pk,
+        "at": _time(event.at),
+        "kind": event.kind,
+        "run_id": event.run_id,
+        "attempt_id": event.attempt_id,
+        "task_id": event.task_id,
+        "worker_id": event.worker_id,
+        "data": event.data,
+        "text": timeline.describe(event),
     }
 
 

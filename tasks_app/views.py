@@ -24,6 +24,7 @@ from tasks_app import (
     roles,
     shards,
     task_stats,
+    timeline,
 )
 from tasks_app.exceptions import RunNotCancellable, RunNotRetryable, RunTooLarge, TaskDisabled
 from tasks_app.forms import RunForm, TaskForm
@@ -306,12 +307,28 @@ def run_detail(request, pk: int):
         context["rows"] = [
             (attempt, {**texts[attempt.pk], "next": next_seq[attempt.pk]}) for attempt in shown
         ]
+    context.update(timeline_context(run, context))
     if run.status == Run.Status.SUCCEEDED:
         # Only once final: read once, when the run's finish re-renders the page.
         ids = results.result_attempt_ids(run)
         context["result"] = results.head(ids, RESULT_ON_PAGE_CHARS)
     template = "tasks/run_detail.html#run-live" if request.htmx else "tasks/run_detail.html"
     return render(request, template, context)
+
+
+def timeline_context(run: Run, context: dict) -> dict:
+    """What the page's `timeline` partial shows: the run's events, one query
+    (a live page re-rendering the partial alone builds it the same way). A
+    sharded run's lines say which shard (or the merge) each is about."""
+    prefixes = None
+    if context.get("sharded"):
+        count = context["shard_count"]
+        prefixes = {
+            a.pk: "merge" if a.shard_index == count else f"shard {a.shard_index}"
+            for a in run.attempts.all()
+        }
+    lines, cut = timeline.of_run(run.pk, prefixes)
+    return {"timeline": lines, "timeline_cut": cut, "timeline_max": timeline.MAX_LINES}
 
 
 def _shard_context(request, run: Run) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection, transaction
@@ -331,47 +330,36 @@ class Boom(Exception):
     """Raised to roll a transaction back."""
 
 
-def receive(channel: str, timeout: float) -> dict | None:
-    """The next message of the channel, or None within the timeout."""
-
-    async def wait() -> dict | None:
-        try:
-            return await asyncio.wait_for(get_channel_layer().receive(channel), timeout)
-        except TimeoutError:
-            return None
-
-    return async_to_sync(wait)()
-
-
-@pytest.fixture
-def listening() -> str:
-    """A channel in the events group, as a browser's live socket is."""
-    layer = get_channel_layer()
-    async_to_sync(layer.flush)()
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(events.GROUP, channel)
-    return channel
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_rolled_back_trigger_leaves_no_event_and_announces_nothing(task, listening):
+def rolled_back_trigger(task: Task) -> None:
     before = events.last_id()  # the task's own creation
     with pytest.raises(Boom), transaction.atomic():
         lifecycle.trigger_run(task)
         assert kinds_of(id__gt=before) == [E.RUN_QUEUED]  # written, inside the transaction
         raise Boom
-
     assert kinds_of(id__gt=before) == []
     assert Run.objects.count() == 0
-    assert receive(listening, 0.3) is None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_rolled_back_trigger_leaves_no_event_and_announces_nothing(task):
+    # One event loop for the whole conversation: a Redis layer's channel
+    # belongs to the loop that first received on it.
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(events.GROUP, channel)
+
+    await database_sync_to_async(rolled_back_trigger)(task)
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), 0.3)
     assert events._pending is None
 
     # The next committed change is announced alone: nothing of the rolled-back one.
-    run = lifecycle.trigger_run(task)
-    message = receive(listening, TIMEOUT)
+    run = await database_sync_to_async(lifecycle.trigger_run)(task)
+    message = await asyncio.wait_for(layer.receive(channel), TIMEOUT)
     assert message == {
         "type": "events.committed",
-        "last_id": Event.objects.get(run_id=run.pk).pk,
+        "last_id": await database_sync_to_async(events.last_id)(),
         "kinds": [E.RUN_QUEUED],
         "runs": [run.pk],
         "tasks": [task.pk],
@@ -554,3 +542,37 @@ def test_it_records_a_task_created_changed_and_deleted_through_the_api(api):
         (E.TASK_CHANGED, pk, {"name": "nightly"}),
         (E.TASK_DELETED, pk, {"name": "nightly"}),
     ]
+
+
+@pytest.mark.django_db
+def test_a_sharded_run_starts_and_finishes_once_whatever_its_shards_do(task, online):
+    task.shards = 3
+    task.save()
+    run = lifecycle.trigger_run(task)
+    first, second, third = run.queued_attempts
+    assert lifecycle.assign(first.pk, online.pk, online.name)
+    assert lifecycle.assign(second.pk, online.pk, online.name)
+
+    lifecycle.start_many([lifecycle.Started(online.pk, a.pk, None, 7) for a in (first, second)])
+    # Shard 0 fails for good: the run fails at once (fail fast), the queued
+    # shard is cancelled, and the running one's later report ends only itself.
+    lifecycle.finish(online.pk, first.pk, result(1))
+    lifecycle.finish(online.pk, second.pk, result(-15, status="cancelled"))
+
+    rows = events_of(run_id=run.pk)
+    assert [(e.kind, e.attempt_id) for e in rows] == [
+        (E.RUN_QUEUED, None),
+        (E.ATTEMPT_ASSIGNED, first.pk),
+        (E.ATTEMPT_ASSIGNED, second.pk),
+        (E.ATTEMPT_ACCEPTED, first.pk),
+        (E.ATTEMPT_STARTED, first.pk),
+        (E.ATTEMPT_ACCEPTED, second.pk),
+        (E.ATTEMPT_STARTED, second.pk),
+        (E.RUN_STARTED, None),
+        (E.ATTEMPT_FINISHED, first.pk),
+        (E.RUN_FINISHED, None),
+        (E.ATTEMPT_FINISHED, third.pk),
+        (E.ATTEMPT_FINISHED, second.pk),
+    ]
+    assert rows[9].data["status"] == "failed"
+    assert rows[10].data == {"status": "cancelled", "reason": "cancelled: another shard failed"}

@@ -100,6 +100,7 @@ CASES: dict[str, list[Case]] = {
     "api:run-cancel": [Case("POST", OP, ("queued",), json=True)],
     "api:run-retry": [Case("POST", OP, ("finished",), json=True)],
     "api:run-result": [Case("GET", V, ("finished",), json=True)],
+    "api:run-events": [Case("GET", V, ("finished",), json=True)],
     "api:scheduler": [Case("GET", V, json=True)],
     "api:scheduler-pause": [Case("POST", A, json=True)],
     "api:scheduler-resume": [Case("POST", A, json=True)],

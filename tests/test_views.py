@@ -23,6 +23,7 @@ from tasks_app.models import (
     Attempt,
     AuditEntry,
     DeletedTask,
+    Event,
     LogChunk,
     Run,
     SchedulerState,
@@ -773,7 +774,8 @@ def one_of_everything(alice, task, worker):
 
 
 # Written by the system, shown read-only in the admin.
-HISTORY = {Run, Attempt, LogChunk, DeletedTask, Server, AuditEntry}
+# Events: written by the lifecycle (one_of_everything's task recorded task.created).
+HISTORY = {Run, Attempt, LogChunk, DeletedTask, Server, AuditEntry, Event}
 
 
 @pytest.mark.parametrize("model", our_models(), ids=lambda model: model.__name__)
