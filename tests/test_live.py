@@ -4,6 +4,8 @@ event re-renders, and the output lines a run page gets."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -304,7 +306,6 @@ def test_the_scheduler_state_partials_follow_pausing_and_refuse_bad_parts(client
 async def test_a_live_rendered_form_carries_a_csrf_token_that_the_server_accepts(bob):
     """The socket's render uses the browser's CSRF cookie: a form in a re-rendered
     region posts like one from the page load (else every button in it is a 403)."""
-    import re
 
     from django.middleware.csrf import _get_new_csrf_string
 
@@ -354,4 +355,24 @@ async def test_every_pages_banner_shows_a_pause_by_someone_else(vera):
     assert "Scheduler paused by bob" in frame["html"]
     assert "0 runs still running." in " ".join(frame["html"].split())
     assert await communicator.receive_nothing(0.5)
+    await communicator.disconnect()
+
+
+async def test_the_run_pages_timeline_gets_each_new_event_of_its_run(vera, task, worker):
+    run = await new_run(task)
+    region = {"id": "run-live", "src": f"/runs/{run.pk}/", "on": f"run:{run.pk}"}
+    communicator, connected, _ = await open_socket(vera)
+    await communicator.send_json_to(watch([region], run=run.pk))
+
+    @database_sync_to_async
+    def assign():
+        attempt = run.attempts.get()
+        assert lifecycle.assign(attempt.pk, worker.pk, worker.name)
+
+    await assign()
+    frame = await communicator.receive_json_from(TIMEOUT)
+    # The timeline is part of the run's live region: re-rendered with it.
+    timeline = frame["html"][frame["html"].index('<section class="card" id="timeline">') :]
+    kinds = re.findall(r'data-kind="([a-z._]+)"', timeline.split("</section>")[0])
+    assert kinds == ["run.queued", "attempt.assigned"]
     await communicator.disconnect()
