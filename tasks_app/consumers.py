@@ -24,12 +24,15 @@ server -> browser:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.contrib.auth import get_user_model
+from django.db import DatabaseError, connection
 
 from tasks_app import events, live, logs, roles
 
@@ -39,6 +42,11 @@ COALESCE_S = 0.2  # at most one render pass per socket this often
 MAX_FRAME = 64 * 1024  # a watch of 20 regions is a few KB
 OUTPUT_ROWS = 2000  # chunks read per pass; a longer backlog takes more passes
 MAX_CURSORS = 1000
+# The live passes of every socket run in one thread of their own, not in the
+# thread Django's sync views share under daphne: twenty open pages re-rendered
+# after an event must not hold up the next page load. One thread keeps one
+# database connection (as the writer's does) instead of one per pass.
+_passes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-pass")
 # Close codes (4000-4999: the application's own, RFC 6455 7.4.2).
 REFUSED = 4403
 BAD_FRAME = 4400
@@ -181,8 +189,8 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             self.next_pass = loop.time() + COALESCE_S
             last_id = self.last_id
             try:
-                allowed, htmls, chunks = await database_sync_to_async(self._pass)(
-                    regions, self.run_id, cursors
+                allowed, htmls, chunks = await loop.run_in_executor(
+                    _passes, functools.partial(self._pass, regions, self.run_id, cursors)
                 )
             except Exception:
                 log.exception("a live pass failed")
@@ -207,8 +215,16 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
                 self.output_due = True  # more backlog: the next pass goes on
 
     def _pass(self, regions: list[live.Region], run_id: int | None, cursors: dict[int, int]):
-        """In a thread: the user again (a role taken away ends the socket), the
-        regions' HTML and the run's new output."""
+        """In the passes' thread: the user again (a role taken away ends the
+        socket), the regions' HTML and the run's new output."""
+        try:
+            return self._read(regions, run_id, cursors)
+        except DatabaseError:
+            # A broken connection: the next pass opens a new one.
+            connection.close()
+            raise
+
+    def _read(self, regions: list[live.Region], run_id: int | None, cursors: dict[int, int]):
         user = get_user_model().objects.filter(pk=self.user_id).first()
         if not roles.allows(user, roles.VIEWER):
             return False, [], []
