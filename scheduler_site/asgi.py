@@ -1,4 +1,5 @@
-"""HTTP (Django, static files, the trigger endpoints) and websockets (agents) in one ASGI app."""
+"""HTTP (Django, static files, the trigger endpoints) and websockets (agents, and the
+dashboard's live pages) in one ASGI app."""
 
 import os
 
@@ -8,12 +9,18 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scheduler_site.settings")
 # Django must be set up before anything imports models.
 django_http = get_asgi_application()
 
+from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import (  # noqa: E402
+    AllowedHostsOriginValidator,
+    WebsocketDenier,
+)
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import path, re_path  # noqa: E402
 
 from scheduler_site.bodylimit import BodyLimit  # noqa: E402
+from tasks_app.consumers import LiveConsumer  # noqa: E402
 from tasks_app.trigger_api import RunsEndpoint, TaskRunEndpoint  # noqa: E402
 from workers_app.auth import AgentCredentialMiddleware  # noqa: E402
 from workers_app.consumers import AgentConsumer  # noqa: E402
@@ -33,7 +40,23 @@ def post_to(endpoint, otherwise):
     return app
 
 
-websocket_routes = URLRouter([path("ws/agent/", AgentConsumer.as_asgi())])
+websocket_routes = URLRouter(
+    [
+        # Agents send no Origin header: the middleware refuses any handshake
+        # that carries one (a browser), and the per-worker credential in the
+        # handshake is the authentication.
+        path("ws/agent/", AgentCredentialMiddleware(AgentConsumer.as_asgi())),
+        # Browsers always send one: it must name one of ALLOWED_HOSTS (a page of
+        # another site cannot open it with the user's cookies), and the session
+        # is the authentication (the consumer refuses users without a role).
+        path(
+            "ws/live/",
+            AllowedHostsOriginValidator(AuthMiddlewareStack(LiveConsumer.as_asgi())),
+        ),
+        # Any other path: refused (403), as the agent middleware refused it before.
+        re_path(r"", WebsocketDenier.as_asgi()),
+    ]
+)
 
 http_routes = URLRouter(
     [
@@ -48,9 +71,6 @@ application = ProtocolTypeRouter(
     {
         # Outermost: a body over the limit is refused before any app reads it.
         "http": BodyLimit(http_routes, settings.SCHEDULER_MAX_BODY_BYTES),
-        # Agents send no Origin header: the middleware refuses any handshake
-        # that carries one (a browser), and the per-worker credential in the
-        # handshake is the authentication.
-        "websocket": AgentCredentialMiddleware(websocket_routes),
+        "websocket": websocket_routes,
     }
 )

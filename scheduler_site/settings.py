@@ -126,6 +126,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # The newest event's id for a page's live socket to catch up from (tasks_app.live).
+    "tasks_app.live.LiveSince",
     # After authentication, as django-axes asks: turns a lockout into its page.
     "axes.middleware.AxesMiddleware",
     # Last: see its docstring (one thread hop per request instead of two per middleware).

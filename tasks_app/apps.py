@@ -42,3 +42,7 @@ class TasksAppConfig(AppConfig):
 
         # Committed events are announced to every server's live listeners.
         writer.register_followup("events", events.publish)
+        from tasks_app import logs
+
+        # Stored output is announced to the open run pages, once per batch.
+        writer.register_followup("output", logs.publish_stored)

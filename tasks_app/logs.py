@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
+from django.db.models import Q
 
 from tasks_app import secret_env
 from tasks_app.batchsql import atomic, update_rows
@@ -19,6 +22,12 @@ from tasks_app.models import Attempt, LogChunk
 NUL_REPLACEMENT = "\ufffd"
 # Rows per fetch when output is read back a piece at a time.
 CHUNKS_PER_READ = 200
+
+# The channel-layer group of the sockets of open run pages: after a batch of
+# output commits, one `output.stored` message names the runs it was for (None:
+# too many to list), and each page of one of them reads its new lines.
+OUTPUT_GROUP = "scheduler.output"
+MAX_RUN_IDS = 500
 
 
 @dataclass(frozen=True)
@@ -52,13 +61,15 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
     ids = {c.attempt_id for c in chunks}
     with atomic():
         owners = {}
+        run_of: dict[int, int] = {}
         masks: dict[int, list[str]] = {}
-        for pk, worker_id, stored, token in (
+        for pk, worker_id, stored, token, run_id in (
             Attempt.objects.filter(pk__in=ids, status__in=Attempt.ACTIVE)
             .order_by()
-            .values_list("pk", "worker_id", "stored_bytes", "run__definition__secret_env")
+            .values_list("pk", "worker_id", "stored_bytes", "run__definition__secret_env", "run_id")
         ):
             owners[pk] = (worker_id, stored)
+            run_of[pk] = run_id
             if token:
                 masks[pk] = _secret_values(token)
         known = set(
@@ -111,7 +122,49 @@ def append_logs(chunks: Sequence[Chunk]) -> Appended:
         )
         if truncated:
             Attempt.objects.filter(pk__in=truncated).update(truncated=True)
+        if rows:
+            runs = {run_of[row.attempt_id] for row in rows}
+            transaction.on_commit(functools.partial(_stored, runs), robust=True)
     return Appended(acked, refused)
+
+
+# Runs with output committed since the last `output.stored` message; None: too many.
+_lock = threading.Lock()
+_stored_runs: set[int] | None = set()
+_announce = False
+
+
+def _stored(runs: set[int]) -> None:
+    """After a commit that stored output: one message per writer batch, however
+    many attempts and chunks it held (the writer's "output" follow-up)."""
+    global _stored_runs, _announce
+    with _lock:
+        if _stored_runs is not None:
+            _stored_runs |= runs
+            if len(_stored_runs) > MAX_RUN_IDS:
+                _stored_runs = None
+        _announce = True
+    from tasks_app.writer import writer
+
+    writer.request("output")
+
+
+def publish_stored() -> None:
+    """The writer's "output" follow-up: tell open run pages which runs have new lines."""
+    global _stored_runs, _announce
+    with _lock:
+        if not _announce:
+            return
+        runs, _stored_runs, _announce = _stored_runs, set(), False
+    from channels.layers import get_channel_layer
+
+    from tasks_app.writer import writer
+
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "output.stored", "runs": None if runs is None else sorted(runs)}
+    writer.spawn(functools.partial(layer.group_send, OUTPUT_GROUP, message), "an output message")
 
 
 def _secret_values(token: str) -> list[str]:
@@ -129,15 +182,25 @@ def output_of(attempt: Attempt) -> dict[str, str]:
 
 def outputs_of(attempts: Sequence[Attempt]) -> dict[int, dict[str, str]]:
     """output_of for many attempts (a run's shards) in one query, by attempt id."""
+    return read_outputs(attempts)[0]
+
+
+def read_outputs(
+    attempts: Sequence[Attempt],
+) -> tuple[dict[int, dict[str, str]], dict[int, int]]:
+    """outputs_of, and each attempt's next seq: where a live page that shows
+    this text asks for more (read in the same query, so nothing falls between)."""
     parts = {a.pk: {"stdout": [], "stderr": [], "combined": []} for a in attempts}
+    next_seq = dict.fromkeys(parts, 0)
     chunks = (
         LogChunk.objects.filter(attempt_id__in=list(parts))
         .order_by("attempt_id", "seq")
-        .values_list("attempt_id", "stream", "data")
+        .values_list("attempt_id", "seq", "stream", "data")
     )
-    for attempt_id, stream, data in chunks:
+    for attempt_id, seq, stream, data in chunks:
         parts[attempt_id][stream].append(data)
         parts[attempt_id]["combined"].append(data)
+        next_seq[attempt_id] = seq + 1
     texts = {}
     for attempt in attempts:
         text = {key: "".join(value) for key, value in parts[attempt.pk].items()}
@@ -145,7 +208,22 @@ def outputs_of(attempts: Sequence[Attempt]) -> dict[int, dict[str, str]]:
             marker = truncation_marker(attempt)
             text = {key: value + marker for key, value in text.items()}
         texts[attempt.pk] = text
-    return texts
+    return texts, next_seq
+
+
+def chunks_after(run_id: int, cursors: dict[int, int], limit: int) -> list[tuple]:
+    """(attempt, seq, stream, data) of the run's chunks at or after each attempt's
+    cursor (its next seq), oldest first, in one query: what a live run page lacks."""
+    if not cursors:
+        return []
+    wanted = Q()
+    for attempt_id, seq in cursors.items():
+        wanted |= Q(attempt_id=attempt_id, seq__gte=seq)
+    return list(
+        LogChunk.objects.filter(wanted, attempt__run_id=run_id)
+        .order_by("attempt_id", "seq")
+        .values_list("attempt_id", "seq", "stream", "data")[:limit]
+    )
 
 
 def truncation_marker(attempt: Attempt) -> str:

@@ -32,6 +32,7 @@ time with its colour state reset on every call, its spans cross newlines
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,7 @@ from operator import itemgetter
 from django.utils.safestring import SafeString, mark_safe
 
 from tasks_app import logs
+from tasks_app.models import LogChunk
 
 STREAMS = ("stdout", "stderr")
 
@@ -113,14 +115,43 @@ class State:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> State:
-        return cls(
-            int(data["lines"]),
-            {
-                name: StreamState(s["pending"], Style(**s["style"]))
-                for name, s in data["streams"].items()
-            },
-        )
+    def from_dict(cls, data) -> State:
+        """The state `as_dict` gave, checked: it comes back from a browser (the
+        live run page), so anything else is a ValueError, never markup."""
+        if not isinstance(data, dict) or set(data) != {"lines", "streams"}:
+            raise ValueError("a state is {lines, streams}")
+        lines, streams = data["lines"], data["streams"]
+        if type(lines) is not int or lines < 0 or not isinstance(streams, dict):
+            raise ValueError("a state's lines is a count and its streams an object")
+        state = cls(lines)
+        for name, stream in streams.items():
+            if name not in STREAMS or not isinstance(stream, dict):
+                raise ValueError(f"a state's streams are {', '.join(STREAMS)}")
+            pending, style = stream.get("pending"), stream.get("style")
+            if not isinstance(pending, str) or len(pending) > MAX_PENDING:
+                raise ValueError("a stream's pending line is text")
+            state.streams[name] = StreamState(pending, _checked_style(style))
+        return state
+
+
+MAX_PENDING = 1 << 20
+COLOUR = re.compile(r"#[0-9a-f]{6}")
+FLAGS = ("bold", "dim", "italic", "underline", "strike", "inverse")
+
+
+def _checked_style(data) -> Style:
+    if not isinstance(data, dict) or not set(data) <= {"fg", "bg", *FLAGS}:
+        raise ValueError("a style is an object of SGR attributes")
+    for key in ("fg", "bg"):
+        colour = data.get(key)
+        palette = type(colour) is int and 0 <= colour <= 15
+        if not (
+            colour is None or palette or (isinstance(colour, str) and COLOUR.fullmatch(colour))
+        ):
+            raise ValueError(f"a style's {key} is 0-15 or #rrggbb")
+    if any(type(data.get(flag, False)) is not bool for flag in FLAGS):
+        raise ValueError("a style's flags are true or false")
+    return Style(**data)
 
 
 def _style_dict(style: Style) -> dict:
@@ -173,11 +204,17 @@ def render_html(chunks: Iterable[tuple[str, str]]) -> SafeString:
 
 @dataclass(frozen=True)
 class Shown:
-    """An attempt's output as its page shows it, and the last chunk in it
-    (-1: none), from which a live page goes on."""
+    """An attempt's output as its page shows it, the last chunk in it (-1:
+    none) and the renderer's state after it (JSON, "" at the start), from
+    which a live page goes on: its socket renders the next lines from there."""
 
     html: str
     seq: int
+    state: str = ""
+
+    @classmethod
+    def empty(cls) -> Shown:
+        return cls("", -1)
 
 
 def shown_outputs(attempt_ids: Sequence[int]) -> dict[int, Shown]:
@@ -186,9 +223,25 @@ def shown_outputs(attempt_ids: Sequence[int]) -> dict[int, Shown]:
     found: dict[int, Shown] = {}
     for attempt_id, group in groupby(logs.chunks_of(attempt_ids), key=itemgetter(0)):
         rows = list(group)  # one attempt's: the page holds its markup whole anyway
-        html = render_all((stream, data) for _, _, stream, data in rows)
-        found[attempt_id] = Shown(mark_safe(html), rows[-1][1])
-    return {pk: found.get(pk, Shown("", -1)) for pk in attempt_ids}
+        html, state = render((stream, data) for _, _, stream, data in rows)
+        found[attempt_id] = Shown(
+            mark_safe(html + tail(state)), rows[-1][1], json.dumps(state.as_dict())
+        )
+    return {pk: found.get(pk, Shown.empty()) for pk in attempt_ids}
+
+
+def state_at(attempt_id: int, next_seq: int) -> State:
+    """The renderer's state after an attempt's chunks before `next_seq`: for a
+    live page that could not give its own back (one read, then it goes on)."""
+    if next_seq <= 0:
+        return State()
+    rows = (
+        LogChunk.objects.filter(attempt_id=attempt_id, seq__lt=next_seq)
+        .order_by("seq")
+        .values_list("stream", "data")
+        .iterator(chunk_size=logs.CHUNKS_PER_READ)
+    )
+    return render(rows)[1]
 
 
 def _stream_order(name: str) -> tuple[int, str]:

@@ -27,5 +27,6 @@ urlpatterns = [
     ),
     path("scheduler/pause/", views.scheduler_pause, name="pause"),
     path("scheduler/resume/", views.scheduler_resume, name="resume"),
+    path("scheduler/state/", views.scheduler_state, name="scheduler-state"),
     path("audit/", audit_views.audit_log, name="audit"),
 ]

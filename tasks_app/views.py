@@ -20,11 +20,13 @@ from tasks_app import (
     cron,
     history,
     lifecycle,
+    live,
     logs,
     notify,
     output_view,
     results,
     retention,
+    roles,
     shards,
     task_stats,
     timeline,
@@ -389,7 +391,7 @@ def run_detail(request, pk: int):
     """A run. A sharded one (more than one shard, or a merge) shows a grid of
     its shards and the attempts and output of the one selected (?shard=N;
     the merge is shard N) instead of every attempt's: at 1,000 shards the
-    polled partial stays one read of the attempts and no query per shard."""
+    live partial stays one read of the attempts and no query per shard."""
     attempts = Attempt.objects.order_by("shard_index", "try_number")
     run = (
         Run.objects.prefetch_related(Prefetch("attempts", queryset=attempts)).filter(pk=pk).first()
@@ -402,11 +404,17 @@ def run_detail(request, pk: int):
     shown = [a for a in run.attempts.all() if context["selected"] in (None, a.shard_index)]
     if context["sharded"] and context["selected"] is None:
         shown = []
-    outputs = output_view.shown_outputs([attempt.pk for attempt in shown])
+    if request.headers.get(live.LIVE_HEADER):
+        # Re-rendered for the page's socket: the page keeps the output boxes it
+        # has and gets new lines appended (tasks_app.consumers); no full re-read.
+        # A box new since (another try) starts empty, from the first chunk.
+        outputs = {a.pk: output_view.Shown.empty() for a in shown}
+    else:
+        outputs = output_view.shown_outputs([attempt.pk for attempt in shown])
     context["rows"] = [(attempt, outputs[attempt.pk]) for attempt in shown]
     context.update(timeline_context(run, context))
     if run.status == Run.Status.SUCCEEDED:
-        # Only once final: a finished run's page is not polled.
+        # Only once final: read once, when the run's finish re-renders the page.
         ids = results.result_attempt_ids(run)
         text, cut = results.head(ids, RESULT_ON_PAGE_CHARS)
         # Shown like output (colours, no escape codes), downloaded as it is.
@@ -547,6 +555,23 @@ def scheduler_resume(request):
         audit.record(request, "scheduler.resume", audit.SCHEDULER)
     messages.success(request, "Scheduler resumed.")
     return _redirect(request, _back(request))
+
+
+# The parts of the top of every page that follow the scheduler's state live.
+SCHEDULER_PARTS = {"banner": "base.html#scheduler-banner", "switch": "base.html#scheduler-switch"}
+
+
+@require_GET
+@role_required(VIEWER)
+def scheduler_state(request):
+    """The pause banner (?part=banner, the default) or the admin's pause/resume
+    switch (?part=switch), alone: what a page's live socket re-renders."""
+    part = request.GET.get("part") or "banner"
+    if part not in SCHEDULER_PARTS:
+        return HttpResponseBadRequest(f"Unknown part {part[:40]!r}: one of banner, switch.")
+    if part == "switch":
+        roles.check(request.user, ADMIN)
+    return render(request, SCHEDULER_PARTS[part])
 
 
 def _back(request, default: str = "") -> str:

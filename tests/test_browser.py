@@ -43,7 +43,7 @@ def test_a_user_fixes_an_inline_error_runs_the_task_and_reads_its_output(master,
 
     row.locator("button:has-text('Run now')").click()
     page.wait_for_url(f"{master.url}/runs/*/")
-    # The page polls until the run is final; the output appears without a reload.
+    # The page follows the run live; the output appears without a reload.
     page.locator("#run-status.succeeded").wait_for()
     assert page.locator("section.attempt .line[data-stream=stdout]").all_inner_texts() == ["42"]
     assert page.locator(".exit-code").inner_text() == "0"

@@ -175,7 +175,7 @@ def finished_run(task, worker, chunks, *, status=Attempt.Status.SUCCEEDED) -> tu
 
 def output_box(html: str, attempt: Attempt) -> str:
     found = re.search(
-        rf'<pre class="log output-lines" id="out-{attempt.pk}" data-seq="(-?\d+)" *>(.*?)</pre>',
+        rf'<pre class="log output-lines" id="out-{attempt.pk}" data-seq="(-?\d+)"[^>]*>(.*?)</pre>',
         html,
         flags=re.S,
     )

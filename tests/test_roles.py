@@ -71,6 +71,8 @@ CASES: dict[str, list[Case]] = {
     "tasks:attempt-output": [Case("GET", V, ("finished", "finished_attempt"))],
     "tasks:pause": [Case("POST", A)],
     "tasks:resume": [Case("POST", A)],
+    # The banner (the default part); its ?part=switch needs admin: tests/test_live.py.
+    "tasks:scheduler-state": [Case("GET", V)],
     "tasks:audit": [Case("GET", A)],
     "workers:list": [Case("GET", V)],
     "workers:add": [Case("POST", A)],

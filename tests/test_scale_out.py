@@ -9,6 +9,7 @@ processes, and the commands real shell commands.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.engines import ScaleOut, query
 from tests.harness import FAST_SETTINGS, ROOT, Master, spawn_agent, wait_for
@@ -635,3 +637,57 @@ def test_two_processes_sweeping_at_the_same_instant_move_each_attempt_once(
         (1, "queued", unaccepted),
         (2, "queued", workers * per_worker),
     ]
+
+
+LIVE_LINES = "for i in 1 2 3; do echo line $i; sleep 0.3; done"
+
+
+def test_a_live_page_on_one_server_follows_a_run_and_its_output_on_the_other(
+    install, servers, agents
+):
+    """The dashboard's live socket on server B hears of a run triggered through A
+    and of the lines its agent (connected to A) prints: through Redis."""
+    a, b = servers(2)
+    enrollment = a.manage("enrollment-token", "--auto-approve")
+    agents([a.url], enrollment, "on-a", capacity=1)
+    wait_for(lambda: _online(install).get("on-a") == _server_name(a), what="on-a online via A")
+    task = a.create_task(name="lines", command=LIVE_LINES, shell=True)
+    session = b.logged_in(password_from=a)
+    cookie = "; ".join(f"{k}={v}" for k, v in session.cookies.items())
+
+    async def watch_on_b() -> tuple[list[dict], list[dict]]:
+        headers = {"Cookie": cookie, "Origin": b.url}
+        async with connect(
+            b.url.replace("http", "ws") + "/ws/live/", additional_headers=headers
+        ) as ws:
+            runs = {"id": "run-table", "src": "/runs/", "on": "runs attempts"}
+            await ws.send(json.dumps({"type": "watch", "regions": [runs], "since": None}))
+            await asyncio.sleep(0.3)
+            run_id = (await asyncio.to_thread(a.trigger, task["id"]))["id"]
+            htmls = [json.loads(await asyncio.wait_for(ws.recv(), 10))]
+            assert f'href="/runs/{run_id}/"' in htmls[0]["html"]
+            # Now as the run's page, from its first line on.
+            region = {"id": "run-live", "src": f"/runs/{run_id}/", "on": f"run:{run_id}"}
+            attempt = await asyncio.to_thread(
+                lambda: wait_for(lambda: a.run_of(run_id)["attempts"], what="an attempt")[0]["id"]
+            )
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "watch",
+                        "regions": [region],
+                        "run": run_id,
+                        "output": {str(attempt): 0},
+                        "since": None,
+                    }
+                )
+            )
+            lines: list[dict] = []
+            while "".join(f["text"] for f in lines).count("\n") < 3:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                (lines if frame["type"] == "output" else htmls).append(frame)
+            return htmls, lines
+
+    htmls, lines = asyncio.run(watch_on_b())
+    assert "".join(f["text"] for f in lines) == "line 1\nline 2\nline 3\n"
+    assert [f["seq"] for f in lines] == sorted(f["seq"] for f in lines)

@@ -40,7 +40,7 @@ def task_links(html: str) -> list[str]:
 
 def run_links(html: str) -> list[int]:
     """Run ids linked from a task's history table, in page order."""
-    html = html[html.index('<div id="task-history">') :]
+    html = html[html.index('<div id="task-history"') :]
     return [int(pk) for pk in re.findall(r'href="/runs/(\d+)/">#', html)]
 
 
@@ -101,7 +101,10 @@ def test_it_renders_only_the_history_for_htmx(bob_client, task):
 
     html = bob_client.get(f"/tasks/{task.pk}/", headers=HTMX).content.decode()
 
-    assert html.lstrip().startswith('<div id="task-history">')
+    # The newest page is a live region: the task's events re-render it.
+    assert html.lstrip().startswith(
+        f'<div id="task-history" data-live-src="/tasks/{task.pk}/" data-live-on="task:{task.pk}">'
+    )
     assert "<html" not in html
     assert run_links(html) == [run.pk]
 
@@ -301,7 +304,9 @@ def test_it_renders_only_the_table_for_htmx_with_the_query_applied(bob_client):
 
     html = bob_client.get("/tasks/?q=task-1", headers=HTMX).content.decode()
 
-    assert html.lstrip().startswith('<div id="task-table">')
+    assert html.lstrip().startswith(
+        '<div id="task-table" data-live-src="/tasks/?q=task-1" data-live-on="tasks runs">'
+    )
     assert "<html" not in html
     assert "<form" not in html.split("<tbody>")[0]
     assert task_links(html) == [f"task-{i}" for i in range(10, 20)]

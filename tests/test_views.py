@@ -478,14 +478,24 @@ def test_it_renders_only_the_run_table_for_htmx(bob_client, task):
     assert run_links(response) == [run.pk]
 
 
-def test_it_polls_only_the_newest_runs_page(bob_client, task, settings):
+def test_only_the_newest_runs_page_is_live(bob_client, task, settings):
     settings.SCHEDULER_PAGE_SIZE = 1
     make_run(task)
     newest = make_run(task)
 
-    assert 'hx-trigger="every 3s"' in bob_client.get("/runs/").content.decode()
+    html = bob_client.get("/runs/").content.decode()
+    assert '<div id="run-table" data-live-src="/runs/" data-live-on="runs attempts">' in html
     older = bob_client.get(f"/runs/?before={newest.pk}").content.decode()
-    assert 'hx-trigger="every 3s"' not in older
+    assert 'id="run-table" >' in older
+    assert 'data-live-src="/runs/?' not in older
+
+
+def test_no_page_polls(bob_client, task, worker):
+    run = make_run(task)
+    for path in ["/tasks/", f"/tasks/{task.pk}/", "/runs/", f"/runs/{run.pk}/", "/workers/"]:
+        for headers in ({}, HTMX):
+            html = bob_client.get(path, headers=headers).content.decode()
+            assert not re.search(r'hx-trigger="[^"]*every', html), (path, headers)
 
 
 def test_it_shows_a_finished_run_as_it_was_run(bob_client, task, worker):
@@ -519,7 +529,7 @@ def test_it_shows_a_finished_run_as_it_was_run(bob_client, task, worker):
     assert 'id="run-status" data-status="failed">failed</span>' in html
     # One box, lines in the order they ended, each with its stream and number.
     assert re.search(
-        r'<pre class="log output-lines" id="out-\d+" data-seq="2" >'
+        r'<pre class="log output-lines" id="out-\d+" data-seq="2" [^>]*>'
         r'<span class="line" data-stream="stdout" data-n="1">42</span>'
         r'<span class="line" data-stream="stderr" data-n="2">careful &lt;now&gt;</span>'
         r'<span class="line" data-stream="stdout" data-n="3">done</span></pre>',
@@ -551,7 +561,7 @@ def test_it_shows_a_finished_run_as_it_was_run(bob_client, task, worker):
         f'<time datetime="{iso}" title="{started:%Y-%m-%d %H:%M:%S} UTC" data-local="datetime">'
         in html
     )
-    assert 'hx-trigger="every 1s"' not in html
+    assert "hx-trigger" not in html
 
 
 def test_it_shows_who_triggered_a_run_and_that_it_waits_for_a_worker(bob_client, task):
@@ -565,37 +575,56 @@ def test_it_shows_who_triggered_a_run_and_that_it_waits_for_a_worker(bob_client,
     assert "No worker is registered yet: add one on the Workers page." in html
     # Empty (CSS says so), and following its end for the output to come.
     assert re.search(
-        r'<pre class="log output-lines" id="out-\d+" data-seq="-1" data-follow></pre>', html
+        r'<pre class="log output-lines" id="out-(\d+)" data-seq="-1" data-attempt="\1"'
+        r' data-next="0" data-state="" data-follow></pre>',
+        html,
     )
 
 
-def test_it_polls_a_running_run_and_renders_only_the_live_part_for_htmx(bob_client, task, worker):
+def test_a_running_runs_page_is_a_live_region_and_renders_only_it_for_htmx(
+    bob_client, task, worker
+):
     run = lifecycle.trigger_run(task)
     attempt = run.attempts.get()
     lifecycle.assign(attempt.pk, worker.pk, worker.name)
     lifecycle.mark_started(worker.pk, attempt.pk, None, pid=1)
     LogChunk.objects.create(attempt=attempt, seq=0, stream="stdout", data="partial output")
+    LogChunk.objects.create(attempt=attempt, seq=1, stream="stdout", data=" and more")
 
     response = bob_client.get(f"/runs/{run.pk}/", headers=HTMX)
 
     assert response.status_code == 200
     html = response.content.decode()
-    assert html.lstrip().startswith('<div id="run-live"')
+    assert html.lstrip().startswith(
+        f'<div id="run-live" data-live-run="{run.pk}" data-live-src="/runs/{run.pk}/"'
+        f' data-live-on="run:{run.pk}">'
+    )
     assert "<html" not in html
-    assert f'hx-get="/runs/{run.pk}/" hx-trigger="every 1s"' in html
     assert 'id="run-status" data-status="running">running</span>' in html
-    assert "partial output" in html
-    # The header's controls are in the polled part: they follow the run.
+    assert "partial output and more" in html
+    # The page's socket asks for the lines after these: seq 2 on.
+    assert f'data-attempt="{attempt.pk}" data-next="2"' in html
+    # The header's controls are in the live part: they follow the run.
     assert 'id="cancel-run"' in html
 
 
-def test_it_stops_polling_once_the_run_is_finished(bob_client, task):
-    run = make_run(task, Run.Status.SUCCEEDED)
+def test_a_live_re_render_of_a_run_leaves_out_the_output_the_page_holds(bob_client, task, worker):
+    run = lifecycle.trigger_run(task)
+    attempt = run.attempts.get()
+    lifecycle.assign(attempt.pk, worker.pk, worker.name)
+    LogChunk.objects.create(attempt=attempt, seq=0, stream="stdout", data="already shown")
 
-    response = bob_client.get(f"/runs/{run.pk}/", headers=HTMX)
+    html = bob_client.get(
+        f"/runs/{run.pk}/", headers={**HTMX, "X-Live-Region": "1"}
+    ).content.decode()
 
-    assert response.status_code == 200
-    assert "hx-trigger" not in response.content.decode()
+    assert "already shown" not in html
+    # An empty box: the page keeps its own, or (a new try) gets lines from the first.
+    assert re.search(
+        rf'<pre class="log output-lines" id="out-{attempt.pk}" data-seq="-1"'
+        rf' data-attempt="{attempt.pk}" data-next="0" data-state="" data-follow></pre>',
+        html,
+    )
 
 
 def test_it_shows_the_truncation_marker(bob_client, task):
@@ -608,7 +637,7 @@ def test_it_shows_the_truncation_marker(bob_client, task):
 
     assert re.search(
         r'<pre class="log output-lines" id="out-\d+"[^>]*>'
-        r'<span class="line partial" data-stream="stdout" data-n="1">abc</span></pre>\s*'
+        r'<span class="line partial" data-stream="stdout" data-n="1">abc</span></pre>\s*</div>\s*'
         r'<p class="output-truncated" id="truncated-\d+">'
         r"\[output truncated: kept 3 of 50 bytes\]</p>",
         html,

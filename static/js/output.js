@@ -193,4 +193,5 @@
 
   document.addEventListener("DOMContentLoaded", setUpAll);
   document.addEventListener("htmx:afterSwap", setUpAll);
+  document.addEventListener("live:swapped", setUpAll); // a live update (static/js/live.js)
 })();

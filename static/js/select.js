@@ -49,6 +49,7 @@
   });
 
   document.addEventListener("htmx:afterSettle", sync);
+  document.addEventListener("live:swapped", sync); // a live update (static/js/live.js)
   document.addEventListener("DOMContentLoaded", function () {
     // A reload keeps the browser's own checks: start from them.
     boxes().forEach(function (box) {
