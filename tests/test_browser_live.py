@@ -64,14 +64,16 @@ def test_an_open_run_page_shows_each_output_line_as_it_arrives(master, start_age
         log_in(page, master, then=f"/runs/{run_id}/")
         _live(page)
         made = _count_requests(page)
-        box = page.locator("pre.log.stdout")
-        assert box.inner_text() == "(empty)"
+        box = page.locator("section.attempt pre.output-lines")
+        # Empty (the viewer's CSS says so): the run is queued, nothing printed yet.
+        assert box.locator("span.line").count() == 0
+        lines_of = "b => Array.from(b.querySelectorAll('.line'), l => l.textContent).join('\\n')"
 
         start_agent("agent-1")  # queued until now: the page was open before the first line
         seen: list[tuple[float, str]] = []
 
         def finished():
-            text = box.evaluate("b => b.textContent")
+            text = box.evaluate(lines_of)
             if not seen or seen[-1][1] != text:
                 seen.append((time.monotonic(), text))
             return text if "line 5" in text else None
@@ -80,10 +82,13 @@ def test_an_open_run_page_shows_each_output_line_as_it_arrives(master, start_age
         page.locator("#run-status[data-status=succeeded]").wait_for(timeout=10_000)
 
         shown = [text for _, text in seen]
-        expected = ["".join(f"line {n}\n" for n in range(1, k + 1)) for k in range(1, 6)]
+        expected = ["\n".join(f"line {n}" for n in range(1, k + 1)) for k in range(1, 6)]
         # One line at a time, in order, each shown before the next was printed.
         assert [t for t in shown if t in expected] == expected, shown
-        assert box.evaluate("b => b.textContent") == expected[-1]
+        assert box.evaluate(lines_of) == expected[-1]
+        # Numbered as the page itself numbers them.
+        numbers = box.evaluate("b => Array.from(b.querySelectorAll('.line'), l => l.dataset.n)")
+        assert numbers == ["1", "2", "3", "4", "5"]
         assert box.locator("span.line[data-stream=stdout]").count() == 5
         assert made == [], f"the page made HTTP requests after it loaded: {made}"
 

@@ -136,4 +136,4 @@ def test_the_task_pages_fit_a_phone(master):
             shoot(page, f"phone-{name}")
             assert main_overflow(page) <= 0, f"{path} is wider than a phone"
         page.goto(f"{master.url}/tasks/{task['id']}/")
-        assert page.locator(f"a[href='/runs/{run['id']}/']").count() == 1
+        assert page.locator(f"#task-history a[href='/runs/{run['id']}/']").count() == 1
