@@ -118,8 +118,12 @@ def stacked_bars(
     )
     labels = format_html_join(
         "",
-        '<text class="tick" x="{}" y="{}" text-anchor="middle">{}</text>',
-        ((f"{PAD_LEFT + (i + 0.5) * step:.2f}", HEIGHT - 4, text) for i, text in ticks),
+        '<text class="tick" x="{}" y="{}" text-anchor="{}">{}</text>',
+        # The first and last labels are held inside the chart rather than cut by its edge.
+        (
+            (f"{PAD_LEFT + (i + 0.5) * step:.2f}", HEIGHT - 4, _anchor(i, len(buckets)), text)
+            for i, text in ticks
+        ),
     )
     return format_html(
         '<svg class="chart" id="{id}" viewBox="0 0 {w} {h}" role="img" '
@@ -174,3 +178,9 @@ def sparkline(
         line=line,
         dots=dots,
     )
+
+
+def _anchor(index: int, count: int) -> str:
+    if index == 0:
+        return "start"
+    return "end" if index == count - 1 else "middle"
