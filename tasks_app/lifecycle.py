@@ -1029,12 +1029,7 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
                 rows[i.attempt_id][6],
                 i.attempt_id,
                 worker_id=i.worker_id,
-                data={
-                    "status": r.status,
-                    "exit_code": r.exit_code,
-                    "reason": r.reason[:500],
-                    "output_bytes": max(r.output_bytes, 0),
-                },
+                data={**_said(r), "output_bytes": max(r.output_bytes, 0)},
             )
             for i, r in ((i, i.result) for i in stored)
         ]
@@ -1044,12 +1039,7 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
                 rows[i.attempt_id][6],
                 i.attempt_id,
                 worker_id=i.worker_id,
-                data={
-                    "status": r.status,
-                    "exit_code": r.exit_code,
-                    "reason": r.reason[:500],
-                    "closed_as": rows[i.attempt_id][1],
-                },
+                data={**_said(r), "closed_as": rows[i.attempt_id][1]},
             )
             for i, r in ((i, i.result) for i in late)
         ]
@@ -1063,6 +1053,11 @@ def finish_many(items: Sequence[Finished]) -> list[Outcome]:
         )
         events.record_many(out)
     return outcomes
+
+
+def _said(result: Result) -> dict:
+    """What an attempt's event says of the result its agent reported."""
+    return {"status": result.status, "exit_code": result.exit_code, "reason": result.reason[:500]}
 
 
 def _span(result: Result, assigned_at, started_at, now: dt.datetime) -> tuple:

@@ -278,26 +278,16 @@ def clean_webhooks(value, current: list[dict]) -> list[dict]:
     from tasks_app import secret_env
     from tasks_app.exceptions import SecretsUnreadable
 
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        items = []
-        for number, line in enumerate(value.splitlines(), start=1):
-            words = line.split()
-            if not words or words[0].startswith("#"):
-                continue
-            if len(words) not in (2, 3):
-                raise ValidationError(
-                    f"Line {number}: expected URL EVENTS [SECRET], "
-                    "e.g. https://hooks.example.com/x failure,recovery s3cret."
-                )
-            items.append({"url": words[0], "events": words[1], "secret": (words[2:] or [None])[0]})
-        where_of = [f"Line {number}" for number in range(1, len(items) + 1)]
-    elif isinstance(value, list):
-        items = value
-        where_of = [f"webhooks[{index}]" for index in range(len(items))]
-    else:
-        raise ValidationError("webhooks must be a list of {url, secret, events} objects.")
+    entries = _entries(
+        value,
+        "webhooks",
+        "URL EVENTS [SECRET], e.g. https://hooks.example.com/x failure,recovery s3cret",
+        ("url", "events", "secret"),
+        "{url, secret, events}",
+        optional_last=True,
+    )
+    items = [item for _, item in entries]
+    where_of = [where for where, _ in entries]
     if len(items) > MAX_WEBHOOKS:
         raise ValidationError(f"At most {MAX_WEBHOOKS} webhooks.")
     stored = {hook["url"]: hook.get("secret", "") for hook in current or ()}
@@ -335,31 +325,44 @@ def clean_webhooks(value, current: list[dict]) -> list[dict]:
     return cleaned
 
 
+def _entries(
+    value, name: str, example: str, keys: tuple[str, ...], shape: str, optional_last=False
+) -> list[tuple[str, object]]:
+    """(where, item) of a task's notification targets: the API's list of
+    objects, or the form's lines of words (blank lines and # comments skipped),
+    each named by where it is ("webhooks[2]", "Line 3") for its errors."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        return [(f"{name}[{index}]", item) for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a list of {shape} objects.")
+    widths = {len(keys) - 1, len(keys)} if optional_last else {len(keys)}
+    entries = []
+    for number, line in enumerate(value.splitlines(), start=1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) not in widths:
+            raise ValidationError(f"Line {number}: expected {example}.")
+        entries.append((f"Line {number}", dict(zip(keys, words, strict=False))))
+    return entries
+
+
 def clean_notify_emails(value) -> list[dict]:
     """A task's e-mail subscriptions from a list of {"address", "events"} (the
     API) or lines of "ADDRESS EVENTS" (the form)."""
     from django.core.validators import validate_email
 
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        items = []
-        for number, line in enumerate(value.splitlines(), start=1):
-            words = line.split()
-            if not words or words[0].startswith("#"):
-                continue
-            if len(words) != 2:
-                raise ValidationError(
-                    f"Line {number}: expected ADDRESS EVENTS, "
-                    "e.g. ops@example.com failure,recovery."
-                )
-            items.append({"address": words[0], "events": words[1]})
-        where_of = [f"Line {number}" for number in range(1, len(items) + 1)]
-    elif isinstance(value, list):
-        items = value
-        where_of = [f"notify_emails[{index}]" for index in range(len(items))]
-    else:
-        raise ValidationError("notify_emails must be a list of {address, events} objects.")
+    entries = _entries(
+        value,
+        "notify_emails",
+        "ADDRESS EVENTS, e.g. ops@example.com failure,recovery",
+        ("address", "events"),
+        "{address, events}",
+    )
+    items = [item for _, item in entries]
+    where_of = [where for where, _ in entries]
     if len(items) > MAX_NOTIFY_EMAILS:
         raise ValidationError(f"At most {MAX_NOTIFY_EMAILS} addresses.")
     cleaned: list[dict] = []
