@@ -437,6 +437,7 @@ class Sender:
     never holds up the service's duties (which run on the writer's thread)."""
 
     def __init__(self, threads: int = SENDERS) -> None:
+        self._threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="notify")
         self._lock = threading.Lock()
         self._busy: set[Future] = set()
@@ -446,11 +447,15 @@ class Sender:
             return len(self._busy)
 
     def send_due(self, now=None) -> int:
-        """Claim due deliveries (at most as many as there are free threads'
-        worth of SEND_BATCH) and hand them to the threads; how many."""
-        if self.in_flight() >= SEND_BATCH:
-            return 0  # still busy with the last ones: their rows wait, claimed or pending
-        claimed = claim(now)
+        """Claim due deliveries, at most as many as there are free threads, and
+        hand them to the threads; how many. No more: a claim is a lease of one
+        send's timeout (and some grace), and a row waiting in the pool behind
+        slow receivers would outlive it and be claimed and sent again by
+        another server (or this one's next tick)."""
+        free = self._threads - self.in_flight()
+        if free <= 0:
+            return 0  # still busy with the last ones: their rows wait, pending
+        claimed = claim(now, limit=free)
         for item, call in messages(claimed):
             future = self._pool.submit(self._send, item, call)
             with self._lock:

@@ -36,14 +36,17 @@ class Receiver:
     """A webhook receiver: records each request's headers and raw body, and
     answers with the next of `codes` (then 200)."""
 
-    def __init__(self, codes=()):
+    def __init__(self, codes=(), hold: threading.Event | None = None):
         self.codes = list(codes)
+        self.hold = hold  # while set up and not set, each request waits (a slow receiver)
         self.requests: list[tuple[str, dict, bytes]] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.hold is not None:
+                    receiver.hold.wait(10)
                 receiver.requests.append((self.path, dict(self.headers), raw))
                 code = receiver.codes.pop(0) if receiver.codes else 200
                 self.send_response(code)
@@ -68,8 +71,8 @@ class Receiver:
 def receiver():
     made: list[Receiver] = []
 
-    def make(codes=()):
-        made.append(Receiver(codes))
+    def make(codes=(), hold=None):
+        made.append(Receiver(codes, hold))
         return made[-1]
 
     yield make
@@ -471,6 +474,33 @@ def test_the_service_sends_on_its_own_threads(receiver):
     assert len(hook.requests) == 1
     # Nothing due any more.
     assert not service.send_notifications()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sender_claims_no_more_deliveries_than_it_has_free_threads(receiver):
+    # A claim is a lease of one send's time: a row left waiting in the pool
+    # behind slow receivers would outlive it and be sent twice.
+    hold = threading.Event()
+    hook = receiver(hold=hold)
+    task = hooked_task(hooks=[{"url": hook.url, "events": ["failure"], "secret": SECRET}])
+    for _ in range(5):
+        finish(task, Run.Status.FAILED)
+    notify.plan()
+    sender = notify.Sender(threads=2)
+    try:
+        assert sender.send_due() == 2
+        assert sender.send_due() == 0  # both threads busy: nothing more is claimed
+        statuses = sorted(Delivery.objects.values_list("status", flat=True))
+        assert statuses == ["pending"] * 3 + ["sending"] * 2
+        hold.set()
+        sender.wait()
+        while sender.send_due():
+            sender.wait()
+        assert list(Delivery.objects.values_list("status", flat=True)) == ["sent"] * 5
+        assert len(hook.requests) == 5
+    finally:
+        hold.set()
+        sender.close()
 
 
 # --- e-mail --------------------------------------------------------------------------
