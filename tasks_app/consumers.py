@@ -49,6 +49,7 @@ from tasks_app import events, live, logs, output_view, roles
 log = logging.getLogger(__name__)
 
 COALESCE_S = 0.2  # at most one render pass per socket this often
+RETRY_S = 2.0  # after a pass that failed (the database away), the next one
 MAX_FRAME = 64 * 1024  # a watch of 20 regions is a few KB
 OUTPUT_ROWS = 2000  # chunks read per pass; a longer backlog takes more passes
 MAX_CURSORS = 1000
@@ -154,7 +155,10 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
 
     def _add_cursors(self, raw, states=None) -> None:
         bad = "output is an object of attempt id: next seq"
-        if not isinstance(raw, dict) or len(raw) + len(self.cursors) > MAX_CURSORS:
+        if (
+            not isinstance(raw, dict)
+            or len(set(raw) | {str(a) for a in self.cursors}) > MAX_CURSORS
+        ):
             raise live.InvalidRegion(bad)
         if states is None:
             states = {}
@@ -220,6 +224,10 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
                 )
             except Exception:
                 log.exception("a live pass failed")
+                # Not dropped: what it was to send is tried again on the next pass.
+                self.dirty |= {region.id for region in regions}
+                self.output_due = self.output_due or bool(cursors)
+                self.next_pass = loop.time() + RETRY_S
                 continue
             if not allowed:
                 await self.close(code=REFUSED)

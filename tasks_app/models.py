@@ -916,10 +916,11 @@ class Delivery(models.Model):
 class NotifyCursor(models.Model):
     """How far the notification planners have read the events (one row, pk 1).
 
-    Shared by every server: it only says where the next pass may start
-    re-reading (it steps back a window first, see tasks_app.notify), so a
-    server behind another never skips an event, and the unique constraints of
-    Delivery keep a second look from planning twice.
+    Shared by every server: it is the end of the unbroken run of event ids
+    planned so far (tasks_app.notify: events past a gap are planned at once
+    and looked at again until the gap fills or ages out), so a server behind
+    another never skips an event, and the unique constraints of Delivery keep
+    a second look from planning twice.
     """
 
     last_event_id = models.BigIntegerField(default=0)

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from tasks_app.models import Attempt, Delivery, Event, LogChunk, Run
@@ -88,8 +89,15 @@ def _prune_runs(limit: dt.datetime, batch: int) -> int:
 
 
 def _prune_events(limit: dt.datetime, batch: int) -> int:
+    # The events of a run still kept (queued or running for longer than the
+    # window, or ended after the cutoff) stay with it: its timeline has no
+    # holes. They go once their run has (a probe of its primary key each).
+    kept_run = Run.objects.filter(pk=OuterRef("run_id"))
     ids = list(
-        Event.objects.filter(at__lt=limit).order_by("at").values_list("id", flat=True)[:batch]
+        Event.objects.filter(at__lt=limit)
+        .exclude(Exists(kept_run))
+        .order_by("at")
+        .values_list("id", flat=True)[:batch]
     )
     if not ids:
         # Operators' alerts (no run) age out with the events.

@@ -425,7 +425,7 @@ def run_detail(request, pk: int):
 
 def timeline_context(run: Run, context: dict) -> dict:
     """What the page's `timeline` partial shows: the run's events, one query
-    (a live page re-rendering the partial alone builds it the same way). A
+    (also when the live page re-renders the run's region). A
     sharded run's lines say which shard (or the merge) each is about."""
     prefixes = None
     if context.get("sharded"):

@@ -76,6 +76,10 @@ def test_it_deletes_what_is_old_and_nothing_else(settings, tasks):
     kept = [recent, queued, running, long_one, others_newer, retry]
     with_events(old, at=OLD)
     with_events(kept, at=RECENT)
+    # The early events of runs that are kept stay with them (no holes in a
+    # timeline); an old event of no run (a worker's) goes by its age.
+    with_events([queued, running, long_one], at=OLD)
+    events.record_many([(events.WORKER_ONLINE, None, None, None, 7, {})], at=OLD)
     AuditEntry.objects.create(actor="system", action="task.create", at=OLD - dt.timedelta(days=400))
 
     while retention.prune(NOW):
@@ -87,6 +91,9 @@ def test_it_deletes_what_is_old_and_nothing_else(settings, tasks):
     assert set(Delivery.objects.values_list("run_id", flat=True)) == {run.pk for run in kept}
     run_events = Event.objects.filter(run_id__isnull=False)
     assert set(run_events.values_list("run_id", flat=True)) == {run.pk for run in kept}
+    early = run_events.filter(at=OLD).values_list("run_id", flat=True)
+    assert sorted(early) == sorted([queued.pk, running.pk, long_one.pk])
+    assert not Event.objects.filter(kind=events.WORKER_ONLINE).exists()
     # The tasks' own events (created just now) are recent: kept.
     assert Event.objects.filter(kind=events.TASK_CREATED).count() == 2
     retry.refresh_from_db()
