@@ -390,6 +390,8 @@ def test_a_failed_sharded_runs_page_opens_on_the_shard_that_failed_it(task, big_
     html = bob_client.get(f"/runs/{run.pk}/?shard=none").content.decode()
     assert 'id="shard-hint"' in html
     assert f'id="attempt-{shards[1].pk}"' not in html
+    # And stays closed when the live page re-renders it: its region says so.
+    assert f'data-live-src="/runs/{run.pk}/?shard=none"' in html
 
 
 def test_an_assignment_handed_back_after_the_run_failed_is_cancelled_not_queued(task, big_worker):
