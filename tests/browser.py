@@ -24,7 +24,10 @@ PHONE = {"width": 390, "height": 844}
 
 @contextmanager
 def chromium_page(
-    viewport: dict = DESKTOP, name: str = "browser-last", timezone_id: str | None = None
+    viewport: dict = DESKTOP,
+    name: str = "browser-last",
+    timezone_id: str | None = None,
+    color_scheme: str = "light",
 ):
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
@@ -36,7 +39,7 @@ def chromium_page(
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             options = {"timezone_id": timezone_id} if timezone_id else {}
-            context = browser.new_context(viewport=viewport, **options)
+            context = browser.new_context(viewport=viewport, color_scheme=color_scheme, **options)
             page = context.new_page()
             page.set_default_timeout(15_000)
             try:

@@ -140,3 +140,48 @@ def test_every_page_fits_without_sideways_scrolling(master, start_agent, viewpor
                 box = link.bounding_box()
                 assert box["y"] + box["height"] <= bar["y"] + bar["height"] + 1, path
         assert wide == {}, f"pages wider than the screen, by px: {wide}"
+
+
+# The contrast of a text colour on a background (WCAG 2), from "rgb(r, g, b)" strings.
+CONTRAST = """([fg, bg]) => {
+  const lum = (css) => {
+    const [r, g, b] = css.match(/[\\d.]+/g).slice(0, 3).map((v) => {
+      v = Number(v) / 255;
+      return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const [a, b] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+  return (a + 0.05) / (b + 0.05);
+}"""
+
+
+def _colours(page, selector: str) -> tuple[str, str]:
+    return page.locator(selector).first.evaluate(
+        "e => { const s = getComputedStyle(e); return [s.color, s.backgroundColor]; }"
+    )
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_pages_follow_the_systems_colour_scheme_and_stay_readable(master, start_agent, scheme):
+    start_agent("agent-1")
+    task = master.create_task(name="scheme", command="echo hi; exit 3", shell=True)
+    run_id = master.trigger(task["id"])["id"]
+    master.wait_final(run_id)
+    with chromium_page(DESKTOP, f"scheme-{scheme}", color_scheme=scheme) as page:
+        log_in(page, master)
+        for path in ("/", f"/runs/{run_id}/", "/runs/", "/workers/"):
+            page.goto(master.url + path)
+            text, background = page.evaluate(
+                "() => { const s = getComputedStyle(document.body);"
+                " return [s.color, s.backgroundColor]; }"
+            )
+            # Dark text on a light page, or light text on a dark one, as the system says.
+            dark_page = page.evaluate(CONTRAST, ["rgb(0, 0, 0)", background]) < 5
+            assert dark_page == (scheme == "dark"), (path, background)
+            assert page.evaluate(CONTRAST, [text, background]) >= 7, path
+            cards = _colours(page, ".card, .table")
+            assert page.evaluate(CONTRAST, [text, cards[1]]) >= 7, path
+        page.goto(f"{master.url}/runs/{run_id}/")
+        badge = _colours(page, "#run-status")
+        assert page.evaluate(CONTRAST, badge) >= 3, badge
