@@ -683,11 +683,14 @@ def test_a_live_page_on_one_server_follows_a_run_and_its_output_on_the_other(
                 )
             )
             lines: list[dict] = []
-            while "".join(f["text"] for f in lines).count("\n") < 3:
+            while "".join(f["html"] for f in lines).count('class="line"') < 3:
                 frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
                 (lines if frame["type"] == "output" else htmls).append(frame)
             return htmls, lines
 
     htmls, lines = asyncio.run(watch_on_b())
-    assert "".join(f["text"] for f in lines) == "line 1\nline 2\nline 3\n"
+    # As the output viewer's markup: numbered lines, in order.
+    assert "".join(f["html"] for f in lines) == "".join(
+        f'<span class="line" data-stream="stdout" data-n="{n}">line {n}</span>' for n in (1, 2, 3)
+    )
     assert [f["seq"] for f in lines] == sorted(f["seq"] for f in lines)
