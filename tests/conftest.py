@@ -90,6 +90,14 @@ def redis_prefix_of_this_run():
     engines.drop_prefix(prefix)
 
 
+@pytest.fixture(autouse=True)
+def a_channel_layer_per_test():
+    """Each test's event loops get a Redis channel layer of their own (see
+    engines.forget_channel_layer)."""
+    yield
+    engines.forget_channel_layer()
+
+
 # --- personas ------------------------------------------------------------------
 
 

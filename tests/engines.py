@@ -152,3 +152,32 @@ def sqlite_only(reason: str) -> pytest.MarkDecorator:
     """For a test about the SQLite install itself: the run on PostgreSQL
     (DATABASE_URL set) skips it, saying why. Keep these few."""
     return pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason=f"SQLite only: {reason}")
+
+
+def forget_channel_layer() -> None:
+    """On Redis, make the next event loop build a channel layer of its own.
+
+    channels_redis keeps one receive lock per channel for the whole layer, and a
+    receive cancelled while it waits for that lock (a consumer that stops while a
+    message's backup is being cleaned) leaves the lock behind, bound to its event
+    loop. Daphne runs one loop per process, so that never matters to a server;
+    tests start a loop per async test and per async_to_sync call, and the next
+    loop to wait on the left-behind lock raises "is bound to a different event
+    loop". The in-memory layer has no such lock, and its messages live in the
+    instance, so it is kept.
+    """
+    from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
+    from django.conf import settings
+
+    if settings.REDIS_URL:
+        channel_layers.backends.pop(DEFAULT_CHANNEL_LAYER, None)
+
+
+def in_own_loop(coroutine_function, *args):
+    """async_to_sync(coroutine_function)(*args) in a loop with a channel layer of its own."""
+    from asgiref.sync import async_to_sync
+
+    try:
+        return async_to_sync(coroutine_function)(*args)
+    finally:
+        forget_channel_layer()

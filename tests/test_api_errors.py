@@ -8,13 +8,13 @@ import json
 import logging
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.testing import HttpCommunicator
 from django.test import Client
 
 from scheduler_site.asgi import application
 from tasks_app import lifecycle
 from tasks_app.models import Run
+from tests.engines import in_own_loop
 
 pytestmark = pytest.mark.django_db
 
@@ -31,7 +31,7 @@ def asgi(method: str, path: str, body: bytes = b"", token: str | None = None):
         communicator = HttpCommunicator(application, method, path, body=body, headers=headers)
         return await communicator.get_response(timeout=10)
 
-    response = async_to_sync(send)()
+    response = in_own_loop(send)
     return response["status"], dict(response["headers"]), response["body"]
 
 

@@ -341,10 +341,10 @@ def test_a_refused_or_failed_action_leaves_no_entry(api, otto, task):
 
 @pytest.mark.django_db(transaction=True)
 def test_the_trigger_consumer_records_each_request_in_its_batch(bob_token, task):
-    from asgiref.sync import async_to_sync
     from channels.testing import HttpCommunicator
 
     from scheduler_site.asgi import application
+    from tests.engines import in_own_loop
 
     headers = [
         (b"host", b"127.0.0.1"),
@@ -359,7 +359,7 @@ def test_the_trigger_consumer_records_each_request_in_its_batch(bob_token, task)
         return await communicator.get_response(timeout=10)
 
     mark = _mark()
-    response = async_to_sync(send)()
+    response = in_own_loop(send)
 
     assert response["status"] == 201
     body = json.loads(response["body"])

@@ -12,7 +12,6 @@ import os
 import random
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import HttpCommunicator, WebsocketCommunicator
 from django.urls import URLPattern
@@ -22,6 +21,7 @@ from scheduler_site.asgi import application
 from scheduler_site.wire import AGENT_FRAMES
 from tasks_app import lifecycle
 from tasks_app.models import ApiToken, Attempt, LogChunk, Run, SchedulerState, Task
+from tests.engines import in_own_loop
 from workers_app import protocol
 from workers_app.models import Worker
 
@@ -310,7 +310,7 @@ def test_random_bodies_to_the_trigger_consumers_get_no_500_and_change_nothing(rn
         for _ in range(BODIES_PER_METHOD * 4):
             body = random_body(rng)
             before = snapshot()
-            status = async_to_sync(post)(path, body)
+            status = in_own_loop(post, path, body)
             assert status < 500, (path, body[:200])
             if status >= 400:
                 assert snapshot() == before, (path, body[:200], status)

@@ -307,10 +307,10 @@ def test_under_asgi_the_download_streams_every_batch_in_order(task, worker, bob)
     # Django's ASGI handler would read a plain iterator whole first: the
     # download goes through results.streamed's async generator there, each
     # batch read in the request's thread; more chunks than one batch holds.
-    from asgiref.sync import async_to_sync
     from django.test import AsyncClient
 
     from tasks_app import logs
+    from tests.engines import in_own_loop
 
     pieces = [(OUT if i % 3 else ERR, f"piece {i} \x1b[3{i % 8}m\n") for i in range(500)]
     run, attempt = finished_run(task, worker, pieces)
@@ -323,7 +323,7 @@ def test_under_asgi_the_download_streams_every_batch_in_order(task, worker, bob)
         parts = [part async for part in answer.streaming_content]
         return answer, parts
 
-    answer, parts = async_to_sync(fetch)()
+    answer, parts = in_own_loop(fetch)
 
     assert answer.status_code == 200
     assert answer.is_async

@@ -13,13 +13,13 @@ import json
 import shlex
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.testing import HttpCommunicator
 from django.test import Client
 
 from scheduler_site.asgi import application
 from tasks_app.models import Attempt, Run, Task
 from tasks_app.schemas import MAX_RUNS_PER_REQUEST
+from tests.engines import in_own_loop
 
 pytestmark = pytest.mark.django_db
 
@@ -53,7 +53,7 @@ def asgi(
         communicator = HttpCommunicator(application, method, path, body=body, headers=headers)
         return await communicator.get_response(timeout=10)
 
-    response = async_to_sync(send)()
+    response = in_own_loop(send)
     return response["status"], json.loads(response["body"]), dict(response["headers"])
 
 
