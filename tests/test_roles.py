@@ -479,3 +479,50 @@ def test_a_viewer_cannot_edit_a_worker_through_django_admin_and_admins_cannot_se
     assert people["viewer"][0].get(url).status_code == 302
     page = people["admin"][0].get(url).content.decode()
     assert 'name="state"' not in page and 'name="approved_at_0"' not in page
+
+
+def test_users_with_finds_each_way_of_holding_a_role_in_one_query(
+    django_user_model, django_assert_num_queries
+):
+    from django.contrib.auth.models import Permission
+    from django.contrib.contenttypes.models import ContentType
+
+    def user(name: str, role: str | None = None, **extra) -> int:
+        made = django_user_model.objects.create_user(name, **extra)
+        roles.set_role(made, role)
+        return made.pk
+
+    ids = {
+        "superuser": user("superuser", is_superuser=True),
+        "admin": user("admin", roles.ADMIN),
+        "operator": user("operator", roles.OPERATOR),
+        "viewer": user("viewer", roles.VIEWER),
+        "outsider": user("outsider"),
+        "inactive operator": user("inactive", roles.OPERATOR, is_active=False),
+        "inactive superuser": user("gone", is_superuser=True, is_active=False),
+        "direct operator": user("direct"),
+        "same codename, other app": user("lookalike"),
+    }
+    User.objects.get(pk=ids["direct operator"]).user_permissions.add(
+        Permission.objects.get(codename="operate_scheduler", content_type__app_label="tasks_app")
+    )
+    elsewhere = Permission.objects.create(
+        codename="operate_scheduler",
+        name="the same codename on another model",
+        content_type=ContentType.objects.get_for_model(Worker),
+    )
+    User.objects.get(pk=ids["same codename, other app"]).user_permissions.add(elsewhere)
+    named = {pk: name for name, pk in ids.items()}
+
+    def holders(needed: str, among=ids.values()) -> set[str]:
+        return {named[pk] for pk in roles.users_with(needed, among)}
+
+    with django_assert_num_queries(1):
+        operators = holders(roles.OPERATOR)
+    assert operators == {"superuser", "admin", "operator", "direct operator"}
+    assert holders(roles.ADMIN) == {"superuser", "admin"}
+    assert holders(roles.VIEWER) == {"superuser", "admin", "operator", "viewer", "direct operator"}
+    # Only those asked about, and an id of nobody is nobody.
+    assert holders(roles.OPERATOR, [ids["viewer"], ids["operator"], 10**9]) == {"operator"}
+    with django_assert_num_queries(0):
+        assert roles.users_with(roles.OPERATOR, []) == set()
