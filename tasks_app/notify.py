@@ -106,13 +106,17 @@ def plan(now=None) -> int:
     rows = list(
         Event.objects.filter(id__gt=start)
         .order_by("id")
-        .values_list("id", "at", "kind")[:PLAN_BATCH]
+        .values_list("id", "at", "kind", "task_id")[:PLAN_BATCH]
     )
     if not rows:
         return 0
-    ids = [event_id for event_id, _, _ in rows]
-    frontier = _frontier(start, ids, {event_id: at for event_id, at, _ in rows}, now)
-    finished = [event_id for event_id, at, kind in rows if kind == events.RUN_FINISHED]
+    ids = [row[0] for row in rows]
+    frontier = _frontier(start, ids, {event_id: at for event_id, at, _, _ in rows}, now)
+    finished = {
+        event_id: task_id
+        for event_id, _, kind, task_id in rows
+        if kind == events.RUN_FINISHED and task_id is not None
+    }
     made = _plan_events(finished, now) if finished else 0
     if frontier > start:
         # Monotonic: a server with an older view never moves it back.
@@ -122,7 +126,20 @@ def plan(now=None) -> int:
     return made
 
 
-def _plan_events(event_ids: list[int], now) -> int:
+def _plan_events(finished_tasks: dict[int, int], now) -> int:
+    """Deliveries for these run.finished events (event id: task id)."""
+    # Most tasks tell nobody (and a deleted one has nobody left to tell): only
+    # the events of those that do are read again.
+    tasks = {
+        task.pk: task
+        for task in Task.objects.filter(pk__in=set(finished_tasks.values())).only(
+            "pk", "webhooks", "notify_emails"
+        )
+        if task.webhooks or task.notify_emails
+    }
+    event_ids = [e for e, task_id in finished_tasks.items() if task_id in tasks]
+    if not event_ids:
+        return 0
     # Each event with the status of its task's previous run to end succeeded
     # or failed, read off the earlier run.finished events of the task (they
     # are in the order runs ended, by the event_task index): one query for the
@@ -142,17 +159,9 @@ def _plan_events(event_ids: list[int], now) -> int:
         .annotate(previous_status=Subquery(previous))
         .order_by("id")
     )
-    tasks = {
-        task.pk: task
-        for task in Task.objects.filter(pk__in={e.task_id for e in finished}).only(
-            "pk", "webhooks", "notify_emails"
-        )
-    }
     plans: list[Delivery] = []
     for event in finished:
-        task = tasks.get(event.task_id)
-        if task is None:
-            continue  # deleted since: nobody left to tell
+        task = tasks[event.task_id]
         wanted = _kinds(event.data.get("status"), event.previous_status)
         targets = [(Delivery.Channel.WEBHOOK, h["url"], h["events"]) for h in task.webhooks]
         targets += [(Delivery.Channel.EMAIL, e["address"], e["events"]) for e in task.notify_emails]

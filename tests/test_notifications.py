@@ -402,6 +402,31 @@ def test_it_sends_nothing_for_cancelled_or_skipped_runs_or_deleted_tasks(receive
     assert NotifyCursor.objects.get().last_event_id == Event.objects.order_by("-id").first().pk
 
 
+def test_a_pass_reads_again_only_the_events_of_tasks_that_tell_someone(
+    receiver, django_assert_num_queries
+):
+    hook = receiver()
+    quiet = [hooked_task(f"quiet-{n}") for n in range(3)]
+    told = hooked_task("told", hooks=[{"url": hook.url, "events": ["failure"], "secret": SECRET}])
+    notify.plan()  # the cursor row exists from here on
+    for task in quiet:
+        for _ in range(10):
+            finish(task, Run.Status.FAILED)
+
+    # The cursor, the events, their tasks, the cursor moved: nothing more.
+    with django_assert_num_queries(4):
+        assert notify.plan() == 0
+
+    for task in quiet:
+        finish(task, Run.Status.FAILED)
+    failed = finish(told, Run.Status.FAILED)
+    # Also the told task's events again and its deliveries' INSERT, in a savepoint.
+    with django_assert_num_queries(8):
+        assert notify.plan() == 1
+    assert kinds(told) == [(failed.pk, "failure", hook.url)]
+    assert Delivery.objects.count() == 1
+
+
 def test_it_does_not_lose_an_event_that_commits_after_a_later_one(receiver):
     """The outbox pitfall: id 2 visible before id 1. Here id 1 is made to
     appear late by deleting it and inserting it again with its id."""
