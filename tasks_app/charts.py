@@ -17,11 +17,11 @@ from datetime import datetime
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
-# Drawing units (the SVG scales to its box: width 100%, this aspect ratio).
+# The bars' drawing units: the SVG stretches to its box (the card's width, a
+# fixed height), so its figures and labels are HTML beside it, never stretched
+# with it (they would be squashed on a phone).
 WIDTH = 600
-HEIGHT = 160
-PAD_LEFT = 34  # room for the y axis' figures
-PAD_BOTTOM = 18  # room for the x axis' labels
+HEIGHT = 136
 PAD_TOP = 6
 
 
@@ -53,19 +53,21 @@ def stacked_bars(
 ) -> SafeString:
     """Bars side by side, one per bucket, each a stack of one rect per status
     with runs (in `statuses` order from the bottom). `ticks` are (bucket
-    index, text) for the x axis."""
+    index, text) for the x axis.
+
+    A <figure>: the y axis' figures, the SVG of the bars, the x axis' labels.
+    """
     top = max((b.total for b in buckets), default=0)
     scale_top = max(top, 1)
-    plot_w = WIDTH - PAD_LEFT
-    plot_h = HEIGHT - PAD_BOTTOM - PAD_TOP
-    step = plot_w / max(len(buckets), 1)
+    plot_h = HEIGHT - PAD_TOP
+    step = WIDTH / max(len(buckets), 1)
     gap = min(2.0, step * 0.2)
     totals = {s: sum(b.counts.get(s, 0) for b in buckets) for s in statuses}
     desc = f"{sum(totals.values())} runs: {_words(totals, statuses)}."
     parts: list[str] = []
     for index, bucket in enumerate(buckets):
-        x = PAD_LEFT + index * step + gap / 2
-        y = HEIGHT - PAD_BOTTOM
+        x = index * step + gap / 2
+        y = HEIGHT
         rects = []
         for status in statuses:
             count = bucket.counts.get(status, 0)
@@ -105,38 +107,32 @@ def stacked_bars(
                 mark_safe("".join(rects)),
             )
         )
-    axis = format_html(
-        '<line class="axis" x1="{l}" y1="{b}" x2="{r}" y2="{b}"/>'
-        '<text class="tick" x="{tx}" y="{ty}" text-anchor="end">{top}</text>'
-        '<text class="tick" x="{tx}" y="{b}" text-anchor="end">0</text>',
-        l=PAD_LEFT,
-        r=WIDTH,
-        b=HEIGHT - PAD_BOTTOM,
-        tx=PAD_LEFT - 4,
-        ty=PAD_TOP + 9,
-        top=top,
-    )
     labels = format_html_join(
         "",
-        '<text class="tick" x="{}" y="{}" text-anchor="{}">{}</text>',
+        '<span class="tick {}" style="left: {}%">{}</span>',
         # The first and last labels are held inside the chart rather than cut by its edge.
         (
-            (f"{PAD_LEFT + (i + 0.5) * step:.2f}", HEIGHT - 4, _anchor(i, len(buckets)), text)
+            (_anchor(i, len(buckets)), f"{(i + 0.5) / max(len(buckets), 1) * 100:.2f}", text)
             for i, text in ticks
         ),
     )
     return format_html(
-        '<svg class="chart" id="{id}" viewBox="0 0 {w} {h}" role="img" '
+        '<figure class="chart" id="{id}">'
+        '<div class="chart-y" aria-hidden="true"><span class="tick">{top}</span>'
+        '<span class="tick">0</span></div>'
+        '<svg class="chart-plot" viewBox="0 0 {w} {h}" role="img" '
         'aria-labelledby="{id}-title {id}-desc" preserveAspectRatio="none">'
         '<title id="{id}-title">{title}</title><desc id="{id}-desc">{desc}</desc>'
-        "{bars}{axis}{labels}</svg>",
+        '{bars}<line class="axis" x1="0" y1="{h}" x2="{w}" y2="{h}"'
+        ' vector-effect="non-scaling-stroke"/></svg>'
+        '<div class="chart-x" aria-hidden="true">{labels}</div></figure>',
         id=chart_id,
+        top=top,
         w=WIDTH,
         h=HEIGHT,
         title=title,
         desc=desc,
         bars=mark_safe("".join(parts)),
-        axis=axis,
         labels=labels,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -48,3 +49,23 @@ def test_times_show_in_the_viewers_zone_with_utc_on_hover_and_the_chart_counts_t
         assert bar.count() == 1
         assert bar.locator("title").text_content().endswith("UTC: 1 succeeded")
         assert page.locator("#task-health tr[data-task] td.runs").inner_text() == "1"
+
+        # On a phone the bars narrow, and the axis' labels keep their size and
+        # stay apart, inside the chart.
+        wide = _label_boxes(page)
+        page.set_viewport_size({"width": 390, "height": 844})
+        narrow = _label_boxes(page)
+        assert len(narrow) == len(wide) >= 3
+        assert [round(b["width"]) for b in narrow] == [round(b["width"]) for b in wide]
+        assert [round(b["height"]) for b in narrow] == [round(b["height"]) for b in wide]
+        chart = page.locator("#chart-hour").bounding_box()
+        assert chart["width"] < 390
+        for left, right in itertools.pairwise(narrow):
+            assert left["x"] + left["width"] < right["x"], (left, right)
+        assert narrow[0]["x"] >= chart["x"]
+        assert narrow[-1]["x"] + narrow[-1]["width"] <= chart["x"] + chart["width"] + 0.5
+
+
+def _label_boxes(page) -> list[dict]:
+    labels = page.locator("#chart-hour .chart-x .tick")
+    return [labels.nth(i).bounding_box() for i in range(labels.count())]

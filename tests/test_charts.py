@@ -18,10 +18,17 @@ def buckets(*counts: dict) -> list[Bucket]:
     ]
 
 
+def bars_of(chart) -> ET.Element:
+    """The SVG of a chart's <figure>."""
+    figure = ET.fromstring(str(chart))
+    assert figure.tag == "figure"
+    return figure.find("svg")
+
+
 def test_it_draws_one_titled_bar_per_bucket_and_status_that_has_runs():
     data = buckets({"succeeded": 3, "failed": 1}, {}, {"cancelled": 2, "succeeded": 1})
 
-    svg = ET.fromstring(str(stacked_bars(data, STATUSES, title="Runs", chart_id="c")))
+    svg = bars_of(stacked_bars(data, STATUSES, title="Runs", chart_id="c"))
 
     bars = [
         (r.get("class"), r.find("title").text) for r in svg.iter("rect") if r.get("class") != "hit"
@@ -47,7 +54,7 @@ def test_it_draws_one_titled_bar_per_bucket_and_status_that_has_runs():
 def test_it_stacks_a_buckets_bars_to_its_share_of_the_tallest_bucket():
     data = buckets({"succeeded": 2}, {"succeeded": 1, "failed": 1}, {"failed": 1})
 
-    svg = ET.fromstring(str(stacked_bars(data, STATUSES, title="Runs")))
+    svg = bars_of(stacked_bars(data, STATUSES, title="Runs"))
 
     heights = [
         [float(r.get("height")) for r in g.findall("rect") if r.get("class") != "hit"]
@@ -58,6 +65,28 @@ def test_it_stacks_a_buckets_bars_to_its_share_of_the_tallest_bucket():
     # Stacked: the failed bar of the second bucket sits on its succeeded bar.
     second = [r for r in svg.findall("g")[1].findall("rect") if r.get("class") != "hit"]
     assert float(second[1].get("y")) + float(second[1].get("height")) == float(second[0].get("y"))
+
+
+def test_its_figures_and_labels_are_html_beside_the_svg_so_they_never_stretch_with_it():
+    data = buckets(*[{"succeeded": n} for n in (1, 5, 2, 0)])
+
+    figure = ET.fromstring(str(stacked_bars(data, STATUSES, title="Runs", ticks=TICKS)))
+
+    # The SVG stretches to its box (bars may), and holds no text that would.
+    svg = figure.find("svg")
+    assert svg.get("preserveAspectRatio") == "none"
+    assert svg.findall(".//text") == []
+    y_axis, x_axis = figure.findall("div")
+    assert [t.text for t in y_axis.findall("span")] == ["5", "0"]
+    # Each label under the middle of its bucket; the outer ones held inside.
+    assert [(t.text, t.get("class"), t.get("style")) for t in x_axis.findall("span")] == [
+        ("12:00", "tick start", "left: 12.50%"),
+        ("12:02", "tick middle", "left: 62.50%"),
+        ("12:03", "tick end", "left: 87.50%"),
+    ]
+
+
+TICKS = [(0, "12:00"), (2, "12:02"), (3, "12:03")]
 
 
 def test_it_escapes_what_it_writes_into_the_svg():
