@@ -123,13 +123,15 @@ def stacked_bars(
         '<svg class="chart-plot" viewBox="0 0 {w} {h}" role="img" '
         'aria-labelledby="{id}-title {id}-desc" preserveAspectRatio="none">'
         '<title id="{id}-title">{title}</title><desc id="{id}-desc">{desc}</desc>'
-        '{bars}<line class="axis" x1="0" y1="{h}" x2="{w}" y2="{h}"'
+        '{bars}<line class="axis" x1="0" y1="{base}" x2="{w}" y2="{base}"'
         ' vector-effect="non-scaling-stroke"/></svg>'
         '<div class="chart-x" aria-hidden="true">{labels}</div></figure>',
         id=chart_id,
         top=top,
         w=WIDTH,
         h=HEIGHT,
+        # Half a unit up: a line on the box's edge would be cut in half by it.
+        base=HEIGHT - 0.5,
         title=title,
         desc=desc,
         bars=mark_safe("".join(parts)),
